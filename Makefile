@@ -1,0 +1,45 @@
+# tandem — two commands do all set-up on a fresh machine:
+#   make demo   install (first time only) and run the tiny CPU demo
+#   make test   install (first time only) and run the test suite
+# A second run reuses .venv and starts in seconds.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.tandem-installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: demo test test-all install system-deps clean
+
+demo: $(STAMP)
+	$(VENV)/bin/tandem demo --output-dir $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: PYTEST_ARGS :=
+test-all: test
+
+install: $(STAMP)
+
+# Debian packages: a CJK font for the rendered-text OCR tests, GL/glib for OpenCV.
+system-deps:
+	@if ! fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk"; then \
+	  apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei fonts-dejavu-core libgl1 libglib2.0-0 fontconfig >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt | system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	# Keep the pins in force for every later pip call inside this venv.
+	printf '[global]\nconstraint = %s\n' "$(abspath constraints.txt)" > $(VENV)/pip.conf
+	# Step 1: torch alone (it comes from this machine's local disk).
+	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	# Step 2: everything else in ONE resolve, against the same constraints.
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,337 @@
+"""Typed job configuration: dataclasses, loaded from YAML with dotted ``key.sub=value`` overrides.
+
+Parsing and type checking are OmegaConf structured configs; this module only declares the schema and the
+cross-field rules (checked once, when the config is built — never deep inside a run).
+
+Every field has a type, a default and a one-line doc. The YAML files in ``configs/`` are worked examples.
+GRPO knob names follow TRL's ``GRPOConfig`` (``num_generations``, ``epsilon``, ``epsilon_high``, ``beta``,
+``loss_type``, ``scale_rewards``, ``multi_objective_aggregation``, ``num_iterations``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+STAGES = ("ar", "decoder", "sample")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the CLI prints its message as one line and exits 2."""
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    # Folder of a GLM-Image pipeline as written by `GlmImagePipeline.save_pretrained` (model_index.json,
+    # vision_language_encoder/, processor/, transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+    path: str = MISSING
+    # Build tiny random-init models of the real classes into `path` when it is empty (demo and tests only).
+    create_tiny_if_missing: bool = False
+    # Weights dtype for the frozen parts and the rollout: float32 | bfloat16 | float16.
+    dtype: str = "float32"
+    # Device: "auto" (cuda if available, else cpu), "cpu" or "cuda[:N]".
+    device: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    # Training prompts: .txt (one prompt per line) or .jsonl ({"prompt": ..., "text": ..., "reference": path}).
+    prompts: str = MISSING
+    # Held-out prompts for evaluation (same formats); null = no eval.
+    eval_prompts: Optional[str] = None
+    # Image height in pixels (multiple of 32).
+    height: int = 64
+    # Image width in pixels (multiple of 32).
+    width: int = 64
+    # Shuffle prompts every epoch (seeded).
+    shuffle: bool = True
+
+
+@dataclass
+class ARConfig:
+    # Sampling temperature of the AR token sampler (release: 0.9).
+    temperature: float = 0.9
+    # Nucleus top-p of the sampler (release: 0.75); 1.0 disables it.
+    top_p: float = 0.75
+    # Top-k of the sampler; 0 disables it (transformers' global default of 50 is never used).
+    top_k: int = 0
+    # Loss weight of the preview-grid tokens (the ~16x16 grid generated first).
+    preview_loss_weight: float = 1.0
+    # Loss weight of the full-grid tokens (the ones the decoder paints).
+    full_loss_weight: float = 1.0
+    # Decoder denoising steps used to turn AR tokens into images for the rewards (ODE, seeded per group).
+    decode_steps: int = 8
+    # CFG scale of that frozen decoder (release: 1.5; 1.0 turns CFG off).
+    decode_guidance_scale: float = 1.5
+
+
+@dataclass
+class DecoderConfig:
+    # Denoising steps per rollout during training (denoising reduction: fewer than eval_num_steps).
+    num_steps: int = 10
+    # Denoising steps for eval and sample grids.
+    eval_num_steps: int = 28
+    # CFG scale (release 1.5); 1.0 turns CFG off (one branch, no prior-token drop).
+    guidance_scale: float = 1.5
+    # SDE noise level `a` of the Flow-SDE step (flow_grpo default 0.7).
+    noise_level: float = 0.7
+    # Stochastic step kind: "sde" (flow_grpo Flow-SDE) or "cps" (coefficients-preserving sampling).
+    sde_type: str = "sde"
+    # Number of consecutive SDE steps inside the window (0 = use timestep_fraction instead).
+    sde_window_size: int = 2
+    # [lo, hi) step indices inside which the SDE window is placed, randomly per rollout batch.
+    sde_window_range: List[int] = field(default_factory=lambda: [0, 5])
+    # With sde_window_size 0: fraction of the (non-final) steps that are SDE steps and trained.
+    timestep_fraction: float = 1.0
+    # All copies of one prompt start from the same initial noise.
+    same_noise_in_group: bool = False
+    # Where the prior tokens come from: "ar" (a frozen AR rollout) or "reference" (VQ tokens of
+    # metadata["reference"], via the AR model's get_image_tokens).
+    condition_source: str = "ar"
+    # EMA decay of trained weights used for eval/sample grids; 0 disables EMA.
+    ema_decay: float = 0.0
+
+
+@dataclass
+class GRPOConfig:
+    # Group size: samples per prompt (TRL `num_generations`).
+    num_generations: int = 4
+    # Prompts per rollout batch; rollout batch = prompts_per_step * num_generations.
+    prompts_per_step: int = 2
+    # Inner epochs over each rollout batch (TRL `num_iterations`; 1 = strictly on-policy).
+    num_iterations: int = 1
+    # Samples per minibatch in the update (one optimizer step per minibatch).
+    mini_batch_size: int = 8
+    # Lower clip range; null = stage default (ar: 0.2 like TRL, decoder: 1e-4 like flow_grpo).
+    epsilon: Optional[float] = None
+    # Upper clip range (DAPO clip-higher); null = same as epsilon.
+    epsilon_high: Optional[float] = None
+    # KL coefficient (TRL `beta`); ar: k3 estimator, decoder: ||mean - mean_ref||^2 / (2 std^2).
+    beta: float = 0.0
+    # grpo | bnpo | dr_grpo | dapo (TRL semantics of how token losses are averaged).
+    loss_type: str = "grpo"
+    # group | batch | none: the std that advantages are divided by (TRL `scale_rewards`).
+    scale_rewards: str = "group"
+    # sum_then_normalize | normalize_then_sum (TRL `multi_objective_aggregation`).
+    multi_objective_aggregation: str = "sum_then_normalize"
+    # Clip advantages to +-adv_clip_max; null = stage default (ar: none, decoder: 5 like flow_grpo).
+    adv_clip_max: Optional[float] = None
+
+
+@dataclass
+class LoraSettings:
+    # Train a LoRA adapter (peft) instead of all weights; the reference is the adapter-disabled model.
+    enabled: bool = False
+    # LoRA rank.
+    r: int = 16
+    # LoRA alpha.
+    alpha: int = 32
+    # Module names (suffixes) that get adapters.
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class OptimConfig:
+    # AdamW learning rate.
+    learning_rate: float = 1e-4
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # Gradient-norm clip.
+    max_grad_norm: float = 1.0
+    # accelerate mixed precision: "no" | "bf16" | "fp16".
+    mixed_precision: str = "no"
+    # Gradient checkpointing in the trained model.
+    gradient_checkpointing: bool = False
+    # LoRA settings.
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class RewardEntry:
+    # Registered reward name (see `tandem rewards`); give either name or fn.
+    name: Optional[str] = None
+    # Import path "package.module:attr" of a reward function or class.
+    fn: Optional[str] = None
+    # Weight in the combined reward.
+    weight: float = 1.0
+    # Keyword arguments for the reward (class constructor / factory).
+    args: Dict[str, Any] = field(default_factory=dict)
+    # CPUs per reward actor (fractional is fine).
+    num_cpus: float = 0.25
+    # GPUs per reward actor (fractional is fine).
+    num_gpus: float = 0.0
+    # Number of actor replicas; batches are split across them.
+    replicas: int = 1
+    # Images per call into the reward; 0 = the whole batch at once.
+    batch_size: int = 0
+    # Seconds before a scoring call is retried (then fails naming the reward).
+    timeout_s: float = 300.0
+    # Ray restarts of a crashed actor.
+    max_restarts: int = 2
+
+
+@dataclass
+class RewardHostConfig:
+    # "ray" (reward actors on a Ray cluster) or "local" (in-process, for debugging and GPU benchmarks).
+    backend: str = "ray"
+    # Ray address to join; null = $RAY_ADDRESS if set, else start an embedded local cluster.
+    address: Optional[str] = None
+    # CPUs given to the embedded local cluster; null = all.
+    num_cpus: Optional[float] = None
+
+
+@dataclass
+class LoggingConfig:
+    # Write an image grid to samples/ every N steps (and at the last step); 0 = never.
+    sample_every: int = 10
+    # Save a checkpoint every N steps (and at the last step); 0 = only at the end.
+    checkpoint_every: int = 0
+    # Evaluate on data.eval_prompts every N steps; 0 = never.
+    eval_every: int = 0
+    # Show a progress bar.
+    progress: bool = True
+
+
+@dataclass
+class JobConfig:
+    # Run directory: config.yaml, metrics.jsonl, samples/, checkpoints/, reward_curve.png.
+    output_dir: str = MISSING
+    # Optimizer steps of the job.
+    max_steps: int = 10
+    # Seed of every random choice (prompts, rollouts, noise).
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ar: ARConfig = field(default_factory=ARConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Reward entries (see RewardEntry); the combined reward is their weighted aggregate.
+    rewards: List[RewardEntry] = field(default_factory=list)
+    reward_host: RewardHostConfig = field(default_factory=RewardHostConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+STAGE_DEFAULTS = {
+    "ar": {"epsilon": 0.2, "adv_clip_max": None},
+    "decoder": {"epsilon": 1e-4, "adv_clip_max": 5.0},
+}
+
+
+def load_config(path: str, overrides: List[str] = (), stage: str = "decoder") -> JobConfig:
+    """Read YAML at ``path``, apply ``key.sub=value`` overrides, check types and rules.
+
+    Raises ConfigError with a one-line message naming the key or file and the fix.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path} (pass --config with the path of a YAML file, e.g. configs/demo/decoder.yaml)")
+    schema = OmegaConf.structured(JobConfig)
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml scanner/parser errors
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    cfg = _merge(schema, file_cfg, source=path)
+    cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), source="command line")
+    job: JobConfig = OmegaConf.to_object(_check_missing(cfg, path))
+    apply_stage_defaults(job, stage)
+    validate(job, stage)
+    return job
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = e.full_key or "?"
+        msg = str(e).splitlines()[0]
+        if "not in struct" in msg or "Key" in type(e).__name__ and "not" in msg:
+            raise ConfigError(f"unknown config key '{key}' ({source}); see the documented keys in rl/config.py or `tandem train ... --dry-run`") from None
+        raise ConfigError(f"bad value for config key '{key}' ({source}): {msg}") from None
+
+
+def _check_missing(cfg: DictConfig, path: str) -> DictConfig:
+    for key in ("output_dir", "model.path", "data.prompts"):
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"config key '{key}' is required; set it in {path} or pass {key}=...")
+    for i, entry in enumerate(cfg.rewards):
+        if entry.name is None and entry.fn is None:
+            raise ConfigError(f"rewards[{i}] needs 'name' (a registered reward) or 'fn' (an import path 'pkg.module:attr')")
+    return cfg
+
+
+def apply_stage_defaults(job: JobConfig, stage: str) -> None:
+    for key, value in STAGE_DEFAULTS.get(stage, {}).items():
+        if getattr(job.grpo, key) is None:
+            setattr(job.grpo, key, value)
+    if job.grpo.epsilon_high is None:
+        job.grpo.epsilon_high = job.grpo.epsilon
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _rule(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(job: JobConfig, stage: str) -> None:
+    """Cross-field rules, checked once at load time."""
+    g, d = job.grpo, job.decoder
+    _choice("model.dtype", job.model.dtype, ("float32", "bfloat16", "float16"))
+    _choice("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
+    _choice("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))
+    _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, ("sum_then_normalize", "normalize_then_sum"))
+    _choice("decoder.sde_type", d.sde_type, ("sde", "cps"))
+    _choice("decoder.condition_source", d.condition_source, ("ar", "reference"))
+    _choice("reward_host.backend", job.reward_host.backend, ("ray", "local"))
+    _choice("optim.mixed_precision", job.optim.mixed_precision, ("no", "bf16", "fp16"))
+    _rule(job.max_steps >= 1, "max_steps", f"must be >= 1, got {job.max_steps}")
+    for key in ("height", "width"):
+        v = getattr(job.data, key)
+        _rule(v >= 32 and v % 32 == 0, f"data.{key}", f"must be a positive multiple of 32 (one AR token = 32 px), got {v}")
+    for key in ("prompts", "eval_prompts"):
+        p = getattr(job.data, key)
+        _rule(p is None or os.path.isfile(p), f"data.{key}", f"file not found: {p}")
+    if stage in ("ar", "decoder"):
+        _rule(g.num_generations >= 2, "grpo.num_generations",
+              f"group size must be >= 2 for group-relative advantages, got {g.num_generations}")
+        _rule(g.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
+        _rule(g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1")
+        batch = g.prompts_per_step * g.num_generations
+        _rule(1 <= g.mini_batch_size <= batch and batch % g.mini_batch_size == 0, "grpo.mini_batch_size",
+              f"must divide the rollout batch prompts_per_step*num_generations = {batch}, got {g.mini_batch_size}")
+        _rule(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon", "clip ranges must be > 0")
+        _rule(g.beta >= 0, "grpo.beta", "must be >= 0")
+        _rule(len(job.rewards) >= 1, "rewards", "a training job needs at least one reward entry")
+    if stage == "decoder":
+        _rule(d.num_steps >= 2, "decoder.num_steps", f"must be >= 2 (the last step is never trained), got {d.num_steps}")
+        _rule(d.noise_level >= 0, "decoder.noise_level", "must be >= 0")
+        if d.sde_window_size > 0:
+            lo, hi = (list(d.sde_window_range) + [None, None])[:2]
+            _rule(len(d.sde_window_range) == 2 and 0 <= lo < hi, "decoder.sde_window_range",
+                  f"must be [lo, hi) with 0 <= lo < hi, got {list(d.sde_window_range)}")
+            _rule(hi - lo >= d.sde_window_size and hi <= d.num_steps - 1, "decoder.sde_window_range",
+                  f"window of {d.sde_window_size} steps must fit inside {list(d.sde_window_range)} and end before the "
+                  f"last of decoder.num_steps={d.num_steps} steps (the last step is never trained)")
+        else:
+            _rule(0 < d.timestep_fraction <= 1, "decoder.timestep_fraction", "must be in (0, 1]")
+    for i, r in enumerate(job.rewards):
+        _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
+        _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")
+        _rule(r.timeout_s > 0, f"rewards[{i}].timeout_s", "must be > 0")
+
+
+def to_yaml(job: JobConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(job))
