@@ -1,0 +1,174 @@
+"""GLM-Image specifics — the only per-model code: loading, prompt layout, prior tokens, glyphs, schedule.
+
+Both policies (``policies.ar`` and ``policies.flow``) work through this adapter; a new generator family is
+a new adapter with the same methods. Conventions (GLM-Image release; diffusers ``GlmImagePipeline``):
+
+* AR prompt: ``prompt<sop>th tw<eop><sop>ph pw<eop><bos>`` built by ``GlmImageProcessor``; the model writes
+  the preview grid (ph x pw) first, then the full grid (th x tw), one token per 32 px.
+* Decoder condition: full-grid tokens upsampled 2x nearest -> ``prior_token_id`` (B, (H/16)(W/16)).
+* Glyph condition: ByT5/T5 states of the quoted substrings of the prompt (``""`` when none), left zero-padded.
+* Schedule: t = linspace(1000, 1, S+1)[:-1], sigma = t/1000 shifted by mu = sqrt(seq/256)*0.75 + 0.25
+  (``time_shift_type="linear"``); x_sigma = (1-sigma) x0 + sigma eps, v = eps - x0; the transformer sees t - 1.
+* CFG: v = v_u + g (v_c - v_u); the unconditional branch drops the prior tokens (``prior_token_drop=True``,
+  a **bool** tensor) and uses the glyph embedding of ``""``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from rl.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Grids:
+    """Token grids of one target size: full grid (th, tw) and preview grid (ph, pw)."""
+
+    th: int
+    tw: int
+    ph: int
+    pw: int
+
+    @property
+    def num_preview(self) -> int:
+        return self.ph * self.pw
+
+    @property
+    def num_full(self) -> int:
+        return self.th * self.tw
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_pipeline(path: str, dtype: str = "float32", device: str = "auto", create_tiny_if_missing: bool = False):
+    """``GlmImagePipeline.from_pretrained(path)`` in ``dtype`` on ``device``; clear error if the folder is wrong."""
+    from diffusers import GlmImagePipeline
+
+    if create_tiny_if_missing:
+        from policies.tiny import ensure_tiny_glm_image
+
+        ensure_tiny_glm_image(path)
+    if not (Path(path) / "model_index.json").is_file():
+        raise ConfigError(
+            f"model.path: no GLM-Image pipeline at {path} (expected model_index.json and the component folders "
+            f"written by GlmImagePipeline.save_pretrained; download the weights to a local folder and point model.path at it)"
+        )
+    pipe = GlmImagePipeline.from_pretrained(path, dtype=DTYPES[dtype])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(resolve_device(device))
+    for module in (pipe.vision_language_encoder, pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    return pipe
+
+
+class GlmImageAdapter:
+    """Stateless helpers over the components of a loaded ``GlmImagePipeline``."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.processor = pipe.processor
+        self.vae_scale = pipe.vae_scale_factor
+        self.patch = pipe.transformer.config.patch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    # ------------------------------------------------------------------ AR side
+    def grids(self, height: int, width: int) -> Grids:
+        th, tw, ph, pw = self.processor._get_target_shape(height=height, width=width)
+        return Grids(th, tw, ph, pw)
+
+    def ar_inputs(self, prompts: Sequence[str], height: int, width: int) -> dict:
+        """Tokenised prompts in the release layout (left padded): input_ids, attention_mask, image_grid_thw."""
+        inputs = self.processor(
+            text=list(prompts), target_h=height, target_w=width, padding=True, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def reference_tokens(self, images: np.ndarray) -> torch.Tensor:
+        """VQ tokens of reference images (B, H, W, 3) uint8 -> full-grid ids (B, th*tw) via ``get_image_tokens``."""
+        from PIL import Image
+
+        ar = self.pipe.vision_language_encoder
+        pil = [Image.fromarray(im) for im in images]
+        feats = self.processor.image_processor(images=pil, return_tensors="pt")
+        pixel_values = feats["pixel_values"].to(self.device, ar.dtype)
+        grid = feats["image_grid_thw"].to(self.device)
+        embeds = ar.get_image_features(pixel_values, grid).pooler_output
+        tokens = ar.get_image_tokens(torch.cat(list(embeds), dim=0), grid)
+        return tokens.view(len(images), -1)
+
+    # ------------------------------------------------------------------ decoder side
+    @staticmethod
+    def upsample_prior(tokens: torch.Tensor, grids: Grids) -> torch.Tensor:
+        """(B, th*tw) AR full-grid ids -> (B, 4*th*tw) decoder prior ids (2x nearest)."""
+        b = tokens.shape[0]
+        up = torch.nn.functional.interpolate(tokens.view(b, 1, grids.th, grids.tw).float(), scale_factor=2, mode="nearest")
+        return up.long().view(b, -1)
+
+    @torch.no_grad()
+    def glyph_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        """T5 states of quoted text (B, T, D); computed under no_grad as the pipeline does (bit-exact)."""
+        return self.pipe._get_glyph_embeds(list(prompts), device=self.device, dtype=self.pipe.transformer.dtype)
+
+    def schedule(self, num_steps: int, height: int, width: int):
+        """Timesteps (S,) and sigmas (S+1,) of the release schedule, the last sigma 0."""
+        from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
+
+        sched = self.pipe.scheduler
+        seq = (height // self.vae_scale) * (width // self.vae_scale) // self.patch**2
+        t = np.linspace(sched.config.num_train_timesteps, 1.0, num_steps + 1)[:-1].astype(np.int64).astype(np.float32)
+        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256), sched.config.get("base_shift", 0.25),
+                             sched.config.get("max_shift", 0.75))
+        timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, t, t / sched.config.num_train_timesteps, mu=mu)
+        return timesteps.float(), sched.sigmas.to(self.device).float()
+
+    def latent_shape(self, batch: int, height: int, width: int):
+        return (batch, self.pipe.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+
+    def velocity(self, transformer, latents, t, prior, glyph, neg_glyph, guidance_scale: float, height: int, width: int):
+        """Model velocity at timestep ``t`` (fp32), with CFG when ``guidance_scale > 1``.
+
+        The conditional and unconditional branches are two calls, as in ``GlmImagePipeline``, so the rollout
+        and the training recompute see the same batch layout and reproduce the pipeline exactly.
+        """
+        b = latents.shape[0]
+        dtype = transformer.dtype
+        x = latents.to(dtype)
+        common = dict(
+            timestep=(t.expand(b) - 1).to(self.device),
+            target_size=torch.tensor([[height, width]], dtype=dtype, device=self.device).repeat(b, 1),
+            crop_coords=torch.zeros((b, 2), dtype=dtype, device=self.device),
+            return_dict=False,
+        )
+        keep = torch.zeros_like(prior, dtype=torch.bool)
+        v = transformer(hidden_states=x, encoder_hidden_states=glyph, prior_token_id=prior, prior_token_drop=keep,
+                        **common)[0].float()
+        if guidance_scale > 1.0:
+            v_u = transformer(hidden_states=x, encoder_hidden_states=neg_glyph, prior_token_id=prior,
+                              prior_token_drop=~keep, **common)[0].float()
+            v = v_u + guidance_scale * (v - v_u)
+        return v
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalised latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
+        vae = self.pipe.vae
+        c = vae.config.latent_channels
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1).to(latents.device, vae.dtype)
+        img = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
+        img = (img.float() / 2 + 0.5).clamp(0, 1)
+        return (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

@@ -1,0 +1,140 @@
+"""Tiny random-init GLM-Image models of the real classes, for tests and the CPU demo.
+
+``build_tiny_glm_image(path)`` builds every component of a ``diffusers.GlmImagePipeline`` —
+``GlmImageForConditionalGeneration`` (AR), ``GlmImageProcessor`` with a byte-level BPE tokenizer trained here,
+``GlmImageTransformer2DModel``, ``AutoencoderKL``, a ByT5 tokenizer + tiny ``T5EncoderModel`` glyph encoder and
+``FlowMatchEulerDiscreteScheduler`` — and writes them with ``save_pretrained``. Everything downstream loads
+them back with ``from_pretrained`` from that folder, exactly as it loads the released weights.
+
+Geometry (see GLM_IMAGE_FACTS): one AR token = 32 px; VAE factor 8 x DiT patch 2 = 16 px per prior token,
+so the full-grid tokens are upsampled 2x nearest. The AR codebook has ``CODEBOOK`` codes; ids
+``[CODEBOOK, VISION_VOCAB)`` (start/end markers) are suppressed in the saved generation config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CODEBOOK = 128  # VQ codes of the tiny AR model (release: 16384)
+IMAGE_START = CODEBOOK  # <|dit_token_128|> = bos of the image segment (release: 16384)
+IMAGE_END = CODEBOOK + 1  # <|dit_token_129|> = eos (release: 16385)
+VISION_VOCAB = CODEBOOK + 4  # lm_head width (release: 16512)
+LATENT_CHANNELS = 4
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
+)
+_TOKENIZER_CORPUS = [
+    "a red apple on a wooden table", "a cat sitting in the sun", 'a sign that says "OPEN"',
+    "a poster with the words 'HELLO WORLD'", "一只猫 在 阳光 下", "写着「你好」的招牌", "0 1 2 3 4 5 6 7 8 9 16",
+    "blue sky, green grass, a white house", "a photo of a dog", "the quick brown fox jumps over the lazy dog",
+]
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    vision_tokens = [f"<|dit_token_{i}|>" for i in range(VISION_VOCAB)]
+    specials = vision_tokens + ["<sop>", "<eop>", "<|image|>", "<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + 400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=f"<|dit_token_{IMAGE_START}|>",
+        eos_token=f"<|dit_token_{IMAGE_END}|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
+    )
+
+
+def _build_ar(tokenizer):
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, vision_vocab_size=VISION_VOCAB, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=IMAGE_END, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16, spatial_merge_size=1)
+    vq = dict(embed_dim=16, num_embeddings=CODEBOOK, latent_channels=32)
+    config = GlmImageConfig(
+        text_config=text, vision_config=vision, vq_config=vq, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
+    )
+    model = GlmImageForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    gen.suppress_tokens = list(range(CODEBOOK, VISION_VOCAB))  # a random model must only emit codebook ids
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, 0.9, 0.75, 0
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = IMAGE_END, tokenizer.pad_token_id, IMAGE_START
+    return model
+
+
+def _build_decoder_parts():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    glyph_tokenizer = ByT5Tokenizer()
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(glyph_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=glyph_tokenizer.pad_token_id,
+    )).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, sample_size=64,
+        latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS,
+    ).eval()
+    transformer = GlmImageTransformer2DModel(
+        patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=16,
+        prior_vq_quantizer_codebook_size=CODEBOOK,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, use_dynamic_shifting=True, time_shift_type="linear",
+        base_image_seq_len=256, base_shift=0.25, max_shift=0.75,
+    )
+    return dict(tokenizer=glyph_tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                scheduler=scheduler)
+
+
+def build_tiny_glm_image(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny pipeline with random weights (seeded) and ``save_pretrained`` it to ``path``."""
+    from diffusers import GlmImagePipeline
+    from transformers import GlmImageImageProcessor, GlmImageProcessor
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = _build_tokenizer()
+    processor = GlmImageProcessor(
+        image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
+        tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE,
+    )
+    pipe = GlmImagePipeline(processor=processor, vision_language_encoder=_build_ar(tokenizer), **_build_decoder_parts())
+    tmp = path.with_name(path.name + ".partial")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "TINY_RANDOM_INIT.json").write_text(json.dumps({"seed": seed, "codebook": CODEBOOK}))
+    tmp.rename(path)  # atomic: a half-written folder is never mistaken for a model
+    return path
+
+
+def ensure_tiny_glm_image(path: str | os.PathLike) -> Path:
+    """Return ``path``, building the tiny models there first if it holds no pipeline yet."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_glm_image(path)
+    return path
