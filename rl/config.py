@@ -240,18 +240,19 @@ def load_config(path: str, overrides: List[str] = (), stage: str = "decoder") ->
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
     cfg = _merge(schema, file_cfg, source=path)
-    cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), source="command line")
+    for item in overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), source="command line", key=item.split("=", 1)[0])
     job: JobConfig = OmegaConf.to_object(_check_missing(cfg, path))
     apply_stage_defaults(job, stage)
     validate(job, stage)
     return job
 
 
-def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+def _merge(base: DictConfig, other: DictConfig, source: str, key: Optional[str] = None) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:
-        key = e.full_key or "?"
+        key = key or e.full_key or "?"
         msg = str(e).splitlines()[0]
         if "not in struct" in msg or "Key" in type(e).__name__ and "not" in msg:
             raise ConfigError(f"unknown config key '{key}' ({source}); see the documented keys in rl/config.py or `tandem train ... --dry-run`") from None

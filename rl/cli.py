@@ -1,0 +1,108 @@
+"""The ``tandem`` command line.
+
+    tandem train ar|decoder --config FILE [key.sub=value ...] [--dry-run]
+    tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR] [--num-prompts N]
+    tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--backend local|ray]
+    tandem rewards
+
+A user mistake (unknown key, wrong type, missing file or weights, unknown reward) prints one line on stderr
+naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from rl.config import ConfigError, load_config, to_yaml
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user mistake
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tandem", description="RL post-training for two-stage AR + flow image generators.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="run a GRPO (ar) or flow-GRPO (decoder) job")
+    train.add_argument("stage", choices=["ar", "decoder"])
+    train.add_argument("--config", required=True, help="YAML job config (see configs/)")
+    train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.01")
+
+    sample = sub.add_parser("sample", help="write an image grid from the configured models")
+    sample.add_argument("--config", required=True)
+    sample.add_argument("--checkpoint", default=None, help="a checkpoint folder of a run (checkpoints/step_N)")
+    sample.add_argument("--num-prompts", type=int, default=None, help="only the first N prompts")
+    sample.add_argument("overrides", nargs="*")
+
+    score = sub.add_parser("score", help="score images with rewards; one JSON object per image on stdout")
+    score.add_argument("--reward", action="append", required=True, help="registered name or pkg.module:attr")
+    score.add_argument("--images", required=True, help="folder of .png/.jpg images")
+    score.add_argument("--prompts", required=True, help=".txt or .jsonl prompt file, one entry per image")
+    score.add_argument("--backend", choices=["local", "ray"], default="local")
+
+    sub.add_parser("rewards", help="list registered rewards")
+    return p
+
+
+def _train(args) -> int:
+    cfg = load_config(args.config, args.overrides, stage=args.stage)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    from rl.trainer import train
+
+    out = train(cfg, stage=args.stage)
+    print(f"run directory: {out}")
+    return 0
+
+
+def _sample(args) -> int:
+    cfg = load_config(args.config, args.overrides, stage="sample")
+    from rl.sample import run_sample
+
+    print(f"sample grid: {run_sample(cfg, args.num_prompts, args.checkpoint)}")
+    return 0
+
+
+def _score(args) -> int:
+    from rewards.cli import cmd_score
+
+    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend)
+
+
+def _rewards(args) -> int:
+    from rewards.cli import cmd_rewards
+
+    return cmd_rewards()
+
+
+COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rewards}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        parser = _build_parser()
+        args, extra = parser.parse_known_args(argv)
+        unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:
+            args.overrides = list(getattr(args, "overrides", [])) + extra
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tandem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
