@@ -1,0 +1,184 @@
+"""The flow (decoder) policy: flow-GRPO over ``GlmImageTransformer2DModel``.
+
+Actions are denoising steps. A rollout integrates the release schedule from noise; steps inside the SDE window
+(``decoder.sde_window_size`` consecutive steps placed in ``decoder.sde_window_range``, or the first
+``timestep_fraction`` of the steps) are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other
+steps are deterministic Euler (ODE) steps; the last step is never trained (Flow-GRPO, Liu et al. 2025;
+MixGRPO's ODE/SDE mixing). Training replays each trained step from the stored latents — one step per forward
+pass (``unit_chunks``), so memory does not grow with the number of trained steps.
+
+KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2),
+against the LoRA-disabled model or a frozen copy when training all weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from policies.glm_image import GlmImageAdapter
+from policies.render import initial_noise
+from policies.sde import mean_kl, ode_step, sde_step
+from rl.config import JobConfig
+from rl.ema import EMA
+from rl.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
+
+
+def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator) -> List[int]:
+    """Indices of the SDE (trained) steps of one rollout batch; never the last step."""
+    if cfg.sde_window_size > 0:
+        lo, hi = cfg.sde_window_range
+        start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
+        return list(range(start, start + cfg.sde_window_size))
+    count = max(1, int(round(cfg.timestep_fraction * (num_steps - 1))))
+    return list(range(count))
+
+
+def apply_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
+    """Wrap ``model`` with a peft LoRA adapter on ``lora_cfg.target_modules`` (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, target_modules=list(lora_cfg.target_modules),
+                        init_lora_weights="gaussian")
+    return get_peft_model(model, config)
+
+
+class FlowPolicy:
+    stage = "decoder"
+
+    def __init__(self, pipe, cfg: JobConfig):
+        self.pipe, self.cfg = pipe, cfg
+        self.adapter = GlmImageAdapter(pipe)
+        self.d, self.height, self.width = cfg.decoder, cfg.data.height, cfg.data.width
+        base = pipe.transformer
+        if cfg.optim.gradient_checkpointing:
+            base.enable_gradient_checkpointing()
+        if cfg.optim.lora.enabled:
+            self.model = apply_lora(base, cfg.optim.lora)
+            self.reference = None  # the adapter-disabled model
+        else:
+            self.model = base.requires_grad_(True)
+            self.reference = copy.deepcopy(base).requires_grad_(False).eval() if cfg.grpo.beta > 0 else None
+        self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
+        self.ema = EMA(self.trainable_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
+
+    # ------------------------------------------------------------------ conditions
+    @torch.no_grad()
+    def conditions(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> torch.Tensor:
+        """(P, th*tw) full-grid prior tokens per prompt: a frozen AR rollout or the reference image's VQ tokens."""
+        if self.d.condition_source == "reference":
+            missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
+            if missing:
+                raise ValueError(f"decoder.condition_source=reference needs a 'reference' image for prompt {missing[0]!r}")
+            return self.adapter.reference_tokens(np.stack([m["reference"] for m in metadata]))
+        gen = torch.Generator().manual_seed(seed)
+        up, _, _ = self.pipe.generate_prior_tokens(
+            prompt=list(prompts), height=self.height, width=self.width, device=self.adapter.device, generator=gen
+        )
+        grids = self.adapter.grids(self.height, self.width)
+        return up.view(len(prompts), 2 * grids.th, 2 * grids.tw)[:, ::2, ::2].reshape(len(prompts), -1)
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:
+        rng = np.random.default_rng(seed)
+        tokens = self.conditions(prompts, metadata, seed)
+        all_prompts = repeat_for_groups(prompts, group_size)
+        group_ids = group_ids_for(len(prompts), group_size)
+        grids = self.adapter.grids(self.height, self.width)
+        prior = self.adapter.upsample_prior(tokens, grids).repeat_interleave(group_size, dim=0)
+        glyph = self.adapter.glyph_embeds(all_prompts)
+        neg = self.adapter.glyph_embeds([""] * len(all_prompts)) if self.d.guidance_scale > 1 else None
+        noise_seeds = [seed * 7919 + int(g if self.d.same_noise_in_group else i) for i, g in enumerate(group_ids)]
+        x = initial_noise(self.adapter, noise_seeds, self.height, self.width)
+        timesteps, sigmas = self.adapter.schedule(self.d.num_steps, self.height, self.width)
+        train_steps = trained_step_indices(self.d, self.d.num_steps, rng)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        chunks = self._rollout_chunks(len(all_prompts))
+        before, after, logps = [], [], []
+        for i, t in enumerate(timesteps):
+            v = torch.cat([self.adapter.velocity(self.model, x[c], t, prior[c], glyph[c], None if neg is None else neg[c],
+                                                 self.d.guidance_scale, self.height, self.width) for c in chunks])
+            if i in train_steps:
+                x_next, logp, _, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
+                                              kind=self.d.sde_type)
+                before.append(x)
+                after.append(x_next)
+                logps.append(logp)
+            else:
+                x_next = ode_step(v, x, sigmas[i], sigmas[i + 1])
+            x = x_next
+        b, k = len(all_prompts), len(train_steps)
+        idx = torch.tensor(train_steps)
+        return Rollout(
+            images=self.adapter.decode(x), prompts=all_prompts, metadata=repeat_for_groups(metadata, group_size),
+            group_ids=group_ids, old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k),
+            extras=dict(
+                latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1), prior=prior, glyph=glyph,
+                neg_glyph=neg, timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),
+                next_sigmas=sigmas[idx + 1].expand(b, k), ar_tokens=tokens.repeat_interleave(group_size, dim=0),
+            ),
+        )
+
+    def _rollout_chunks(self, batch: int) -> List[slice]:
+        """The rollout runs the transformer in minibatch-sized chunks: the same batch layout as training."""
+        size = self.cfg.grpo.mini_batch_size
+        return [slice(s, min(s + size, batch)) for s in range(0, batch, size)]
+
+    # ------------------------------------------------------------------ learning
+    def unit_chunks(self, batch: Rollout) -> List[slice]:
+        return [slice(k, k + 1) for k in range(batch.old_log_probs.shape[1])]
+
+    def _step_mean(self, model, batch: Rollout, k: int):
+        e = batch.extras
+        v = self.adapter.velocity(model, e["latents"][:, k], e["timesteps"][:, k], e["prior"], e["glyph"], e["neg_glyph"],
+                                  self.d.guidance_scale, self.height, self.width)
+        return sde_step(v, e["latents"][:, k], e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.noise_level,
+                        prev_sample=e["next_latents"][:, k], kind=self.d.sde_type)
+
+    def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
+        k = chunk.start
+        _, logp, mean, std = self._step_mean(self.model, batch, k)
+        kl = None
+        if with_kl:
+            with torch.no_grad(), self._reference() as ref:
+                _, _, ref_mean, _ = self._step_mean(ref, batch, k)
+            kl = mean_kl(mean, ref_mean, std)[:, None]
+        return LogProbs(logp[:, None], kl)
+
+    @contextlib.contextmanager
+    def _reference(self):
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        if self.cfg.optim.lora.enabled:
+            from peft import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(self.model)
+        return self.model.state_dict()
+
+    def on_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.trainable_parameters())
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> np.ndarray:
+        """Eval images: ODE with ``decoder.eval_num_steps`` steps, EMA weights when kept."""
+        from policies.render import render_tokens
+
+        tokens = self.conditions(prompts, metadata, seed)
+        with (self.ema.swapped(self.trainable_parameters()) if self.ema else contextlib.nullcontext()):
+            return render_tokens(self.adapter, tokens, prompts, self.height, self.width, self.d.eval_num_steps,
+                                 self.d.guidance_scale, [seed + i for i in range(len(prompts))], transformer=self.model)

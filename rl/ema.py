@@ -1,0 +1,42 @@
+"""Exponential moving average of trained weights, used for eval and sample grids.
+
+ema <- decay * ema + (1 - decay) * theta after every optimizer step (flow_grpo keeps one for the decoder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, List
+
+import torch
+
+
+class EMA:
+    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow: List[torch.Tensor] = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: Iterable[torch.nn.Parameter]) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self, params: Iterable[torch.nn.Parameter]):
+        """Temporarily load the EMA weights into ``params``."""
+        params = list(params)
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {f"ema.{i}": t for i, t in enumerate(self.shadow)}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.shadow = [state[f"ema.{i}"].clone() for i in range(len(self.shadow))]
