@@ -1,0 +1,165 @@
+"""Flow-SDE step kernel: one stochastic denoising step of a flow-matching sampler and its log-probability.
+
+Convention (rectified flow, diffusers' ``FlowMatchEulerDiscreteScheduler``): ``x_σ = (1 − σ)·x₀ + σ·ε``, the
+model predicts the velocity ``v = ε − x₀``, and sampling walks σ from 1 down to 0, so every step has
+``dt = σ' − σ < 0`` (σ = ``sigma``, σ' = ``sigma_next``, a = ``noise_level``).
+
+ODE (Euler), the deterministic step: ``x' = x + v·dt``.
+
+``kind="sde"`` — Flow-SDE of Flow-GRPO (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online
+RL", arXiv:2505.05470, eq. 8 / ``sde_step_with_logprob`` in flow_grpo). The reverse SDE with the same marginals
+as the flow ODE is ``dx = [v − ½g²∇log p_σ(x)]dt + g dw``; for rectified flow the score is
+``∇log p_σ(x) = −(x + (1 − σ)v)/σ`` (since ε̂ = x + (1 − σ)v). With ``g = s = a·√(σ/(1 − σ))`` and one
+Euler–Maruyama step::
+
+    mean = x·(1 + s²·dt/(2σ)) + v·(1 + s²(1 − σ)/(2σ))·dt
+    std  = s·√(−dt)
+    x'   = mean + std·ε,   ε ~ N(0, I)
+
+Edge case σ = 1 (the first step): ``s`` has a pole, so σ' replaces σ in the denominator,
+``s = a·√(σ/(1 − σ'))`` (flow_grpo uses ``sigmas[1]``, which is σ' on that step). The result stays finite.
+
+``kind="cps"`` — Coefficients-Preserving Sampling (Wang & Yu 2025, "Coefficients-Preserving Sampling for
+Reinforcement Learning with Flow Matching", arXiv:2509.05952). A DDIM-like step that re-noises the predicted
+clean sample so that the noise coefficient stays exactly σ'::
+
+    s  = σ'·sin(aπ/2),   x̂₀ = x − σv,   x̂₁ = x + (1 − σ)v
+    mean = (1 − σ')·x̂₀ + √(σ'² − s²)·x̂₁,   std = s,   x' = mean + s·ε
+
+Log-probability (both kinds), the diagonal Gaussian density of ``x'`` **averaged** (not summed) over all
+non-batch dims, as flow_grpo does::
+
+    log_prob = mean_{non-batch}[ −(x' − mean)²/(2·std²) − log std − log √(2π) ]      shape (B,)
+
+``x'`` enters it detached, so its gradient flows through ``mean`` only (the score-function estimator).
+
+Shapes: ``velocity``, ``x`` are (B, ...) of any trailing shape; ``sigma``/``sigma_next`` are python floats or
+(B,) tensors, broadcast over the non-batch dims. Everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+Sigma = Union[float, torch.Tensor]
+Generator = Union[torch.Generator, Sequence[torch.Generator], None]
+
+KINDS = ("sde", "cps")
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _per_sample(value: Sigma, x: torch.Tensor) -> torch.Tensor:
+    """A float or (B,) tensor as float32 of shape (B, 1, ..., 1), broadcastable against ``x`` (B, ...)."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _randn(shape: torch.Size, generator: Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal float32 noise of ``shape`` on ``device``, as diffusers' ``randn_tensor`` draws it.
+
+    Noise is drawn on the generator's own device (then moved), so a CPU generator gives the same noise on any
+    device; a list of B generators draws sample ``i`` from ``generator[i]``.
+    """
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_randn((1, *shape[1:]), g, device) for g in generator])
+    src = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=src, dtype=torch.float32).to(device)
+
+
+def _mean_over_non_batch(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) → (B,): mean over every dim but the first."""
+    return t.mean(dim=tuple(range(1, t.ndim)))
+
+
+def ode_step(velocity: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma) -> torch.Tensor:
+    """Deterministic Euler step of the flow ODE, ``x + v·dt`` with ``dt = σ' − σ`` (in float32).
+
+    Bit-identical to ``FlowMatchEulerDiscreteScheduler.step`` on float32 sigmas. Used outside the SDE window
+    (MixGRPO-style ODE/SDE mixing) and for eval sampling.
+
+    Shapes: velocity, x (B, ...); sigma, sigma_next float or (B,). Returns (B, ...) float32.
+    """
+    x = x.float()
+    dt = _per_sample(sigma_next, x) - _per_sample(sigma, x)
+    return x + velocity.float() * dt
+
+
+def sde_step(
+    velocity: torch.Tensor,
+    x: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    noise_level: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: Generator = None,
+    kind: str = "sde",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stochastic step σ → σ' and the log-probability of its sample (formulas in the module docstring).
+
+    Args:
+        velocity: (B, ...) model output v (cast to float32).
+        x: (B, ...) current latent x_σ.
+        sigma, sigma_next: float or (B,) tensor, σ > σ'.
+        noise_level: a ≥ 0 (for ``"cps"`` also ≤ 1). ``0`` gives exactly the Euler step ``x + v·dt``.
+        prev_sample: (B, ...) the sample actually taken (training replays a rollout); replaces the draw.
+        generator: torch.Generator, or a list of B generators, for the noise ε.
+        kind: ``"sde"`` (Flow-GRPO) or ``"cps"`` (coefficients-preserving).
+
+    Returns:
+        x_next: (B, ...) float32 sample x_σ' (= ``prev_sample`` when given).
+        log_prob: (B,) float32 mean per-element Gaussian log-density of ``x_next``; zeros when
+            ``noise_level == 0`` (undefined there, to be ignored). Also undefined when ``std`` is 0 for another
+            reason (``"cps"`` stepping to σ' = 0): never train that step.
+        mean: (B, ...) float32 mean of x_σ'.
+        std: (B, 1, ..., 1) float32 standard deviation, broadcastable against ``mean``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"sde_step: unknown kind {kind!r}; valid kinds are {', '.join(KINDS)}")
+    a = float(noise_level)
+    if a < 0 or (kind == "cps" and a > 1):
+        bound = "[0, 1]" if kind == "cps" else ">= 0"
+        raise ValueError(f"sde_step: noise_level={noise_level} is out of range for kind={kind!r}; use {bound}")
+    x = x.float()
+    v = velocity.float()
+    s0 = _per_sample(sigma, x)
+    s1 = _per_sample(sigma_next, x)
+    dt = s1 - s0
+
+    if a == 0:
+        mean = ode_step(v, x, sigma, sigma_next)
+        std = torch.zeros_like(s0)
+        x_next = mean if prev_sample is None else prev_sample.float()
+        return x_next, x.new_zeros(x.shape[0]), mean, std
+
+    if kind == "sde":
+        s = a * torch.sqrt(s0 / (1 - torch.where(s0 == 1, s1, s0)))
+        mean = x * (1 + s**2 * dt / (2 * s0)) + v * (1 + s**2 * (1 - s0) / (2 * s0)) * dt
+        std = s * torch.sqrt(-dt)
+    else:
+        std = s1 * math.sin(a * math.pi / 2)
+        x0_hat = x - s0 * v
+        x1_hat = x + (1 - s0) * v
+        mean = (1 - s1) * x0_hat + torch.sqrt(s1**2 - std**2) * x1_hat
+
+    if prev_sample is None:
+        x_next = mean + std * _randn(x.shape, generator, x.device)
+    else:
+        x_next = prev_sample.float()
+    log_density = -((x_next.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return x_next, _mean_over_non_batch(log_density), mean, std
+
+
+def mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between two step Gaussians that share ``std``: mean over non-batch dims of (μ − μ_ref)²/(2·std²).
+
+    The flow-stage KL penalty of Flow-GRPO (``kl_loss`` in flow_grpo ``train_sd3.py``): for
+    N(μ, std²) and N(μ_ref, std²) the per-element KL is exactly (μ − μ_ref)²/(2·std²).
+
+    Shapes: mean, ref_mean (B, ...); std broadcastable against them, e.g. (B, 1, ..., 1). Returns (B,).
+    """
+    return _mean_over_non_batch((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2))
