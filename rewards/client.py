@@ -1,0 +1,157 @@
+"""The one driver-side object the trainer talks to: ``RewardClient``.
+
+    with RewardClient(cfg.rewards, cfg.reward_host) as client:
+        future = client.score(images, prompts, metadata, group_ids)   # returns at once
+        ...                                                            # roll out the next batch meanwhile
+        scores = future.result()                                       # RewardScores
+
+Backends (``reward_host.backend``): ``ray`` hosts every reward entry in Ray actors (``rewards/host.py``);
+``local`` runs the same rewards in this process, eagerly inside ``score`` (debugging, GPU benchmarks). Both
+give the same RewardScores for the same rewards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from rewards.base import RewardConfigError, build_reward, unique_labels
+from rewards.scoring import log_warnings, score_shard
+from rl.config import RewardEntry, RewardHostConfig
+
+Collect = Callable[[], Dict[str, np.ndarray]]
+
+
+@dataclass
+class RewardScores:
+    """Scores of one batch.
+
+    scores:  {reward name: float64 (B,)}, NaN = no score for that sample;
+    weights: {reward name: weight from the config entry}.
+    Names are the entries' ``name`` (or the attribute name of ``fn``), de-duplicated as ocr, ocr_2, ...
+    """
+
+    scores: Dict[str, np.ndarray]
+    weights: Dict[str, float]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.scores[name]
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.scores)
+
+
+class ScoreFuture:
+    """Handle on a batch being scored; ``result()`` blocks until every reward is done (then caches)."""
+
+    def __init__(self, collect: Collect, weights: Dict[str, float]):
+        self._collect, self._weights = collect, weights
+        self._result: Optional[RewardScores] = None
+
+    def result(self) -> RewardScores:
+        if self._result is None:
+            self._result = RewardScores(self._collect(), dict(self._weights))
+        return self._result
+
+
+class LocalBackend:
+    """Every reward built and called in this process; ``submit`` scores at once."""
+
+    def __init__(self, entries: Sequence[RewardEntry], labels: Sequence[str], host: RewardHostConfig):
+        self.entries, self.labels = list(entries), list(labels)
+
+    def start(self) -> None:
+        self.rewards = [build_reward(e, label) for e, label in zip(self.entries, self.labels)]
+
+    def submit(self, images, prompts, metadata, group_ids) -> Collect:
+        everything = np.arange(len(prompts))
+        out = {}
+        for reward, entry in zip(self.rewards, self.entries):
+            shard = score_shard(reward, images, prompts, metadata, group_ids, everything, entry.batch_size)
+            log_warnings(shard)
+            out[reward.name] = shard.scores
+        return lambda: out
+
+    def close(self) -> None:
+        self.rewards = []
+
+
+def _ray_backend(entries, labels, host):
+    from rewards.host import RayBackend  # imports ray: only when asked for
+
+    return RayBackend(entries, labels, host)
+
+
+BACKENDS: Dict[str, Callable] = {"local": LocalBackend, "ray": _ray_backend}
+
+
+def _check_batch(images, prompts, metadata, group_ids):
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3):
+        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}"
+        raise ValueError(f"images must be a numpy uint8 array of shape (B, H, W, 3), RGB; got {got}")
+    n = len(images)
+    metadata = [{} for _ in range(n)] if metadata is None else list(metadata)
+    group_ids = np.arange(n) if group_ids is None else np.asarray(group_ids).astype(np.int64)
+    for what, value in (("prompts", prompts), ("metadata", metadata), ("group_ids", group_ids)):
+        if len(value) != n:
+            raise ValueError(f"{what} has {len(value)} entries for a batch of {n} images")
+    return list(prompts), metadata, group_ids
+
+
+class RewardClient:
+    """Hosts the configured rewards and scores batches with them.
+
+    Use as a context manager (or ``start()`` / ``close()``). Construction failures of any reward raise
+    ``rewards.base.RewardConfigError`` from ``start()``, before any batch is scored.
+    """
+
+    def __init__(self, entries: Sequence[RewardEntry], host: Optional[RewardHostConfig] = None):
+        host = host or RewardHostConfig()
+        if host.backend not in BACKENDS:
+            raise RewardConfigError(f"config key 'reward_host.backend' is {host.backend!r}; allowed: {', '.join(BACKENDS)}")
+        self.entries = list(entries)
+        self.names = unique_labels(self.entries)
+        self.weights = {name: float(e.weight) for name, e in zip(self.names, self.entries)}
+        self._backend = BACKENDS[host.backend](self.entries, self.names, host)
+        self._started = False
+
+    def start(self) -> "RewardClient":
+        if not self._started:
+            try:
+                self._backend.start()
+            except BaseException:
+                self._backend.close()
+                raise
+            self._started = True
+        return self
+
+    def close(self) -> None:
+        if self._started:
+            self._backend.close()
+            self._started = False
+
+    def __enter__(self) -> "RewardClient":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def score(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Optional[Sequence[dict]] = None,
+        group_ids: Optional[Sequence[int]] = None,
+    ) -> ScoreFuture:
+        """Start scoring a batch; returns at once (ray backend).
+
+        images: uint8 (B, H, W, 3) RGB; prompts: B strings; metadata: B dicts (default: empty);
+        group_ids: (B,) ints naming each sample's prompt group (default: every sample its own group).
+        """
+        if not self._started:
+            raise RuntimeError("RewardClient.score() before start(): use `with RewardClient(...) as client:`")
+        prompts, metadata, group_ids = _check_batch(images, prompts, metadata, group_ids)
+        return ScoreFuture(self._backend.submit(images, prompts, metadata, group_ids), self.weights)
