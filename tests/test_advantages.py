@@ -1,0 +1,131 @@
+"""Group advantages: exact math against a transcription of TRL 1.16's GRPO code, and NaN handling."""
+
+import numpy as np
+import pytest
+import torch
+
+from rl.advantages import compute_advantages
+
+
+def trl_nanstd(t: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
+    """trl.trainer.utils.nanstd (Bessel-corrected, NaN for fewer than two values)."""
+    mean = torch.nanmean(t, dim=dim, keepdim=True)
+    var = torch.nanmean((t - mean) ** 2, dim=dim, keepdim=True)
+    count = torch.sum(~torch.isnan(t), dim=dim, keepdim=True)
+    var = var * torch.where(count > 1, count / (count - 1), torch.full_like(var, float("nan")))
+    std = torch.sqrt(var)
+    return std if keepdim else std.squeeze() if dim is None else std.squeeze(dim)
+
+
+def trl_advantages(per_func: np.ndarray, weights: np.ndarray, G: int, aggregation: str, scale: str) -> np.ndarray:
+    """The advantage block of trl/trainer/grpo_trainer.py (TRL 1.16), contiguous groups of size G."""
+    r = torch.tensor(per_func, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    unscorable = torch.isnan(r).all(dim=1)
+    if aggregation == "sum_then_normalize":
+        rewards = (r * w[None]).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        mean = torch.nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G)
+        std = trl_nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G) if scale != "batch" else trl_nanstd(rewards).expand_as(rewards)
+        adv = rewards - mean
+        if scale != "none":
+            adv = adv / (std + 1e-4)
+    else:
+        grouped = r.view(-1, G, r.shape[1])
+        z = ((grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (trl_nanstd(grouped, dim=1, keepdim=True) + 1e-4)).view(-1, r.shape[1])
+        rewards = (z * w[None]).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        adv = (rewards - torch.nanmean(rewards)) / (trl_nanstd(rewards) + 1e-4)
+    return torch.nan_to_num(adv, nan=0.0).numpy()
+
+
+@pytest.mark.parametrize(
+    "aggregation, scale",
+    [("sum_then_normalize", "group"), ("sum_then_normalize", "batch"), ("sum_then_normalize", "none"), ("normalize_then_sum", "group")],
+)
+def test_matches_trl_without_nan(aggregation, scale):
+    rng = np.random.default_rng(0)
+    G, P = 4, 5
+    a, b = rng.normal(size=G * P), rng.uniform(size=G * P)
+    res = compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 0.5}, np.repeat(np.arange(P), G), aggregation=aggregation, scale_rewards=scale)
+    ref = trl_advantages(np.stack([a, b], 1), np.array([1.0, 0.5]), G, aggregation, scale)
+    np.testing.assert_allclose(res.advantages, ref, rtol=1e-5, atol=1e-6)
+    assert res.advantages.dtype == np.float32 and res.advantages.shape == (G * P,)
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_matches_trl_with_nan(aggregation):
+    nan = np.nan
+    a = np.array([1.0, nan, 3.0, 0.0, nan, nan, nan, nan, 2.0, 2.0, 5.0, nan])
+    b = np.array([0.5, 1.0, nan, 0.2, nan, nan, nan, nan, 1.0, 0.0, nan, nan])
+    res = compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 2.0}, np.repeat(np.arange(3), 4), aggregation=aggregation)
+    ref = trl_advantages(np.stack([a, b], 1), np.array([1.0, 2.0]), 4, aggregation, "group")
+    np.testing.assert_allclose(res.advantages, ref, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(res.advantages).all()
+    assert (res.advantages[[4, 5, 6, 7, 11]] == 0).all()  # all-NaN group, and a sample with no score at all
+
+
+def test_hand_computed_group_and_metrics():
+    r = np.array([0.0, 1.0, 2.0, 5.0, 5.0, 5.0])
+    res = compute_advantages({"r": r}, {"r": 2.0}, np.array([7, 7, 7, 9, 9, 9]))
+    # group 7: R = 2 r = [0, 2, 4], mean 2, std (ddof 1) 2; group 9 ties.
+    np.testing.assert_allclose(res.advantages, [-2 / (2 + 1e-4), 0, 2 / (2 + 1e-4), 0, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(res.rewards, 2 * r)
+    assert res.zero_std_frac == 0.5 and res.metrics["advantage/zero_std_frac"] == 0.5
+    assert res.metrics["reward/mean"] == pytest.approx(np.mean(2 * r))
+    assert res.metrics["reward/std"] == pytest.approx(np.std(2 * r, ddof=1))
+    assert res.metrics["reward/r/mean"] == pytest.approx(r.mean())
+    assert res.metrics["reward/r/std"] == pytest.approx(r.std(ddof=1))
+    assert res.metrics["advantage/mean_abs"] == pytest.approx(np.abs(res.advantages).mean())
+
+
+def test_interleaved_group_ids_equal_sorted():
+    rng = np.random.default_rng(1)
+    r, g = rng.normal(size=8), np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    res = compute_advantages({"r": r}, {"r": 1.0}, g)
+    order = np.argsort(g, kind="stable")
+    sorted_res = compute_advantages({"r": r[order]}, {"r": 1.0}, g[order])
+    np.testing.assert_allclose(res.advantages[order], sorted_res.advantages)
+
+
+def test_missing_scores_are_nan_safe_in_both_modes():
+    nan = np.nan
+    a = np.array([1.0, nan, 0.0, nan])
+    b = np.array([nan, nan, 1.0, 3.0])
+    for aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        res = compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, np.zeros(4, int), aggregation=aggregation)
+        assert np.isfinite(res.advantages).all()
+        assert res.advantages[1] == 0.0  # nothing scored it
+        assert np.isnan(res.rewards[1]) and res.rewards[0] == 1.0 and res.rewards[3] == 3.0
+    assert compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, np.zeros(4, int)).metrics["reward/b/missing_frac"] == 0.5
+
+
+def test_clip_and_scale_none():
+    r = np.array([0.0, 0.0, 0.0, 100.0])
+    res = compute_advantages({"r": r}, {"r": 1.0}, np.zeros(4, int), scale_rewards="none", clip=5.0)
+    np.testing.assert_allclose(res.advantages, [-5, -5, -5, 5])
+    unclipped = compute_advantages({"r": r}, {"r": 1.0}, np.zeros(4, int), scale_rewards="none")
+    np.testing.assert_allclose(unclipped.advantages, r - 25.0)
+
+
+def test_normalize_then_sum_with_scale_none_centres_each_reward_then_restandardises():
+    a, b = np.array([1.0, 3.0, 10.0, 20.0]), np.array([0.0, 1.0, 0.0, 0.0])
+    res = compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, np.array([0, 0, 1, 1]), aggregation="normalize_then_sum", scale_rewards="none")
+    s = np.array([-1.0, 1.0, -5.0, 5.0]) + np.array([-0.5, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(res.advantages, (s - s.mean()) / (s.std(ddof=1) + 1e-4), rtol=1e-6)
+
+
+def test_batch_scale_uses_batch_std_and_group_mean():
+    r = np.array([0.0, 2.0, 10.0, 14.0])
+    res = compute_advantages({"r": r}, {"r": 1.0}, np.array([0, 0, 1, 1]), scale_rewards="batch")
+    std = np.std(r, ddof=1)
+    np.testing.assert_allclose(res.advantages, np.array([-1, 1, -2, 2]) / (std + 1e-4), rtol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="aggregation is 'mean'; allowed: sum_then_normalize, normalize_then_sum"):
+        compute_advantages({"r": np.zeros(2)}, {"r": 1.0}, np.zeros(2, int), aggregation="mean")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        compute_advantages({"r": np.zeros(2)}, {"r": 1.0}, np.zeros(2, int), scale_rewards="global")
+    with pytest.raises(ValueError, match="no weight for reward"):
+        compute_advantages({"r": np.zeros(2)}, {}, np.zeros(2, int))
