@@ -8,13 +8,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.tandem-installed
-DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: demo test test-all install system-deps clean
 
 demo: $(STAMP)
-	$(VENV)/bin/tandem demo --output-dir $(DEMO_DIR)
+	$(VENV)/bin/tandem train decoder --config configs/demo/decoder.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

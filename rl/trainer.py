@@ -78,7 +78,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig) -> Di
 
 
 def train(cfg: JobConfig, stage: str) -> Path:
-    from rewards.host import RewardClient
+    from rewards.client import RewardClient
 
     torch.manual_seed(cfg.seed)
     g = cfg.grpo

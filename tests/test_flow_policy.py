@@ -1,0 +1,110 @@
+"""Flow policy over the tiny GlmImageTransformer2DModel: on-policy ratio, KL at init, SDE window rules."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from policies.flow import FlowPolicy, trained_step_indices
+from policies.glm_image import load_pipeline
+from rl.config import DecoderConfig, JobConfig, apply_stage_defaults
+
+
+def make_cfg(path, **decoder):
+    cfg = JobConfig(output_dir="unused")
+    cfg.model.path = str(path)
+    apply_stage_defaults(cfg, "decoder")
+    cfg.decoder = DecoderConfig(num_steps=6, **decoder)
+    cfg.grpo.mini_batch_size = 4
+    return cfg
+
+
+def first_iteration(policy, batch):
+    """(ratio - 1, kl) of every trained step of every sample on the first on-policy pass."""
+    diffs, kls = [], []
+    for index in (torch.arange(0, 4), torch.arange(4, 8)):
+        mb = batch.select(index)
+        for chunk in policy.unit_chunks(mb):
+            out = policy.log_probs(mb, chunk, with_kl=True)
+            diffs.append((out.log_probs - mb.old_log_probs[:, chunk]).exp() - 1)
+            kls.append(out.kl)
+    return torch.cat(diffs), torch.cat(kls)
+
+
+@pytest.mark.parametrize(
+    "decoder, lora",
+    [
+        (dict(guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 5]), False),
+        (dict(guidance_scale=1.0, sde_window_size=2, sde_window_range=[1, 4]), False),
+        (dict(guidance_scale=1.5, sde_window_size=0, timestep_fraction=0.6, sde_type="cps", noise_level=0.5), True),
+    ],
+    ids=["cfg-window", "nocfg-window", "cfg-fraction-cps-lora"],
+)
+def test_first_ratio_is_one_and_kl_is_zero(tiny_model_path, decoder, lora):
+    cfg = make_cfg(tiny_model_path, **decoder)
+    cfg.grpo.beta = 0.01
+    cfg.optim.lora.enabled = lora
+    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    batch = policy.rollout(["a red apple", 'a sign "OPEN"'], [{}, {}], group_size=4, seed=1)
+    assert batch.images.shape == (8, 64, 64, 3) and batch.images.dtype == np.uint8
+    assert batch.old_log_probs.shape == batch.mask.shape == (8, len(policy.unit_chunks(batch)))
+    ratio_minus_one, kl = first_iteration(policy, batch)
+    assert ratio_minus_one.abs().max().item() < 1e-5
+    assert kl.abs().max().item() == 0.0
+    # the log-probs are real densities that the parameters move
+    chunk = policy.unit_chunks(batch)[0]
+    out = policy.log_probs(batch.select(torch.arange(4)), chunk, with_kl=False)
+    out.log_probs.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+
+
+def test_noise_zero_rollout_is_the_ode_render(tiny_model_path):
+    """With noise_level 0 every step is the Euler step, so the rollout equals the deterministic render."""
+    from policies.render import render_tokens
+
+    cfg = make_cfg(tiny_model_path, noise_level=0.0, guidance_scale=1.5)
+    cfg.grpo.mini_batch_size = 8
+    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    batch = policy.rollout(["a cat"], [{}], group_size=2, seed=4)
+    seeds = [4 * 7919 + i for i in range(2)]
+    expected = render_tokens(policy.adapter, batch.extras["ar_tokens"], batch.prompts, 64, 64, 6, 1.5, seeds)
+    assert np.array_equal(batch.images, expected)
+
+
+def test_same_noise_in_group(tiny_model_path):
+    cfg = make_cfg(tiny_model_path, same_noise_in_group=True, noise_level=0.0)
+    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    batch = policy.rollout(["a cat"], [{}], group_size=2, seed=0)
+    assert np.array_equal(batch.images[0], batch.images[1])
+
+
+def test_window_never_trains_the_last_step():
+    rng = np.random.default_rng(0)
+    window = DecoderConfig(num_steps=6, sde_window_size=2, sde_window_range=[0, 5])
+    seen = {i for _ in range(50) for i in trained_step_indices(window, 6, rng)}
+    assert seen == {0, 1, 2, 3, 4}
+    fraction = DecoderConfig(num_steps=6, sde_window_size=0, timestep_fraction=1.0)
+    assert trained_step_indices(fraction, 6, rng) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("decoder.sde_window_range=[3,12]", "decoder.sde_window_range"),
+        ("grpo.num_generations=1", "grpo.num_generations"),
+        ("rewards=[{name: no_such_reward}]", "no_such_reward"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(tmp_path, override, key):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
+         f"output_dir={out}", "reward_host.backend=local", override],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert not out.exists()
