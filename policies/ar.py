@@ -1,0 +1,262 @@
+"""The AR token policy: GRPO over the image tokens of ``GlmImageForConditionalGeneration``.
+
+One action unit is one generated token. A sample writes U = ph·pw + th·tw tokens: the preview grid first,
+then the full grid (the tokens the frozen decoder paints). Both segments are actions; their loss weights
+(``ar.preview_loss_weight``, ``ar.full_loss_weight``) are folded into ``Rollout.mask``.
+
+**Which distribution the loss uses.** The sampler's: π(a | s) = softmax(topp(topk(suppress(ℓ)/T)))[a], with
+ℓ the raw logits of the model (``policies.ar_sampler.LogitsProcessing``). The rollout stores exactly this
+log-prob of every sampled token (``old_log_probs``), so the on-policy ratio is that of the distribution that
+was sampled from (DESIGN §4). The recompute (``log_probs``) applies the same processing to the current
+weights' logits, taking the top-k / nucleus support from those logits and always keeping the scored token:
+    log π_θ(a) = z_a − logsumexp_{j ∈ S_θ ∪ {a}} z_j,   z = suppress(ℓ_θ)/T,   S_θ = support of the processed
+scores. Why: (1) it is the distribution the current policy would sample from; (2) no (B, U, V) nucleus mask
+has to be stored; (3) at the first on-policy iteration in fp32 it is bit-for-bit the stored distribution
+(|r − 1| ≲ 1e-6: only the cached-vs-teacher-forced forward differs); (4) keeping a in the support means a
+nucleus that moved (bf16 rounding, or the update itself) never gives log π = −inf — the token then counts
+with the normaliser of the current nucleus plus itself. The KL reference (adapter disabled, or a frozen copy)
+is scored the same way, and the per-token KL is k3 (``rl.losses.k3_kl``).
+
+**Positions.** The training forward passes the 3-D MRoPE ``position_ids`` that generation used (recorded by
+the sampler), never letting the model derive them (wrong from the 3rd generated token on) and never touching
+the model's cached rope state (GLM_IMAGE_FACTS, "Exact AR log-probs").
+
+**LoRA targets are per stage.** ``optim.lora.target_modules`` names modules of the trained model; the schema
+default names the decoder's (``to_q``…). The AR policy reads that exact default as "stage default" and uses
+``AR_LORA_TARGETS`` (the attention projections of the GLM text layers); set it explicitly in an AR YAML
+(e.g. ``[q_proj, k_proj, v_proj, o_proj, gate_up_proj, down_proj]``). Adapters go into the text model only
+(never the vision tower or VQ model, which text-to-image does not run).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from policies.ar_sampler import GenerateSampler, LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
+from policies.glm_image import GlmImageAdapter, load_pipeline
+from policies.render import render_tokens
+from rl.config import ConfigError, JobConfig, LoraSettings
+from rl.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
+
+logger = logging.getLogger(__name__)
+
+AR_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+"""Default LoRA targets of the AR stage: attention projections of the GLM text decoder layers."""
+
+TEXT_LAYERS = r"model\.language_model\.layers\.\d+\."
+"""Module-name prefix of the text decoder layers inside ``GlmImageForConditionalGeneration``."""
+
+
+def lora_target_regex(model: torch.nn.Module, names: Sequence[str]) -> str:
+    """peft ``target_modules`` regex that matches modules named ``names`` (suffixes) in the text layers only.
+
+    Raises ConfigError naming the modules that exist when a name matches none.
+    """
+    if list(names) == LoraSettings().target_modules:  # the schema default is the decoder's list
+        logger.info("optim.lora.target_modules is the decoder default; the AR stage uses %s", AR_LORA_TARGETS)
+        names = AR_LORA_TARGETS
+    layer_modules = [n for n, _ in model.named_modules() if re.match(TEXT_LAYERS, n)]
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layer_modules})
+    missing = [t for t in names if not any(n.endswith("." + t) for n in layer_modules)]
+    if missing or not names:
+        raise ConfigError(
+            f"optim.lora.target_modules: {missing or list(names)} match no module of the AR text layers; "
+            f"set it per stage, e.g. [q_proj, k_proj, v_proj, o_proj] (available: {', '.join(suffixes)})"
+        )
+    return TEXT_LAYERS + r"(.*\.)?(" + "|".join(re.escape(t) for t in names) + r")"
+
+
+class ARPolicy:
+    """GRPO policy over the AR stage of a GLM-Image pipeline (the ``Policy`` contract of ``policies.base``).
+
+    Args:
+        pipe: a loaded ``diffusers.GlmImagePipeline`` (``policies.glm_image.load_pipeline``); its
+            ``vision_language_encoder`` is trained, the decoder parts stay frozen and render the images.
+        adapter: ``GlmImageAdapter`` over ``pipe``.
+        cfg: the job config (``ar``, ``data.height/width``, ``optim.lora``, ``optim.gradient_checkpointing``).
+        sampler: the decode loop (``TokenSampler``); default ``GenerateSampler`` (transformers ``generate``).
+    """
+
+    stage = "ar"
+
+    def __init__(self, pipe, adapter: GlmImageAdapter, cfg: JobConfig, sampler: Optional[TokenSampler] = None):
+        self.pipe, self.adapter, self.cfg = pipe, adapter, cfg
+        self.model = pipe.vision_language_encoder
+        self.sampler: TokenSampler = sampler or GenerateSampler()
+        self.height, self.width = cfg.data.height, cfg.data.width
+        self.grids = adapter.grids(self.height, self.width)
+        self.num_preview, self.num_full = self.grids.num_preview, self.grids.num_full
+        self.processing = self._processing(cfg)
+        self._peft = None
+        self._ref_model = None
+        self.model.requires_grad_(False).eval()
+        if cfg.optim.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lora = cfg.optim.lora
+            target = lora_target_regex(self.model, lora.target_modules)
+            # LoRA layers are injected in place: ``self.model`` (and the pipeline) now run the adapter.
+            with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self._peft = get_peft_model(self.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                                                                   target_modules=target, lora_dropout=0.0, bias="none"))
+        else:
+            # Full fine-tuning of the text decoder and lm_head; the reference is a frozen copy made now.
+            self._ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            self.model.model.language_model.requires_grad_(True)
+            self.model.lm_head.requires_grad_(True)
+        if cfg.optim.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, sampler: Optional[TokenSampler] = None) -> "ARPolicy":
+        m = cfg.model
+        pipe = load_pipeline(m.path, dtype=m.dtype, device=m.device, create_tiny_if_missing=m.create_tiny_if_missing)
+        return cls(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
+
+    def _processing(self, cfg: JobConfig) -> LogitsProcessing:
+        """Suppressed ids = ``generation_config.suppress_tokens`` ∪ every non-codebook id of the lm_head (start/end
+        markers: the decoder only takes codebook ids, and an end marker would stop the grid early)."""
+        config = self.model.config
+        codes, vocab = config.vq_config.num_embeddings, config.text_config.vision_vocab_size
+        suppress = sorted(set(self.model.generation_config.suppress_tokens or []) | set(range(codes, vocab)))
+        try:
+            return LogitsProcessing(suppress_ids=tuple(suppress), temperature=cfg.ar.temperature, top_k=cfg.ar.top_k,
+                                    top_p=cfg.ar.top_p)
+        except ValueError as e:
+            raise ConfigError(f"config section 'ar': {e}") from None
+
+    # ------------------------------------------------------------------------------------------ acting
+    @property
+    def num_units(self) -> int:
+        return self.num_preview + self.num_full
+
+    def _sample_tokens(self, prompts: Sequence[str], seed: int):
+        inputs = self.adapter.ar_inputs(prompts, self.height, self.width)
+        out: SampledTokens = self.sampler(self.model, prompt_inputs(inputs), self.num_units, self.processing, seed)
+        return inputs, out
+
+    def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        ar = self.cfg.ar
+        return render_tokens(self.adapter, full_tokens, prompts, self.height, self.width, ar.decode_steps,
+                             ar.decode_guidance_scale, seeds)
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:
+        """Sample ``group_size`` token sequences per prompt (copies adjacent) and render them. No grad.
+
+        Returns a ``Rollout`` with U = num_preview + num_full units; ``extras`` (batch first):
+            input_ids, attention_mask (B, L): the left-padded prompts; image_grid_thw (B, 2, 3) (full, preview);
+            tokens (B, U); position_ids (B, 3, L + U − 1) MRoPE positions of prompt + tokens[:, :-1];
+            full_tokens (B, th·tw) the decoder's condition; decode_seeds (B,) the decoder noise seeds;
+            and, unbatched, num_preview and full_grid (th, tw).
+        """
+        # 1. groups: copies of a prompt are adjacent
+        n = len(prompts)
+        prompts_rep = repeat_for_groups(list(prompts), group_size)
+        meta_rep = repeat_for_groups(list(metadata), group_size)
+        group_ids = group_ids_for(n, group_size)
+        # 2. tokens with the sampler's log-probs and positions
+        inputs, out = self._sample_tokens(prompts_rep, seed)
+        full_tokens = out.tokens[:, self.num_preview:]
+        # 3. images: one decoder seed per group, so reward differences within a group come from the tokens only
+        decode_seeds = [seed * 1000 + int(g) for g in group_ids]
+        images = self._render(full_tokens, prompts_rep, decode_seeds)
+        # 4. per-segment loss weights
+        b, u = out.tokens.shape
+        mask = torch.full((b, u), float(self.cfg.ar.full_loss_weight), device=out.tokens.device)
+        mask[:, : self.num_preview] = float(self.cfg.ar.preview_loss_weight)
+        extras = dict(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            image_grid_thw=inputs["image_grid_thw"].view(b, -1, 3), tokens=out.tokens, position_ids=out.position_ids,
+            full_tokens=full_tokens, decode_seeds=torch.tensor(decode_seeds, dtype=torch.int64),
+            num_preview=self.num_preview, full_grid=(self.grids.th, self.grids.tw),
+        )
+        return Rollout(images=images, prompts=prompts_rep, metadata=meta_rep, group_ids=group_ids,
+                       old_log_probs=out.log_probs.float(), mask=mask, extras=extras)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> np.ndarray:
+        """(N, H, W, 3) uint8 images at eval settings: the same sampler, one sample per prompt."""
+        _, out = self._sample_tokens(list(prompts), seed)
+        return self._render(out.tokens[:, self.num_preview:], list(prompts), [seed * 1000 + i for i in range(len(prompts))])
+
+    # ------------------------------------------------------------------------------------------ learning
+    def unit_chunks(self, batch: Rollout) -> List[slice]:
+        """One teacher-forced forward over prompt + all generated tokens."""
+        return [slice(0, batch.old_log_probs.shape[1])]
+
+    def _logits(self, model: torch.nn.Module, extras: dict) -> torch.Tensor:
+        """(B, U, V) float32 raw logits predicting each generated token, teacher-forced with generation's positions."""
+        device = self.model.device
+        tokens = extras["tokens"].to(device)
+        b, u = tokens.shape
+        input_ids = torch.cat([extras["input_ids"].to(device), tokens[:, :-1]], dim=1)
+        attention_mask = torch.cat([extras["attention_mask"].to(device),
+                                    torch.ones(b, u - 1, dtype=extras["attention_mask"].dtype, device=device)], dim=1)
+        position_ids = extras["position_ids"].to(device).permute(1, 0, 2)  # (3, B, L + U - 1)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=u)
+        return out.logits.float()
+
+    def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
+        """(B, u) log-probs of the sampled tokens in ``chunk`` under the current weights (with grad), and the
+        per-token k3 KL to the reference when ``with_kl`` (module docstring: which distribution, and why)."""
+        extras = batch.extras
+        tokens = extras["tokens"].to(self.model.device)
+        train_mode = self.cfg.optim.gradient_checkpointing  # HF checkpoints only in train mode (no dropout here)
+        self.model.train(train_mode)
+        try:
+            logp = self.processing.token_log_probs(self._logits(self.model, extras), tokens)[:, chunk]
+        finally:
+            self.model.eval()
+        kl = None
+        if with_kl:
+            from rl.losses import k3_kl
+
+            with torch.no_grad():
+                if self._peft is not None:
+                    with self._peft.disable_adapter():
+                        ref_logits = self._logits(self.model, extras)
+                else:
+                    ref_logits = self._logits(self._ref_model, extras)
+                ref_logp = self.processing.token_log_probs(ref_logits, tokens)[:, chunk]
+            kl = k3_kl(logp, ref_logp)
+        return LogProbs(log_probs=logp, kl=kl)
+
+    # ------------------------------------------------------------------------------------------ weights
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """LoRA: the adapter weights (peft ``get_peft_model_state_dict`` keys); full: the trained weights."""
+        if self._peft is not None:
+            from peft import get_peft_model_state_dict
+
+            return {k: v.detach() for k, v in get_peft_model_state_dict(self._peft).items()}
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Inverse of ``trainable_state_dict`` (checkpoint resume)."""
+        if self._peft is not None:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self._peft, state)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"AR LoRA state has keys this adapter lacks: {unexpected[:3]}…")
+            return
+        missing = [n for n in state if n not in dict(self.model.named_parameters())]
+        if missing:
+            raise ValueError(f"AR state has parameters the model lacks: {missing[:3]}…")
+        self.model.load_state_dict(state, strict=False)
+
+    def on_optimizer_step(self) -> None:
+        """No EMA for the AR stage."""

@@ -1,0 +1,216 @@
+"""Token sampling for the AR policy: the logits processing and a swappable decode loop.
+
+Two pieces, so that a faster decode loop (static KV cache, CUDA graphs) can replace ``generate`` without
+touching the policy or the trainer:
+
+* ``LogitsProcessing`` — the sampler's distribution. For raw logits ``ℓ`` (…, V) it applies, in this order
+  (the order of transformers' ``GenerationMixin._get_logits_processor``):
+
+      suppress:     ℓ_j ← −inf for j in ``suppress_ids``
+      temperature:  z = ℓ / T                                   (skipped when T == 1)
+      top-k:        z_j ← −inf unless z_j ≥ k-th largest z      (skipped when k == 0)
+      top-p:        z_j ← −inf unless the mass of tokens at most as likely as j exceeds 1 − p
+                                                                (skipped when p == 1)
+
+  and the sampler's log-prob of token a is ``log_softmax(z)[a]``. It uses transformers' own warper classes,
+  so the recompute is bit-identical to what ``generate`` sampled from (GLM_IMAGE_FACTS, "Exact AR log-probs").
+
+* ``TokenSampler`` — the decode loop: prompt batch in, ``SampledTokens`` out (tokens, the processed
+  log-probs of the sampled tokens, and the 3-D MRoPE positions every fed token used). ``GenerateSampler`` is
+  the reference implementation over ``model.generate``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence
+
+import torch
+
+__all__ = ["LogitsProcessing", "SampledTokens", "TokenSampler", "GenerateSampler", "capture_rope_positions"]
+
+
+# --------------------------------------------------------------------------------------------------- processing
+@dataclass(frozen=True)
+class LogitsProcessing:
+    """The sampler's logits processing: suppress → temperature → top-k → top-p (module docstring)."""
+
+    suppress_ids: Sequence[int] = ()
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (greedy decoding is top_k=1)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p} (1.0 disables nucleus sampling)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k} (0 disables top-k)")
+
+    def generation_kwargs(self) -> dict:
+        """The ``GenerationConfig`` fields that make ``generate`` apply exactly this processing."""
+        return dict(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                    suppress_tokens=list(self.suppress_ids) or None)
+
+    def _processors(self, device: torch.device) -> list:
+        from transformers.generation.logits_process import (
+            SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+        procs = []
+        if self.suppress_ids:
+            procs.append(SuppressTokensLogitsProcessor(list(self.suppress_ids), device=device))
+        if self.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k != 0:
+            procs.append(TopKLogitsWarper(top_k=self.top_k, min_tokens_to_keep=1))
+        if self.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1))
+        return procs
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Processed scores (…, V) float32 of raw logits (…, V); −inf outside the sampler's support."""
+        shape = logits.shape
+        scores = logits.float().reshape(-1, shape[-1])  # the warpers index dim 1
+        for proc in self._processors(logits.device):
+            scores = proc(None, scores)
+        return scores.view(shape)
+
+    def token_log_probs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log π(a) (…) of ``tokens`` (…) under the processed distribution of ``logits`` (…, V); differentiable.
+
+        The support (which tokens survive suppress/top-k/top-p) is taken from ``logits`` themselves, with the
+        scored token always added back: log π(a) = z_a − logsumexp_{j ∈ S(ℓ) ∪ {a}} z_j, z = suppress(ℓ)/T.
+        When a ∈ S(ℓ) — always at the first on-policy iteration in fp32 — this is exactly
+        ``log_softmax(self(logits))[a]``; otherwise it is finite (no −inf from a nucleus that moved by a
+        rounding error in bf16 or after an update). The support is a non-differentiable choice (no_grad); the
+        gradient flows through the kept logits.
+        """
+        tokens = tokens.unsqueeze(-1)
+        with torch.no_grad():
+            keep = torch.isfinite(self(logits.detach()))
+            keep.scatter_(-1, tokens, True)
+        z = logits.float()
+        if self.suppress_ids:  # suppressed ids stay out even when "added back": a suppressed id is never sampled
+            suppressed = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
+            suppressed[list(self.suppress_ids)] = True
+            keep &= ~suppressed
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        z = z.masked_fill(~keep, float("-inf"))
+        return torch.log_softmax(z, dim=-1).gather(-1, tokens).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------- sampler
+@dataclass
+class SampledTokens:
+    """Output of a ``TokenSampler`` for a batch of B prompts of padded length L, U new tokens each.
+
+    Attributes:
+        tokens: (B, U) int64 sampled ids.
+        log_probs: (B, U) float32 sampler log-probs: ``log_softmax(processed logits)`` at ``tokens``.
+        position_ids: (B, 3, L + U − 1) int64 MRoPE (t, h, w) positions of every token fed to the model:
+            the prompt, then the first U − 1 sampled tokens (the last sampled token is never fed).
+        raw_logits: (B, U, V) float32 unprocessed logits, only when the sampler was asked to keep them.
+    """
+
+    tokens: torch.Tensor
+    log_probs: torch.Tensor
+    position_ids: torch.Tensor
+    raw_logits: Optional[torch.Tensor] = None
+
+
+class TokenSampler(Protocol):
+    """A decode loop: ``inputs`` are the processor outputs (input_ids, attention_mask, image_grid_thw, …)."""
+
+    def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
+                 seed: int) -> SampledTokens: ...
+
+
+@contextmanager
+def capture_rope_positions(model) -> Iterator[List[torch.Tensor]]:
+    """Record the (3, B, S) position ids every forward of ``model``'s text model passes to its rotary embedding.
+
+    Works for any transformers decoder whose text model calls ``rotary_emb(x, position_ids)`` once per forward
+    (GLM-Image does); the records are exactly the positions the attention used.
+    """
+    records: List[torch.Tensor] = []
+    rotary = model.get_decoder().rotary_emb if hasattr(model, "get_decoder") else model.model.language_model.rotary_emb
+
+    def hook(module, args, kwargs):
+        pos = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+        records.append(pos.expand(3, -1, -1).detach().clone())
+
+    handle = rotary.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield records
+    finally:
+        handle.remove()
+
+
+class GenerateSampler:
+    """``TokenSampler`` over transformers' ``generate`` (dynamic KV cache): the reference implementation.
+
+    Seeded with ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (``generate`` takes no generator,
+    as ``GlmImagePipeline`` notes), so the caller's global RNG is left untouched. Log-probs come from
+    ``output_scores`` (the processed scores ``generate`` sampled from); positions from a hook on the rotary
+    embedding. On its first call (``check_processing``) it also verifies that ``LogitsProcessing`` applied to
+    the raw logits reproduces those scores — a model ``generation_config`` that adds a processor (repetition
+    penalty, min-p, …) would silently break the on-policy ratio otherwise.
+    """
+
+    def __init__(self, keep_raw_logits: bool = False, check_processing: bool = True):
+        self.keep_raw_logits = keep_raw_logits
+        self.check_processing = check_processing
+
+    @torch.no_grad()
+    def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
+                 seed: int) -> SampledTokens:
+        from transformers import GenerationConfig
+
+        gen = model.generation_config
+        check = self.check_processing
+        config = GenerationConfig(
+            **processing.generation_kwargs(), max_new_tokens=num_tokens, min_new_tokens=num_tokens, num_beams=1,
+            eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id, bos_token_id=gen.bos_token_id,
+            use_cache=True, return_dict_in_generate=True, output_scores=True,
+            output_logits=self.keep_raw_logits or check,
+        )
+        device = inputs["input_ids"].device
+        fork_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices, device_type=device.type if fork_devices else "cuda"):
+            torch.manual_seed(seed)
+            with capture_rope_positions(model) as positions:
+                out = model.generate(**inputs, generation_config=config)
+        prompt_len = inputs["input_ids"].shape[1]
+        tokens = out.sequences[:, prompt_len:]
+        if tokens.shape[1] != num_tokens:
+            raise RuntimeError(f"generate returned {tokens.shape[1]} tokens, expected {num_tokens}; an end marker "
+                               f"was sampled early — add it to the suppressed ids")
+        scores = torch.stack(out.scores, dim=1)  # (B, U, V) processed, fp32
+        log_probs = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        raw = torch.stack(out.logits, dim=1) if out.logits is not None else None
+        if check:
+            _check_same_processing(processing(raw), scores)
+            self.check_processing = False
+        position_ids = torch.cat(positions[:num_tokens], dim=-1).permute(1, 0, 2).contiguous()
+        return SampledTokens(tokens=tokens, log_probs=log_probs.float(), position_ids=position_ids,
+                             raw_logits=raw if self.keep_raw_logits else None)
+
+
+def _check_same_processing(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    same_support = torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    finite = torch.isfinite(theirs)
+    if not same_support or not torch.equal(ours[finite], theirs[finite]):
+        raise RuntimeError(
+            "generate applied logits processing that LogitsProcessing (suppress → temperature → top-k → top-p) "
+            "does not reproduce; the stored log-probs would not be those of the training recompute. Remove the "
+            "extra sampling options (repetition_penalty, min_p, typical_p, …) from the model's generation_config.json"
+        )
+
+
+def prompt_inputs(inputs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The processor outputs ``generate`` takes (drops keys it does not)."""
+    keys = ("input_ids", "attention_mask", "image_grid_thw", "images_per_sample")
+    return {k: inputs[k] for k in keys if k in inputs}
