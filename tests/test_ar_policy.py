@@ -10,7 +10,7 @@ import torch
 from policies.ar import ARPolicy
 from policies.ar_sampler import GenerateSampler, capture_rope_positions
 from policies.glm_image import GlmImageAdapter, load_pipeline
-from policies.tiny import CODEBOOK, ensure_tiny_glm_image
+from policies.tiny import CODEBOOK
 from rl.config import ConfigError, JobConfig
 
 PROMPTS = ["a cat", 'a sign that says "OPEN" on a wooden table']  # different lengths -> left padding
@@ -26,8 +26,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return str(ensure_tiny_glm_image(tmp_path_factory.mktemp("ar_policy") / "tiny_glm_image"))
+def tiny_path(tiny_model_path):
+    """The session's tiny pipeline (tests/conftest.py), built once and loaded from disk."""
+    return str(tiny_model_path)
 
 
 def make_policy(path, lora=True, sampler=None, **ar):
