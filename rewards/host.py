@@ -33,6 +33,8 @@ from rewards.base import RewardConfigError, RewardError, build_reward, logger
 from rewards.scoring import ShardScores, log_warnings, score_shard, split_shards
 from rl.config import RewardEntry, RewardHostConfig
 
+CLUSTERING_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for multi-node clustering (on for Linux)
+
 
 @ray.remote
 class RewardActor:
@@ -66,6 +68,7 @@ class Cluster:
         self.host = host
         self.connected = False
         self.temp_dir: Optional[str] = None
+        self._restore: Optional[tuple] = None
 
     def start(self) -> None:
         if ray.is_initialized():
@@ -76,16 +79,31 @@ class Cluster:
             ray.init(address=address, log_to_driver=False)
         else:
             os.environ["RAY_AUTH_MODE"] = "disabled"  # else Ray 2.60 writes a token under ~/.ray
+            self._loopback_only()
             self.temp_dir = f"/tmp/tandem-ray-{os.getpid()}"
             num_cpus = None if self.host.num_cpus is None else max(1, math.ceil(self.host.num_cpus))
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=False,
-                _node_ip_address="127.0.0.1",  # never probe an outside address
+                _node_ip_address="127.0.0.1",  # kept as given: clustering is off (above)
                 _temp_dir=self.temp_dir,
                 log_to_driver=False,
             )
         self.connected = True
+
+    def _loopback_only(self) -> None:
+        """Keep a single-node cluster on 127.0.0.1.
+
+        Ray 2.60 replaces ``_node_ip_address="127.0.0.1"`` by the address of the interface that routes to a
+        public DNS server (``services.resolve_ip_for_localhost``) unless multi-node clustering is off
+        (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the child processes from the environment and by this
+        one from ``ray_constants``). An embedded cluster never has a second node, so turn it off while it runs.
+        """
+        from ray._private import ray_constants
+
+        self._restore = (os.environ.get(CLUSTERING_ENV), ray_constants.ENABLE_RAY_CLUSTER)
+        os.environ[CLUSTERING_ENV] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
     def stop(self) -> None:
         if self.connected:
@@ -94,6 +112,15 @@ class Cluster:
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+        if self._restore is not None:
+            from ray._private import ray_constants
+
+            env, ray_constants.ENABLE_RAY_CLUSTER = self._restore
+            if env is None:
+                os.environ.pop(CLUSTERING_ENV, None)
+            else:
+                os.environ[CLUSTERING_ENV] = env
+            self._restore = None
 
 
 # ---------------------------------------------------------------------------------------------------- replicas

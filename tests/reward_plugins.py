@@ -1,0 +1,78 @@
+"""Reward plugins for the hosting tests, referenced by import path ("tests.reward_plugins:attr") so that Ray
+actors import them the way they import a user's module. Not a test module."""
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def mean_red(images, prompts, metadata, scale=1.0):
+    """Mean red channel in [0, 1], times args.scale."""
+    return (images[..., 0].reshape(len(images), -1).mean(axis=1) / 255.0 * scale).tolist()
+
+
+class PromptLength:
+    """Length of the prompt plus args.offset; None for an empty prompt."""
+
+    def __init__(self, offset=0.0):
+        self.offset = offset
+
+    def __call__(self, images, prompts, metadata):
+        return [None if not p else len(p) + self.offset for p in prompts]
+
+
+class GroupSize:
+    """Groupwise: every sample scores the size of the group it was called with, plus its rank in the group."""
+
+    groupwise = True
+
+    def __call__(self, images, prompts, metadata):
+        return [len(images) + 0.1 * k for k in range(len(images))]
+
+
+class CrashOnce:
+    """Kills its own process on the first call (marker file absent), then scores 1.0 per image."""
+
+    def __init__(self, marker):
+        self.marker = Path(marker)
+
+    def __call__(self, images, prompts, metadata):
+        if not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return [1.0] * len(images)
+
+
+class Sleepy:
+    """Sleeps args.seconds on each call while fewer than args.slow_calls calls are counted in args.marker."""
+
+    def __init__(self, seconds, marker, slow_calls=1_000_000):
+        self.seconds, self.marker, self.slow_calls = seconds, Path(marker), slow_calls
+
+    def __call__(self, images, prompts, metadata):
+        calls = int(self.marker.read_text()) if self.marker.exists() else 0
+        self.marker.write_text(str(calls + 1))
+        if calls < self.slow_calls:
+            time.sleep(self.seconds)
+        return [0.5] * len(images)
+
+
+def fails_on_boom(images, prompts, metadata):
+    """Raises if any prompt in the call contains 'boom'; else 1.0."""
+    if any("boom" in p for p in prompts):
+        raise ValueError("boom in prompt")
+    return np.ones(len(images))
+
+
+def one_short(images, prompts, metadata):
+    """Returns one score too few."""
+    return [0.0] * (len(images) - 1)
+
+
+class NeverBuilds:
+    """Its constructor always fails."""
+
+    def __init__(self, path="/nonexistent"):
+        raise FileNotFoundError(f"no weights at {path}")
