@@ -76,3 +76,8 @@ class NeverBuilds:
 
     def __init__(self, path="/nonexistent"):
         raise FileNotFoundError(f"no weights at {path}")
+
+
+def reference_mean(images, prompts, metadata):
+    """Mean pixel of metadata["reference"] (an array after loading); None without one."""
+    return [None if m.get("reference") is None else float(np.mean(m["reference"])) for m in metadata]

@@ -1,0 +1,91 @@
+"""``tandem rewards`` and ``tandem score``; rl/cli.py parses the arguments and turns ConfigError into exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from rewards.base import list_rewards, resolve
+from rewards.client import RewardClient
+from rl.config import ConfigError, RewardEntry, RewardHostConfig
+from rl.data import PromptRecord, load_image, load_prompts
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def cmd_rewards() -> int:
+    """One line per registered reward or installed plugin: name, groupwise flag, one-line doc."""
+    for name, doc in list_rewards():
+        flag = "groupwise" if resolve(name).groupwise else ""
+        print(f"{name:<22} {flag:<9} {doc}")
+    return 0
+
+
+def _image_files(images_dir: str) -> Dict[str, Path]:
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"images folder not found: {images_dir} (pass --images with a folder of .png/.jpg files)")
+    files = {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if not files:
+        raise ConfigError(f"no .png/.jpg images in {images_dir}")
+    return files
+
+
+def _pair(files: Dict[str, Path], records: List[PromptRecord], images_dir: str, prompts_file: str) -> List[tuple]:
+    """(file name, path, record) per image: by the records' "image" field, else by sorted file name order."""
+    named = [r for r in records if "image" in r.metadata]
+    if named and len(named) != len(records):
+        raise ConfigError(f"{prompts_file}: give an 'image' field on every line or on none")
+    if named:
+        missing = [r.metadata["image"] for r in records if r.metadata["image"] not in files]
+        if missing:
+            raise ConfigError(f"{prompts_file}: image '{missing[0]}' is not in {images_dir}")
+        return sorted(((r.metadata["image"], files[r.metadata["image"]], r) for r in records), key=lambda t: t[0])
+    if len(records) != len(files):
+        raise ConfigError(
+            f"{prompts_file} has {len(records)} prompts for {len(files)} images in {images_dir}; "
+            "give one prompt per image (in sorted file-name order) or an 'image' field per line"
+        )
+    return [(name, path, r) for (name, path), r in zip(files.items(), records)]
+
+
+def _entry(spec: str) -> RewardEntry:
+    resolve(spec)  # unknown name or bad import path: fail before anything starts
+    return RewardEntry(fn=spec) if ":" in spec else RewardEntry(name=spec)
+
+
+def _json_score(value: float):
+    return None if math.isnan(value) else value
+
+
+def cmd_score(reward_specs: List[str], images_dir: str, prompts_file: str, backend: str = "local") -> int:
+    """Score every image of ``images_dir`` with the rewards; print one JSON object per image on stdout.
+
+    Prompt file: .txt (one prompt per line, in sorted image-name order) or .jsonl ({"prompt", "text"?,
+    "reference"? (a path), "image"? (a file name in images_dir)}). Images of different sizes are scored in
+    separate batches. Bad input raises ConfigError (one line).
+    """
+    entries = [_entry(spec) for spec in reward_specs]
+    pairs = _pair(_image_files(images_dir), load_prompts(prompts_file), images_dir, prompts_file)
+    images = [load_image(path) for _, path, _ in pairs]
+    by_shape: Dict[tuple, List[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+
+    with RewardClient(entries, RewardHostConfig(backend=backend)) as client:
+        futures = [
+            (idx, client.score(np.stack([images[i] for i in idx]), [pairs[i][2].prompt for i in idx], [pairs[i][2].metadata for i in idx]))
+            for idx in by_shape.values()
+        ]
+        rows: Dict[int, dict] = {}
+        for idx, future in futures:
+            scores = future.result()
+            for k, i in enumerate(idx):
+                rows[i] = {name: _json_score(float(scores[name][k])) for name in scores.names}
+    for i, (name, _, record) in enumerate(pairs):
+        print(json.dumps({"image": name, "prompt": record.prompt, **rows[i]}, ensure_ascii=False))
+    return 0
