@@ -144,3 +144,25 @@ def test_bad_batches_are_refused(ray_cluster):
             client.score(np.zeros((2, 8, 8, 3), np.uint8), ["a"])
     with pytest.raises(RuntimeError, match="before start"):
         RewardClient([RewardEntry(name="brightness")], LOCAL).score(np.zeros((1, 8, 8, 3), np.uint8), ["a"])
+
+
+def test_joining_an_existing_cluster_leaves_it_running(ray_cluster, tmp_path):
+    """A second driver (a fresh process) joins this session's cluster through RAY_ADDRESS, scores, disconnects."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    script = (
+        "import numpy as np\n"
+        "from rewards.client import RewardClient\n"
+        "from rl.config import RewardEntry, RewardHostConfig\n"
+        "with RewardClient([RewardEntry(fn='tests.reward_plugins:mean_red')], RewardHostConfig(backend='ray')) as c:\n"
+        "    print(c.score(np.full((2, 4, 4, 3), 255, np.uint8), ['a', 'b']).result()['mean_red'].tolist())\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[1.0, 1.0]"
+    assert ray.is_initialized() and score([RewardEntry(name="brightness")], RAY, *batch(2))["brightness"].shape == (2,)
