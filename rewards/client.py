@@ -54,6 +54,7 @@ class ScoreFuture:
     def result(self) -> RewardScores:
         if self._result is None:
             self._result = RewardScores(self._collect(), dict(self._weights))
+            self._collect = None  # lets the batch's objects in the Ray object store go
         return self._result
 
 

@@ -271,8 +271,9 @@ class RayBackend:
         return lambda: {label: h.collect(c, n) for label, (h, c) in calls.items()}
 
     def close(self) -> None:
-        for h in self.hosts:
-            for r in h.replicas:
-                r.kill()
+        if ray.is_initialized():
+            for h in self.hosts:
+                for r in h.replicas:
+                    r.kill()
         self.hosts = []
         self.cluster.stop()

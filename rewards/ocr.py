@@ -73,7 +73,7 @@ def _rapidocr(args: Dict) -> Callable[[np.ndarray], str]:
         "Cls.model_path": models / "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
         "Rec.model_path": models / "PP-OCRv6_rec_small.onnx",
     }
-    for key, path in shipped.items():
+    for path in shipped.values():
         if not path.is_file():
             raise RewardConfigError(f"reward 'ocr': the rapidocr wheel has no {path.name} (expected at {path}); reinstall rapidocr 3.10")
     params = {key: str(path) for key, path in shipped.items()}

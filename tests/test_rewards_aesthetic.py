@@ -1,9 +1,7 @@
-"""Aesthetic reward: random-init tiny CLIP + LAION head through the real code path; weights round trip."""
-
-import json
+"""Aesthetic reward: random-init tiny CLIP (conftest ``tiny_clip``) + LAION head through the real code path;
+weights round trip through files."""
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -11,21 +9,10 @@ from safetensors.torch import save_file
 from rewards.aesthetic import AestheticReward
 from rewards.base import RewardConfigError
 
-TINY = "tandem-tiny-ViT"  # a tiny open_clip architecture registered below (the real reward uses ViT-L-14)
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 512, "width": 32, "heads": 2, "layers": 1},
-}
-
-
 @pytest.fixture(scope="module")
-def random_reward(tmp_path_factory):
-    config = tmp_path_factory.mktemp("open_clip") / f"{TINY}.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(config)
+def random_reward(tiny_clip):
     torch.manual_seed(0)
-    return AestheticReward(random_init=True, model_name=TINY, device="cpu")
+    return AestheticReward(random_init=True, model_name=tiny_clip, device="cpu")
 
 
 def images(n=3, seed=0):
@@ -45,16 +32,16 @@ def test_head_matches_the_laion_layout(random_reward):
                       "layers.6.weight": (16, 64), "layers.7.weight": (1, 16)}
 
 
-def test_weights_round_trip_through_files(random_reward, tmp_path):
+def test_weights_round_trip_through_files(random_reward, tiny_clip, tmp_path):
     clip = tmp_path / "clip.safetensors"  # a full-model file: visual.* keys, as open_clip checkpoints have
     save_file({f"visual.{k}": v.contiguous() for k, v in random_reward.visual.state_dict().items()}, str(clip))
     head = tmp_path / "head.pth"
     torch.save(random_reward.head.state_dict(), head)
-    loaded = AestheticReward(clip_weights=str(clip), head_weights=str(head), model_name=TINY, device="cpu")
+    loaded = AestheticReward(clip_weights=str(clip), head_weights=str(head), model_name=tiny_clip, device="cpu")
     np.testing.assert_allclose(loaded(images(), ["a"] * 3, [{}] * 3), random_reward(images(), ["a"] * 3, [{}] * 3), rtol=1e-5)
 
 
-def test_missing_or_wrong_weights_name_the_arg(random_reward, tmp_path):
+def test_missing_or_wrong_weights_name_the_arg(random_reward, tiny_clip, tmp_path):
     with pytest.raises(RewardConfigError, match="args.clip_weights"):
         AestheticReward()
     (tmp_path / "clip.safetensors").write_bytes(b"not a safetensors file")
@@ -62,9 +49,9 @@ def test_missing_or_wrong_weights_name_the_arg(random_reward, tmp_path):
         AestheticReward(clip_weights=str(tmp_path / "clip.safetensors"), head_weights=str(tmp_path / "nope.pth"))
     torch.save({"layers.0.weight": torch.zeros(2, 2)}, tmp_path / "head.pth")
     with pytest.raises(RewardConfigError, match="args.clip_weights = .* is not a readable"):
-        AestheticReward(clip_weights=str(tmp_path / "clip.safetensors"), head_weights=str(tmp_path / "head.pth"), model_name=TINY)
+        AestheticReward(clip_weights=str(tmp_path / "clip.safetensors"), head_weights=str(tmp_path / "head.pth"), model_name=tiny_clip)
     save_file({f"visual.{k}": v.contiguous() for k, v in random_reward.visual.state_dict().items()}, str(tmp_path / "clip.safetensors"))
     with pytest.raises(RewardConfigError, match="args.head_weights does not fit the model"):
-        AestheticReward(clip_weights=str(tmp_path / "clip.safetensors"), head_weights=str(tmp_path / "head.pth"), model_name=TINY)
+        AestheticReward(clip_weights=str(tmp_path / "clip.safetensors"), head_weights=str(tmp_path / "head.pth"), model_name=tiny_clip)
     with pytest.raises(RewardConfigError, match="args.model_name 'ViT-Q-99'"):
         AestheticReward(random_init=True, model_name="ViT-Q-99")
