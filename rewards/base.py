@@ -192,14 +192,17 @@ def _instantiate(spec: RewardSpec, args: Dict[str, Any], label: str) -> Callable
             raise RewardConfigError(f"reward '{label}': rewards[].args do not fit {spec.target.__name__}(images, prompts, metadata, ...): {e}") from None
         return partial(spec.target, **args)
     try:
-        return spec.target(**args)
+        instance = spec.target(**args)
     except RewardConfigError:
         raise
     except TypeError as e:
         raise RewardConfigError(f"reward '{label}': bad rewards[].args for {spec.target.__name__}: {e}") from None
     except Exception as e:
         first = (str(e).splitlines() or [""])[0]
-        raise RewardConfigError(f"reward '{label}' could not be built: {type(e).__name__}: {first}") from None
+        raise RewardConfigError(f"reward '{label}' could not be built: {type(e).__name__}: {first} (check its rewards[].args)") from None
+    if not callable(instance):
+        raise RewardConfigError(f"reward '{label}': {spec.target.__name__} instances are not callable; define __call__(images, prompts, metadata)")
+    return instance
 
 
 def build_reward(entry: RewardEntry, label: Optional[str] = None) -> Reward:

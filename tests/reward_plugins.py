@@ -81,3 +81,7 @@ class NeverBuilds:
 def reference_mean(images, prompts, metadata):
     """Mean pixel of metadata["reference"] (an array after loading); None without one."""
     return [None if m.get("reference") is None else float(np.mean(m["reference"])) for m in metadata]
+
+
+class NotCallable:
+    """A class whose instances have no __call__."""

@@ -68,6 +68,7 @@ def test_import_path_function_and_class_with_args(plugin_path):
         (RewardEntry(fn="tests.reward_plugins:PromptLength", args={"offsett": 1}), r"reward 'PromptLength': bad rewards\[\].args"),
         (RewardEntry(fn="tests.reward_plugins:mean_red", args={"scael": 1}), r"reward 'mean_red': rewards\[\].args do not fit"),
         (RewardEntry(fn="tests.reward_plugins:NeverBuilds"), "reward 'NeverBuilds' could not be built: FileNotFoundError"),
+        (RewardEntry(fn="tests.reward_plugins:NotCallable"), r"NotCallable instances are not callable; define __call__"),
         (RewardEntry(), "needs 'name'"),
     ],
 )
