@@ -220,6 +220,18 @@ def build_reward(entry: RewardEntry, label: Optional[str] = None) -> Reward:
     return Reward(label, fn, groupwise)
 
 
+def check_entries(entries: Sequence[RewardEntry]) -> None:
+    """Find (without building) the reward of every entry: unknown names and bad import paths fail fast,
+    before any model is loaded. RewardConfigError names the entry as rewards[i]."""
+    for i, entry in enumerate(entries):
+        if entry.name is None and entry.fn is None:
+            raise RewardConfigError(f"rewards[{i}] needs 'name' (a registered reward) or 'fn' ('package.module:attr')")
+        try:
+            resolve(entry.fn or entry.name)
+        except RewardConfigError as e:
+            raise RewardConfigError(f"rewards[{i}]: {e}") from None
+
+
 def unique_labels(entries: Sequence[RewardEntry]) -> List[str]:
     """One label per entry, de-duplicated in order with a suffix: ocr, ocr_2, ocr_3, ..."""
     out: List[str] = []

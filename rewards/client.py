@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rewards.base import RewardConfigError, build_reward, unique_labels
+from rewards.base import RewardConfigError, build_reward, check_entries, unique_labels
 from rewards.scoring import log_warnings, score_shard
 from rl.config import RewardEntry, RewardHostConfig
 
@@ -105,14 +105,16 @@ def _check_batch(images, prompts, metadata, group_ids):
 class RewardClient:
     """Hosts the configured rewards and scores batches with them.
 
-    Use as a context manager (or ``start()`` / ``close()``). Construction failures of any reward raise
-    ``rewards.base.RewardConfigError`` from ``start()``, before any batch is scored.
+    Use as a context manager (or ``start()`` / ``close()``). An unknown reward name or a bad import path
+    raises ``rewards.base.RewardConfigError`` at once (nothing is started); a reward that cannot be built
+    raises it from ``start()``, before any batch is scored.
     """
 
     def __init__(self, entries: Sequence[RewardEntry], host: Optional[RewardHostConfig] = None):
         host = host or RewardHostConfig()
         if host.backend not in BACKENDS:
             raise RewardConfigError(f"config key 'reward_host.backend' is {host.backend!r}; allowed: {', '.join(BACKENDS)}")
+        check_entries(entries)
         self.entries = list(entries)
         self.names = unique_labels(self.entries)
         self.weights = {name: float(e.weight) for name, e in zip(self.names, self.entries)}

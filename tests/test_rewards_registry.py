@@ -8,12 +8,14 @@ from rewards.base import (
     RewardConfigError,
     RewardError,
     build_reward,
+    check_entries,
     list_rewards,
     register,
     resolve,
     to_scores,
     unique_labels,
 )
+from rewards.client import RewardClient
 from rl.config import ConfigError, RewardEntry
 
 BUILTINS = {"ocr", "hands", "aesthetic", "vlm", "lpips", "jpeg_compressibility", "brightness", "color"}
@@ -94,6 +96,14 @@ def test_entry_point_plugins(tmp_path, monkeypatch, plugin_path):
     np.testing.assert_allclose(reward(np.full((1, 2, 2, 3), 255, np.uint8), ["x"], [{}]), [4.0])
     with pytest.raises(RewardConfigError, match="reward plugin 'plugin_broken' .* failed to load: ModuleNotFoundError"):
         build_reward(RewardEntry(name="plugin_broken"))
+
+
+def test_check_entries_names_the_entry_without_building(plugin_path):
+    check_entries([RewardEntry(name="ocr"), RewardEntry(fn="tests.reward_plugins:NeverBuilds")])  # found, not built
+    with pytest.raises(RewardConfigError, match=r"rewards\[1\]: unknown reward 'nope'; registered: "):
+        check_entries([RewardEntry(name="brightness"), RewardEntry(name="nope")])
+    with pytest.raises(RewardConfigError, match=r"rewards\[0\] needs 'name'"):
+        RewardClient([RewardEntry()])
 
 
 def test_unique_labels():
