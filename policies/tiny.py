@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ IMAGE_START = CODEBOOK  # <|dit_token_128|> = bos of the image segment (release:
 IMAGE_END = CODEBOOK + 1  # <|dit_token_129|> = eos (release: 16385)
 VISION_VOCAB = CODEBOOK + 4  # lm_head width (release: 16512)
 LATENT_CHANNELS = 4
+TINY_VERSION = 3  # bump when the tiny models change, so cached folders are rebuilt
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}{% for item in message['content'] %}"
@@ -95,9 +97,15 @@ def _build_decoder_parts():
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=4, sample_size=64,
-        latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS,
+        layers_per_block=1, norm_num_groups=1, sample_size=64,
+        latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[4.0] * LATENT_CHANNELS,
     ).eval()
+    # A random VAE maps every latent to nearly the same colours: per-group normalisation erases the latent's
+    # channel balance. One norm group keeps it, latents_std 4 widens what a shift of the normalised latent
+    # means, and a 3x output layer widens the colour range, so that the tiny decoder can actually steer what
+    # the demo rewards see (a +1 shift of one latent channel moves the mean red by ~24/255).
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(3.0)
     transformer = GlmImageTransformer2DModel(
         patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=16,
@@ -126,7 +134,7 @@ def build_tiny_glm_image(path: str | os.PathLike, seed: int = 0) -> Path:
     pipe = GlmImagePipeline(processor=processor, vision_language_encoder=_build_ar(tokenizer), **_build_decoder_parts())
     tmp = path.with_name(path.name + ".partial")
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "TINY_RANDOM_INIT.json").write_text(json.dumps({"seed": seed, "codebook": CODEBOOK}))
+    (tmp / "TINY_RANDOM_INIT.json").write_text(json.dumps({"seed": seed, "version": TINY_VERSION}))
     tmp.rename(path)  # atomic: a half-written folder is never mistaken for a model
     return path
 
@@ -134,6 +142,9 @@ def build_tiny_glm_image(path: str | os.PathLike, seed: int = 0) -> Path:
 def ensure_tiny_glm_image(path: str | os.PathLike) -> Path:
     """Return ``path``, building the tiny models there first if it holds no pipeline yet."""
     path = Path(path)
+    marker = path / "TINY_RANDOM_INIT.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("version") != TINY_VERSION:
+        shutil.rmtree(path)  # an outdated tiny build from an earlier version of this file
     if not (path / "model_index.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_glm_image(path)

@@ -87,6 +87,8 @@ COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rew
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the progress bar readable
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -51,23 +51,24 @@ def minibatches(batch_size: int, mini_batch_size: int) -> List[torch.Tensor]:
     return [torch.arange(s, min(s + mini_batch_size, batch_size)) for s in range(0, batch_size, mini_batch_size)]
 
 
-def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig) -> Dict[str, float]:
+def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator) -> Dict[str, float]:
     """One optimizer step on ``batch``: chunked forward/backward, clip, step. Returns loss metrics."""
     g = cfg.grpo
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
     chunk_metrics = []
     for chunk in policy.unit_chunks(batch):
-        out = policy.log_probs(batch, chunk, with_kl=g.beta > 0)
+        with accelerator.autocast():
+            out = policy.log_probs(batch, chunk, with_kl=g.beta > 0)
         loss, metrics = policy_loss(
             out.log_probs, batch.old_log_probs[:, chunk], batch.advantages, batch.mask[:, chunk],
             epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, loss_type=g.loss_type, kl=out.kl, beta=g.beta,
         )
         share = (chunk.stop - chunk.start) / num_units
-        (loss * share).backward()
+        accelerator.backward(loss * share)
         chunk_metrics.append((share, metrics))
     params = policy.trainable_parameters()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
     optimizer.step()
     policy.on_optimizer_step()
     merged = {k: float(sum(w * m[k] for w, m in chunk_metrics)) for k in chunk_metrics[0][1]}
@@ -78,13 +79,20 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig) -> Di
 
 
 def train(cfg: JobConfig, stage: str) -> Path:
+    from accelerate import Accelerator
+
+    from rewards.base import check_entries
     from rewards.client import RewardClient
 
+    check_entries(cfg.rewards)  # unknown rewards fail before any model is loaded
     torch.manual_seed(cfg.seed)
     g = cfg.grpo
     records = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width))
     sampler = PromptSampler(records, cfg.seed, cfg.data.shuffle)
     policy = build_policy(stage, cfg)
+    # accelerate owns precision: rollout and training forwards run under the same autocast, so the first
+    # on-policy ratio stays exactly 1 in bf16 too.
+    accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.adapter.device.type == "cpu")
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
                                   weight_decay=cfg.optim.weight_decay)
     grid_records = records[: min(len(records), 4)]
@@ -97,8 +105,9 @@ def train(cfg: JobConfig, stage: str) -> Path:
             chosen = sampler.next_batch(g.prompts_per_step)
             # 2. rollout (no grad)
             t0 = time.perf_counter()
-            batch = policy.rollout([r.prompt for r in chosen], [r.metadata for r in chosen], g.num_generations,
-                                   seed=cfg.seed * 1_000_003 + rollout_index)
+            with accelerator.autocast():
+                batch = policy.rollout([r.prompt for r in chosen], [r.metadata for r in chosen], g.num_generations,
+                                       seed=cfg.seed * 1_000_003 + rollout_index)
             t1 = time.perf_counter()
             # 3. score on the reward actors
             scores = rewards.score(batch.images, batch.prompts, batch.metadata, batch.group_ids).result()
@@ -115,7 +124,7 @@ def train(cfg: JobConfig, stage: str) -> Path:
                     if step >= cfg.max_steps:
                         break
                     t3 = time.perf_counter()
-                    loss_metrics = update_on_minibatch(policy, optimizer, batch.select(index), cfg)
+                    loss_metrics = update_on_minibatch(policy, optimizer, batch.select(index), cfg, accelerator)
                     step += 1
                     # 6. log / sample grid / checkpoint
                     metrics = {"step": step, "rollout": rollout_index, **adv.metrics, **loss_metrics, **timings,
