@@ -13,6 +13,7 @@ PYTEST_ARGS ?= -m "not slow"
 .PHONY: demo test test-all install system-deps clean
 
 demo: $(STAMP)
+	$(VENV)/bin/tandem train ar --config configs/demo/ar.yaml
 	$(VENV)/bin/tandem train decoder --config configs/demo/decoder.yaml
 
 test: $(STAMP)

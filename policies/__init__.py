@@ -1,13 +1,19 @@
 """tandem policies — what acts. One adapter file per generator family; one policy per stage."""
 
-from policies.flow import FlowPolicy
+from policies.glm_image import GlmImageAdapter
+
+
+def _flow_policy(pipe, cfg):
+    from policies.flow import FlowPolicy
+
+    return FlowPolicy(pipe, cfg)
 
 
 def _ar_policy(pipe, cfg):
     from policies.ar import ARPolicy
 
-    return ARPolicy(pipe, cfg)
+    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
 
 
 # stage name -> constructor(pipe, cfg); the trainer looks policies up here and nowhere else.
-POLICIES = {"decoder": FlowPolicy, "ar": _ar_policy}
+POLICIES = {"decoder": _flow_policy, "ar": _ar_policy}

@@ -25,7 +25,7 @@ IMAGE_START = CODEBOOK  # <|dit_token_128|> = bos of the image segment (release:
 IMAGE_END = CODEBOOK + 1  # <|dit_token_129|> = eos (release: 16385)
 VISION_VOCAB = CODEBOOK + 4  # lm_head width (release: 16512)
 LATENT_CHANNELS = 4
-TINY_VERSION = 3  # bump when the tiny models change, so cached folders are rebuilt
+TINY_VERSION = 4  # bump when the tiny models change, so cached folders are rebuilt
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}{% for item in message['content'] %}"
@@ -111,6 +111,11 @@ def _build_decoder_parts():
         num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=16,
         prior_vq_quantizer_codebook_size=CODEBOOK,
     ).eval()
+    # A random DiT all but ignores its prior tokens; the released one is driven by them. A 5x prior-token path
+    # makes the tiny decoder's images depend on the AR tokens, so the AR demo has something to learn.
+    with torch.no_grad():
+        transformer.prior_token_embedding.weight.mul_(5.0)
+        transformer.prior_projector.net[2].weight.mul_(5.0)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, use_dynamic_shifting=True, time_shift_type="linear",
         base_image_seq_len=256, base_shift=0.25, max_shift=0.75,
