@@ -13,6 +13,18 @@ import numpy as np
 from rl.config import JobConfig, to_yaml
 
 
+CAPTION_FONTS = ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+
+
+def _caption_font():
+    from PIL import ImageFont
+
+    for path in CAPTION_FONTS:  # a CJK-capable font when installed (make installs it), else PIL's default
+        if os.path.isfile(path):
+            return ImageFont.truetype(path, 10)
+    return ImageFont.load_default()
+
+
 def image_grid(images: np.ndarray, captions: Optional[Sequence[str]] = None, cols: Optional[int] = None):
     """(N, H, W, 3) uint8 -> one PIL image, ``cols`` per row, with a caption strip under each tile."""
     from PIL import Image, ImageDraw
@@ -22,12 +34,12 @@ def image_grid(images: np.ndarray, captions: Optional[Sequence[str]] = None, col
     rows = math.ceil(n / cols)
     cap_h = 14 if captions else 0
     grid = Image.new("RGB", (cols * w, rows * (h + cap_h)), "white")
-    draw = ImageDraw.Draw(grid)
+    draw, font = ImageDraw.Draw(grid), _caption_font()
     for i, im in enumerate(images):
         x, y = (i % cols) * w, (i // cols) * (h + cap_h)
         grid.paste(Image.fromarray(im), (x, y))
         if captions:
-            draw.text((x + 2, y + h + 1), captions[i][: max(4, w // 6)], fill="black")
+            draw.text((x + 2, y + h + 1), captions[i][: max(4, w // 6)], fill="black", font=font)
     return grid
 
 
