@@ -106,9 +106,8 @@ class GlmImageAdapter:
         feats = self.processor.image_processor(images=pil, return_tensors="pt")
         pixel_values = feats["pixel_values"].to(self.device, ar.dtype)
         grid = feats["image_grid_thw"].to(self.device)
-        embeds = ar.get_image_features(pixel_values, grid).pooler_output
-        tokens = ar.get_image_tokens(torch.cat(list(embeds), dim=0), grid)
-        return tokens.view(len(images), -1)
+        embeds = ar.get_image_features(pixel_values, grid).pooler_output  # one (C, h, w) map per image
+        return ar.get_image_tokens(embeds, grid).view(len(images), -1)
 
     # ------------------------------------------------------------------ decoder side
     @staticmethod

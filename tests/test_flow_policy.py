@@ -74,10 +74,16 @@ def test_noise_zero_rollout_is_the_ode_render(tiny_model_path):
 
 
 def test_same_noise_in_group(tiny_model_path):
-    cfg = make_cfg(tiny_model_path, same_noise_in_group=True, noise_level=0.0)
-    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
-    batch = policy.rollout(["a cat"], [{}], group_size=2, seed=0)
-    assert np.array_equal(batch.images[0], batch.images[1])
+    """With noise 0, copies that share their initial noise give the same image (up to batch-row float
+    rounding, <= 1/255); without sharing they differ."""
+    images = {}
+    for same in (True, False):
+        cfg = make_cfg(tiny_model_path, same_noise_in_group=same, noise_level=0.0)
+        policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+        batch = policy.rollout(["a cat"], [{}], group_size=2, seed=0)
+        images[same] = np.abs(batch.images[0].astype(int) - batch.images[1].astype(int))
+    assert images[True].max() <= 1
+    assert images[False].mean() > 5
 
 
 def test_window_never_trains_the_last_step():
@@ -108,3 +114,26 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, override, key):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_reference_images_condition_the_decoder(tiny_model_path, tmp_path):
+    """condition_source=reference: prior tokens are the AR model's VQ tokens of metadata['reference']."""
+    from PIL import Image
+
+    from rl.data import load_prompts
+
+    for name, colour in (("red.png", (220, 30, 30)), ("blue.png", (20, 40, 200))):
+        Image.new("RGB", (80, 80), colour).save(tmp_path / name)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red square", "reference": "red.png"}\n'
+                                      '{"prompt": "a blue square", "reference": "blue.png"}\n')
+    records = load_prompts(str(tmp_path / "p.jsonl"), image_size=(64, 64))
+    assert records[0].metadata["reference"].shape == (64, 64, 3)
+    cfg = make_cfg(tiny_model_path, condition_source="reference")
+    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    tokens = policy.conditions([r.prompt for r in records], [r.metadata for r in records], seed=0)
+    grids = policy.adapter.grids(64, 64)
+    assert tokens.shape == (2, grids.num_full) and int(tokens.max()) < 128
+    assert not torch.equal(tokens[0], tokens[1])  # different images, different VQ tokens
+    batch = policy.rollout([r.prompt for r in records], [r.metadata for r in records], group_size=4, seed=0)
+    assert np.array_equal(batch.metadata[0]["reference"], records[0].metadata["reference"])  # kept for lpips
+    assert torch.equal(batch.extras["ar_tokens"][:4], tokens[0].expand(4, -1))
