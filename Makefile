@@ -24,10 +24,11 @@ test-all: test
 
 install: $(STAMP)
 
-# Debian packages: a CJK font for the rendered-text OCR tests, GL/glib for OpenCV.
+# Debian packages: a CJK font for the rendered-text OCR tests, GL/glib for OpenCV, chromium for the
+# headless screenshot of `tandem report` in tests/test_report.py. Installed only when missing.
 system-deps:
-	@if ! fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk"; then \
-	  apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei fonts-dejavu-core libgl1 libglib2.0-0 fontconfig >/dev/null; \
+	@if ! fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk" || ! command -v chromium >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei fonts-dejavu-core libgl1 libglib2.0-0 fontconfig chromium >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml constraints.txt | system-deps

@@ -4,6 +4,8 @@
     tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR] [--num-prompts N]
     tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--backend local|ray]
     tandem rewards
+    tandem eval --config FILE [--checkpoint DIR] [--prompts FILE] [--batch-size N] [key.sub=value ...]
+    tandem report RUN_DIR
 
 A user mistake (unknown key, wrong type, missing file or weights, unknown reward) prints one line on stderr
 naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written.
@@ -47,6 +49,16 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--backend", choices=["local", "ray"], default="local")
 
     sub.add_parser("rewards", help="list registered rewards")
+
+    evaluate = sub.add_parser("eval", help="text-rendering eval: OCR word accuracy and NED, per language")
+    evaluate.add_argument("--config", required=True)
+    evaluate.add_argument("--checkpoint", default=None, help="a checkpoint folder of a run (checkpoints/step_N)")
+    evaluate.add_argument("--prompts", default=None, help="prompt file with target texts (default data/text_eval_prompts.jsonl)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    evaluate.add_argument("overrides", nargs="*")
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.html: curves, sample grids, metrics, config, eval")
+    report.add_argument("run_dir")
     return p
 
 
@@ -82,7 +94,27 @@ def _rewards(args) -> int:
     return cmd_rewards()
 
 
-COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rewards}
+def _eval(args) -> int:
+    cfg = load_config(args.config, args.overrides, stage="sample")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from rl.eval import format_table, text_eval
+
+    result = text_eval(cfg, checkpoint=args.checkpoint, prompts=args.prompts, batch_size=args.batch_size)
+    print(f"text eval of {args.checkpoint or 'the base model'} on {result['meta']['prompts']}")
+    print(format_table(result))
+    print(f"written: {result['output']}/text_eval.json")
+    return 0
+
+
+def _report(args) -> int:
+    from rl.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rewards, "eval": _eval, "report": _report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
