@@ -13,6 +13,7 @@ PYTEST_ARGS ?= -m "not slow"
 .PHONY: demo test test-all install system-deps clean
 
 demo: $(STAMP)
+	rm -rf runs/demo/ar runs/demo/decoder
 	$(VENV)/bin/tandem train ar --config configs/demo/ar.yaml
 	$(VENV)/bin/tandem train decoder --config configs/demo/decoder.yaml
 

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from policies.base import TrainedComponent
 from policies.ar_sampler import GenerateSampler, LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
 from policies.glm_image import GlmImageAdapter, load_pipeline
 from policies.render import render_tokens
@@ -73,7 +74,7 @@ def lora_target_regex(model: torch.nn.Module, names: Sequence[str]) -> str:
     return TEXT_LAYERS + r"(.*\.)?(" + "|".join(re.escape(t) for t in names) + r")"
 
 
-class ARPolicy:
+class ARPolicy(TrainedComponent):
     """GRPO policy over the AR stage of a GLM-Image pipeline (the ``Policy`` contract of ``policies.base``).
 
     Args:
@@ -88,7 +89,7 @@ class ARPolicy:
 
     def __init__(self, pipe, adapter: GlmImageAdapter, cfg: JobConfig, sampler: Optional[TokenSampler] = None):
         self.pipe, self.adapter, self.cfg = pipe, adapter, cfg
-        self.model = pipe.vision_language_encoder
+        self.model = self.trained_module = pipe.vision_language_encoder
         self.sampler: TokenSampler = sampler or GenerateSampler()
         self.height, self.width = cfg.data.height, cfg.data.width
         self.grids = adapter.grids(self.height, self.width)
@@ -232,31 +233,5 @@ class ARPolicy:
         return LogProbs(log_probs=logp, kl=kl)
 
     # ------------------------------------------------------------------------------------------ weights
-    def trainable_parameters(self) -> List[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """LoRA: the adapter weights (peft ``get_peft_model_state_dict`` keys); full: the trained weights."""
-        if self._peft is not None:
-            from peft import get_peft_model_state_dict
-
-            return {k: v.detach() for k, v in get_peft_model_state_dict(self._peft).items()}
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Inverse of ``trainable_state_dict`` (checkpoint resume)."""
-        if self._peft is not None:
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self._peft, state)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise ValueError(f"AR LoRA state has keys this adapter lacks: {unexpected[:3]}…")
-            return
-        missing = [n for n in state if n not in dict(self.model.named_parameters())]
-        if missing:
-            raise ValueError(f"AR state has parameters the model lacks: {missing[:3]}…")
-        self.model.load_state_dict(state, strict=False)
-
     def on_optimizer_step(self) -> None:
         """No EMA for the AR stage."""

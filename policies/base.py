@@ -13,7 +13,7 @@ log-probability of every action unit. The trainer never looks inside ``Rollout.e
 
 from __future__ import annotations
 
-from typing import Dict, List, Protocol, Sequence
+from typing import Dict, List, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ class Policy(Protocol):
     def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
         """(B, u) log-probs of ``batch``'s actions in ``chunk`` under the current weights (with grad)."""
 
+    def trainable_named_parameters(self) -> List[Tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) pairs the optimizer updates, named as in the pipeline component."""
+
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
         """Parameters the optimizer updates."""
 
@@ -40,8 +43,24 @@ class Policy(Protocol):
         """(N, H, W, 3) uint8 images at eval settings (EMA weights where kept). No grad."""
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Trained weights to checkpoint (LoRA adapter or full)."""
+        """Trained weights to checkpoint (LoRA adapter or full), keyed like ``trainable_named_parameters``."""
 
     def on_optimizer_step(self) -> None:
         """Hook after each optimizer step (EMA update)."""
 
+
+
+class TrainedComponent:
+    """Mixin: the trained parameters are those of ``self.trained_module`` (a pipeline component, with any LoRA
+    layers injected in place) that require grad — one naming for the optimizer, checkpoints and sampling."""
+
+    trained_module: torch.nn.Module
+
+    def trainable_named_parameters(self) -> List[Tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.trained_module.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.trainable_named_parameters()}

@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from policies.base import TrainedComponent
 from policies.glm_image import GlmImageAdapter
 from policies.render import initial_noise
 from policies.sde import mean_kl, ode_step, sde_step
@@ -47,14 +48,14 @@ def apply_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-class FlowPolicy:
+class FlowPolicy(TrainedComponent):
     stage = "decoder"
 
     def __init__(self, pipe, cfg: JobConfig):
         self.pipe, self.cfg = pipe, cfg
         self.adapter = GlmImageAdapter(pipe)
         self.d, self.height, self.width = cfg.decoder, cfg.data.height, cfg.data.width
-        base = pipe.transformer
+        base = self.trained_module = pipe.transformer
         if cfg.optim.gradient_checkpointing:
             base.enable_gradient_checkpointing()
         if cfg.optim.lora.enabled:
@@ -69,7 +70,14 @@ class FlowPolicy:
     # ------------------------------------------------------------------ conditions
     @torch.no_grad()
     def conditions(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> torch.Tensor:
-        """(P, th*tw) full-grid prior tokens per prompt: a frozen AR rollout or the reference image's VQ tokens."""
+        """(P, th*tw) full-grid prior tokens per prompt.
+
+        Token grids saved with the prompt (``metadata["full_tokens"]``: an AR run's buffer or a joint job's AR
+        phase) are used as they are; otherwise ``decoder.condition_source`` decides: the reference image's VQ
+        tokens ("reference") or a rollout of the frozen AR model ("ar"; also for eval prompts of a buffer job).
+        """
+        if all("full_tokens" in m for m in metadata):
+            return torch.as_tensor(np.stack([m["full_tokens"] for m in metadata]), device=self.adapter.device)
         if self.d.condition_source == "reference":
             missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
             if missing:
@@ -121,7 +129,7 @@ class FlowPolicy:
             extras=dict(
                 latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1), prior=prior, glyph=glyph,
                 neg_glyph=neg, timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),
-                next_sigmas=sigmas[idx + 1].expand(b, k), ar_tokens=tokens.repeat_interleave(group_size, dim=0),
+                next_sigmas=sigmas[idx + 1].expand(b, k), full_tokens=tokens.repeat_interleave(group_size, dim=0),
             ),
         )
 
@@ -158,16 +166,6 @@ class FlowPolicy:
         else:
             with self.model.disable_adapter():
                 yield self.model
-
-    def trainable_parameters(self) -> List[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        if self.cfg.optim.lora.enabled:
-            from peft import get_peft_model_state_dict
-
-            return get_peft_model_state_dict(self.model)
-        return self.model.state_dict()
 
     def on_optimizer_step(self) -> None:
         if self.ema is not None:

@@ -1,56 +1,122 @@
-"""Checkpoints: trained weights as safetensors, plus the optimizer state and the step.
+"""Checkpoints: save, resume, and load trained weights for sampling.
 
-Layout of ``checkpoints/step_N/``: ``trained.safetensors`` (the policy's ``trainable_state_dict``: a LoRA
-adapter or the full trained module), ``optimizer.pt`` (loaded back only with ``weights_only=True``) and
-``state.json`` (stage, step, prompt-sampler position, whether the weights are LoRA).
+``checkpoints/step_N/`` holds, per trained stage (``ar`` and/or ``decoder``):
+``<stage>.trained.safetensors`` (the policy's ``trainable_state_dict``: a LoRA adapter or the full module),
+``<stage>.optimizer.pt`` (AdamW state; only ever loaded with ``torch.load(weights_only=True)``),
+``<stage>.ema.safetensors`` (when EMA is on); and ``state.json``: step, rollout count, prompt-sampler
+positions, the global torch RNG state, the LoRA settings and a fingerprint of the config that must match on
+resume. A folder appears complete or not at all (written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from rl.config import ConfigError
+from rl.config import ConfigError, JobConfig
 
 STAGE_MODULES = {"decoder": "transformer", "ar": "vision_language_encoder"}
+# Keys that may change between a run and its resumption without changing what is trained.
+_RESUMABLE_KEYS = ("output_dir", "max_steps", "resume", "logging", "reward_host")
 
 
-def save_checkpoint(folder: Path, policy, optimizer, step: int, extra: Dict) -> Path:
-    out = folder / f"step_{step}"
-    tmp = folder / f".step_{step}.partial"
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in policy.trainable_state_dict().items()}
-    save_file(state, str(tmp / "trained.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    lora = policy.cfg.optim.lora
-    meta = {"stage": policy.stage, "step": step, "lora": bool(lora.enabled), **extra,
-            "lora_config": {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+def config_fingerprint(cfg: JobConfig) -> str:
+    data = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: JobConfig, extra: Dict) -> Path:
+    """Write ``folder/step_{step}``; ``trainers`` maps stage -> object with ``policy``, ``optimizer``."""
+    out, tmp = folder / f"step_{step}", folder / f".step_{step}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for stage, t in trainers.items():
+        weights = {k: v.detach().contiguous().cpu() for k, v in t.policy.trainable_state_dict().items()}
+        save_file(weights, str(tmp / f"{stage}.trained.safetensors"))
+        torch.save(t.optimizer.state_dict(), tmp / f"{stage}.optimizer.pt")
+        ema = getattr(t.policy, "ema", None)
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / f"{stage}.ema.safetensors"))
+    lora = cfg.optim.lora
+    state = {
+        "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg),
+        "lora": bool(lora.enabled), "lora_config": {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
+        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(), **extra,
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
 
 
-def load_trained_weights(pipe, checkpoint: str) -> None:
-    """Load a checkpoint's trained weights into the matching component of a ``GlmImagePipeline``."""
-    folder = Path(checkpoint)
-    if not (folder / "state.json").is_file() or not (folder / "trained.safetensors").is_file():
-        raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder (expected state.json and trained.safetensors)")
-    meta = json.loads((folder / "state.json").read_text())
-    module = getattr(pipe, STAGE_MODULES[meta["stage"]])
-    weights = load_file(str(folder / "trained.safetensors"))
-    if meta["lora"]:
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+def find_resume_point(cfg: JobConfig) -> Optional[Path]:
+    """The checkpoint folder ``cfg.resume`` names: "auto" -> the latest in the run (or None), else a path."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not (path / "state.json").is_file():
+            raise ConfigError(f"resume: {cfg.resume} is not a checkpoint folder (expected state.json)")
+        return path
+    folder = Path(cfg.output_dir) / "checkpoints"
+    steps = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+    return steps[-1] if steps else None
 
-        lc = meta["lora_config"]
-        peft_model = get_peft_model(module, LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], target_modules=lc["target_modules"]))
-        set_peft_model_state_dict(peft_model, weights)
-        setattr(pipe, STAGE_MODULES[meta["stage"]], peft_model.merge_and_unload())
-    else:
-        _, unexpected = module.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise ConfigError(f"--checkpoint {checkpoint}: weights do not match the model ({len(unexpected)} unexpected keys)")
+
+def read_state(path: Path, cfg: JobConfig) -> Dict:
+    state = json.loads((path / "state.json").read_text())
+    if state.get("fingerprint") != config_fingerprint(cfg):
+        raise ConfigError(f"resume: checkpoint {path} was written by a different config (only output_dir, max_steps, "
+                          f"resume, logging and reward_host may change on resume); start a new output_dir instead")
+    return state
+
+
+def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
+    """Load weights, optimizer, EMA and the RNG state of a checkpoint into the live trainers."""
+    for stage, t in trainers.items():
+        weights = load_file(str(path / f"{stage}.trained.safetensors"))
+        params = dict(t.policy.trainable_named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        t.optimizer.load_state_dict(torch.load(path / f"{stage}.optimizer.pt", weights_only=True))
+        ema_file = path / f"{stage}.ema.safetensors"
+        if ema_file.is_file() and getattr(t.policy, "ema", None) is not None:
+            t.policy.ema.load_state_dict(load_file(str(ema_file)))
+    rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
+    torch.set_rng_state(rng)
+
+
+def load_trained_weights(pipe, checkpoint: str) -> None:
+    """Load a checkpoint's trained weights into the matching components of a ``GlmImagePipeline``."""
+    folder = Path(checkpoint)
+    if not (folder / "state.json").is_file():
+        raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder (expected state.json)")
+    meta = json.loads((folder / "state.json").read_text())
+    for stage in meta["stages"]:
+        attr = STAGE_MODULES[stage]
+        module = getattr(pipe, attr)
+        weights = load_file(str(folder / f"{stage}.trained.safetensors"))
+        if meta["lora"]:  # re-inject the same adapters (module paths from the saved names), then load them
+            from peft import LoraConfig, inject_adapter_in_model
+
+            targets = sorted({k.split(".lora_")[0] for k in weights if ".lora_" in k})
+            rank = next(v.shape[0] for k, v in weights.items() if ".lora_A" in k)
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=meta["lora_config"]["alpha"], target_modules=targets), module)
+            params = dict(module.named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
+        else:
+            _, unexpected = module.load_state_dict(weights, strict=False)
+            if unexpected:
+                raise ConfigError(f"--checkpoint {checkpoint}: weights do not match the {attr} ({len(unexpected)} unexpected keys)")

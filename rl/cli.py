@@ -1,6 +1,6 @@
 """The ``tandem`` command line.
 
-    tandem train ar|decoder --config FILE [key.sub=value ...] [--dry-run]
+    tandem train ar|decoder|joint --config FILE [key.sub=value ...] [--dry-run]
     tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR] [--num-prompts N]
     tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--backend local|ray]
     tandem rewards
@@ -30,8 +30,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tandem", description="RL post-training for two-stage AR + flow image generators.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="run a GRPO (ar) or flow-GRPO (decoder) job")
-    train.add_argument("stage", choices=["ar", "decoder"])
+    train = sub.add_parser("train", help="run a GRPO (ar), flow-GRPO (decoder) or alternating (joint) job")
+    train.add_argument("stage", choices=["ar", "decoder", "joint"])
     train.add_argument("--config", required=True, help="YAML job config (see configs/)")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.01")
@@ -67,9 +67,9 @@ def _train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from rl.trainer import train
+    from rl.trainer import train, train_joint
 
-    out = train(cfg, stage=args.stage)
+    out = train_joint(cfg) if args.stage == "joint" else train(cfg, stage=args.stage)
     print(f"run directory: {out}")
     return 0
 

@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("ar", "decoder", "sample")
 
 
 class ConfigError(ValueError):
@@ -41,7 +40,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # Training prompts: .txt (one prompt per line) or .jsonl ({"prompt": ..., "text": ..., "reference": path}).
-    prompts: str = MISSING
+    prompts: Optional[str] = None
     # Held-out prompts for evaluation (same formats); null = no eval.
     eval_prompts: Optional[str] = None
     # Image height in pixels (multiple of 32).
@@ -90,9 +89,13 @@ class DecoderConfig:
     timestep_fraction: float = 1.0
     # All copies of one prompt start from the same initial noise.
     same_noise_in_group: bool = False
-    # Where the prior tokens come from: "ar" (a frozen AR rollout) or "reference" (VQ tokens of
-    # metadata["reference"], via the AR model's get_image_tokens).
+    # Where the prior tokens come from: "ar" (a frozen AR rollout), "reference" (VQ tokens of
+    # metadata["reference"], via the AR model's get_image_tokens) or "buffer" (the token grids an AR run
+    # saved in its rollout buffer; see decoder.buffer_dir).
     condition_source: str = "ar"
+    # With condition_source "buffer": an AR run directory (or its buffer/ folder); its records replace
+    # data.prompts.
+    buffer_dir: Optional[str] = None
     # EMA decay of trained weights used for eval/sample grids; 0 disables EMA.
     ema_decay: float = 0.0
 
@@ -176,6 +179,33 @@ class RewardEntry:
 
 
 @dataclass
+class BufferConfig:
+    # Save every AR rollout batch (prompts, metadata, token grids, images, rewards) as a safetensors shard in
+    # output_dir/buffer/, for decoder jobs (decoder.condition_source: buffer) and for analysis.
+    save: bool = False
+
+
+@dataclass
+class JointConfig:
+    # `tandem train joint`: optimizer steps of each AR phase; its rollouts condition the next decoder phase.
+    ar_steps_per_phase: int = 10
+    # Optimizer steps of each decoder phase.
+    decoder_steps_per_phase: int = 10
+
+
+@dataclass
+class EvalConfig:
+    # Rewards scored on the held-out prompts (data.eval_prompts); empty = the training rewards.
+    rewards: List[RewardEntry] = field(default_factory=list)
+    # Held-out prompts per eval (0 = all).
+    num_prompts: int = 8
+    # Eval reward watched for reward hacking (training reward rising while this one falls); null = the first.
+    gold: Optional[str] = None
+    # Warn when, between two evals, the training reward rose and the gold reward fell by more than this.
+    hacking_tolerance: float = 0.0
+
+
+@dataclass
 class RewardHostConfig:
     # "ray" (reward actors on a Ray cluster) or "local" (in-process, for debugging and GPU benchmarks).
     backend: str = "ray"
@@ -183,6 +213,9 @@ class RewardHostConfig:
     address: Optional[str] = None
     # CPUs given to the embedded local cluster; null = all.
     num_cpus: Optional[float] = None
+    # Score each sub-batch of a rollout while the next sub-batch rolls out (sub-batches are minibatches of
+    # whole groups, so what is trained stays on-policy); false = score after the whole rollout.
+    async_scoring: bool = True
 
 
 @dataclass
@@ -201,7 +234,7 @@ class LoggingConfig:
 class JobConfig:
     # Run directory: config.yaml, metrics.jsonl, samples/, checkpoints/, reward_curve.png.
     output_dir: str = MISSING
-    # Optimizer steps of the job.
+    # Optimizer steps of the job (both phases together for `train joint`).
     max_steps: int = 10
     # Seed of every random choice (prompts, rollouts, noise).
     seed: int = 0
@@ -215,6 +248,12 @@ class JobConfig:
     rewards: List[RewardEntry] = field(default_factory=list)
     reward_host: RewardHostConfig = field(default_factory=RewardHostConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
+    # Resume from a checkpoint: "auto" (the latest in output_dir/checkpoints, or start fresh if none) or a
+    # checkpoint folder; null = start fresh (an existing metrics.jsonl is then an error).
+    resume: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -260,8 +299,11 @@ def _merge(base: DictConfig, other: DictConfig, source: str, key: Optional[str] 
 
 
 def _check_missing(cfg: DictConfig, path: str) -> DictConfig:
-    for key in ("output_dir", "model.path", "data.prompts"):
-        if OmegaConf.is_missing(cfg, key):
+    required = ["output_dir", "model.path"]
+    if cfg.decoder.condition_source != "buffer":
+        required.append("data.prompts")
+    for key in required:
+        if OmegaConf.is_missing(cfg, key) or OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"config key '{key}' is required; set it in {path} or pass {key}=...")
     for i, entry in enumerate(cfg.rewards):
         if entry.name is None and entry.fn is None:
@@ -295,7 +337,10 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))
     _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, ("sum_then_normalize", "normalize_then_sum"))
     _choice("decoder.sde_type", d.sde_type, ("sde", "cps"))
-    _choice("decoder.condition_source", d.condition_source, ("ar", "reference"))
+    _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
+    if d.condition_source == "buffer":
+        _rule(d.buffer_dir is not None and os.path.isdir(d.buffer_dir), "decoder.buffer_dir",
+              f"must name an AR run directory with a saved buffer (buffer.save: true), got {d.buffer_dir}")
     _choice("reward_host.backend", job.reward_host.backend, ("ray", "local"))
     _choice("optim.mixed_precision", job.optim.mixed_precision, ("no", "bf16", "fp16"))
     _rule(job.max_steps >= 1, "max_steps", f"must be >= 1, got {job.max_steps}")
@@ -305,7 +350,11 @@ def validate(job: JobConfig, stage: str) -> None:
     for key in ("prompts", "eval_prompts"):
         p = getattr(job.data, key)
         _rule(p is None or os.path.isfile(p), f"data.{key}", f"file not found: {p}")
-    if stage in ("ar", "decoder"):
+    _rule(job.joint.ar_steps_per_phase >= 1 and job.joint.decoder_steps_per_phase >= 1, "joint",
+          "ar_steps_per_phase and decoder_steps_per_phase must be >= 1")
+    _rule(job.logging.eval_every == 0 or job.data.eval_prompts is not None, "logging.eval_every",
+          "eval needs data.eval_prompts (a held-out prompt file)")
+    if stage in ("ar", "decoder", "joint"):
         _rule(g.num_generations >= 2, "grpo.num_generations",
               f"group size must be >= 2 for group-relative advantages, got {g.num_generations}")
         _rule(g.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
@@ -313,10 +362,11 @@ def validate(job: JobConfig, stage: str) -> None:
         batch = g.prompts_per_step * g.num_generations
         _rule(1 <= g.mini_batch_size <= batch and batch % g.mini_batch_size == 0, "grpo.mini_batch_size",
               f"must divide the rollout batch prompts_per_step*num_generations = {batch}, got {g.mini_batch_size}")
-        _rule(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon", "clip ranges must be > 0")
+        if stage != "joint":  # a joint job resolves the clip ranges per phase (phase_config)
+            _rule(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon", "clip ranges must be > 0")
         _rule(g.beta >= 0, "grpo.beta", "must be >= 0")
         _rule(len(job.rewards) >= 1, "rewards", "a training job needs at least one reward entry")
-    if stage == "decoder":
+    if stage in ("decoder", "joint"):
         _rule(d.num_steps >= 2, "decoder.num_steps", f"must be >= 2 (the last step is never trained), got {d.num_steps}")
         _rule(d.noise_level >= 0, "decoder.noise_level", "must be >= 0")
         if d.sde_window_size > 0:
@@ -328,10 +378,20 @@ def validate(job: JobConfig, stage: str) -> None:
                   f"last of decoder.num_steps={d.num_steps} steps (the last step is never trained)")
         else:
             _rule(0 < d.timestep_fraction <= 1, "decoder.timestep_fraction", "must be in (0, 1]")
-    for i, r in enumerate(job.rewards):
+    for i, r in enumerate(list(job.rewards) + list(job.eval.rewards)):
         _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
         _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")
         _rule(r.timeout_s > 0, f"rewards[{i}].timeout_s", "must be > 0")
+
+
+def phase_config(job: JobConfig, phase: str) -> JobConfig:
+    """A copy of a joint job's config for one phase ("ar" | "decoder"), with that stage's defaults."""
+    import copy
+
+    cfg = copy.deepcopy(job)
+    apply_stage_defaults(cfg, phase)
+    validate(cfg, phase)
+    return cfg
 
 
 def to_yaml(job: JobConfig) -> str:

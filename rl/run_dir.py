@@ -69,6 +69,13 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
 
+    def truncate_metrics(self, step: int) -> None:
+        """Drop lines past ``step`` (logged by a run killed after its last checkpoint; resume redoes them)."""
+        kept = [r for r in self.read_metrics() if r["step"] <= step]
+        tmp = self.metrics_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics_file)
+
     def save_grid(self, name: str, images: np.ndarray, captions: Optional[Sequence[str]] = None) -> Path:
         out = self.samples / f"{name}.png"
         image_grid(images, captions).save(out)

@@ -1,35 +1,43 @@
-"""The one GRPO loop, for both stages (AR tokens and decoder denoising steps).
+"""The one GRPO loop, for both stages (AR tokens and decoder denoising steps), and the joint schedule.
 
-Each rollout batch goes through numbered phases:
+Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``):
 
 1. sample prompts — ``grpo.prompts_per_step`` prompts from the seeded prompt sampler;
-2. rollout — the policy samples ``grpo.num_generations`` copies of each (copies adjacent), no grad;
-3. score — the images go once into the Ray object store; every reward actor scores the same object;
-4. advantages — A = (R - mean_group) / (std + 1e-4), NaN-safe, optionally clipped (TRL / flow_grpo);
-5. update — ``grpo.num_iterations`` epochs over minibatches of ``grpo.mini_batch_size`` samples; one optimizer
-   step per minibatch; the policy's ``unit_chunks`` are backpropagated one at a time (gradient accumulation
-   over the denoising steps of the flow policy), each chunk's loss weighted by its share of the units;
-6. log / sample grid / checkpoint — one metrics.jsonl line per optimizer step.
+2. rollout + score — the policy samples ``grpo.num_generations`` copies of each prompt (copies adjacent),
+   in sub-batches of whole groups the size of a minibatch; each sub-batch's images go once into the Ray
+   object store and are scored while the next sub-batch rolls out (``reward_host.async_scoring``). Every
+   sub-batch is sampled by the current weights, so what is trained stays on-policy;
+3. advantages — A = (R - mean_group) / (std + 1e-4) over the whole batch, NaN-safe, optionally clipped;
+4. buffer — AR rollouts are saved as shards when ``buffer.save`` (the decoder stage reads them back);
+5. update — ``grpo.num_iterations`` epochs over the minibatches (= the sub-batches, same batch layout as the
+   rollout, so the first ratio is exactly 1); one optimizer step each; the policy's ``unit_chunks`` are
+   backpropagated one at a time (gradient accumulation over the denoising steps of the flow policy), each
+   chunk's loss weighted by its share of the units;
+6. log / sample grid / eval / checkpoint — one metrics.jsonl line per optimizer step.
 
-Every optimizer step logs the reward statistics of the rollout it trains on. ``time/rollout_s`` and
-``time/reward_s`` are charged to the first optimizer step of their rollout (0 on the others), so they sum
-to the run's totals.
+Each optimizer step logs the reward statistics of the rollout it trains on. ``time/rollout_s`` and
+``time/reward_s`` (the scoring time not hidden behind rollouts) are charged to the first optimizer step of
+their rollout (0 on the others), so they sum to the run's totals. ``cost/*`` is the cost meter: wall-clock
+(and GPU) seconds per unit of reward gained since the first rollout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from rl.advantages import compute_advantages
-from rl.checkpoint import save_checkpoint
-from rl.config import JobConfig
-from rl.data import PromptSampler, load_prompts
+from rl.buffer import load_buffer_records, save_shard
+from rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
+from rl.config import ConfigError, JobConfig, phase_config
+from rl.data import PromptRecord, PromptSampler, load_prompts
 from rl.losses import policy_loss
 from rl.run_dir import RunDir
 from rl.types import Rollout
@@ -37,18 +45,21 @@ from rl.types import Rollout
 log = logging.getLogger("tandem.trainer")
 
 
-def build_policy(stage: str, cfg: JobConfig):
-    """The policy of ``stage`` over the GLM-Image pipeline at ``model.path``."""
+def build_policy(stage: str, cfg: JobConfig, pipe=None):
+    """The policy of ``stage`` over the GLM-Image pipeline at ``model.path`` (or the given ``pipe``)."""
     from policies import POLICIES
     from policies.glm_image import load_pipeline
 
-    pipe = load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.create_tiny_if_missing)
+    if pipe is None:
+        pipe = load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.create_tiny_if_missing)
     return POLICIES[stage](pipe, cfg)
 
 
-def minibatches(batch_size: int, mini_batch_size: int) -> List[torch.Tensor]:
-    """Contiguous minibatches — the same layout the rollout used, so the first ratio is exactly 1."""
-    return [torch.arange(s, min(s + mini_batch_size, batch_size)) for s in range(0, batch_size, mini_batch_size)]
+def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
+    size = (cfg.data.height, cfg.data.width)
+    if stage == "decoder" and cfg.decoder.condition_source == "buffer":
+        return load_buffer_records(cfg.decoder.buffer_dir, *size)
+    return load_prompts(cfg.data.prompts, size)
 
 
 def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator) -> Dict[str, float]:
@@ -67,8 +78,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
         share = (chunk.stop - chunk.start) / num_units
         accelerator.backward(loss * share)
         chunk_metrics.append((share, metrics))
-    params = policy.trainable_parameters()
-    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
     optimizer.step()
     policy.on_optimizer_step()
     merged = {k: float(sum(w * m[k] for w, m in chunk_metrics)) for k in chunk_metrics[0][1]}
@@ -78,82 +88,302 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
     return merged
 
 
-def train(cfg: JobConfig, stage: str) -> Path:
+def concat_scores(parts) -> Dict[str, np.ndarray]:
+    return {name: np.concatenate([p.scores[name] for p in parts]) for name in parts[0].scores}
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides weights: the global step and rollout count, and the cost meter."""
+
+    step: int = 0
+    rollouts: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0
+    first_reward: Optional[float] = None
+    reward_ema: Optional[float] = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def cost_metrics(self, reward_mean: float) -> Dict[str, float]:
+        """cost/s_per_reward = elapsed seconds / (EMA(0.9) of reward/mean - the first rollout's reward)."""
+        if self.first_reward is None:
+            self.first_reward = self.reward_ema = reward_mean
+        self.reward_ema = 0.9 * self.reward_ema + 0.1 * reward_mean
+        gain, elapsed = self.reward_ema - self.first_reward, self.elapsed()
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return {"cost/elapsed_s": elapsed, "cost/gpu_s": elapsed * gpus, "cost/reward_gain": gain,
+                "cost/s_per_reward": elapsed / gain if gain > 0 else None}
+
+    def to_dict(self) -> Dict:
+        return {"step": self.step, "rollouts": self.rollouts, "elapsed": self.elapsed(),
+                "first_reward": self.first_reward, "reward_ema": self.reward_ema}
+
+    def load(self, d: Dict) -> None:
+        self.step, self.rollouts, self.elapsed_before = d["step"], d["rollouts"], d["elapsed"]
+        self.first_reward, self.reward_ema = d["first_reward"], d["reward_ema"]
+        self.started = time.perf_counter()
+
+
+class StageTrainer:
+    """GRPO on one stage: a policy, its optimizer and prompt stream; the rewards and run dir are shared."""
+
+    def __init__(self, stage: str, cfg: JobConfig, policy, rewards, run: RunDir, accelerator, state: RunState,
+                 records: Optional[List[PromptRecord]] = None):
+        self.stage, self.cfg, self.policy, self.rewards, self.run = stage, cfg, policy, rewards, run
+        self.accelerator, self.state = accelerator, state
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.records = records if records is not None else training_records(cfg, stage)
+        self.sampler = PromptSampler(self.records, cfg.seed, cfg.data.shuffle)
+        self.latest_ar_records: List[PromptRecord] = []  # filled by AR rollouts (joint schedule)
+
+    # -------------------------------------------------------------------------------- phases 1-3
+    def _sub_batches(self, chosen: List[PromptRecord]) -> List[List[PromptRecord]]:
+        g = self.cfg.grpo
+        per_sub = g.mini_batch_size // g.num_generations if g.mini_batch_size % g.num_generations == 0 else 0
+        if per_sub == 0:  # minibatches split groups: one rollout call, scored after it
+            return [chosen]
+        return [chosen[i:i + per_sub] for i in range(0, len(chosen), per_sub)]
+
+    def rollout_and_score(self):
+        g, cfg = self.cfg.grpo, self.cfg
+        chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts
+        base_seed = cfg.seed * 1_000_003 + self.state.rollouts
+        subs, futures, rollout_s = [], [], 0.0
+        for i, part in enumerate(self._sub_batches(chosen)):  # 2. rollout + score, overlapped
+            t0 = time.perf_counter()
+            with self.accelerator.autocast():
+                sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], g.num_generations,
+                                          seed=base_seed * 101 + i)
+            rollout_s += time.perf_counter() - t0
+            sub.group_ids = sub.group_ids + sum(len(s) for s in subs) // g.num_generations
+            future = self.rewards.score(sub.images, sub.prompts, sub.metadata, sub.group_ids)
+            if not cfg.reward_host.async_scoring:
+                future.result()
+            subs.append(sub)
+            futures.append(future)
+        t1 = time.perf_counter()
+        parts = [f.result() for f in futures]
+        reward_s = time.perf_counter() - t1
+        scores = concat_scores(parts)
+        group_ids = np.concatenate([s.group_ids for s in subs])
+        adv = compute_advantages(scores, parts[0].weights, group_ids,  # 3. advantages
+                                 aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
+                                 clip=g.adv_clip_max)
+        advantages = torch.as_tensor(np.asarray(adv.advantages), dtype=torch.float32)
+        offset = 0
+        for sub in subs:
+            sub.advantages = advantages[offset:offset + len(sub)]
+            offset += len(sub)
+        if self.stage == "ar":  # 4. the shared buffer
+            self._keep_ar_rollouts(subs, parts, adv)
+        return subs, adv, {"time/rollout_s": rollout_s, "time/reward_s": reward_s}
+
+    def _keep_ar_rollouts(self, subs: List[Rollout], parts, adv) -> None:
+        grid = (self.policy.grids.th, self.policy.grids.tw)
+        self.latest_ar_records = [
+            PromptRecord(p, dict(m, full_tokens=t.cpu().numpy()))
+            for s in subs for p, m, t in zip(s.prompts, s.metadata, s.extras["full_tokens"])
+        ]
+        if self.cfg.buffer.save:
+            whole = Rollout(
+                images=np.concatenate([s.images for s in subs]), prompts=[p for s in subs for p in s.prompts],
+                metadata=[m for s in subs for m in s.metadata], group_ids=np.concatenate([s.group_ids for s in subs]),
+                old_log_probs=torch.empty(0), mask=torch.empty(0),
+                extras={"full_tokens": torch.cat([s.extras["full_tokens"] for s in subs])},
+            )
+            save_shard(self.run.path / "buffer", self.state.rollouts, whole, _Scores(concat_scores(parts), parts[0].weights),
+                       adv.advantages, adv.rewards, self.cfg.data.height, self.cfg.data.width, grid)
+
+    # -------------------------------------------------------------------------------- phases 5-6
+    def train_rollout(self, stop_at: int, hooks) -> None:
+        """One rollout batch and its updates; stops early at global step ``stop_at``."""
+        subs, adv, timings = self.rollout_and_score()
+        for _ in range(self.cfg.grpo.num_iterations):  # 5. update
+            for sub in subs:
+                for index in _minibatches(len(sub), self.cfg.grpo.mini_batch_size):
+                    if self.state.step >= stop_at:
+                        break
+                    t0 = time.perf_counter()
+                    loss_metrics = update_on_minibatch(self.policy, self.optimizer, sub.select(index), self.cfg,
+                                                       self.accelerator)
+                    self.state.step += 1
+                    metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
+                               **adv.metrics, **loss_metrics, **timings, "time/train_s": time.perf_counter() - t0}
+                    metrics.update(self.state.cost_metrics(adv.metrics["reward/mean"]))
+                    timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+                    hooks.after_step(self, metrics)  # 6. log / grid / eval
+        self.state.rollouts += 1
+        hooks.after_rollout(self)
+
+
+def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:
+    return [torch.arange(s, min(s + mini_batch_size, size)) for s in range(0, size, mini_batch_size)]
+
+
+@dataclass
+class _Scores:
+    scores: Dict[str, np.ndarray]
+    weights: Dict[str, float]
+
+
+class Hooks:
+    """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
+
+    def __init__(self, cfg: JobConfig, run: RunDir, trainers: Dict[str, StageTrainer], evaluator, progress):
+        self.cfg, self.run, self.trainers, self.evaluator, self.progress = cfg, run, trainers, evaluator, progress
+        self.last_checkpoint = 0
+
+    def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
+        step, every = trainer.state.step, self.cfg.logging
+        if self.evaluator is not None and every.eval_every and step % every.eval_every == 0:
+            metrics.update(self.evaluator.evaluate(trainer.policy, step, metrics["reward/mean"]))
+        self.run.log_metrics(metrics)
+        self.progress.update(1)
+        self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.2e}")
+        if step == self.cfg.max_steps or (every.sample_every and step % every.sample_every == 0):
+            grid = trainer.records[: min(len(trainer.records), 4)]
+            prompts = [r.prompt for r in grid]
+            images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
+            self.run.save_grid(f"step_{step:06d}", images, prompts)
+            self.run.plot_rewards()
+
+    def after_rollout(self, trainer: StageTrainer) -> None:
+        """Checkpoints are taken between rollouts (nothing half-trained is lost): every checkpoint_every steps
+        and at the end."""
+        step, every = trainer.state.step, self.cfg.logging.checkpoint_every
+        due = every and step // every > self.last_checkpoint // every
+        if due or step >= self.cfg.max_steps:
+            samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
+            save_checkpoint(self.run.checkpoints, step, self.trainers, self.cfg,
+                            {"run_state": trainer.state.to_dict(), "samplers": samplers})
+            self.last_checkpoint = step
+
+
+def _open_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState, run: RunDir) -> None:
+    """Resume from ``cfg.resume`` or refuse to write over an existing run."""
+    point = find_resume_point(cfg)
+    if point is None:
+        if cfg.resume is None and run.read_metrics():
+            raise ConfigError(f"output_dir {run.path} already holds a run (metrics.jsonl); pass resume=auto to "
+                              f"continue it, or choose another output_dir")
+        return
+    saved = read_state(point, cfg)
+    restore(point, trainers, saved)
+    state.load(saved["run_state"])
+    for stage, t in trainers.items():
+        t.sampler.load_state_dict(saved["samplers"][stage])
+    run.truncate_metrics(state.step)  # steps logged after the checkpoint by a killed run are redone
+    log.info("resumed from %s at step %d", point, state.step)
+
+
+def _accelerator(cfg: JobConfig, policy):
     from accelerate import Accelerator
 
-    from rewards.base import check_entries
-    from rewards.client import RewardClient
-
-    check_entries(cfg.rewards)  # unknown rewards fail before any model is loaded
-    torch.manual_seed(cfg.seed)
-    g = cfg.grpo
-    records = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width))
-    sampler = PromptSampler(records, cfg.seed, cfg.data.shuffle)
-    policy = build_policy(stage, cfg)
     # accelerate owns precision: rollout and training forwards run under the same autocast, so the first
     # on-policy ratio stays exactly 1 in bf16 too.
-    accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.adapter.device.type == "cpu")
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
-                                  weight_decay=cfg.optim.weight_decay)
-    grid_records = records[: min(len(records), 4)]
-    with RewardClient(cfg.rewards, cfg.reward_host) as rewards:
-        run = RunDir(cfg.output_dir).create(cfg)
-        progress = _progress(cfg)
-        step, rollout_index = 0, 0
-        while step < cfg.max_steps:
-            # 1. sample prompts
-            chosen = sampler.next_batch(g.prompts_per_step)
-            # 2. rollout (no grad)
-            t0 = time.perf_counter()
-            with accelerator.autocast():
-                batch = policy.rollout([r.prompt for r in chosen], [r.metadata for r in chosen], g.num_generations,
-                                       seed=cfg.seed * 1_000_003 + rollout_index)
-            t1 = time.perf_counter()
-            # 3. score on the reward actors
-            scores = rewards.score(batch.images, batch.prompts, batch.metadata, batch.group_ids).result()
-            t2 = time.perf_counter()
-            # 4. advantages
-            adv = compute_advantages(scores.scores, scores.weights, batch.group_ids,
-                                     aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
-                                     clip=g.adv_clip_max)
-            batch.advantages = torch.as_tensor(np.asarray(adv.advantages), dtype=torch.float32)
-            # 5. update: num_iterations epochs over minibatches
-            timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
-            for _ in range(g.num_iterations):
-                for index in minibatches(len(batch), g.mini_batch_size):
-                    if step >= cfg.max_steps:
-                        break
-                    t3 = time.perf_counter()
-                    loss_metrics = update_on_minibatch(policy, optimizer, batch.select(index), cfg, accelerator)
-                    step += 1
-                    # 6. log / sample grid / checkpoint
-                    metrics = {"step": step, "rollout": rollout_index, **adv.metrics, **loss_metrics, **timings,
-                               "time/train_s": time.perf_counter() - t3}
-                    timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
-                    run.log_metrics(metrics)
-                    progress.update(1)
-                    progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.2e}")
-                    _periodic(cfg, run, policy, optimizer, sampler, step, grid_records)
-            rollout_index += 1
+    return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.adapter.device.type == "cpu")
+
+
+def _progress(cfg: JobConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=initial, desc="train", disable=not cfg.logging.progress,
+                dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _session(cfg: JobConfig):
+    """Reward clients (training, and eval when configured) and the run directory, opened in that order."""
+    from rewards.client import RewardClient
+
+    with contextlib.ExitStack() as stack:
+        rewards = stack.enter_context(RewardClient(cfg.rewards, cfg.reward_host))
+        evaluator = None
+        if cfg.logging.eval_every:
+            from rl.periodic_eval import Evaluator
+
+            eval_client = stack.enter_context(RewardClient(cfg.eval.rewards, cfg.reward_host)) if cfg.eval.rewards else rewards
+            evaluator = Evaluator(cfg, eval_client)
+        yield rewards, evaluator
+
+
+def check_inputs(cfg: JobConfig, stage: str) -> None:
+    """Unknown rewards, bad prompt files and bad buffers fail here, before any model is loaded."""
+    from rewards.base import check_entries
+
+    check_entries(cfg.rewards)
+    check_entries(cfg.eval.rewards)
+    training_records(cfg, "ar" if stage == "joint" else stage)
+
+
+def train(cfg: JobConfig, stage: str) -> Path:
+    """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
+    check_inputs(cfg, stage)
+    torch.manual_seed(cfg.seed)
+    policy = build_policy(stage, cfg)
+    run, state = RunDir(cfg.output_dir), RunState()
+    with _session(cfg) as (rewards, evaluator):
+        trainer = StageTrainer(stage, cfg, policy, rewards, run, _accelerator(cfg, policy), state)
+        _open_run(cfg, {stage: trainer}, state, run)
+        run.create(cfg)
+        progress = _progress(cfg, state.step)
+        hooks = Hooks(cfg, run, {stage: trainer}, evaluator, progress)
+        hooks.last_checkpoint = state.step
+        while state.step < cfg.max_steps:
+            trainer.train_rollout(cfg.max_steps, hooks)
         progress.close()
     run.plot_rewards()
     return run.path
 
 
-def _progress(cfg: JobConfig):
-    from tqdm.auto import tqdm
+def train_joint(cfg: JobConfig) -> Path:
+    """Alternate AR-GRPO and decoder flow-GRPO phases on one pipeline, one reward client and one run.
 
-    return tqdm(total=cfg.max_steps, desc="train", disable=not cfg.logging.progress, dynamic_ncols=True)
+    Each AR phase's rollouts (prompts with their sampled full-grid tokens) are the conditions of the next
+    decoder phase — the shared buffer in memory (and on disk with ``buffer.save``).
+    """
+    from policies.glm_image import load_pipeline
+
+    check_inputs(cfg, "joint")
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    pipe = load_pipeline(m.path, m.dtype, m.device, m.create_tiny_if_missing)
+    phases = {"ar": phase_config(cfg, "ar"), "decoder": phase_config(cfg, "decoder")}
+    prompts = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width))
+    run, state = RunDir(cfg.output_dir), RunState()
+    with _session(cfg) as (rewards, evaluator):
+        policies = {stage: build_policy(stage, phases[stage], pipe) for stage in ("ar", "decoder")}
+        accelerator = _accelerator(cfg, policies["ar"])
+        trainers = {stage: StageTrainer(stage, phases[stage], policies[stage], rewards, run, accelerator, state, prompts)
+                    for stage in ("ar", "decoder")}
+        _open_run(cfg, trainers, state, run)
+        run.create(cfg)
+        progress = _progress(cfg, state.step)
+        hooks = Hooks(cfg, run, trainers, evaluator, progress)
+        hooks.last_checkpoint = state.step
+        j = cfg.joint
+        cycle = [("ar", j.ar_steps_per_phase), ("decoder", j.decoder_steps_per_phase)]
+        while state.step < cfg.max_steps:
+            for stage, steps in cycle:
+                trainer = trainers[stage]
+                if stage == "decoder" and trainers["ar"].latest_ar_records:
+                    _condition_on(trainer, trainers["ar"].latest_ar_records, cfg.seed + state.rollouts)
+                stop = min(cfg.max_steps, state.step + steps)
+                while state.step < stop:
+                    trainer.train_rollout(stop, hooks)
+        progress.close()
+    run.plot_rewards()
+    return run.path
 
 
-def _periodic(cfg: JobConfig, run: RunDir, policy, optimizer, sampler, step: int, grid_records) -> None:
-    last = step == cfg.max_steps
-    every = cfg.logging
-    if last or (every.sample_every and step % every.sample_every == 0):
-        prompts = [r.prompt for r in grid_records]
-        images = policy.sample(prompts, [r.metadata for r in grid_records], seed=cfg.seed)
-        run.save_grid(f"step_{step:06d}", images, prompts)
-    if last or (every.checkpoint_every and step % every.checkpoint_every == 0):
-        save_checkpoint(run.checkpoints, policy, optimizer, step, {"sampler": sampler.state_dict()})
-    if every.sample_every and step % every.sample_every == 0:
-        run.plot_rewards()
+def _condition_on(trainer: StageTrainer, ar_records: List[PromptRecord], seed: int) -> None:
+    """Point a joint job's decoder phase at the latest AR rollouts: their prompts and sampled token grids.
+
+    Until the first AR phase has run (e.g. right after resuming inside a decoder phase) the decoder phase
+    samples its conditions from the live frozen AR model instead.
+    """
+    trainer.records = ar_records
+    trainer.sampler = PromptSampler(ar_records, seed, trainer.cfg.data.shuffle)

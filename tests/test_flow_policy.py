@@ -69,7 +69,7 @@ def test_noise_zero_rollout_is_the_ode_render(tiny_model_path):
     policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
     batch = policy.rollout(["a cat"], [{}], group_size=2, seed=4)
     seeds = [4 * 7919 + i for i in range(2)]
-    expected = render_tokens(policy.adapter, batch.extras["ar_tokens"], batch.prompts, 64, 64, 6, 1.5, seeds)
+    expected = render_tokens(policy.adapter, batch.extras["full_tokens"], batch.prompts, 64, 64, 6, 1.5, seeds)
     assert np.array_equal(batch.images, expected)
 
 
@@ -136,4 +136,4 @@ def test_reference_images_condition_the_decoder(tiny_model_path, tmp_path):
     assert not torch.equal(tokens[0], tokens[1])  # different images, different VQ tokens
     batch = policy.rollout([r.prompt for r in records], [r.metadata for r in records], group_size=4, seed=0)
     assert np.array_equal(batch.metadata[0]["reference"], records[0].metadata["reference"])  # kept for lpips
-    assert torch.equal(batch.extras["ar_tokens"][:4], tokens[0].expand(4, -1))
+    assert torch.equal(batch.extras["full_tokens"][:4], tokens[0].expand(4, -1))

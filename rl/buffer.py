@@ -1,0 +1,90 @@
+"""The shared rollout buffer: AR rollouts saved as shards in a run directory, read back as decoder conditions.
+
+One shard per rollout batch, ``buffer/shard_NNNNNN.safetensors`` — safe to load (no pickles). Tensors:
+``images`` (B, H, W, 3) uint8, ``full_tokens`` (B, th*tw) int64, ``group_ids`` (B,) int64, ``rewards``
+(B,) float64 combined, ``advantages`` (B,) float32 and ``reward.<name>`` (B,) float64 per reward (NaN = no
+score). The safetensors header's metadata holds one JSON document under ``tandem_buffer``: format name,
+version, stage, image size, token grid, reward names and weights, and per sample the prompt and its
+JSON-serialisable metadata (image arrays are dropped; ``reference_path`` stays).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from rl.config import ConfigError
+from rl.data import PromptRecord, load_image
+
+FORMAT, VERSION = "tandem-buffer", 1
+
+
+def _jsonable(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def save_shard(folder: Path, index: int, batch, scores, advantages: np.ndarray, combined: np.ndarray,
+               height: int, width: int, grid: tuple) -> Path:
+    """Write one rollout batch (``rl.types.Rollout`` with ``extras["full_tokens"]``) as a shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "images": torch.from_numpy(np.ascontiguousarray(batch.images)),
+        "full_tokens": batch.extras["full_tokens"].detach().cpu().long().contiguous(),
+        "group_ids": torch.from_numpy(np.asarray(batch.group_ids, dtype=np.int64)),
+        "rewards": torch.from_numpy(np.asarray(combined, dtype=np.float64)),
+        "advantages": torch.from_numpy(np.asarray(advantages, dtype=np.float32)),
+    }
+    tensors.update({f"reward.{k}": torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in scores.scores.items()})
+    header = {
+        "format": FORMAT, "version": VERSION, "stage": "ar", "height": height, "width": width, "grid": list(grid),
+        "rewards": scores.weights, "prompts": list(batch.prompts), "metadata": [_jsonable(m) for m in batch.metadata],
+    }
+    path = folder / f"shard_{index:06d}.safetensors"
+    tmp = path.with_suffix(".partial")
+    save_file(tensors, str(tmp), metadata={"tandem_buffer": json.dumps(header)})
+    tmp.rename(path)
+    return path
+
+
+def read_header(path: Path) -> Dict:
+    """The JSON header of a shard; ConfigError for a corrupt or foreign file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("tandem_buffer")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"buffer shard {path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        raise ConfigError(f"buffer shard {path} is not a tandem buffer shard (no 'tandem_buffer' header)")
+    header = json.loads(raw)
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ConfigError(f"buffer shard {path}: format {header.get('format')} v{header.get('version')}, "
+                          f"this tandem reads {FORMAT} v{VERSION}")
+    return header
+
+
+def load_buffer_records(run_or_buffer_dir: str, height: int, width: int) -> List[PromptRecord]:
+    """Every saved AR sample as a prompt record whose metadata carries ``full_tokens`` (np.int64 (th*tw,))."""
+    folder = Path(run_or_buffer_dir)
+    folder = folder / "buffer" if (folder / "buffer").is_dir() else folder
+    shards = sorted(folder.glob("shard_*.safetensors"))
+    if not shards:
+        raise ConfigError(f"decoder.buffer_dir: no buffer shards in {folder} (run the AR job with buffer.save: true)")
+    records: List[PromptRecord] = []
+    for path in shards:
+        header = read_header(path)
+        if (header["height"], header["width"]) != (height, width):
+            raise ConfigError(f"buffer shard {path} holds {header['height']}x{header['width']} images; this job "
+                              f"has data.height/width {height}x{width}")
+        tokens = load_file(str(path))["full_tokens"].numpy()
+        for i, (prompt, meta) in enumerate(zip(header["prompts"], header["metadata"])):
+            meta = dict(meta, full_tokens=tokens[i])
+            if "reference_path" in meta:
+                meta["reference"] = load_image(Path(meta["reference_path"]), (height, width))
+            records.append(PromptRecord(prompt, meta))
+    return records

@@ -1,0 +1,171 @@
+"""Two stages in tandem: the shared buffer, the joint schedule, SIGKILL + resume, eval, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rl.buffer import load_buffer_records
+from rl.config import load_config
+from rl.trainer import train, train_joint
+
+VOLATILE = ("time/", "cost/")  # wall-clock figures differ between any two runs
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable(row):
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def cfg_for(stage, tiny, out, *extra):
+    return load_config(f"configs/demo/{stage}.yaml", [f"output_dir={out}", f"model.path={tiny}", "logging.progress=false",
+                                                      "reward_host.backend=local", "logging.sample_every=0", *extra],
+                       stage=stage)
+
+
+def test_decoder_job_trains_from_a_saved_ar_run(tiny_model_path, tmp_path):
+    ar_run = train(cfg_for("ar", tiny_model_path, tmp_path / "ar", "max_steps=4", "buffer.save=true"), "ar")
+    shards = sorted((ar_run / "buffer").glob("shard_*.safetensors"))
+    assert len(shards) == 2
+    saved = load_file(str(shards[0]))
+    assert saved["images"].dtype == torch.uint8 and saved["images"].shape[1:] == (64, 64, 3)
+    assert saved["full_tokens"].shape == (16, 4) and int(saved["full_tokens"].max()) < 128
+    records = load_buffer_records(str(ar_run), 64, 64)
+    assert len(records) == 32 and all(r.metadata["full_tokens"].shape == (4,) for r in records)
+
+    dec = cfg_for("decoder", tiny_model_path, tmp_path / "dec", "max_steps=2", "decoder.condition_source=buffer",
+                  f"decoder.buffer_dir={ar_run}", "data.prompts=null")
+    dec_run = train(dec, "decoder")
+    assert [r["step"] for r in rows(dec_run)] == [1, 2]
+    # the decoder's conditions are exactly the saved token grids
+    from policies.flow import FlowPolicy
+    from policies.glm_image import load_pipeline
+
+    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), dec)
+    tokens = policy.conditions([r.prompt for r in records[:3]], [r.metadata for r in records[:3]], seed=0)
+    assert torch.equal(tokens, saved["full_tokens"][:3])
+
+
+def test_sigkill_then_resume_continues_the_same_metric_stream(tiny_model_path, tmp_path):
+    overrides = ["max_steps=16", "logging.checkpoint_every=4"]
+    reference = train(cfg_for("decoder", tiny_model_path, tmp_path / "straight", *overrides), "decoder")
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
+            f"output_dir={killed}", f"model.path={tiny_model_path}", "logging.progress=false",
+            "reward_host.backend=local", "logging.sample_every=0", *overrides]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_4" / "state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert rows(killed)[-1]["step"] < 16  # really interrupted
+
+    resumed = train(cfg_for("decoder", tiny_model_path, killed, *overrides, "resume=auto"), "decoder")
+    assert [stable(r) for r in rows(resumed)] == [stable(r) for r in rows(reference)]
+
+
+def test_joint_demo_runs_both_phases_and_both_rewards_rise(tiny_model_path, tmp_path):
+    cfg = load_config("configs/demo/joint.yaml", [f"output_dir={tmp_path}", f"model.path={tiny_model_path}",
+                                                  "logging.progress=false", "max_steps=80"], stage="joint")
+    run = train_joint(cfg)
+    metrics = rows(run)
+    assert [r["phase"] for r in metrics] == (["ar"] * 20 + ["decoder"] * 20) * 2
+    for phase in ("ar", "decoder"):
+        rewards = [r["reward/mean"] for r in metrics if r["phase"] == phase]
+        tenth = len(rewards) // 10
+        assert np.mean(rewards[-tenth:]) - np.mean(rewards[:tenth]) >= 0.01, phase
+    assert len(list((run / "buffer").glob("shard_*.safetensors"))) == 20  # every AR rollout, 2 steps each
+    assert (run / "checkpoints" / "step_80" / "ar.trained.safetensors").is_file()
+    assert (run / "checkpoints" / "step_80" / "decoder.trained.safetensors").is_file()
+    assert metrics[-1]["cost/reward_gain"] > 0 and metrics[-1]["cost/s_per_reward"] > 0
+
+
+def test_eval_pass_logs_held_out_rewards(tiny_model_path, tmp_path):
+    cfg = cfg_for("decoder", tiny_model_path, tmp_path, "max_steps=4", "logging.eval_every=2",
+                  "data.eval_prompts=data/eval_prompts.jsonl", "eval.num_prompts=2",
+                  "eval.rewards=[{name: brightness}, {name: color, args: {rgb: [255, 0, 0]}}]", "eval.gold=brightness")
+    metrics = rows(train(cfg, "decoder"))
+    evals = [r for r in metrics if "eval/brightness/mean" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(-1 <= r["eval/color/mean"] <= 0 and r["eval/hacking_warning"] in (0, 1) for r in evals)
+
+
+def test_hacking_watch_warns_when_train_rises_and_gold_falls(tmp_path, caplog):
+    from rewards.client import RewardClient
+    from rl.config import JobConfig, RewardEntry, RewardHostConfig
+    from rl.periodic_eval import Evaluator
+
+    class Images:  # a stand-in policy whose eval images get darker at each eval
+        def __init__(self):
+            self.level = 250
+
+        def sample(self, prompts, metadata, seed):
+            self.level -= 100
+            return np.full((len(prompts), 32, 32, 3), self.level, dtype=np.uint8)
+
+    cfg = JobConfig(output_dir=str(tmp_path))
+    cfg.data.eval_prompts = "data/eval_prompts.jsonl"
+    with RewardClient([RewardEntry(name="brightness", args={"target": 1.0})], RewardHostConfig(backend="local")) as client:
+        ev, policy = Evaluator(cfg, client), Images()
+        assert ev.evaluate(policy, 2, train_reward=0.1)["eval/hacking_warning"] == 0
+        with caplog.at_level("WARNING", logger="tandem.eval"):
+            assert ev.evaluate(policy, 4, train_reward=0.5)["eval/hacking_warning"] == 1
+        assert "reward hacking" in caplog.text
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "rl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("Loading", "\x1b"))]
+    errors = [line for line in lines if line.startswith("tandem: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("content", ["garbage", "foreign"])
+def test_corrupt_or_foreign_shard_is_one_line(tmp_path, content):
+    buffer = tmp_path / "ar" / "buffer"
+    buffer.mkdir(parents=True)
+    shard = buffer / "shard_000000.safetensors"
+    if content == "garbage":
+        shard.write_bytes(b"not a safetensors file at all")
+    else:
+        save_file({"x": torch.zeros(2)}, str(shard))
+    out = tmp_path / "dec"
+    line = one_error_line(cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={out}",
+                              "decoder.condition_source=buffer", f"decoder.buffer_dir={tmp_path / 'ar'}"))
+    assert "shard_000000" in line
+    assert not out.exists()
+
+
+def test_missing_buffer_run_directory_is_one_line(tmp_path):
+    line = one_error_line(cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'o'}",
+                              "decoder.condition_source=buffer", f"decoder.buffer_dir={tmp_path / 'nothing'}"))
+    assert "decoder.buffer_dir" in line
+
+
+def test_checkpoint_of_another_config_refused_and_nothing_overwritten(tiny_model_path, tmp_path):
+    run = train(cfg_for("decoder", tiny_model_path, tmp_path, "max_steps=2"), "decoder")
+    before = (run / "metrics.jsonl").read_bytes()
+    common = ["train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={run}", f"model.path={tiny_model_path}",
+              "reward_host.backend=local"]
+    line = one_error_line(cli(*common, "max_steps=4", "resume=auto", "grpo.beta=0.5"))
+    assert "different config" in line
+    line = one_error_line(cli(*common, "max_steps=4"))  # no resume: refuses to write over the run
+    assert "resume=auto" in line
+    assert (run / "metrics.jsonl").read_bytes() == before
