@@ -151,7 +151,7 @@ class StageTrainer:
         g, cfg = self.cfg.grpo, self.cfg
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts
         base_seed = cfg.seed * 1_000_003 + self.state.rollouts
-        subs, futures, rollout_s = [], [], 0.0
+        subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
         for i, part in enumerate(self._sub_batches(chosen)):  # 2. rollout + score, overlapped
             t0 = time.perf_counter()
             with self.accelerator.autocast():
@@ -159,14 +159,16 @@ class StageTrainer:
                                           seed=base_seed * 101 + i)
             rollout_s += time.perf_counter() - t0
             sub.group_ids = sub.group_ids + sum(len(s) for s in subs) // g.num_generations
+            t1 = time.perf_counter()
             future = self.rewards.score(sub.images, sub.prompts, sub.metadata, sub.group_ids)
             if not cfg.reward_host.async_scoring:
                 future.result()
+            reward_s += time.perf_counter() - t1
             subs.append(sub)
             futures.append(future)
         t1 = time.perf_counter()
         parts = [f.result() for f in futures]
-        reward_s = time.perf_counter() - t1
+        reward_s += time.perf_counter() - t1
         scores = concat_scores(parts)
         group_ids = np.concatenate([s.group_ids for s in subs])
         adv = compute_advantages(scores, parts[0].weights, group_ids,  # 3. advantages
