@@ -38,6 +38,7 @@ from rl.buffer import load_buffer_records, save_shard
 from rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
 from rl.config import ConfigError, JobConfig, phase_config
 from rl.data import PromptRecord, PromptSampler, load_prompts
+from rl.distributed import Layout, layout_of
 from rl.losses import policy_loss
 from rl.run_dir import RunDir
 from rl.types import Rollout
@@ -62,8 +63,10 @@ def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
     return load_prompts(cfg.data.prompts, size)
 
 
-def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator) -> Dict[str, float]:
-    """One optimizer step on ``batch``: chunked forward/backward, clip, step. Returns loss metrics."""
+def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator,
+                        layout: Layout = Layout()) -> Dict[str, float]:
+    """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
+    gradients averaged over processes, clip, step. Returns loss metrics averaged over processes."""
     g = cfg.grpo
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
@@ -78,6 +81,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
         share = (chunk.stop - chunk.start) / num_units
         accelerator.backward(loss * share)
         chunk_metrics.append((share, metrics))
+    layout.average_gradients(policy.trainable_parameters())
     grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
     optimizer.step()
     policy.on_optimizer_step()
@@ -85,7 +89,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
     merged["ratio/min"] = min(m["ratio/min"] for _, m in chunk_metrics)
     merged["ratio/max"] = max(m["ratio/max"] for _, m in chunk_metrics)
     merged["grad_norm"] = float(grad_norm)
-    return merged
+    return layout.mean(merged)
 
 
 def concat_scores(parts) -> Dict[str, np.ndarray]:
@@ -132,7 +136,8 @@ class StageTrainer:
     def __init__(self, stage: str, cfg: JobConfig, policy, rewards, run: RunDir, accelerator, state: RunState,
                  records: Optional[List[PromptRecord]] = None):
         self.stage, self.cfg, self.policy, self.rewards, self.run = stage, cfg, policy, rewards, run
-        self.accelerator, self.state = accelerator, state
+        self.accelerator, self.state, self.layout = accelerator, state, layout_of(accelerator)
+        self.copies, self.mini_batch = self.layout.local_sizes(cfg)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
                                            weight_decay=cfg.optim.weight_decay)
         self.records = records if records is not None else training_records(cfg, stage)
@@ -141,24 +146,23 @@ class StageTrainer:
 
     # -------------------------------------------------------------------------------- phases 1-3
     def _sub_batches(self, chosen: List[PromptRecord]) -> List[List[PromptRecord]]:
-        g = self.cfg.grpo
-        per_sub = g.mini_batch_size // g.num_generations if g.mini_batch_size % g.num_generations == 0 else 0
+        per_sub = self.mini_batch // self.copies if self.mini_batch % self.copies == 0 else 0
         if per_sub == 0:  # minibatches split groups: one rollout call, scored after it
             return [chosen]
         return [chosen[i:i + per_sub] for i in range(0, len(chosen), per_sub)]
 
     def rollout_and_score(self):
-        g, cfg = self.cfg.grpo, self.cfg
-        chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts
+        g, cfg, layout = self.cfg.grpo, self.cfg, self.layout
+        chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
         base_seed = cfg.seed * 1_000_003 + self.state.rollouts
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
         for i, part in enumerate(self._sub_batches(chosen)):  # 2. rollout + score, overlapped
             t0 = time.perf_counter()
             with self.accelerator.autocast():
-                sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], g.num_generations,
-                                          seed=base_seed * 101 + i)
+                sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies,
+                                          seed=(base_seed * 101 + i) * layout.world + layout.rank)
             rollout_s += time.perf_counter() - t0
-            sub.group_ids = sub.group_ids + sum(len(s) for s in subs) // g.num_generations
+            sub.group_ids = sub.group_ids + sum(len(s) for s in subs) // self.copies
             t1 = time.perf_counter()
             future = self.rewards.score(sub.images, sub.prompts, sub.metadata, sub.group_ids)
             if not cfg.reward_host.async_scoring:
@@ -169,35 +173,38 @@ class StageTrainer:
         t1 = time.perf_counter()
         parts = [f.result() for f in futures]
         reward_s += time.perf_counter() - t1
-        scores = concat_scores(parts)
-        group_ids = np.concatenate([s.group_ids for s in subs])
+        local_scores, local_groups = concat_scores(parts), np.concatenate([s.group_ids for s in subs])
+        scores, group_ids = layout.gather_groups(local_scores, local_groups)  # whole groups from every process
         adv = compute_advantages(scores, parts[0].weights, group_ids,  # 3. advantages
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
                                  clip=g.adv_clip_max)
-        advantages = torch.as_tensor(np.asarray(adv.advantages), dtype=torch.float32)
+        mine = layout.local_slice(len(local_groups))
+        advantages = torch.as_tensor(np.asarray(adv.advantages)[mine], dtype=torch.float32)
         offset = 0
         for sub in subs:
             sub.advantages = advantages[offset:offset + len(sub)]
             offset += len(sub)
         if self.stage == "ar":  # 4. the shared buffer
-            self._keep_ar_rollouts(subs, parts, adv)
+            self._keep_ar_rollouts(subs, _Scores(local_scores, parts[0].weights), np.asarray(adv.advantages)[mine],
+                                   np.asarray(adv.rewards)[mine])
         return subs, adv, {"time/rollout_s": rollout_s, "time/reward_s": reward_s}
 
-    def _keep_ar_rollouts(self, subs: List[Rollout], parts, adv) -> None:
+    def _keep_ar_rollouts(self, subs: List[Rollout], scores: "_Scores", advantages: np.ndarray, combined: np.ndarray) -> None:
         grid = (self.policy.grids.th, self.policy.grids.tw)
         self.latest_ar_records = [
             PromptRecord(p, dict(m, full_tokens=t.cpu().numpy()))
             for s in subs for p, m, t in zip(s.prompts, s.metadata, s.extras["full_tokens"])
         ]
-        if self.cfg.buffer.save:
+        if self.cfg.buffer.save:  # each process writes its own samples
             whole = Rollout(
                 images=np.concatenate([s.images for s in subs]), prompts=[p for s in subs for p in s.prompts],
                 metadata=[m for s in subs for m in s.metadata], group_ids=np.concatenate([s.group_ids for s in subs]),
                 old_log_probs=torch.empty(0), mask=torch.empty(0),
                 extras={"full_tokens": torch.cat([s.extras["full_tokens"] for s in subs])},
             )
-            save_shard(self.run.path / "buffer", self.state.rollouts, whole, _Scores(concat_scores(parts), parts[0].weights),
-                       adv.advantages, adv.rewards, self.cfg.data.height, self.cfg.data.width, grid)
+            index = self.state.rollouts * self.layout.world + self.layout.rank
+            save_shard(self.run.path / "buffer", index, whole, scores, advantages, combined, self.cfg.data.height,
+                       self.cfg.data.width, grid)
 
     # -------------------------------------------------------------------------------- phases 5-6
     def train_rollout(self, stop_at: int, hooks) -> None:
@@ -205,12 +212,12 @@ class StageTrainer:
         subs, adv, timings = self.rollout_and_score()
         for _ in range(self.cfg.grpo.num_iterations):  # 5. update
             for sub in subs:
-                for index in _minibatches(len(sub), self.cfg.grpo.mini_batch_size):
+                for index in _minibatches(len(sub), self.mini_batch):
                     if self.state.step >= stop_at:
                         break
                     t0 = time.perf_counter()
                     loss_metrics = update_on_minibatch(self.policy, self.optimizer, sub.select(index), self.cfg,
-                                                       self.accelerator)
+                                                       self.accelerator, self.layout)
                     self.state.step += 1
                     metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
                                **adv.metrics, **loss_metrics, **timings, "time/train_s": time.perf_counter() - t0}
@@ -240,6 +247,8 @@ class Hooks:
 
     def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
         step, every = trainer.state.step, self.cfg.logging
+        if not trainer.layout.is_main:  # one process writes the run directory
+            return
         if self.evaluator is not None and every.eval_every and step % every.eval_every == 0:
             metrics.update(self.evaluator.evaluate(trainer.policy, step, metrics["reward/mean"]))
         self.run.log_metrics(metrics)
@@ -257,7 +266,7 @@ class Hooks:
         and at the end."""
         step, every = trainer.state.step, self.cfg.logging.checkpoint_every
         due = every and step // every > self.last_checkpoint // every
-        if due or step >= self.cfg.max_steps:
+        if trainer.layout.is_main and (due or step >= self.cfg.max_steps):
             samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
             save_checkpoint(self.run.checkpoints, step, self.trainers, self.cfg,
                             {"run_state": trainer.state.to_dict(), "samplers": samplers})
@@ -277,7 +286,8 @@ def _open_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState
     state.load(saved["run_state"])
     for stage, t in trainers.items():
         t.sampler.load_state_dict(saved["samplers"][stage])
-    run.truncate_metrics(state.step)  # steps logged after the checkpoint by a killed run are redone
+    if next(iter(trainers.values())).layout.is_main:
+        run.truncate_metrics(state.step)  # steps logged after the checkpoint by a killed run are redone
     log.info("resumed from %s at step %d", point, state.step)
 
 
@@ -289,10 +299,10 @@ def _accelerator(cfg: JobConfig, policy):
     return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.adapter.device.type == "cpu")
 
 
-def _progress(cfg: JobConfig, initial: int):
+def _progress(cfg: JobConfig, initial: int, layout: Layout):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=initial, desc="train", disable=not cfg.logging.progress,
+    return tqdm(total=cfg.max_steps, initial=initial, desc="train", disable=not (cfg.logging.progress and layout.is_main),
                 dynamic_ncols=True)
 
 
@@ -330,14 +340,16 @@ def train(cfg: JobConfig, stage: str) -> Path:
     with _session(cfg) as (rewards, evaluator):
         trainer = StageTrainer(stage, cfg, policy, rewards, run, _accelerator(cfg, policy), state)
         _open_run(cfg, {stage: trainer}, state, run)
-        run.create(cfg)
-        progress = _progress(cfg, state.step)
+        if trainer.layout.is_main:
+            run.create(cfg)
+        progress = _progress(cfg, state.step, trainer.layout)
         hooks = Hooks(cfg, run, {stage: trainer}, evaluator, progress)
         hooks.last_checkpoint = state.step
         while state.step < cfg.max_steps:
             trainer.train_rollout(cfg.max_steps, hooks)
         progress.close()
-    run.plot_rewards()
+    if trainer.layout.is_main:
+        run.plot_rewards()
     return run.path
 
 
@@ -362,8 +374,9 @@ def train_joint(cfg: JobConfig) -> Path:
         trainers = {stage: StageTrainer(stage, phases[stage], policies[stage], rewards, run, accelerator, state, prompts)
                     for stage in ("ar", "decoder")}
         _open_run(cfg, trainers, state, run)
-        run.create(cfg)
-        progress = _progress(cfg, state.step)
+        if trainers["ar"].layout.is_main:
+            run.create(cfg)
+        progress = _progress(cfg, state.step, trainers["ar"].layout)
         hooks = Hooks(cfg, run, trainers, evaluator, progress)
         hooks.last_checkpoint = state.step
         j = cfg.joint
@@ -377,7 +390,8 @@ def train_joint(cfg: JobConfig) -> Path:
                 while state.step < stop:
                     trainer.train_rollout(stop, hooks)
         progress.close()
-    run.plot_rewards()
+    if trainers["ar"].layout.is_main:
+        run.plot_rewards()
     return run.path
 
 
