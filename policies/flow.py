@@ -125,7 +125,7 @@ class FlowPolicy(TrainedComponent):
         idx = torch.tensor(train_steps)
         return Rollout(
             images=self.adapter.decode(x), prompts=all_prompts, metadata=repeat_for_groups(metadata, group_size),
-            group_ids=group_ids, old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k),
+            group_ids=group_ids, old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k, device=x.device),
             extras=dict(
                 latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1), prior=prior, glyph=glyph,
                 neg_glyph=neg, timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),

@@ -69,7 +69,12 @@ def _train(args) -> int:
         return 0
     from rl.trainer import train, train_joint
 
-    out = train_joint(cfg) if args.stage == "joint" else train(cfg, stage=args.stage)
+    if cfg.distributed.launcher == "ray_train":
+        from rl.launch import launch_ray_train
+
+        out = launch_ray_train(cfg, args.stage)
+    else:
+        out = train_joint(cfg) if args.stage == "joint" else train(cfg, stage=args.stage)
     print(f"run directory: {out}")
     return 0
 

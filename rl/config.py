@@ -219,6 +219,19 @@ class RewardHostConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # "none": this process (or every process of `accelerate launch` / `torchrun`); "ray_train": place
+    # num_workers trainer workers with Ray Train's TorchTrainer on the Ray cluster, next to the reward actors.
+    launcher: str = "none"
+    # Trainer workers for launcher ray_train (num_generations and mini_batch_size must be multiples of it).
+    num_workers: int = 1
+    # CPUs reserved per trainer worker (fractional is fine).
+    cpus_per_worker: float = 1.0
+    # GPUs per trainer worker (0 on a CPU cluster).
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
 class LoggingConfig:
     # Write an image grid to samples/ every N steps (and at the last step); 0 = never.
     sample_every: int = 10
@@ -251,6 +264,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     joint: JointConfig = field(default_factory=JointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # Resume from a checkpoint: "auto" (the latest in output_dir/checkpoints, or start fresh if none) or a
     # checkpoint folder; null = start fresh (an existing metrics.jsonl is then an error).
     resume: Optional[str] = None
@@ -343,6 +357,12 @@ def validate(job: JobConfig, stage: str) -> None:
               f"must name an AR run directory with a saved buffer (buffer.save: true), got {d.buffer_dir}")
     _choice("reward_host.backend", job.reward_host.backend, ("ray", "local"))
     _choice("optim.mixed_precision", job.optim.mixed_precision, ("no", "bf16", "fp16"))
+    _choice("distributed.launcher", job.distributed.launcher, ("none", "ray_train"))
+    workers = job.distributed.num_workers
+    _rule(workers >= 1, "distributed.num_workers", "must be >= 1")
+    for key in ("num_generations", "mini_batch_size"):
+        value = getattr(job.grpo, key)
+        _rule(value % workers == 0, f"grpo.{key}", f"is {value}; with distributed.num_workers={workers} it must be a multiple of {workers}")
     _rule(job.max_steps >= 1, "max_steps", f"must be >= 1, got {job.max_steps}")
     for key in ("height", "width"):
         v = getattr(job.data, key)

@@ -179,7 +179,8 @@ class StageTrainer:
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
                                  clip=g.adv_clip_max)
         mine = layout.local_slice(len(local_groups))
-        advantages = torch.as_tensor(np.asarray(adv.advantages)[mine], dtype=torch.float32)
+        advantages = torch.as_tensor(np.asarray(adv.advantages)[mine], dtype=torch.float32,
+                                     device=subs[0].old_log_probs.device)
         offset = 0
         for sub in subs:
             sub.advantages = advantages[offset:offset + len(sub)]

@@ -60,3 +60,15 @@ def test_training_job_on_two_processes(tiny_model_path, tmp_path):
     # every process's first minibatch of a rollout is on-policy (ratio is averaged over processes)
     assert all(abs(r["ratio/mean"] - 1) < 1e-5 for r in rows if r["time/rollout_s"] > 0)
     assert (tmp_path / "checkpoints" / "step_4" / "decoder.trained.safetensors").is_file()
+
+
+def test_ray_train_places_two_cpu_workers(tiny_model_path, tmp_path):
+    """`distributed.launcher: ray_train` on a local Ray cluster: 2 trainer workers next to the reward actors."""
+    run([sys.executable, "-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path}",
+         f"model.path={tiny_model_path}", "max_steps=4", "logging.progress=false", "logging.sample_every=0",
+         "distributed.launcher=ray_train", "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
+         "reward_host.num_cpus=2"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(abs(r["ratio/mean"] - 1) < 1e-5 for r in rows if r["time/rollout_s"] > 0)
+    assert (tmp_path / "checkpoints" / "step_4" / "decoder.trained.safetensors").is_file()
