@@ -1,0 +1,390 @@
+"""A fast AR decode loop for GLM-Image: static KV cache, explicit 3-D MRoPE positions, optional CUDA graph.
+
+``StaticCacheSampler`` is a ``policies.ar_sampler.TokenSampler``: same call, same ``SampledTokens``, same
+distribution and same stored log-probs as ``GenerateSampler`` (``transformers.generate``), so ``ARPolicy``'s
+training recompute and on-policy ratio are unchanged when it is swapped in::
+
+    ARPolicy(pipe, adapter, cfg, sampler=StaticCacheSampler(use_cuda_graph=True))
+
+**The loop.** For B left-padded prompts of length L and U tokens:
+
+1. Positions, all computed before the first forward. The prompt's (3, B, L) positions come from the model's
+   own ``get_rope_index`` (a ramp over the valid tokens, 2-D grids for complete source images, 1 for pads).
+   The U − 1 decode positions follow the rule of GLM_IMAGE_FACTS ("Exact AR log-probs"): from base
+   b = (last prompt position) + 1, the grids still to be generated — the sample's last grids of
+   ``image_grid_thw``, in **reverse** order (preview first, then full) — each give (t, h, w) = (b, b+row, b+col)
+   in row-major order, then b += max(h, w) (``decode_positions``). No cached rope state of the model is read.
+2. A static KV cache: per layer a (B, kv_heads, S, head_dim) key and value buffer, S = L + U − 1 (L and S
+   rounded up to a multiple of ``pad_prompt_to``), and a (B, S) bool mask of the slots that hold a real
+   token. Prefill: one forward over the prompt (causal, pad keys masked; a pad query attends to itself so
+   that no row is empty) writes slots [0, L). Decode step t writes slot L + t and attends to all S slots
+   through the mask. (transformers 5.24's sdpa path packs the GQA heads of a single-token query instead of
+   repeating K/V; 5.17 repeats them, 16× the K/V traffic at the release's 32/2 heads.)
+3. The forward is the model's own modules — ``embed_tokens``, ``rotary_emb``, every decoder layer (so LoRA
+   adapters injected by peft run as in training), ``norm``, ``lm_head`` — with our cache object passed as the
+   layers' cache (it only needs ``update``) and our mask; the text model's ``forward`` (mask creation, dynamic
+   cache, position inference) is not used. Attention implementations ``sdpa`` (bool mask) and ``eager``
+   (additive mask) are supported.
+4. Sampling, per step: ``LogitsProcessing`` on the float32 raw logits of the last position (suppress →
+   temperature → top-k → top-p, transformers' own warpers, built once), ``probs = softmax(scores)``,
+   ``torch.multinomial(probs, 1)``; the stored log-prob is ``log_softmax(scores)`` at the sampled token —
+   exactly what ``GenerateSampler`` stores from ``output_scores``.
+
+**RNG: identical draws to ``generate``.** ``GenerateSampler`` runs ``generate`` under
+``torch.random.fork_rng`` after ``torch.manual_seed(seed)``, and ``generate`` consumes the global RNG only
+through one ``torch.multinomial(softmax(scores), num_samples=1)`` per step on the (B, V) scores. This loop
+makes the same calls in the same order under the same ``fork_rng`` + ``manual_seed``, so the random stream is
+the same: given equal scores the sampled tokens are equal. The scores themselves differ from ``generate``'s
+only by float rounding (attention over a fixed-size masked cache instead of a growing one, a different
+prefill mask layout): on CPU in fp32 tokens come out identical and log-probs agree to ≤ 1e-6
+(tests/test_ar_engine.py); a token can differ only when a uniform draw lands within rounding of a CDF
+boundary. On CUDA, ``torch.manual_seed`` seeds the CUDA generator too and ``fork_rng`` forks it; the caller's
+RNG state is left untouched in both cases. (A private ``torch.Generator`` would leave the global stream alone
+without ``fork_rng`` but could never reproduce ``generate``'s tokens.)
+
+**CUDA graph** (``use_cuda_graph=True``, CUDA models only; ignored on CPU). One decode step — write the token
+id, position and cache slot into static input buffers, mark the slot valid, run the layers over the static
+cache, write the (B, V) raw logits of the step — is captured once with ``torch.cuda.CUDAGraph`` (after
+warm-up runs on a side stream) and replayed for every step; the logits processing and the multinomial draw
+run eagerly between replays (so the RNG stream is the one described above). The prefill is eager. The graph,
+its input buffers and the KV cache are kept for the next call with the same (model, B, padded prompt length,
+cache length, dtype) — prompts are left-padded to a multiple of ``pad_prompt_to`` (64 by default with the
+graph) so that rollouts of different prompt lengths reuse one graph. A graph replays the kernels it
+recorded: after re-allocating the model's parameters (``.to()``, replacing modules, merging LoRA) or toggling
+peft's ``disable_adapter`` around a call, call ``reset()`` (parameter addresses are checked, adapter state is
+not). ``reset()`` also frees the cache (B·S·layers·2·kv_heads·head_dim elements: ~3.5 GB in bf16 at B=32,
+S=1344 for the release model). Checked on an H200 on the tiny model only
+(``test_cuda_graph_matches_eager_loop``); full-size timings: ``scripts/bench_ar_engine.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from policies.ar_sampler import LogitsProcessing, SampledTokens
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StaticCacheSampler", "decode_positions", "prompt_positions"]
+
+
+# --------------------------------------------------------------------------------------------------- positions
+def _unwrap(model):
+    """The ``GlmImageForConditionalGeneration`` under a peft wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prompt_positions(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(3, B, L) MRoPE positions of the prompt, from the model's own ``get_rope_index`` (what ``generate``'s
+    prefill uses). Note: ``get_rope_index`` also overwrites the model's cached decode positions; nothing here
+    reads them."""
+    inner = _unwrap(model).model
+    pos, _ = inner.get_rope_index(inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                                  images_per_sample=inputs.get("images_per_sample"),
+                                  attention_mask=inputs.get("attention_mask"))
+    return pos
+
+
+def decode_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], prompt_pos: torch.Tensor,
+                     image_grid_thw: torch.Tensor, images_per_sample: Optional[torch.Tensor],
+                     image_end_token_id: int, num: int) -> torch.Tensor:
+    """(B, 3, num) positions of the first ``num`` generated tokens fed back (GLM_IMAGE_FACTS rule).
+
+    Per sample: the grids to generate are its last ``len(grids) − (end markers in the prompt)`` grids, taken in
+    reverse order; base b = last prompt position + 1; a grid (h, w) at b gives (b, b + row, b + col) for its
+    tokens in row-major order, then b += max(h, w); the end marker gets (b, b, b). Grids are split per sample
+    by ``images_per_sample`` (all grids belong to every sample when it is None, as in ``get_rope_index``).
+    """
+    b = input_ids.shape[0]
+    device = input_ids.device
+    if images_per_sample is not None:
+        per_sample = torch.split(image_grid_thw, [int(n) for n in images_per_sample.tolist()])
+    else:
+        per_sample = [image_grid_thw] * b
+    out = torch.empty(b, 3, num, dtype=torch.long, device=device)
+    for i in range(b):
+        ids = input_ids[i] if attention_mask is None else input_ids[i][attention_mask[i].bool()]
+        complete = int((ids == image_end_token_id).sum())
+        grids = per_sample[i].tolist()
+        todo = grids[complete:][::-1]
+        base = int(prompt_pos[0, i, -1]) + 1
+        t_list, h_list, w_list = [], [], []
+        for _, h, w in todo:
+            rows = torch.arange(h, device=device).repeat_interleave(w)
+            cols = torch.arange(w, device=device).repeat(h)
+            t_list.append(torch.full((h * w,), base, device=device, dtype=torch.long))
+            h_list.append(base + rows)
+            w_list.append(base + cols)
+            base += max(h, w)
+        end = torch.tensor([base], device=device, dtype=torch.long)
+        pos = torch.stack([torch.cat(t_list + [end]), torch.cat(h_list + [end]), torch.cat(w_list + [end])])
+        if pos.shape[1] < num:
+            raise ValueError(f"sample {i}: its grids {todo} give {pos.shape[1]} decode positions, {num} requested")
+        out[i] = pos[:, :num]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- cache
+class _StaticKV:
+    """Preallocated per-layer K/V buffers with the one method the GLM-Image attention calls: ``update``.
+
+    ``slot`` (long tensor) says which cache slots the current forward's keys go to; ``kv_len`` how many slots
+    the attention reads (the prompt length at prefill, the whole cache at decode).
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, length: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slot: torch.Tensor = torch.zeros(1, dtype=torch.long, device=device)
+        self.kv_len = length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k.index_copy_(2, self.slot, key_states.to(k.dtype))
+        v.index_copy_(2, self.slot, value_states.to(v.dtype))
+        return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class _Parts:
+    """The modules of the text decoder that one forward uses."""
+
+    embed: torch.nn.Module
+    rotary: torch.nn.Module
+    layers: Sequence[torch.nn.Module]
+    norm: torch.nn.Module
+    lm_head: torch.nn.Module
+    cache_kw: str
+    attn_impl: str
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model) -> "_Parts":
+        base = _unwrap(model)
+        text = base.model.language_model
+        cfg = text.config
+        impl = getattr(cfg, "_attn_implementation", None) or "eager"
+        if impl not in ("sdpa", "eager"):
+            raise NotImplementedError(f"StaticCacheSampler supports attn_implementation 'sdpa' or 'eager', not {impl!r}; "
+                                      f"load the model with one of them or use GenerateSampler")
+        params = inspect.signature(text.layers[0].forward).parameters
+        cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(text.embed_tokens, text.rotary_emb, list(text.layers), text.norm, base.lm_head, cache_kw, impl,
+                   cfg.num_key_value_heads, head_dim)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: _StaticKV
+                ) -> torch.Tensor:
+        """(B, V) raw logits at the last position of ``input_ids`` (B, S); ``position_ids`` (3, B, S)."""
+        h = self.embed(input_ids)
+        pe = self.rotary(h, position_ids)
+        kw = {self.cache_kw: cache}
+        for layer in self.layers:
+            h = layer(h, position_embeddings=pe, attention_mask=mask, **kw)
+        return self.lm_head(self.norm(h[:, -1:]))[:, -1]
+
+    def attn_mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
+        """The attention's mask for an (B, 1, Q, K) bool ``allowed``: bool for sdpa, additive for eager."""
+        if self.attn_impl == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class _Graph:
+    """A captured decode step over a static cache, with its static input buffers."""
+
+    def __init__(self, parts: _Parts, cache: _StaticKV, valid: torch.Tensor, dtype):
+        b, device = valid.shape[0], valid.device
+        self.parts, self.cache, self.valid, self.dtype = parts, cache, valid, dtype
+        self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(3, b, 1, dtype=torch.long, device=device)
+        self.slot = torch.full((1,), valid.shape[1] - 1, dtype=torch.long, device=device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None
+
+    def _step(self) -> torch.Tensor:
+        self.cache.slot, self.cache.kv_len = self.slot, self.valid.shape[1]
+        self.valid.index_fill_(1, self.slot, True)
+        mask = self.parts.attn_mask(self.valid[:, None, None, :], self.dtype)
+        return self.parts.forward(self.tok, self.pos, mask, self.cache)
+
+    def capture(self, warmup: int = 2) -> None:
+        """Warm up on a side stream, then capture. Both write garbage into the last cache slot and mark it valid;
+        the caller resets ``valid`` afterwards (every slot is rewritten before it is unmasked)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        self.tok.copy_(tok.view(-1, 1))
+        self.pos.copy_(pos)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
+
+
+# --------------------------------------------------------------------------------------------------- sampler
+class StaticCacheSampler:
+    """``TokenSampler`` with a hand-written decode loop over a static KV cache (module docstring).
+
+    Args:
+        use_cuda_graph: capture one decode step as a CUDA graph and replay it (CUDA models only; on other
+            devices the eager loop runs).
+        pad_prompt_to: left-pad prompts to a multiple of this length internally (the outputs keep the caller's
+            L); default 64 with the CUDA graph (one graph serves prompts of nearby lengths), else 1.
+        keep_raw_logits: also return the (B, U, V) float32 raw logits.
+        graph_warmup: eager warm-up steps before the capture.
+    """
+
+    def __init__(self, use_cuda_graph: bool = False, pad_prompt_to: Optional[int] = None, keep_raw_logits: bool = False,
+                 graph_warmup: int = 2):
+        self.use_cuda_graph = use_cuda_graph
+        self.pad_prompt_to = pad_prompt_to
+        self.keep_raw_logits = keep_raw_logits
+        self.graph_warmup = graph_warmup
+        self._state: Optional[Tuple[tuple, _Graph]] = None
+
+    def reset(self) -> None:
+        """Drop the captured graph, its buffers and the KV cache."""
+        self._state = None
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _check_processing(model, processing: LogitsProcessing) -> None:
+        eos = _unwrap(model).generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        missing = sorted(set(eos) - set(processing.suppress_ids))
+        if missing:  # generate (min_new_tokens) would mask them; this loop never stops early
+            raise ValueError(f"the end marker(s) {missing} must be in processing.suppress_ids: the sampler writes exactly "
+                             f"num_tokens grid tokens")
+
+    def _padded(self, inputs: Mapping[str, torch.Tensor], pos: torch.Tensor, graph: bool, pad_id: int):
+        """input_ids, attention_mask (B, Lp) and prompt positions (3, B, Lp), left-padded to a multiple of
+        ``pad_prompt_to``, and that multiple (the cache length is rounded up to it too)."""
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        multiple = self.pad_prompt_to or (64 if graph else 1)
+        extra = (-ids.shape[1]) % multiple
+        if extra:
+            b = ids.shape[0]
+            ids = torch.cat([torch.full((b, extra), pad_id, dtype=ids.dtype, device=ids.device), ids], 1)
+            mask = torch.cat([torch.zeros(b, extra, dtype=mask.dtype, device=mask.device), mask], 1)
+            pos = torch.cat([torch.ones(3, b, extra, dtype=pos.dtype, device=pos.device), pos], 2)  # pads: 1, as HF
+        return ids, mask, pos, multiple
+
+    def _graph_for(self, model, parts: _Parts, b: int, lp: int, length: int, dtype, device) -> _Graph:
+        fingerprint = hash(tuple(p.data_ptr() for p in model.parameters()))
+        key = (id(model), fingerprint, b, lp, length, dtype, device, parts.attn_impl)
+        if self._state is not None and self._state[0] == key:
+            return self._state[1]
+        self._state = None  # free the old cache and graph before allocating new ones
+        cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
+        valid = torch.zeros(b, length, dtype=torch.bool, device=device)
+        g = _Graph(parts, cache, valid, dtype)
+        g.capture(self.graph_warmup)
+        self._state = (key, g)
+        return g
+
+    # ------------------------------------------------------------------------------------------ the loop
+    @torch.no_grad()
+    def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
+                 seed: int) -> SampledTokens:
+        if "pixel_values" in inputs:
+            raise NotImplementedError("StaticCacheSampler takes token prompts (input_ids); use GenerateSampler for "
+                                      "prompts with pixel_values")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        self._check_processing(model, processing)
+        base = _unwrap(model)
+        parts = _Parts.of(model)
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("prompts must be left-padded (attention_mask[:, -1] must be all ones)")
+        device = input_ids.device
+        b, prompt_len = input_ids.shape
+        dtype = parts.lm_head.weight.dtype
+        graph_on = self.use_cuda_graph and device.type == "cuda"
+
+        # 1. positions: prompt (model's get_rope_index), decode (the grid rule)
+        ppos = prompt_positions(model, inputs)  # (3, B, L)
+        dpos = decode_positions(input_ids, attention_mask, ppos, inputs["image_grid_thw"],
+                                inputs.get("images_per_sample"), base.config.image_end_token_id,
+                                max(num_tokens - 1, 0))  # (B, 3, U-1)
+        position_ids = torch.cat([ppos.permute(1, 0, 2), dpos], dim=-1).contiguous()  # (B, 3, L + U - 1)
+        dpos3 = dpos.permute(1, 0, 2).contiguous()  # (3, B, U-1)
+
+        # 2. cache and mask
+        pad_id = base.generation_config.pad_token_id
+        pad_id = int(pad_id if pad_id is not None else 0)
+        ids, mask, pos, multiple = self._padded(inputs, ppos, graph_on, pad_id)
+        lp = ids.shape[1]
+        length = -(-(lp + num_tokens - 1) // multiple) * multiple  # slots past the last token stay masked
+        if graph_on and num_tokens > 1:
+            graph = self._graph_for(model, parts, b, lp, length, dtype, device)
+            cache, valid = graph.cache, graph.valid
+        else:
+            graph = None
+            cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
+            valid = torch.zeros(b, length, dtype=torch.bool, device=device)
+        valid.zero_()
+        valid[:, :lp] = mask.bool()
+
+        procs = processing._processors(device)
+        tokens = torch.empty(b, num_tokens, dtype=torch.long, device=device)
+        log_probs = torch.empty(b, num_tokens, dtype=torch.float32, device=device)
+        raw_out = None
+
+        fork_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices, device_type=device.type if fork_devices else "cuda"):
+            torch.manual_seed(seed)
+            # 3. prefill: causal over the prompt, pad keys masked, every query sees itself
+            cache.slot = torch.arange(lp, device=device)
+            cache.kv_len = lp
+            ar = torch.arange(lp, device=device)
+            causal = ar[None, :] <= ar[:, None]  # (Q, K)
+            allowed = causal[None] & (valid[:, None, :lp] | torch.eye(lp, dtype=torch.bool, device=device)[None])
+            logits = parts.forward(ids, pos, parts.attn_mask(allowed[:, None], dtype), cache)
+            if graph is None:
+                cache.kv_len = length
+                dmask = valid[:, None, None, :]
+            for t in range(num_tokens):
+                raw = logits.float()
+                if self.keep_raw_logits:
+                    if raw_out is None:
+                        raw_out = torch.empty(b, num_tokens, raw.shape[-1], dtype=torch.float32, device=device)
+                    raw_out[:, t] = raw
+                scores = raw
+                for proc in procs:
+                    scores = proc(None, scores)
+                probs = torch.softmax(scores, dim=-1)
+                tok = torch.multinomial(probs, num_samples=1).squeeze(1)
+                tokens[:, t] = tok
+                log_probs[:, t] = torch.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+                if t == num_tokens - 1:
+                    break
+                slot = lp + t
+                if graph is not None:
+                    logits = graph(tok, dpos3[:, :, t: t + 1], slot)
+                else:
+                    cache.slot = torch.tensor([slot], device=device)
+                    valid[:, slot] = True
+                    logits = parts.forward(tok[:, None], dpos3[:, :, t: t + 1], parts.attn_mask(dmask, dtype), cache)
+        return SampledTokens(tokens=tokens, log_probs=log_probs, position_ids=position_ids, raw_logits=raw_out)
