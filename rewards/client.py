@@ -6,12 +6,13 @@
         scores = future.result()                                       # RewardScores
 
 Backends (``reward_host.backend``): ``ray`` hosts every reward entry in Ray actors (``rewards/host.py``);
-``local`` runs the same rewards in this process, eagerly inside ``score`` (debugging, GPU benchmarks). Both
-give the same RewardScores for the same rewards.
+``local`` runs the same rewards in this process (on a background thread with ``async_scoring``; debugging,
+GPU boxes without Ray). Both give the same RewardScores for the same rewards.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -59,24 +60,35 @@ class ScoreFuture:
 
 
 class LocalBackend:
-    """Every reward built and called in this process; ``submit`` scores at once."""
+    """Every reward built and called in this process. With ``reward_host.async_scoring`` a batch is scored on
+    one background thread (so a GPU rollout and CPU-bound rewards that release the GIL — ONNX OCR, torch — run
+    side by side); without it, at once inside ``submit`` (plain tracebacks for debugging)."""
 
     def __init__(self, entries: Sequence[RewardEntry], labels: Sequence[str], host: RewardHostConfig):
         self.entries, self.labels = list(entries), list(labels)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-reward") if host.async_scoring else None
 
     def start(self) -> None:
         self.rewards = [build_reward(e, label) for e, label in zip(self.entries, self.labels)]
 
-    def submit(self, images, prompts, metadata, group_ids) -> Collect:
+    def _score(self, images, prompts, metadata, group_ids) -> Dict[str, np.ndarray]:
         everything = np.arange(len(prompts))
         out = {}
         for reward, entry in zip(self.rewards, self.entries):
             shard = score_shard(reward, images, prompts, metadata, group_ids, everything, entry.batch_size)
             log_warnings(shard)
             out[reward.name] = shard.scores
-        return lambda: out
+        return out
+
+    def submit(self, images, prompts, metadata, group_ids) -> Collect:
+        if self.pool is None:
+            out = self._score(images, prompts, metadata, group_ids)
+            return lambda: out
+        return self.pool.submit(self._score, images, prompts, metadata, group_ids).result
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         self.rewards = []
 
 

@@ -4,7 +4,8 @@ sub-batch rolls out (``reward_host.async_scoring``), against scoring each sub-ba
 Runs the same fixed-seed tiny job twice in one process (async on, then off) and prints a table; the trained
 metrics of both runs must match (same sub-batches, same seeds), which the script checks.
 
-    .venv/bin/python scripts/bench_async_scoring.py [--stage decoder] [--steps 16] [--out runs/bench/async_scoring.json]
+    .venv/bin/python scripts/bench_async_scoring.py [--stage decoder] [--steps 16] [--backend ray|local]
+        [--device cpu|cuda] [--size 256] [--out runs/bench/async_scoring.json]
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from rl.trainer import train
 REWARDS = "rewards=[{name: ocr, num_cpus: 1, args: {det_limit_side_len: 256}}, {name: color, args: {rgb: [255, 0, 0]}}]"
 
 
-def run_once(stage: str, steps: int, async_scoring: bool, out: Path) -> dict:
-    overrides = [f"output_dir={out}", f"max_steps={steps}", "logging.progress=false", "logging.sample_every=0",
-                 "reward_host.backend=ray", f"reward_host.async_scoring={str(async_scoring).lower()}", REWARDS,
-                 "data.height=256", "data.width=256", "grpo.num_generations=4", "grpo.prompts_per_step=4",
-                 "grpo.mini_batch_size=4"]
+def run_once(args, async_scoring: bool, out: Path) -> dict:
+    overrides = [f"output_dir={out}", f"max_steps={args.steps}", "logging.progress=false", "logging.sample_every=0",
+                 f"reward_host.backend={args.backend}", f"reward_host.async_scoring={str(async_scoring).lower()}",
+                 REWARDS, f"data.height={args.size}", f"data.width={args.size}", "grpo.num_generations=4",
+                 "grpo.prompts_per_step=4", "grpo.mini_batch_size=4", f"model.device={args.device}"]
+    stage = args.stage
     cfg = load_config(f"configs/demo/{stage}.yaml", overrides, stage=stage)
+    cfg.model.path = args.model_path or cfg.model.path
     t0 = time.perf_counter()
     train(cfg, stage)
     wall = time.perf_counter() - t0
@@ -46,10 +49,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", choices=["ar", "decoder"], default="decoder")
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--backend", choices=["ray", "local"], default="ray", help="local: rewards on a background thread")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=int, default=256, help="image height = width")
+    p.add_argument("--model-path", default=None, help="tiny pipeline folder (default: the demo's)")
     p.add_argument("--out", default="runs/bench/async_scoring.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {mode: run_once(args.stage, args.steps, mode == "async", Path(tmp) / mode) for mode in ("async", "sync")}
+        results = {mode: run_once(args, mode == "async", Path(tmp) / mode) for mode in ("async", "sync")}
     same = results["async"].pop("rewards") == results["sync"].pop("rewards")
     saving = 1 - results["async"]["loop_s"] / results["sync"]["loop_s"]
     print(f"{'mode':<6} {'loop s':>8} {'rollout s':>10} {'reward wait s':>14} {'train s':>8} {'job wall s':>11}")
@@ -60,7 +67,8 @@ def main() -> None:
           f"train, without start-up); identical rewards: {same}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"stage": args.stage, "steps": args.steps, "results": results,
+    out.write_text(json.dumps({"stage": args.stage, "steps": args.steps, "backend": args.backend, "device": args.device,
+                               "size": args.size, "results": results,
                                "loop_ratio_async_over_sync": 1 - saving, "identical_rewards": same}, indent=1))
 
 
