@@ -1,6 +1,7 @@
 """Shared fixtures. The tiny GLM-Image models are built once per test session and loaded from disk."""
 
 import pytest
+import torch
 
 from policies.tiny import ensure_tiny_glm_image
 
@@ -9,6 +10,21 @@ from policies.tiny import ensure_tiny_glm_image
 def tiny_model_path(tmp_path_factory):
     """Folder of a tiny random-init GlmImagePipeline written with save_pretrained."""
     return ensure_tiny_glm_image(tmp_path_factory.getbasetemp() / "tiny-glm-image")
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_model_path):
+    """The same folder as a string."""
+    return str(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models gain nothing from intra-op threads, and they thrash when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

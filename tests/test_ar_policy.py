@@ -16,19 +16,7 @@ from rl.config import ConfigError, JobConfig
 PROMPTS = ["a cat", 'a sign that says "OPEN" on a wooden table']  # different lengths -> left padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and they thrash when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tiny_model_path):
-    """The session's tiny pipeline (tests/conftest.py), built once and loaded from disk."""
-    return str(tiny_model_path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_policy(path, lora=True, sampler=None, **ar):
