@@ -34,7 +34,7 @@ import copy
 import logging
 import re
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch

@@ -286,9 +286,8 @@ def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: 
 
     def minibatch(n: int):
         batch = rollout.select(torch.arange(n))
-        # Advantages and mask on the device: rl.trainer.train() leaves CPU advantages and FlowPolicy.rollout a
-        # CPU mask, and policy_loss then fails on a GPU ("Expected all tensors to be on the same device").
-        # Worked around here, not in the package (docs/benchmarks.md).
+        # Random advantages on the policy's device (the trainer builds them there from the rewards). The runs in
+        # docs/benchmarks.md predate the package fix that puts FlowPolicy's mask on the device too.
         batch.advantages = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         batch.mask = batch.mask.to(device)
         return batch
