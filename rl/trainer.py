@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from rewards.client import RewardScores
 from rl.advantages import compute_advantages
 from rl.buffer import load_buffer_records, save_shard
 from rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
@@ -186,11 +187,11 @@ class StageTrainer:
             sub.advantages = advantages[offset:offset + len(sub)]
             offset += len(sub)
         if self.stage == "ar":  # 4. the shared buffer
-            self._keep_ar_rollouts(subs, _Scores(local_scores, parts[0].weights), np.asarray(adv.advantages)[mine],
+            self._keep_ar_rollouts(subs, RewardScores(local_scores, parts[0].weights), np.asarray(adv.advantages)[mine],
                                    np.asarray(adv.rewards)[mine])
         return subs, adv, {"time/rollout_s": rollout_s, "time/reward_s": reward_s}
 
-    def _keep_ar_rollouts(self, subs: List[Rollout], scores: "_Scores", advantages: np.ndarray, combined: np.ndarray) -> None:
+    def _keep_ar_rollouts(self, subs: List[Rollout], scores: RewardScores, advantages: np.ndarray, combined: np.ndarray) -> None:
         grid = (self.policy.grids.th, self.policy.grids.tw)
         self.latest_ar_records = [
             PromptRecord(p, dict(m, full_tokens=t.cpu().numpy()))
@@ -231,12 +232,6 @@ class StageTrainer:
 
 def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:
     return [torch.arange(s, min(s + mini_batch_size, size)) for s in range(0, size, mini_batch_size)]
-
-
-@dataclass
-class _Scores:
-    scores: Dict[str, np.ndarray]
-    weights: Dict[str, float]
 
 
 class Hooks:
