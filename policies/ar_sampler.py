@@ -199,10 +199,20 @@ class GenerateSampler:
                              raw_logits=raw if self.keep_raw_logits else None)
 
 
-def _check_same_processing(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    same_support = torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
-    finite = torch.isfinite(theirs)
-    if not same_support or not torch.equal(ours[finite], theirs[finite]):
+def _check_same_processing(ours: torch.Tensor, theirs: torch.Tensor, tol: float = 1e-3,
+                           max_support_mismatch: float = 1e-3) -> None:
+    """Raise unless ``LogitsProcessing`` reproduces ``generate``'s processed scores (B, U, V).
+
+    On CPU in fp32 the two agree exactly. On CUDA in bf16 they may not: logits tied at the top-p boundary sort
+    differently for the stacked (B*U, V) recompute than for generate's per-step (B, V), moving a few tokens in or
+    out of the nucleus, and fp32 values differ by rounding. Those are tolerated: at most ``max_support_mismatch``
+    of the entries may differ in being kept, and the values kept by both must agree within ``tol``. A real
+    extra processor (repetition penalty, min-p, typical-p) moves many values or many tokens and is caught.
+    """
+    kept_ours, kept_theirs = torch.isfinite(ours), torch.isfinite(theirs)
+    mismatch = (kept_ours != kept_theirs).float().mean().item()
+    both = kept_ours & kept_theirs
+    if mismatch > max_support_mismatch or not torch.allclose(ours[both], theirs[both], rtol=tol, atol=tol):
         raise RuntimeError(
             "generate applied logits processing that LogitsProcessing (suppress → temperature → top-k → top-p) "
             "does not reproduce; the stored log-probs would not be those of the training recompute. Remove the "

@@ -174,3 +174,22 @@ def test_sample_and_lora_target_errors(tiny_path):
         cfg.model.path, cfg.model.device = tiny_path, "cpu"
         cfg.optim.lora.enabled, cfg.optim.lora.target_modules = True, ["to_qq"]
         ARPolicy.from_config(cfg)
+
+
+def test_processing_check_tolerates_boundary_ties_but_not_extra_processors():
+    from policies.ar_sampler import _check_same_processing
+
+    g = torch.Generator().manual_seed(0)
+    theirs = torch.randn(2, 3, 2000, generator=g)
+    theirs[theirs < 0.5] = float("-inf")  # a nucleus
+    _check_same_processing(theirs.clone(), theirs)  # identical: fine
+    tie = theirs.clone()
+    edge = torch.isfinite(theirs).nonzero()[0]
+    tie[tuple(edge)] = float("-inf")  # one token left the nucleus (a tie at the boundary), tiny rounding elsewhere
+    _check_same_processing(tie + 1e-6 * torch.isfinite(tie), theirs)
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        _check_same_processing(theirs / 1.2, theirs)  # a penalty-like rescaling of every kept value
+    narrower = theirs.clone()
+    narrower[theirs < 1.0] = float("-inf")  # a min-p-like cut of many tokens
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        _check_same_processing(narrower, theirs)
