@@ -64,7 +64,7 @@ def load_pipeline(path: str, dtype: str = "float32", device: str = "auto", creat
             f"model.path: no GLM-Image pipeline at {path} (expected model_index.json and the component folders "
             f"written by GlmImagePipeline.save_pretrained; download the weights to a local folder and point model.path at it)"
         )
-    pipe = GlmImagePipeline.from_pretrained(path, dtype=DTYPES[dtype])
+    pipe = GlmImagePipeline.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(resolve_device(device))
     for module in (pipe.vision_language_encoder, pipe.transformer, pipe.vae, pipe.text_encoder):
