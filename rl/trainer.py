@@ -180,14 +180,14 @@ class StageTrainer:
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
                                  clip=g.adv_clip_max)
         mine = layout.local_slice(len(local_groups))
-        advantages = torch.as_tensor(np.asarray(adv.advantages)[mine], dtype=torch.float32,
-                                     device=subs[0].old_log_probs.device)
+        local_advantages = np.asarray(adv.advantages)[mine]
+        advantages = torch.as_tensor(local_advantages, dtype=torch.float32, device=subs[0].old_log_probs.device)
         offset = 0
         for sub in subs:
             sub.advantages = advantages[offset:offset + len(sub)]
             offset += len(sub)
         if self.stage == "ar":  # 4. the shared buffer
-            self._keep_ar_rollouts(subs, RewardScores(local_scores, parts[0].weights), np.asarray(adv.advantages)[mine],
+            self._keep_ar_rollouts(subs, RewardScores(local_scores, parts[0].weights), local_advantages,
                                    np.asarray(adv.rewards)[mine])
         return subs, adv, {"time/rollout_s": rollout_s, "time/reward_s": reward_s}
 
@@ -237,9 +237,10 @@ def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:
 class Hooks:
     """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
 
-    def __init__(self, cfg: JobConfig, run: RunDir, trainers: Dict[str, StageTrainer], evaluator, progress):
+    def __init__(self, cfg: JobConfig, run: RunDir, trainers: Dict[str, StageTrainer], evaluator, progress,
+                 last_checkpoint: int):
         self.cfg, self.run, self.trainers, self.evaluator, self.progress = cfg, run, trainers, evaluator, progress
-        self.last_checkpoint = 0
+        self.last_checkpoint = last_checkpoint
 
     def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
         step, every = trainer.state.step, self.cfg.logging
@@ -285,6 +286,21 @@ def _open_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState
     if next(iter(trainers.values())).layout.is_main:
         run.truncate_metrics(state.step)  # steps logged after the checkpoint by a killed run are redone
     log.info("resumed from %s at step %d", point, state.step)
+
+
+@contextlib.contextmanager
+def _opened_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState, run: RunDir, evaluator):
+    """Resume (or refuse to overwrite), write the run directory, and yield the phase-6 hooks; at the end close
+    the progress bar and draw the reward curve. Only the main process writes."""
+    layout = next(iter(trainers.values())).layout
+    _open_run(cfg, trainers, state, run)
+    if layout.is_main:
+        run.create(cfg)
+    progress = _progress(cfg, state.step, layout)
+    yield Hooks(cfg, run, trainers, evaluator, progress, last_checkpoint=state.step)
+    progress.close()
+    if layout.is_main:
+        run.plot_rewards()
 
 
 def _accelerator(cfg: JobConfig, policy):
@@ -335,17 +351,9 @@ def train(cfg: JobConfig, stage: str) -> Path:
     run, state = RunDir(cfg.output_dir), RunState()
     with _session(cfg) as (rewards, evaluator):
         trainer = StageTrainer(stage, cfg, policy, rewards, run, _accelerator(cfg, policy), state)
-        _open_run(cfg, {stage: trainer}, state, run)
-        if trainer.layout.is_main:
-            run.create(cfg)
-        progress = _progress(cfg, state.step, trainer.layout)
-        hooks = Hooks(cfg, run, {stage: trainer}, evaluator, progress)
-        hooks.last_checkpoint = state.step
-        while state.step < cfg.max_steps:
-            trainer.train_rollout(cfg.max_steps, hooks)
-        progress.close()
-    if trainer.layout.is_main:
-        run.plot_rewards()
+        with _opened_run(cfg, {stage: trainer}, state, run, evaluator) as hooks:
+            while state.step < cfg.max_steps:
+                trainer.train_rollout(cfg.max_steps, hooks)
     return run.path
 
 
@@ -369,25 +377,17 @@ def train_joint(cfg: JobConfig) -> Path:
         accelerator = _accelerator(cfg, policies["ar"])
         trainers = {stage: StageTrainer(stage, phases[stage], policies[stage], rewards, run, accelerator, state, prompts)
                     for stage in ("ar", "decoder")}
-        _open_run(cfg, trainers, state, run)
-        if trainers["ar"].layout.is_main:
-            run.create(cfg)
-        progress = _progress(cfg, state.step, trainers["ar"].layout)
-        hooks = Hooks(cfg, run, trainers, evaluator, progress)
-        hooks.last_checkpoint = state.step
         j = cfg.joint
         cycle = [("ar", j.ar_steps_per_phase), ("decoder", j.decoder_steps_per_phase)]
-        while state.step < cfg.max_steps:
-            for stage, steps in cycle:
-                trainer = trainers[stage]
-                if stage == "decoder" and trainers["ar"].latest_ar_records:
-                    _condition_on(trainer, trainers["ar"].latest_ar_records, cfg.seed + state.rollouts)
-                stop = min(cfg.max_steps, state.step + steps)
-                while state.step < stop:
-                    trainer.train_rollout(stop, hooks)
-        progress.close()
-    if trainers["ar"].layout.is_main:
-        run.plot_rewards()
+        with _opened_run(cfg, trainers, state, run, evaluator) as hooks:
+            while state.step < cfg.max_steps:
+                for stage, steps in cycle:
+                    trainer = trainers[stage]
+                    if stage == "decoder" and trainers["ar"].latest_ar_records:
+                        _condition_on(trainer, trainers["ar"].latest_ar_records, cfg.seed + state.rollouts)
+                    stop = min(cfg.max_steps, state.step + steps)
+                    while state.step < stop:
+                        trainer.train_rollout(stop, hooks)
     return run.path
 
 
