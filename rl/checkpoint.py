@@ -80,14 +80,21 @@ def read_state(path: Path, cfg: JobConfig) -> Dict:
     return state
 
 
+def _copy_weights(named_parameters, weights: Dict[str, torch.Tensor], source: Path) -> None:
+    """Copy saved tensors into the parameters of the same names (no grad); unknown names are an error."""
+    params = dict(named_parameters)
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise ConfigError(f"checkpoint {source}: weights do not match the model ({len(unknown)} unknown names, e.g. {unknown[0]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
 def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
     """Load weights, optimizer, EMA and the RNG state of a checkpoint into the live trainers."""
     for stage, t in trainers.items():
-        weights = load_file(str(path / f"{stage}.trained.safetensors"))
-        params = dict(t.policy.trainable_named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        _copy_weights(t.policy.trainable_named_parameters(), load_file(str(path / f"{stage}.trained.safetensors")), path)
         t.optimizer.load_state_dict(torch.load(path / f"{stage}.optimizer.pt", weights_only=True))
         ema_file = path / f"{stage}.ema.safetensors"
         if ema_file.is_file() and getattr(t.policy, "ema", None) is not None:
@@ -103,8 +110,7 @@ def load_trained_weights(pipe, checkpoint: str) -> None:
         raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder (expected state.json)")
     meta = json.loads((folder / "state.json").read_text())
     for stage in meta["stages"]:
-        attr = STAGE_MODULES[stage]
-        module = getattr(pipe, attr)
+        module = getattr(pipe, STAGE_MODULES[stage])
         weights = load_file(str(folder / f"{stage}.trained.safetensors"))
         if meta["lora"]:  # re-inject the same adapters (module paths from the saved names), then load them
             from peft import LoraConfig, inject_adapter_in_model
@@ -112,11 +118,4 @@ def load_trained_weights(pipe, checkpoint: str) -> None:
             targets = sorted({k.split(".lora_")[0] for k in weights if ".lora_" in k})
             rank = next(v.shape[0] for k, v in weights.items() if ".lora_A" in k)
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=meta["lora_config"]["alpha"], target_modules=targets), module)
-            params = dict(module.named_parameters())
-            with torch.no_grad():
-                for name, value in weights.items():
-                    params[name].copy_(value)
-        else:
-            _, unexpected = module.load_state_dict(weights, strict=False)
-            if unexpected:
-                raise ConfigError(f"--checkpoint {checkpoint}: weights do not match the {attr} ({len(unexpected)} unexpected keys)")
+        _copy_weights(module.named_parameters(), weights, folder)
