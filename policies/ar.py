@@ -82,7 +82,8 @@ class ARPolicy(TrainedComponent):
             ``vision_language_encoder`` is trained, the decoder parts stay frozen and render the images.
         adapter: ``GlmImageAdapter`` over ``pipe``.
         cfg: the job config (``ar``, ``data.height/width``, ``optim.lora``, ``optim.gradient_checkpointing``).
-        sampler: the decode loop (``TokenSampler``); default ``GenerateSampler`` (transformers ``generate``).
+        sampler: the decode loop (``TokenSampler``); default from ``ar.sampler``: ``GenerateSampler``
+            (transformers ``generate``) or ``StaticCacheSampler`` (``policies.ar_engine``).
     """
 
     stage = "ar"
@@ -90,7 +91,7 @@ class ARPolicy(TrainedComponent):
     def __init__(self, pipe, adapter: GlmImageAdapter, cfg: JobConfig, sampler: Optional[TokenSampler] = None):
         self.pipe, self.adapter, self.cfg = pipe, adapter, cfg
         self.model = self.trained_module = pipe.vision_language_encoder
-        self.sampler: TokenSampler = sampler or GenerateSampler()
+        self.sampler: TokenSampler = sampler or self._sampler(cfg)
         self.height, self.width = cfg.data.height, cfg.data.width
         self.grids = adapter.grids(self.height, self.width)
         self.num_preview, self.num_full = self.grids.num_preview, self.grids.num_full
@@ -121,6 +122,14 @@ class ARPolicy(TrainedComponent):
         m = cfg.model
         pipe = load_pipeline(m.path, dtype=m.dtype, device=m.device, create_tiny_if_missing=m.create_tiny_if_missing)
         return cls(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
+
+    @staticmethod
+    def _sampler(cfg: JobConfig) -> TokenSampler:
+        if cfg.ar.sampler == "engine":
+            from policies.ar_engine import StaticCacheSampler
+
+            return StaticCacheSampler(use_cuda_graph=True, compile=cfg.ar.compile)
+        return GenerateSampler()
 
     def _processing(self, cfg: JobConfig) -> LogitsProcessing:
         """Suppressed ids = ``generation_config.suppress_tokens`` ∪ every non-codebook id of the lm_head (start/end

@@ -70,7 +70,7 @@ from policies.ar_sampler import LogitsProcessing, SampledTokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StaticCacheSampler", "decode_positions", "prompt_positions"]
+__all__ = ["StaticCacheSampler", "decode_positions", "decode_step", "prompt_positions"]
 
 
 # --------------------------------------------------------------------------------------------------- positions
@@ -200,12 +200,21 @@ class _Parts:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def decode_step(parts: _Parts, tok: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
+                cache: _StaticKV, dtype) -> torch.Tensor:
+    """One decode step: mark cache ``slot`` valid, run token ids ``tok`` (B, 1) at positions ``pos`` (3, B, 1) over
+    the whole static cache, return the (B, V) raw logits. The unit that is compiled and captured."""
+    cache.slot, cache.kv_len = slot, valid.shape[1]
+    valid.index_fill_(1, slot, True)
+    return parts.forward(tok, pos, parts.attn_mask(valid[:, None, None, :], dtype), cache)
+
+
 class _Graph:
     """A captured decode step over a static cache, with its static input buffers."""
 
-    def __init__(self, parts: _Parts, cache: _StaticKV, valid: torch.Tensor, dtype):
+    def __init__(self, step, parts: _Parts, cache: _StaticKV, valid: torch.Tensor, dtype):
         b, device = valid.shape[0], valid.device
-        self.parts, self.cache, self.valid, self.dtype = parts, cache, valid, dtype
+        self.step, self.parts, self.cache, self.valid, self.dtype = step, parts, cache, valid, dtype
         self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(3, b, 1, dtype=torch.long, device=device)
         self.slot = torch.full((1,), valid.shape[1] - 1, dtype=torch.long, device=device)
@@ -213,14 +222,12 @@ class _Graph:
         self.logits: Optional[torch.Tensor] = None
 
     def _step(self) -> torch.Tensor:
-        self.cache.slot, self.cache.kv_len = self.slot, self.valid.shape[1]
-        self.valid.index_fill_(1, self.slot, True)
-        mask = self.parts.attn_mask(self.valid[:, None, None, :], self.dtype)
-        return self.parts.forward(self.tok, self.pos, mask, self.cache)
+        return self.step(self.parts, self.tok, self.pos, self.valid, self.slot, self.cache, self.dtype)
 
     def capture(self, warmup: int = 2) -> None:
-        """Warm up on a side stream, then capture. Both write garbage into the last cache slot and mark it valid;
-        the caller resets ``valid`` afterwards (every slot is rewritten before it is unmasked)."""
+        """Warm up on a side stream (this is where a compiled step compiles), then capture. Both write garbage into
+        the last cache slot and mark it valid; the caller resets ``valid`` afterwards (every slot is rewritten
+        before it is unmasked)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -250,11 +257,15 @@ class StaticCacheSampler:
             L); default 64 with the CUDA graph (one graph serves prompts of nearby lengths), else 1.
         keep_raw_logits: also return the (B, U, V) float32 raw logits.
         graph_warmup: eager warm-up steps before the capture.
+        compile: run the decode step through ``torch.compile`` (inductor, static shapes, no inductor CUDA graphs:
+            the graph above captures the compiled kernels). Fuses the norms, rotary and activation kernels of
+            the 40 layers; compiles once per (batch, cache length) on the first call.
     """
 
     def __init__(self, use_cuda_graph: bool = False, pad_prompt_to: Optional[int] = None, keep_raw_logits: bool = False,
-                 graph_warmup: int = 2):
+                 graph_warmup: int = 2, compile: bool = False):
         self.use_cuda_graph = use_cuda_graph
+        self.step = torch.compile(decode_step, dynamic=False) if compile else decode_step
         self.pad_prompt_to = pad_prompt_to
         self.keep_raw_logits = keep_raw_logits
         self.graph_warmup = graph_warmup
@@ -297,7 +308,7 @@ class StaticCacheSampler:
         self._state = None  # free the old cache and graph before allocating new ones
         cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
         valid = torch.zeros(b, length, dtype=torch.bool, device=device)
-        g = _Graph(parts, cache, valid, dtype)
+        g = _Graph(self.step, parts, cache, valid, dtype)
         g.capture(self.graph_warmup)
         self._state = (key, g)
         return g
@@ -362,9 +373,6 @@ class StaticCacheSampler:
             causal = ar[None, :] <= ar[:, None]  # (Q, K)
             allowed = causal[None] & (valid[:, None, :lp] | torch.eye(lp, dtype=torch.bool, device=device)[None])
             logits = parts.forward(ids, pos, parts.attn_mask(allowed[:, None], dtype), cache)
-            if graph is None:
-                cache.kv_len = length
-                dmask = valid[:, None, None, :]
             for t in range(num_tokens):
                 raw = logits.float()
                 if self.keep_raw_logits:
@@ -384,7 +392,6 @@ class StaticCacheSampler:
                 if graph is not None:
                     logits = graph(tok, dpos3[:, :, t: t + 1], slot)
                 else:
-                    cache.slot = torch.tensor([slot], device=device)
-                    valid[:, slot] = True
-                    logits = parts.forward(tok[:, None], dpos3[:, :, t: t + 1], parts.attn_mask(dmask, dtype), cache)
+                    logits = self.step(parts, tok[:, None], dpos3[:, :, t: t + 1], valid,
+                                       torch.tensor([slot], device=device), cache, dtype)
         return SampledTokens(tokens=tokens, log_probs=log_probs, position_ids=position_ids, raw_logits=raw_out)

@@ -64,6 +64,8 @@ class FlowPolicy(TrainedComponent):
         else:
             self.model = base.requires_grad_(True)
             self.reference = copy.deepcopy(base).requires_grad_(False).eval() if cfg.grpo.beta > 0 else None
+        if self.d.compile:  # after LoRA injection, so the compiled blocks include the adapters
+            base.compile_repeated_blocks()
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
         self.ema = EMA(self.trainable_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
 

@@ -63,6 +63,12 @@ class ARConfig:
     preview_loss_weight: float = 1.0
     # Loss weight of the full-grid tokens (the ones the decoder paints).
     full_loss_weight: float = 1.0
+    # Rollout decode loop: "generate" (transformers generate, dynamic KV cache: the reference) or "engine"
+    # (policies/ar_engine.py: static KV cache, one decode step captured as a CUDA graph on CUDA; same tokens and
+    # stored log-probs; text-to-image prompts only).
+    sampler: str = "generate"
+    # With sampler "engine": run its decode step through torch.compile (the first rollout compiles it).
+    compile: bool = False
     # Decoder denoising steps used to turn AR tokens into images for the rewards (ODE, seeded per group).
     decode_steps: int = 8
     # CFG scale of that frozen decoder (release: 1.5; 1.0 turns CFG off).
@@ -98,6 +104,9 @@ class DecoderConfig:
     buffer_dir: Optional[str] = None
     # EMA decay of trained weights used for eval/sample grids; 0 disables EMA.
     ema_decay: float = 0.0
+    # torch.compile the transformer's repeated blocks (diffusers regional compilation) for rollout and training;
+    # the first rollout and the first training step compile (forward, and forward+backward).
+    compile: bool = False
 
 
 @dataclass
@@ -229,6 +238,10 @@ class DistributedConfig:
     cpus_per_worker: float = 1.0
     # GPUs per trainer worker (0 on a CPU cluster).
     gpus_per_worker: float = 0.0
+    # Data parallelism of the trained module over the processes: "ddp" (a full copy per process, gradients
+    # all-reduced) or "fsdp" (FSDP2: parameters, gradients and optimizer state sharded per repeated block;
+    # for models that do not fit once per GPU with their optimizer state). Same updates either way.
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -350,6 +363,7 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
     _choice("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))
     _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, ("sum_then_normalize", "normalize_then_sum"))
+    _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
     _choice("decoder.sde_type", d.sde_type, ("sde", "cps"))
     _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
     if d.condition_source == "buffer":
@@ -358,6 +372,7 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("reward_host.backend", job.reward_host.backend, ("ray", "local"))
     _choice("optim.mixed_precision", job.optim.mixed_precision, ("no", "bf16", "fp16"))
     _choice("distributed.launcher", job.distributed.launcher, ("none", "ray_train"))
+    _choice("distributed.strategy", job.distributed.strategy, ("ddp", "fsdp"))
     workers = job.distributed.num_workers
     _rule(workers >= 1, "distributed.num_workers", "must be >= 1")
     for key in ("num_generations", "mini_batch_size"):

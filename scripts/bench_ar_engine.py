@@ -14,7 +14,10 @@ Rows (batch 32 unless ``--batches``):
 * ``engine_eager``: ``StaticCacheSampler()`` — static cache, explicit positions, no graph;
 * ``engine_graph``: ``StaticCacheSampler(use_cuda_graph=True)``; timed after a warm-up call of N tokens, which
   captures the graph that the timed call replays (a new prompt/cache shape captures once);
-* ``engine_graph_lora`` (``--lora-row``): the graph path on an ``ARPolicy`` with LoRA r32 on q/k/v/o_proj.
+* ``engine_graph_compiled`` (``--compile``): ``StaticCacheSampler(use_cuda_graph=True, compile=True)``, the graph
+  of the torch.compile'd decode step (``ar.sampler: engine`` + ``ar.compile: true``); its warm-up call compiles;
+* ``engine_graph_lora`` (``--lora-row``): the graph path on an ``ARPolicy`` with LoRA r32 on q/k/v/o_proj (and
+  ``engine_graph_compiled_lora`` with ``--compile``).
 
 Checks written beside the timings (``checks``): the graph path's tokens equal the eager engine's under one
 seed (same kernels: bit-identical in any dtype); token agreement with ``GenerateSampler`` under the same seed
@@ -79,6 +82,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[32])
     ap.add_argument("--graph-batches", type=int, nargs="*", default=None, help="extra batches for the graph row")
     ap.add_argument("--lora-row", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="add the compiled-step graph rows")
+    ap.add_argument("--skip-eager", action="store_true", help="no engine_eager row")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--warmup-tokens", type=int, default=64, help="untimed GenerateSampler call before the rows")
     ap.add_argument("--out", default="runs/bench/ar_engine.json")
@@ -157,12 +162,18 @@ def main() -> None:
         res.set("generate_sampler_processing_check", f"raised: {str(e)[:200]}")
     print("GenerateSampler processing check:", res.data["generate_sampler_processing_check"], flush=True)
     graph_sampler = StaticCacheSampler(use_cuda_graph=True)
+    compiled_sampler = StaticCacheSampler(use_cuda_graph=True, compile=True)
     for batch in args.batches:
         timed_row("generate_sampler", policy, GenerateSampler(check_processing=False), batch, graph=False)
-        timed_row("engine_eager", policy, StaticCacheSampler(), batch, graph=False)
+        if not args.skip_eager:
+            timed_row("engine_eager", policy, StaticCacheSampler(), batch, graph=False)
         timed_row("engine_graph", policy, graph_sampler, batch, graph=True)
+        if args.compile:
+            timed_row("engine_graph_compiled", policy, compiled_sampler, batch, graph=True)
     for batch in args.graph_batches or []:
         timed_row("engine_graph", policy, graph_sampler, batch, graph=True)
+        if args.compile:
+            timed_row("engine_graph_compiled", policy, compiled_sampler, batch, graph=True)
 
     if not args.no_checks:
         checks: Dict[str, object] = {}
@@ -174,6 +185,11 @@ def main() -> None:
                 checks["graph_vs_eager_engine_padded"] = agreement(g[1], eager64)
                 checks["graph_vs_eager_engine_padded"]["max_abs_logp"] = float((g[1].log_probs - eager64.log_probs).abs().max())
                 checks["recompute_gap_engine_graph"] = recompute_gap(policy, inputs, g[1])
+                c = outs.get(("engine_graph_compiled", big))
+                if c and c[1] is not None:
+                    checks["compiled_graph_vs_eager_engine_padded"] = agreement(c[1], eager64)
+                    checks["compiled_graph_vs_eager_engine_padded"]["max_abs_logp_first_16"] = float(
+                        (c[1].log_probs[:, :16] - eager64.log_probs[:, :16]).abs().max())
             if e and h and e[1] is not None and h[1] is not None:
                 checks["engine_eager_vs_generate_sampler"] = agreement(e[1], h[1])
                 checks["recompute_gap_generate_sampler"] = recompute_gap(policy, h[0], h[1])
@@ -185,10 +201,14 @@ def main() -> None:
 
     if args.lora_row:
         graph_sampler.reset()
+        compiled_sampler.reset()
         policy = None
         C.free_memory(device)
         lora_policy = R.build_policy(model, processor, device, lora=True)
         timed_row("engine_graph_lora", lora_policy, StaticCacheSampler(use_cuda_graph=True), big, graph=True)
+        if args.compile:
+            timed_row("engine_graph_compiled_lora", lora_policy, StaticCacheSampler(use_cuda_graph=True, compile=True),
+                      big, graph=True)
 
     base = {r["batch"]: r["decode_ms_per_step"] for r in rows if r["row"] == "generate_sampler"}
     for r in rows:

@@ -140,8 +140,10 @@ def test_policy_rollout_with_engine_ratio_one(tiny_path, lora):
     cfg.model.path, cfg.model.device = tiny_path, "cpu"
     cfg.optim.lora.enabled = lora
     cfg.ar.top_k = 40
+    cfg.ar.sampler = "engine"  # the config route: ARPolicy builds the StaticCacheSampler itself
     pipe = load_pipeline(tiny_path, device="cpu")
-    policy = ARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=StaticCacheSampler())
+    policy = ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    assert isinstance(policy.sampler, StaticCacheSampler)
     r = policy.rollout(PROMPTS[1:3], [{}, {}], group_size=2, seed=3)
     assert (r.extras["attention_mask"] == 0).any()
     lp = policy.log_probs(r, policy.unit_chunks(r)[0], with_kl=True)
@@ -224,3 +226,28 @@ def test_cuda_graph_matches_eager_loop(tiny_path, adapter):
         assert torch.equal(out.tokens, eager.tokens)
         torch.testing.assert_close(out.log_probs, eager.log_probs, atol=1e-6, rtol=0)
         assert torch.equal(out.position_ids, eager.position_ids)
+
+
+def test_compiled_decode_step_matches_eager(pipe, adapter):
+    """``compile=True`` (inductor on CPU): same tokens, log-probs equal up to fusion rounding; a second call
+    reuses the compiled step."""
+    model = pipe.vision_language_encoder
+    inputs, u = inputs_for(adapter)
+    processing = PROCESSINGS["release"]
+    eager = StaticCacheSampler()(model, inputs, u, processing, seed=11)
+    compiled = StaticCacheSampler(compile=True)
+    for _ in range(2):
+        out = compiled(model, inputs, u, processing, seed=11)
+        assert torch.equal(out.tokens, eager.tokens)
+        torch.testing.assert_close(out.log_probs, eager.log_probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_of_compiled_step_matches_eager_loop(tiny_path):
+    pipe = load_pipeline(tiny_path, device="cuda")
+    inputs, u = inputs_for(GlmImageAdapter(pipe))
+    processing = PROCESSINGS["all"]
+    eager = StaticCacheSampler(pad_prompt_to=64)(pipe.vision_language_encoder, inputs, u, processing, seed=4)
+    out = StaticCacheSampler(use_cuda_graph=True, compile=True)(pipe.vision_language_encoder, inputs, u, processing, seed=4)
+    assert torch.equal(out.tokens, eager.tokens)
+    torch.testing.assert_close(out.log_probs, eager.log_probs, atol=1e-5, rtol=0)

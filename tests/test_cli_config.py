@@ -29,6 +29,7 @@ def test_dry_run_prints_the_resolved_config():
         (["train", "ar", "--config", "configs/demo/missing.yaml", "--dry-run"], "configs/demo/missing.yaml"),
         (["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", "data.prompts=nope.jsonl"], "nope.jsonl"),
         (["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", "grpo.mini_batch_size=3"], "grpo.mini_batch_size"),
+        (["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run", "ar.sampler=vllm"], "ar.sampler"),
         (["train", "sideways", "--config", "configs/demo/ar.yaml"], "sideways"),
         (["sample", "--config", "configs/demo/sample.yaml", "model.path=/nonexistent", "model.create_tiny_if_missing=false"], "model.path"),
     ],
