@@ -72,10 +72,11 @@ def free_memory(device: torch.device) -> None:
 
 
 def count_flops(fn: Callable):
-    """(result, FLOPs) of ``fn()`` under ``FlopCounterMode`` (matmuls + attention, forward and backward)."""
+    """(result, FLOPs) of ``fn()`` under ``FlopCounterMode`` (matmuls + attention, forward and backward). Compiled
+    regions run eagerly here: the counter sees torch ops, not inductor kernels (same model FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         out = fn()
     return out, int(counter.get_total_flops())
 

@@ -33,6 +33,10 @@ Measured, with the real ``FlowPolicy`` and ``rl.trainer.update_on_minibatch``:
    warm-up step, then ``--train-reps`` timed steps. ``--train-rows`` picks other rows (e.g. ``1024:lora:8:gc``);
    ``--rollout-reps 0`` skips the rollout timing and trains on the warm-up rollout (same shapes).
 
+``--compile`` repeats the forward, rollout and train rows with ``decoder.compile`` (diffusers regional
+compilation: ``torch.compile`` of each ``GlmImageTransformerBlock``, inductor default mode), after the eager rows of
+the same run; compiled rows get one more untimed warm-up (the first calls compile).
+
 FLOPs: ``FlopCounterMode`` (matmuls + attention, forward and backward). Train step: counted on a separate
 1-sample step without checkpointing, times the minibatch (all FLOPs of this model are per sample): model FLOPs,
 no recompute, also for checkpointed rows. Rollout: one chunk's CFG velocity counted, times steps x chunks (the VAE
@@ -127,7 +131,7 @@ def random_conditions(policy: FlowPolicy, prompts, metadata, seed: int) -> torch
 FlowPolicy.conditions = torch.no_grad()(random_conditions)  # explicit: the benchmark never runs the AR model
 
 
-def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool) -> JobConfig:
+def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool, compile_blocks: bool = False) -> JobConfig:
     cfg = JobConfig()
     cfg.output_dir = "unused"
     cfg.data.height = cfg.data.width = size
@@ -139,6 +143,7 @@ def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool) -> J
     cfg.grpo.beta = 0.0  # no KL reference: no frozen copy, no extra forward
     cfg.optim.learning_rate = 1e-5
     cfg.optim.gradient_checkpointing = gc
+    cfg.decoder.compile = compile_blocks
     cfg.optim.lora = LoraSettings(enabled=lora, r=32, alpha=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     apply_stage_defaults(cfg, "decoder")
     return cfg
@@ -157,8 +162,15 @@ def release_policy(policy: FlowPolicy) -> None:
         pipe.transformer = policy.model.unload()
     pipe.transformer.requires_grad_(False).eval()
     pipe.transformer.disable_gradient_checkpointing()
+    uncompile(pipe.transformer)
     for p in pipe.transformer.parameters():
         p.grad = None
+
+
+def uncompile(module: torch.nn.Module) -> None:
+    """Undo ``nn.Module.compile`` (what ``compile_repeated_blocks`` calls) on every submodule."""
+    for m in module.modules():
+        m._compiled_call_impl = None
 
 
 # ------------------------------------------------------------------------------------------------ counting
@@ -176,8 +188,10 @@ def formula_forward_flops(transformer, image_tokens: int, text_tokens: int) -> f
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def bench_forward(pipe, device, size: int, reps: int, warmup: int) -> Dict[str, object]:
+def bench_forward(pipe, device, size: int, reps: int, warmup: int, compiled: bool = False) -> Dict[str, object]:
     tr = pipe.transformer
+    if compiled:
+        tr.compile_repeated_blocks()
     dtype = tr.dtype
     h = w = size // pipe.vae_scale_factor
     n_img = h * w // tr.config.patch_size**2
@@ -196,7 +210,8 @@ def bench_forward(pipe, device, size: int, reps: int, warmup: int) -> Dict[str, 
         C.reset_peak(device)
         times = [C.timed(lambda: tr(**kw), device)[1] for _ in range(reps)]
     t = C.median(times)
-    return dict(size=size, batch=1, image_tokens=n_img, glyph_tokens=64, ms=t * 1e3, ms_min=min(times) * 1e3,
+    uncompile(tr)
+    return dict(compiled=compiled, size=size, batch=1, image_tokens=n_img, glyph_tokens=64, ms=t * 1e3, ms_min=min(times) * 1e3,
                 reps=reps, flops=flops, formula_flops=formula_forward_flops(tr, n_img, 64),
                 mfu=C.mfu(flops, t, device), peak_gib=C.peak_gib(device))
 
@@ -265,7 +280,8 @@ def bench_rollout(policy: FlowPolicy, device, prompts: int, group: int, reps: in
     return row, out
 
 
-def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: str, gc: bool) -> Dict[str, object]:
+def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: str, gc: bool,
+                warmups: int = 1) -> Dict[str, object]:
     """One optimizer step of ``update_on_minibatch`` on the first ``mb`` samples of ``rollout``.
 
     FLOPs are counted on a separate 1-sample step without checkpointing (``FlopCounterMode`` tracks modules with
@@ -304,7 +320,8 @@ def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: 
             transformer.enable_gradient_checkpointing()
         C.free_memory(device)
         C.reset_peak(device)
-        step(batch)  # warm-up
+        for _ in range(warmups):
+            step(batch)
         times = [C.timed(lambda: step(batch), device)[1] for _ in range(reps)]
     except Exception as e:  # noqa: BLE001
         if not C.is_oom(e):
@@ -341,6 +358,7 @@ def main() -> None:
     ap.add_argument("--train-rows", nargs="*", default=None, metavar="SIZE:MODE:MB[:gc]",
                     help="train rows to run instead of the plan's, e.g. 1024:lora:4:gc (sizes and modes follow)")
     ap.add_argument("--no-forward", action="store_true", help="skip the plain forward reference")
+    ap.add_argument("--compile", action="store_true", help="repeat every row with decoder.compile")
     ap.add_argument("--out", default="runs/bench/flow_step.json")
     args = ap.parse_args()
 
@@ -377,28 +395,32 @@ def main() -> None:
                    build_s=build_s),
     ))
 
-    if not args.no_forward:
-        fwd = bench_forward(pipe, device, fwd_size, reps=args.forward_reps, warmup=3)
+    variants = [False, True] if args.compile else [False]
+    for compiled in variants if not args.no_forward else []:
+        fwd = bench_forward(pipe, device, fwd_size, reps=args.forward_reps, warmup=3, compiled=compiled)
         res.add("forward", fwd)
-        print(f"forward {fwd_size}² b1: {fwd['ms']:.1f} ms, MFU {C.fmt(fwd['mfu'])}, counted {fwd['flops']:.3e} FLOP, "
-              f"formula {fwd['formula_flops']:.3e}", flush=True)
+        print(f"forward {fwd_size}² b1 compiled={compiled}: {fwd['ms']:.1f} ms, MFU {C.fmt(fwd['mfu'])}, "
+              f"counted {fwd['flops']:.3e} FLOP, formula {fwd['formula_flops']:.3e}", flush=True)
 
     for size in sizes:
         p = plan[size]
-        for mode in args.modes:
+        for mode, compiled in [(m, c) for m in args.modes for c in variants]:
             if (size, mode) not in train_rows:
                 continue
             lora = mode == "lora"
-            policy = make_policy(pipe, job_config(size, p["chunk"], args.num_steps, lora=lora, gc=False))
+            suffix = "+compile" if compiled else ""
+            policy = make_policy(pipe, job_config(size, p["chunk"], args.num_steps, lora=lora, gc=False,
+                                                  compile_blocks=compiled))
             row, rollout = bench_rollout(policy, device, p["prompts"], p["group"], args.rollout_reps,
-                                         "lora" if lora else "plain")
+                                         ("lora" if lora else "plain") + suffix)
             if row is not None:
                 res.add("rollout", row)
                 print(f"rollout {size}² {row['mode']} b{row['batch']} (chunk {row['chunk']}): {row['seconds']:.2f}s, "
                       f"{row['images_per_s']:.2f} img/s, MFU {C.fmt(row['mfu'])}, peak {C.fmt(row['peak_gib'])} GiB",
                       flush=True)
             for mb, gc in train_rows[(size, mode)]:
-                row = bench_train(policy, device, rollout, mb, args.train_reps, mode, gc)
+                row = bench_train(policy, device, rollout, mb, args.train_reps, mode + suffix, gc,
+                                  warmups=2 if compiled else 1)
                 res.add("train", row)
                 print(f"train {size}² {mode} mb{mb} gc={gc}: {row['status']} {C.fmt(row.get('seconds'))}s, "
                       f"MFU {C.fmt(row.get('mfu'))}, peak {C.fmt(row.get('peak_gib'))} GiB", flush=True)
@@ -408,7 +430,7 @@ def main() -> None:
             C.free_memory(device)
 
     C.print_table("forward (no grad, no CFG)", res.data.get("forward", []), [
-        ("size", "size", ""), ("batch", "batch", ""), ("ms", "ms", ".1f"), ("FLOP", "flops", ".4g"), ("formula FLOP", "formula_flops", ".4g"),
+        ("compiled", "compiled", ""), ("size", "size", ""), ("batch", "batch", ""), ("ms", "ms", ".1f"), ("FLOP", "flops", ".4g"), ("formula FLOP", "formula_flops", ".4g"),
         ("MFU", "mfu", ".3f"), ("peak GiB", "peak_gib", ".1f")])
     C.print_table(f"rollout (CFG, {args.num_steps} steps, incl. VAE decode)", res.data.get("rollout", []), [
         ("size", "size", ""), ("model", "mode", ""), ("batch", "batch", ""), ("chunk", "chunk", ""),
