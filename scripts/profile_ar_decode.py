@@ -1,0 +1,122 @@
+"""Profile: where one AR decode step of ``StaticCacheSampler`` spends its time at release size.
+
+    PYTHONUNBUFFERED=1 python scripts/profile_ar_decode.py --out docs/bench/ar_decode_profile_h200.json
+    .venv/bin/python scripts/profile_ar_decode.py --device cpu --tiny     # CPU smoke test
+
+The release-size AR model of ``scripts/bench_ar_rollout.py`` (random init, bf16), batch 32, a static cache of a
+whole 1024² image (prompt padded to 64 + 1279 decode slots = 1344), all slots valid. Measured:
+
+1. ``graph``: replays of the captured decode step alone (eager and ``compile=True`` step), ms each;
+2. ``sampling``: the eager work between replays (``LogitsProcessing`` of the release sampler, softmax,
+   multinomial, log-softmax gather) on (32, 16512) logits, ms each;
+3. ``kernels``: ``torch.profiler`` over eager (uncaptured) decode steps, device time summed per kernel name, the
+   top ``--top`` — what the graph replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
+import bench_ar_rollout as R  # noqa: E402
+
+import torch  # noqa: E402
+
+from policies.ar_engine import StaticCacheSampler, _Parts, decode_step  # noqa: E402
+from policies.ar_sampler import LogitsProcessing  # noqa: E402
+
+
+def per_call_ms(fn, device, reps: int) -> float:
+    fn()
+    C.sync(device)
+    _, seconds = C.timed(lambda: [fn() for _ in range(reps)], device)
+    return seconds / reps * 1e3
+
+
+def kernel_table(fn, device, steps: int, top: int) -> List[Dict[str, object]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    C.sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        C.sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [dict(name=e.key[:120], calls=e.count // steps, ms_per_step=getattr(e, attr) / 1e3 / steps)
+            for e in prof.key_averages() if getattr(e, attr) > 0]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    for r in rows:
+        r["share"] = r["ms_per_step"] / total
+    return rows[:top] + [dict(name="(all kernels)", calls=sum(r["calls"] for r in rows), ms_per_step=total, share=1.0)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default="runs/bench/ar_decode_profile.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ids = R.TINY if args.tiny else R.RELEASE
+    tokenizer = R.build_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1)
+    model = R.build_model(tokenizer, ids, args.tiny, device, dtype)
+    wb = R.decode_weight_bytes(model)
+    res = C.Results(args.out, dict(benchmark="ar_decode_profile", command=" ".join(["python"] + sys.argv),
+                                   environment=C.environment(device),
+                                   setup=dict(batch=args.batch, cache_slots=1344, dtype=str(dtype), **wb,
+                                              roofline_ms=wb["decode_weight_bytes"] / C.HBM_BYTES_PER_S * 1e3)))
+    b, lp, length = args.batch, 64, 1344
+    parts = _Parts.of(model)
+    tok = torch.randint(0, ids["codebook"], (b,), device=device)
+    pos = torch.full((3, b, 1), 100, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for compiled in (False, True):
+            sampler = StaticCacheSampler(use_cuda_graph=True, compile=compiled)
+            label = "compiled" if compiled else "eager"
+            if device.type == "cuda":
+                graph = sampler._graph_for(model, parts, b, lp, length, dtype, device)
+                graph.valid.fill_(True)
+                res.set(f"graph_ms_{label}", per_call_ms(lambda: graph(tok, pos, length - 1), device, args.reps))
+                cache, valid = graph.cache, graph.valid
+            else:
+                from policies.ar_engine import _StaticKV
+
+                cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
+                valid = torch.ones(b, length, dtype=torch.bool, device=device)
+            slot = torch.tensor([length - 1], device=device)
+            step = lambda: sampler.step(parts, tok[:, None], pos, valid, slot, cache, dtype)  # noqa: E731
+            res.set(f"kernels_{label}", kernel_table(step, device, steps=5, top=args.top))
+            sampler.reset()
+            print(f"{label}: graph {C.fmt(res.data.get(f'graph_ms_{label}'))} ms/step", flush=True)
+            C.print_table(f"kernels per decode step ({label}, not captured)", res.data[f"kernels_{label}"], [
+                ("kernel", "name", ""), ("calls", "calls", ""), ("ms/step", "ms_per_step", ".3f"), ("share", "share", ".3f")])
+        suppress = tuple(range(ids["codebook"], ids["vision_vocab"]))
+        procs = LogitsProcessing(suppress, temperature=0.9, top_k=0, top_p=0.75)._processors(device)
+        logits = torch.randn(b, ids["vision_vocab"], device=device)
+
+        def sample():
+            scores = logits
+            for proc in procs:
+                scores = proc(None, scores)
+            t = torch.multinomial(torch.softmax(scores, -1), 1)
+            return torch.log_softmax(scores, -1).gather(-1, t)
+
+        res.set("sampling_ms", per_call_ms(sample, device, args.reps))
+        res.set("kernels_sampling", kernel_table(sample, device, steps=5, top=10))
+    print(f"sampling {res.data['sampling_ms']:.3f} ms/step; roofline {res.data['setup']['roofline_ms']:.2f} ms", flush=True)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
