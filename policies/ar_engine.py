@@ -16,15 +16,19 @@ training recompute and on-policy ratio are unchanged when it is swapped in::
    in row-major order, then b += max(h, w) (``decode_positions``). No cached rope state of the model is read.
 2. A static KV cache: per layer a (B, kv_heads, S, head_dim) key and value buffer, S = L + U − 1 (L and S
    rounded up to a multiple of ``pad_prompt_to``), and a (B, S) bool mask of the slots that hold a real
-   token. Prefill: one forward over the prompt (causal, pad keys masked; a pad query attends to itself so
-   that no row is empty) writes slots [0, L). Decode step t writes slot L + t and attends to all S slots
-   through the mask. (transformers 5.24's sdpa path packs the GQA heads of a single-token query instead of
-   repeating K/V; 5.17 repeats them, 16× the K/V traffic at the release's 32/2 heads.)
+   token. Prefill: one forward over the prompt with the model's attention implementation (causal, pad keys
+   masked; a pad query attends to itself so that no row is empty) writes slots [0, L). Decode step t writes
+   slot L + t and attends to all S slots through the mask with ``static_decode_attention``: the 32 query heads
+   packed per key/value head (2 at release size), so each K/V slot is read once, two matmuls and a float32
+   softmax (the numerics of transformers' eager attention). It is switched in only around decode steps
+   (``text_config._attn_implementation``, registered with transformers' ``AttentionInterface``): sdpa's
+   masked path repeats K/V 16× (transformers ≤ 5.17, and any version under torch.compile) or falls back to a
+   masked cuDNN kernel (docs/benchmarks.md, "AR decode profile").
 3. The forward is the model's own modules — ``embed_tokens``, ``rotary_emb``, every decoder layer (so LoRA
    adapters injected by peft run as in training), ``norm``, ``lm_head`` — with our cache object passed as the
    layers' cache (it only needs ``update``) and our mask; the text model's ``forward`` (mask creation, dynamic
-   cache, position inference) is not used. Attention implementations ``sdpa`` (bool mask) and ``eager``
-   (additive mask) are supported.
+   cache, position inference) is not used. Prefill attention implementations ``sdpa`` (bool mask) and
+   ``eager`` (additive mask) are supported.
 4. Sampling, per step: ``LogitsProcessing`` on the float32 raw logits of the last position (suppress →
    temperature → top-k → top-p, transformers' own warpers, built once), ``probs = softmax(scores)``,
    ``torch.multinomial(probs, 1)``; the stored log-prob is ``log_softmax(scores)`` at the sampled token —
@@ -61,8 +65,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -70,7 +75,8 @@ from policies.ar_sampler import LogitsProcessing, SampledTokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StaticCacheSampler", "decode_positions", "decode_step", "prompt_positions"]
+__all__ = ["StaticCacheSampler", "decode_attention", "decode_positions", "decode_step", "prompt_positions",
+           "static_decode_attention"]
 
 
 # --------------------------------------------------------------------------------------------------- positions
@@ -129,6 +135,48 @@ def decode_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     return out
 
 
+# --------------------------------------------------------------------------------------------------- attention
+DECODE_ATTENTION = "tandem_static_decode"
+
+
+def static_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """One query token over the static cache: o = softmax(q·Kᵀ·scaling, masked to the valid slots) V.
+
+    query (B, H, 1, d), key/value (B, Hkv, S, d), ``attention_mask`` the (B, 1, 1, S) bool of valid slots. The
+    H / Hkv query heads sharing a key/value head are packed into one (B, Hkv, H/Hkv, d) query, so K and V are
+    read once (grouped-query attention without ``repeat_kv``). Returns (B, 1, H, d) as transformers' attention
+    functions do.
+    """
+    b, h, q_len, d = query.shape
+    kv = key.shape[1]
+    q = query.reshape(b, kv, h // kv * q_len, d)
+    scores = torch.matmul(q, key.transpose(2, 3)).float() * (scaling if scaling is not None else d**-0.5)
+    probs = torch.softmax(scores.masked_fill(~attention_mask, float("-inf")), dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)
+    return out.reshape(b, h, q_len, d).transpose(1, 2).contiguous(), None
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DECODE_ATTENTION, static_decode_attention)
+
+
+_register_decode_attention()
+
+
+@contextmanager
+def decode_attention(parts: "_Parts") -> Iterator[None]:
+    """Run the text model's attention layers with ``static_decode_attention`` inside the block."""
+    config = parts.config
+    previous = config._attn_implementation
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 # --------------------------------------------------------------------------------------------------- cache
 class _StaticKV:
     """Preallocated per-layer K/V buffers with the one method the GLM-Image attention calls: ``update``.
@@ -167,6 +215,7 @@ class _Parts:
     attn_impl: str
     num_kv_heads: int
     head_dim: int
+    config: object
 
     @classmethod
     def of(cls, model) -> "_Parts":
@@ -181,7 +230,7 @@ class _Parts:
         cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(text.embed_tokens, text.rotary_emb, list(text.layers), text.norm, base.lm_head, cache_kw, impl,
-                   cfg.num_key_value_heads, head_dim)
+                   cfg.num_key_value_heads, head_dim, cfg)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: _StaticKV
                 ) -> torch.Tensor:
@@ -203,10 +252,11 @@ class _Parts:
 def decode_step(parts: _Parts, tok: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
                 cache: _StaticKV, dtype) -> torch.Tensor:
     """One decode step: mark cache ``slot`` valid, run token ids ``tok`` (B, 1) at positions ``pos`` (3, B, 1) over
-    the whole static cache, return the (B, V) raw logits. The unit that is compiled and captured."""
+    the whole static cache, return the (B, V) raw logits. The unit that is compiled and captured; runs inside
+    ``decode_attention`` (the mask is the bool of valid slots)."""
     cache.slot, cache.kv_len = slot, valid.shape[1]
     valid.index_fill_(1, slot, True)
-    return parts.forward(tok, pos, parts.attn_mask(valid[:, None, None, :], dtype), cache)
+    return parts.forward(tok, pos, valid[:, None, None, :], cache)
 
 
 class _Graph:
@@ -309,7 +359,8 @@ class StaticCacheSampler:
         cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
         valid = torch.zeros(b, length, dtype=torch.bool, device=device)
         g = _Graph(self.step, parts, cache, valid, dtype)
-        g.capture(self.graph_warmup)
+        with decode_attention(parts):
+            g.capture(self.graph_warmup)
         self._state = (key, g)
         return g
 
@@ -392,6 +443,7 @@ class StaticCacheSampler:
                 if graph is not None:
                     logits = graph(tok, dpos3[:, :, t: t + 1], slot)
                 else:
-                    logits = self.step(parts, tok[:, None], dpos3[:, :, t: t + 1], valid,
-                                       torch.tensor([slot], device=device), cache, dtype)
+                    with decode_attention(parts):
+                        logits = self.step(parts, tok[:, None], dpos3[:, :, t: t + 1], valid,
+                                           torch.tensor([slot], device=device), cache, dtype)
         return SampledTokens(tokens=tokens, log_probs=log_probs, position_ids=position_ids, raw_logits=raw_out)

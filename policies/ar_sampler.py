@@ -12,8 +12,9 @@ touching the policy or the trainer:
       top-p:        z_j ← −inf unless the mass of tokens at most as likely as j exceeds 1 − p
                                                                 (skipped when p == 1)
 
-  and the sampler's log-prob of token a is ``log_softmax(z)[a]``. It uses transformers' own warper classes,
-  so the recompute is bit-identical to what ``generate`` sampled from (GLM_IMAGE_FACTS, "Exact AR log-probs").
+  and the sampler's log-prob of token a is ``log_softmax(z)[a]``. It uses transformers' own warper classes
+  (suppress: the same ``torch.where`` with the id mask built once), so the recompute is bit-identical to what
+  ``generate`` sampled from (GLM_IMAGE_FACTS, "Exact AR log-probs").
 
 * ``TokenSampler`` — the decode loop: prompt batch in, ``SampledTokens`` out (tokens, the processed
   log-probs of the sampled tokens, and the 3-D MRoPE positions every fed token used). ``GenerateSampler`` is
@@ -55,12 +56,11 @@ class LogitsProcessing:
                     suppress_tokens=list(self.suppress_ids) or None)
 
     def _processors(self, device: torch.device) -> list:
-        from transformers.generation.logits_process import (
-            SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         procs = []
         if self.suppress_ids:
-            procs.append(SuppressTokensLogitsProcessor(list(self.suppress_ids), device=device))
+            procs.append(_SuppressIds(self.suppress_ids, device))
         if self.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(self.temperature))
         if self.top_k != 0:
@@ -100,6 +100,22 @@ class LogitsProcessing:
             z = z / self.temperature
         z = z.masked_fill(~keep, float("-inf"))
         return torch.log_softmax(z, dim=-1).gather(-1, tokens).squeeze(-1)
+
+
+class _SuppressIds:
+    """ℓ_j ← −inf for j in ``ids``: the values of transformers' ``SuppressTokensLogitsProcessor`` (``torch.where``
+    over an id mask), with the mask built once per vocabulary size instead of by ``torch.isin`` on every call
+    (which sorts on CUDA and waits for the GPU: once per decode step)."""
+
+    def __init__(self, ids: Sequence[int], device: torch.device):
+        self.ids, self.device = torch.tensor(list(ids), device=device), device
+        self.mask: Optional[torch.Tensor] = None
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        if self.mask is None or self.mask.shape[0] != scores.shape[-1]:
+            self.mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            self.mask[self.ids.to(scores.device)] = True
+        return torch.where(self.mask, -float("inf"), scores)
 
 
 # --------------------------------------------------------------------------------------------------- sampler

@@ -26,7 +26,7 @@ import bench_ar_rollout as R  # noqa: E402
 
 import torch  # noqa: E402
 
-from policies.ar_engine import StaticCacheSampler, _Parts, decode_step  # noqa: E402
+from policies.ar_engine import StaticCacheSampler, _Parts, decode_attention  # noqa: E402
 from policies.ar_sampler import LogitsProcessing  # noqa: E402
 
 
@@ -96,7 +96,8 @@ def main() -> None:
                 valid = torch.ones(b, length, dtype=torch.bool, device=device)
             slot = torch.tensor([length - 1], device=device)
             step = lambda: sampler.step(parts, tok[:, None], pos, valid, slot, cache, dtype)  # noqa: E731
-            res.set(f"kernels_{label}", kernel_table(step, device, steps=5, top=args.top))
+            with decode_attention(parts):  # as the sampler runs its decode steps
+                res.set(f"kernels_{label}", kernel_table(step, device, steps=5, top=args.top))
             sampler.reset()
             print(f"{label}: graph {C.fmt(res.data.get(f'graph_ms_{label}'))} ms/step", flush=True)
             C.print_table(f"kernels per decode step ({label}, not captured)", res.data[f"kernels_{label}"], [
