@@ -2,10 +2,15 @@
 
 ``checkpoints/step_N/`` holds, per trained stage (``ar`` and/or ``decoder``):
 ``<stage>.trained.safetensors`` (the policy's ``trainable_state_dict``: a LoRA adapter or the full module),
-``<stage>.optimizer.pt`` (AdamW state; only ever loaded with ``torch.load(weights_only=True)``),
-``<stage>.ema.safetensors`` (when EMA is on); and ``state.json``: step, rollout count, prompt-sampler
-positions, the global torch RNG state, the LoRA settings and a fingerprint of the config that must match on
-resume. A folder appears complete or not at all (written under a temporary name, then renamed).
+``<stage>.optimizer.pt`` (AdamW state keyed by parameter name, ``torch.distributed.checkpoint``'s full optimizer
+state dict; only ever loaded with ``torch.load(weights_only=True)``), ``<stage>.ema.safetensors`` (when EMA is
+on); and ``state.json``: step, rollout count, prompt-sampler positions, the global torch RNG state, the LoRA
+settings and a fingerprint of the config that must match on resume. A folder appears complete or not at all
+(written under a temporary name, then renamed).
+
+The files are the same for ``distributed.strategy`` ddp and fsdp: with FSDP every process takes part in
+``save_checkpoint`` (sharded weights, optimizer and EMA state are gathered whole) and the main process writes;
+on resume every process reads the files and keeps its own shards.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from typing import Dict, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 from rl.config import ConfigError, JobConfig
+from rl.distributed import full_tensor, shard_like
 
 STAGE_MODULES = {"decoder": "transformer", "ar": "vision_language_encoder"}
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -34,18 +42,32 @@ def config_fingerprint(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: JobConfig, extra: Dict) -> Path:
-    """Write ``folder/step_{step}``; ``trainers`` maps stage -> object with ``policy``, ``optimizer``."""
+def _gathered(trainer):
+    """(weights, optimizer state, EMA state or None) of one stage, whole tensors on the CPU (collective under FSDP)."""
+    weights = {k: full_tensor(v).detach().contiguous().cpu() for k, v in trainer.policy.trainable_state_dict().items()}
+    optimizer = get_optimizer_state_dict(trainer.policy.trained_module, trainer.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ema = getattr(trainer.policy, "ema", None)
+    return weights, optimizer, None if ema is None else {k: v.contiguous().cpu() for k, v in ema.state_dict().items()}
+
+
+def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: JobConfig, extra: Dict,
+                    write: bool = True) -> Path:
+    """Write ``folder/step_{step}``; ``trainers`` maps stage -> object with ``policy``, ``optimizer``.
+
+    Under FSDP every process calls this (gathering the shards is collective) and only the one with ``write``
+    writes."""
     out, tmp = folder / f"step_{step}", folder / f".step_{step}.partial"
+    gathered = {stage: _gathered(t) for stage, t in trainers.items()}
+    if not write:
+        return out
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for stage, t in trainers.items():
-        weights = {k: v.detach().contiguous().cpu() for k, v in t.policy.trainable_state_dict().items()}
+    for stage, (weights, optimizer, ema) in gathered.items():
         save_file(weights, str(tmp / f"{stage}.trained.safetensors"))
-        torch.save(t.optimizer.state_dict(), tmp / f"{stage}.optimizer.pt")
-        ema = getattr(t.policy, "ema", None)
+        torch.save(optimizer, tmp / f"{stage}.optimizer.pt")
         if ema is not None:
-            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / f"{stage}.ema.safetensors"))
+            save_file(ema, str(tmp / f"{stage}.ema.safetensors"))
     lora = cfg.optim.lora
     state = {
         "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg),
@@ -88,14 +110,17 @@ def _copy_weights(named_parameters, weights: Dict[str, torch.Tensor], source: Pa
         raise ConfigError(f"checkpoint {source}: weights do not match the model ({len(unknown)} unknown names, e.g. {unknown[0]})")
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            params[name].copy_(shard_like(value, params[name]))
 
 
 def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
-    """Load weights, optimizer, EMA and the RNG state of a checkpoint into the live trainers."""
+    """Load weights, optimizer, EMA and the RNG state of a checkpoint into the live trainers (every process
+    reads the files; a sharded module keeps its own shards)."""
     for stage, t in trainers.items():
         _copy_weights(t.policy.trainable_named_parameters(), load_file(str(path / f"{stage}.trained.safetensors")), path)
-        t.optimizer.load_state_dict(torch.load(path / f"{stage}.optimizer.pt", weights_only=True))
+        set_optimizer_state_dict(t.policy.trained_module, t.optimizer,
+                                 torch.load(path / f"{stage}.optimizer.pt", weights_only=True),
+                                 options=StateDictOptions(full_state_dict=True))
         ema_file = path / f"{stage}.ema.safetensors"
         if ema_file.is_file() and getattr(t.policy, "ema", None) is not None:
             t.policy.ema.load_state_dict(load_file(str(ema_file)))

@@ -6,6 +6,31 @@ seed. Rewards are all-gathered so that advantages are computed over whole groups
 single process would compute — and each process keeps those of its own samples. Gradients are averaged
 across processes after each minibatch's backward (what DDP does), so every process applies the same update
 and the weights stay identical; a minibatch of ``grpo.mini_batch_size`` samples is split N ways.
+
+Two strategies (``distributed.strategy``), the same updates:
+
+* ``ddp`` — every process holds the whole trained module; ``Layout.average_gradients`` all-reduces the
+  gradients after backward.
+* ``fsdp`` — ``shard`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) shards the policy's ``trained_module``
+  in place before the optimizer is built: one FSDP group per repeated block (the model's ``_repeated_blocks``,
+  else transformers' ``_no_split_modules``: the DiT's ``GlmImageTransformerBlock``s, the AR model's text
+  decoder layers), then the root for the rest. Each process keeps 1/N of every parameter, gradient and AdamW
+  state; a block's weights are all-gathered for its forward and its gradients reduce-scattered (averaged) in
+  backward, so ``average_gradients`` leaves those DTensor gradients alone, and gradient clipping over them
+  gives the global norm. The module keeps its class and attributes (``fully_shard`` works in place), so the
+  policies call it unchanged; copies made before sharding (the frozen KL reference of full fine-tuning) stay
+  plain full modules. LoRA works: FSDP2 shards frozen base weights and trained adapters in one group.
+  Checkpoints gather full tensors (``full_tensor``) and are the same files as with ``ddp``.
+
+  Every forward of a sharded module is collective: all processes run the same rollouts, sample grids and
+  eval images (only the main process scores and writes them). Code that calls submodules of a sharded model
+  outside its forward (the static-cache AR sampler ``policies.ar_engine.StaticCacheSampler``; in a joint job,
+  the AR model's VQ tokenizer for ``decoder.condition_source: reference``) is not supported under ``fsdp``.
+
+  accelerate's own FSDP2 support is not used: accelerate 1.15 turns it on only for accelerator devices (on
+  CPU / gloo it silently falls back to DDP and wraps the module in ``DistributedDataParallel``), and its
+  ``prepare`` wants the model and optimizer together; calling ``fully_shard`` here is a few lines and runs
+  the same on CPU (tests) and GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +40,7 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rl.config import ConfigError, JobConfig
 
@@ -25,10 +51,16 @@ class Layout:
 
     rank: int = 0
     world: int = 1
+    fsdp: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """The trained module is sharded over the processes: its forward passes are collective."""
+        return self.fsdp and self.world > 1
 
     def local_sizes(self, cfg: JobConfig):
         """(copies of each prompt, minibatch size) on this process; both must split evenly."""
@@ -51,8 +83,9 @@ class Layout:
         return slice(self.rank * n_local, (self.rank + 1) * n_local)
 
     def average_gradients(self, params: List[torch.nn.Parameter]) -> None:
-        """grad <- mean over processes (one flat all-reduce)."""
-        if self.world == 1:
+        """grad <- mean over processes (one flat all-reduce); FSDP's sharded gradients are averaged already."""
+        params = [p for p in params if not isinstance(p, DTensor)]
+        if self.world == 1 or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -78,5 +111,41 @@ class Layout:
         return pick
 
 
-def layout_of(accelerator) -> Layout:
-    return Layout(rank=accelerator.process_index, world=accelerator.num_processes)
+def layout_of(accelerator, cfg: JobConfig) -> Layout:
+    return Layout(rank=accelerator.process_index, world=accelerator.num_processes,
+                  fsdp=cfg.distributed.strategy == "fsdp")
+
+
+def shard(policy, layout: Layout) -> None:
+    """FSDP2: shard ``policy.trained_module`` in place over the processes, each repeated block then the root.
+    Call before building the optimizer (it must hold the sharded parameters)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    module = policy.trained_module
+    names = set(getattr(module, "_repeated_blocks", None) or getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in module.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(f"distributed.strategy=fsdp: {type(module).__name__} names no repeated blocks to shard "
+                          f"(_repeated_blocks / _no_split_modules); use distributed.strategy=ddp")
+    mesh = init_device_mesh(next(module.parameters()).device.type, (layout.world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    # the root reshards after forward too (by default it stays gathered until backward): after a no-grad forward
+    # (rollout, sample grid) it would otherwise keep exposing gathered copies that the optimizer and EMA miss
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    if getattr(policy, "ema", None) is not None:
+        policy.ema.shard_like(policy.trainable_parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) parameter — collective: every process must call it — or ``t``."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor every process holds) laid out like ``like``: this process's shard of it if
+    ``like`` is a DTensor (cut locally, no communication), else ``value`` itself."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return value

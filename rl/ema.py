@@ -1,6 +1,8 @@
 """Exponential moving average of trained weights, used for eval and sample grids.
 
 ema <- decay * ema + (1 - decay) * theta after every optimizer step (flow_grpo keeps one for the decoder).
+Under FSDP (``rl.distributed.shard``) each process keeps the shadow of its own shards; ``state_dict`` gathers
+whole tensors (collective) and ``load_state_dict`` keeps this process's shards of them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import contextlib
 from typing import Dict, Iterable, List
 
 import torch
+
+from rl.distributed import full_tensor, shard_like
 
 
 class EMA:
@@ -35,8 +39,12 @@ class EMA:
                 for p, b in zip(params, backup):
                     p.copy_(b)
 
+    def shard_like(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Lay the shadow out like ``params`` after they were sharded in place."""
+        self.shadow = [shard_like(s, p.detach()) for s, p in zip(self.shadow, params)]
+
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {f"ema.{i}": t for i, t in enumerate(self.shadow)}
+        return {f"ema.{i}": full_tensor(t) for i, t in enumerate(self.shadow)}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.shadow = [state[f"ema.{i}"].clone() for i in range(len(self.shadow))]
+        self.shadow = [shard_like(state[f"ema.{i}"].clone(), s) for i, s in enumerate(self.shadow)]

@@ -33,11 +33,15 @@ class Evaluator:
         self.train_rewards: List[float] = []
         self.previous: Optional[tuple] = None  # (mean training reward, gold eval reward) at the last eval
 
+    def sample(self, policy) -> np.ndarray:
+        """The policy's images of the held-out prompts (fixed seed)."""
+        return policy.sample([r.prompt for r in self.records], [r.metadata for r in self.records], seed=self.cfg.seed)
+
     def evaluate(self, policy, step: int, train_reward: float) -> Dict[str, float]:
         self.train_rewards.append(train_reward)
         prompts = [r.prompt for r in self.records]
         metadata = [r.metadata for r in self.records]
-        images = policy.sample(prompts, metadata, seed=self.cfg.seed)
+        images = self.sample(policy)
         result = self.client.score(images, prompts, metadata, np.arange(len(prompts))).result()
         means = {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in result.scores.items()}
         metrics = {f"eval/{name}/mean": m for name, m in means.items()}

@@ -71,6 +71,8 @@ class RunDir:
 
     def truncate_metrics(self, step: int) -> None:
         """Drop lines past ``step`` (logged by a run killed after its last checkpoint; resume redoes them)."""
+        if not self.metrics_file.is_file():  # resumed from another run's checkpoint into a new output_dir
+            return
         kept = [r for r in self.read_metrics() if r["step"] <= step]
         tmp = self.metrics_file.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -39,7 +39,7 @@ from rl.buffer import load_buffer_records, save_shard
 from rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
 from rl.config import ConfigError, JobConfig, phase_config
 from rl.data import PromptRecord, PromptSampler, load_prompts
-from rl.distributed import Layout, layout_of
+from rl.distributed import Layout, layout_of, shard
 from rl.losses import policy_loss
 from rl.run_dir import RunDir
 from rl.types import Rollout
@@ -67,7 +67,8 @@ def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
 def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator,
                         layout: Layout = Layout()) -> Dict[str, float]:
     """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
-    gradients averaged over processes, clip, step. Returns loss metrics averaged over processes."""
+    gradients averaged over processes (by FSDP's reduce-scatter when sharded), clip to the global norm, step.
+    Returns loss metrics averaged over processes."""
     g = cfg.grpo
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
@@ -137,8 +138,10 @@ class StageTrainer:
     def __init__(self, stage: str, cfg: JobConfig, policy, rewards, run: RunDir, accelerator, state: RunState,
                  records: Optional[List[PromptRecord]] = None):
         self.stage, self.cfg, self.policy, self.rewards, self.run = stage, cfg, policy, rewards, run
-        self.accelerator, self.state, self.layout = accelerator, state, layout_of(accelerator)
+        self.accelerator, self.state, self.layout = accelerator, state, layout_of(accelerator, cfg)
         self.copies, self.mini_batch = self.layout.local_sizes(cfg)
+        if self.layout.sharded:  # before the optimizer, which must hold the sharded parameters
+            shard(policy, self.layout)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
                                            weight_decay=cfg.optim.weight_decay)
         self.records = records if records is not None else training_records(cfg, stage)
@@ -243,30 +246,38 @@ class Hooks:
         self.last_checkpoint = last_checkpoint
 
     def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
-        step, every = trainer.state.step, self.cfg.logging
-        if not trainer.layout.is_main:  # one process writes the run directory
+        """One process scores and writes the run directory; a sharded (FSDP) policy's forward is collective, so
+        then every process samples the eval images and the grid."""
+        step, every, layout = trainer.state.step, self.cfg.logging, trainer.layout
+        if not (layout.is_main or layout.sharded):
             return
         if self.evaluator is not None and every.eval_every and step % every.eval_every == 0:
-            metrics.update(self.evaluator.evaluate(trainer.policy, step, metrics["reward/mean"]))
-        self.run.log_metrics(metrics)
-        self.progress.update(1)
-        self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.2e}")
+            if layout.is_main:
+                metrics.update(self.evaluator.evaluate(trainer.policy, step, metrics["reward/mean"]))
+            else:
+                self.evaluator.sample(trainer.policy)
+        if layout.is_main:
+            self.run.log_metrics(metrics)
+            self.progress.update(1)
+            self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}",
+                                      kl=f"{metrics['kl']:.2e}")
         if step == self.cfg.max_steps or (every.sample_every and step % every.sample_every == 0):
             grid = trainer.records[: min(len(trainer.records), 4)]
             prompts = [r.prompt for r in grid]
             images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
-            self.run.save_grid(f"step_{step:06d}", images, prompts)
-            self.run.plot_rewards()
+            if layout.is_main:
+                self.run.save_grid(f"step_{step:06d}", images, prompts)
+                self.run.plot_rewards()
 
     def after_rollout(self, trainer: StageTrainer) -> None:
         """Checkpoints are taken between rollouts (nothing half-trained is lost): every checkpoint_every steps
-        and at the end."""
-        step, every = trainer.state.step, self.cfg.logging.checkpoint_every
+        and at the end. The main process writes; under FSDP every process takes part (the shards are gathered)."""
+        step, every, layout = trainer.state.step, self.cfg.logging.checkpoint_every, trainer.layout
         due = every and step // every > self.last_checkpoint // every
-        if trainer.layout.is_main and (due or step >= self.cfg.max_steps):
+        if (layout.is_main or layout.sharded) and (due or step >= self.cfg.max_steps):
             samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
             save_checkpoint(self.run.checkpoints, step, self.trainers, self.cfg,
-                            {"run_state": trainer.state.to_dict(), "samplers": samplers})
+                            {"run_state": trainer.state.to_dict(), "samplers": samplers}, write=layout.is_main)
             self.last_checkpoint = step
 
 

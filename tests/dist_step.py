@@ -1,35 +1,42 @@
-"""One flow-GRPO optimizer step (SGD, lr 1) on a fixed batch, run by tests/test_distributed.py in 1 or 2 processes.
+"""One GRPO optimizer step (SGD, lr 1) on a fixed batch, run by tests/test_distributed.py in 1 or 2 processes.
 
 Every process builds the same rollout (same seed); with N processes each trains on its 1/N of the minibatch
-and gradients are averaged across processes. Rank 0 writes the loss and the updated weights.
+and gradients are averaged across processes — all-reduced (ddp) or reduce-scattered by FSDP2 (fsdp, the
+trained module sharded before the rollout, as the trainer does). Rank 0 writes the loss and the updated
+(whole) weights.
 
-    python tests/dist_step.py MODEL_DIR OUT.safetensors          (one process)
-    torchrun --nproc_per_node 2 tests/dist_step.py MODEL_DIR OUT (two processes, gloo)
+    python tests/dist_step.py STAGE MODEL_DIR OUT.safetensors [--strategy fsdp] [--lora]     (one process)
+    torchrun --nproc_per_node 2 tests/dist_step.py STAGE MODEL_DIR OUT ...                    (two processes, gloo)
 """
 
+import argparse
 import json
-import sys
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
-from policies.flow import FlowPolicy
-from policies.glm_image import load_pipeline
 from rl.config import JobConfig, apply_stage_defaults
-from rl.distributed import layout_of
-from rl.trainer import update_on_minibatch
+from rl.distributed import full_tensor, layout_of, shard
+from rl.trainer import build_policy, update_on_minibatch
 
 
-def main(model_dir: str, out: str) -> None:
+def main(stage: str, model_dir: str, out: str, strategy: str, lora: bool) -> None:
     torch.manual_seed(0)
     cfg = JobConfig(output_dir="unused")
-    cfg.model.path = model_dir
-    apply_stage_defaults(cfg, "decoder")
+    cfg.model.path, cfg.distributed.strategy, cfg.optim.lora.enabled = model_dir, strategy, lora
+    apply_stage_defaults(cfg, stage)
     cfg.decoder.num_steps, cfg.grpo.mini_batch_size, cfg.grpo.num_generations = 6, 8, 4
+    cfg.grpo.beta = 0.1  # the KL term runs the reference: the LoRA-disabled model, or the frozen full copy
+    cfg.optim.max_grad_norm = 0.05  # the clip is active: it must use the global gradient norm
     accelerator = Accelerator(cpu=True)
-    layout = layout_of(accelerator)
-    policy = FlowPolicy(load_pipeline(model_dir), cfg)
+    layout = layout_of(accelerator, cfg)
+    policy = build_policy(stage, cfg)
+    if layout.sharded:
+        shard(policy, layout)
+        reference = policy.reference if stage == "decoder" else policy._ref_model
+        assert lora or not any(isinstance(p, DTensor) for p in reference.parameters()), "the frozen reference was sharded"
     batch = policy.rollout(["a red apple", 'a sign "OPEN"'], [{}, {}], group_size=4, seed=3)
     batch.advantages = torch.tensor([1.0, -0.5, 0.25, -0.75, 0.5, -1.0, 0.75, 0.0])
     mine = layout.local_slice(len(batch) // layout.world)
@@ -37,10 +44,17 @@ def main(model_dir: str, out: str) -> None:
     # would amplify float noise in near-zero gradients)
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
     metrics = update_on_minibatch(policy, optimizer, batch.select(torch.arange(len(batch))[mine]), cfg, accelerator, layout)
+    weights = {n: full_tensor(p.detach()).clone() for n, p in policy.trainable_named_parameters()}  # collective
     if layout.is_main:
-        weights = {n: p.detach().clone() for n, p in policy.trainable_named_parameters()}
         save_file(weights, out, metadata={"metrics": json.dumps(metrics), "world": str(layout.world)})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=["decoder", "ar"])
+    parser.add_argument("model_dir")
+    parser.add_argument("out")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--lora", action="store_true")
+    args = parser.parse_args()
+    main(args.stage, args.model_dir, args.out, args.strategy, args.lora)
