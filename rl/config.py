@@ -373,6 +373,9 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("optim.mixed_precision", job.optim.mixed_precision, ("no", "bf16", "fp16"))
     _choice("distributed.launcher", job.distributed.launcher, ("none", "ray_train"))
     _choice("distributed.strategy", job.distributed.strategy, ("ddp", "fsdp"))
+    _rule(not (stage in ("ar", "joint") and job.ar.sampler == "engine" and job.distributed.strategy == "fsdp"),
+          "ar.sampler", "'engine' runs the layers outside the sharded root forward (and captures them in a CUDA "
+          "graph); with distributed.strategy=fsdp use ar.sampler=generate")
     workers = job.distributed.num_workers
     _rule(workers >= 1, "distributed.num_workers", "must be >= 1")
     for key in ("num_generations", "mini_batch_size"):

@@ -30,6 +30,8 @@ def test_dry_run_prints_the_resolved_config():
         (["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", "data.prompts=nope.jsonl"], "nope.jsonl"),
         (["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", "grpo.mini_batch_size=3"], "grpo.mini_batch_size"),
         (["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run", "ar.sampler=vllm"], "ar.sampler"),
+        (["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run", "ar.sampler=engine", "distributed.strategy=fsdp"],
+         "ar.sampler"),
         (["train", "sideways", "--config", "configs/demo/ar.yaml"], "sideways"),
         (["sample", "--config", "configs/demo/sample.yaml", "model.path=/nonexistent", "model.create_tiny_if_missing=false"], "model.path"),
     ],
