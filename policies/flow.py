@@ -65,6 +65,11 @@ class FlowPolicy(TrainedComponent):
             self.model = base.requires_grad_(True)
             self.reference = copy.deepcopy(base).requires_grad_(False).eval() if cfg.grpo.beta > 0 else None
         if self.d.compile:  # after LoRA injection, so the compiled blocks include the adapters
+            import torch._inductor.config as inductor
+
+            # torch 2.11's inductor hit an assertion in this tiling analysis when compiling the blocks' backward
+            # on CUDA; the 50 % MFU train step of docs/benchmarks.md ran with it off
+            inductor.triton.coalesce_tiling_analysis = False
             base.compile_repeated_blocks()
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
         self.ema = EMA(self.trainable_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
