@@ -250,7 +250,7 @@ class _Parts:
 
 
 def decode_step(parts: _Parts, tok: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
-                cache: _StaticKV, dtype) -> torch.Tensor:
+                cache: _StaticKV) -> torch.Tensor:
     """One decode step: mark cache ``slot`` valid, run token ids ``tok`` (B, 1) at positions ``pos`` (3, B, 1) over
     the whole static cache, return the (B, V) raw logits. The unit that is compiled and captured; runs inside
     ``decode_attention`` (the mask is the bool of valid slots)."""
@@ -262,9 +262,9 @@ def decode_step(parts: _Parts, tok: torch.Tensor, pos: torch.Tensor, valid: torc
 class _Graph:
     """A captured decode step over a static cache, with its static input buffers."""
 
-    def __init__(self, step, parts: _Parts, cache: _StaticKV, valid: torch.Tensor, dtype):
+    def __init__(self, step, parts: _Parts, cache: _StaticKV, valid: torch.Tensor):
         b, device = valid.shape[0], valid.device
-        self.step, self.parts, self.cache, self.valid, self.dtype = step, parts, cache, valid, dtype
+        self.step, self.parts, self.cache, self.valid = step, parts, cache, valid
         self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(3, b, 1, dtype=torch.long, device=device)
         self.slot = torch.full((1,), valid.shape[1] - 1, dtype=torch.long, device=device)
@@ -272,7 +272,7 @@ class _Graph:
         self.logits: Optional[torch.Tensor] = None
 
     def _step(self) -> torch.Tensor:
-        return self.step(self.parts, self.tok, self.pos, self.valid, self.slot, self.cache, self.dtype)
+        return self.step(self.parts, self.tok, self.pos, self.valid, self.slot, self.cache)
 
     def capture(self, warmup: int = 2) -> None:
         """Warm up on a side stream (this is where a compiled step compiles), then capture. Both write garbage into
@@ -352,13 +352,13 @@ class StaticCacheSampler:
 
     def _graph_for(self, model, parts: _Parts, b: int, lp: int, length: int, dtype, device) -> _Graph:
         fingerprint = hash(tuple(p.data_ptr() for p in model.parameters()))
-        key = (id(model), fingerprint, b, lp, length, dtype, device, parts.attn_impl)
+        key = (id(model), fingerprint, b, lp, length, dtype, device)
         if self._state is not None and self._state[0] == key:
             return self._state[1]
         self._state = None  # free the old cache and graph before allocating new ones
         cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
         valid = torch.zeros(b, length, dtype=torch.bool, device=device)
-        g = _Graph(self.step, parts, cache, valid, dtype)
+        g = _Graph(self.step, parts, cache, valid)
         with decode_attention(parts):
             g.capture(self.graph_warmup)
         self._state = (key, g)
@@ -424,26 +424,26 @@ class StaticCacheSampler:
             causal = ar[None, :] <= ar[:, None]  # (Q, K)
             allowed = causal[None] & (valid[:, None, :lp] | torch.eye(lp, dtype=torch.bool, device=device)[None])
             logits = parts.forward(ids, pos, parts.attn_mask(allowed[:, None], dtype), cache)
-            for t in range(num_tokens):
-                raw = logits.float()
-                if self.keep_raw_logits:
-                    if raw_out is None:
-                        raw_out = torch.empty(b, num_tokens, raw.shape[-1], dtype=torch.float32, device=device)
-                    raw_out[:, t] = raw
-                scores = raw
-                for proc in procs:
-                    scores = proc(None, scores)
-                probs = torch.softmax(scores, dim=-1)
-                tok = torch.multinomial(probs, num_samples=1).squeeze(1)
-                tokens[:, t] = tok
-                log_probs[:, t] = torch.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
-                if t == num_tokens - 1:
-                    break
-                slot = lp + t
-                if graph is not None:
-                    logits = graph(tok, dpos3[:, :, t: t + 1], slot)
-                else:
-                    with decode_attention(parts):
+            with decode_attention(parts):  # 4. decode (a graph replay needs none; the eager step does)
+                for t in range(num_tokens):
+                    raw = logits.float()
+                    if self.keep_raw_logits:
+                        if raw_out is None:
+                            raw_out = torch.empty(b, num_tokens, raw.shape[-1], dtype=torch.float32, device=device)
+                        raw_out[:, t] = raw
+                    scores = raw
+                    for proc in procs:
+                        scores = proc(None, scores)
+                    probs = torch.softmax(scores, dim=-1)
+                    tok = torch.multinomial(probs, num_samples=1).squeeze(1)
+                    tokens[:, t] = tok
+                    log_probs[:, t] = torch.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+                    if t == num_tokens - 1:
+                        break
+                    slot = lp + t
+                    if graph is not None:
+                        logits = graph(tok, dpos3[:, :, t: t + 1], slot)
+                    else:
                         logits = self.step(parts, tok[:, None], dpos3[:, :, t: t + 1], valid,
-                                           torch.tensor([slot], device=device), cache, dtype)
+                                           torch.tensor([slot], device=device), cache)
         return SampledTokens(tokens=tokens, log_probs=log_probs, position_ids=position_ids, raw_logits=raw_out)

@@ -108,7 +108,7 @@ class _SuppressIds:
     (which sorts on CUDA and waits for the GPU: once per decode step)."""
 
     def __init__(self, ids: Sequence[int], device: torch.device):
-        self.ids, self.device = torch.tensor(list(ids), device=device), device
+        self.ids = torch.tensor(list(ids), device=device)
         self.mask: Optional[torch.Tensor] = None
 
     def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
@@ -51,7 +51,7 @@ from rl.trainer import update_on_minibatch  # noqa: E402
 PROMPT = 'a shop sign that says "OPEN" above a blue door, photo'
 
 
-def stage_config(stage: str, size: int, tiny: bool) -> JobConfig:
+def stage_config(stage: str, size: int) -> JobConfig:
     cfg = JobConfig()
     cfg.output_dir = "unused"
     cfg.data.height = cfg.data.width = size
@@ -120,8 +120,9 @@ def largest_group(run: Callable[[int], Dict[str, object]], probes: List[int], ca
     return out
 
 
-def build_ar_policy(pipe, device, dtype, tiny: bool) -> ARPolicy:
-    """The decoder pipeline with the release-size AR model and its processor swapped in."""
+def build_ar_policy(pipe, device, dtype, tiny: bool) -> Tuple[ARPolicy, JobConfig]:
+    """An ``ARPolicy`` (and its config) over the decoder pipeline with the release-size AR model and its
+    processor swapped in."""
     from transformers import GlmImageImageProcessor, GlmImageProcessor
 
     ids = R.TINY if tiny else R.RELEASE
@@ -130,7 +131,7 @@ def build_ar_policy(pipe, device, dtype, tiny: bool) -> ARPolicy:
                                                                               merge_size=1),
                                        tokenizer=tokenizer, chat_template=R.CHAT_TEMPLATE)
     pipe.vision_language_encoder = R.build_model(tokenizer, ids, tiny, device, dtype)
-    cfg = stage_config("ar", 64 if tiny else 1024, tiny)
+    cfg = stage_config("ar", 64 if tiny else 1024)
     return ARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=StaticCacheSampler(use_cuda_graph=True)), cfg
 
 
@@ -158,7 +159,7 @@ def main() -> None:
     summary = {}
     for stage in args.stages:
         if stage == "decoder":
-            cfg = stage_config("decoder", 64 if args.tiny else 1024, args.tiny)
+            cfg = stage_config("decoder", 64 if args.tiny else 1024)
             policy = F.make_policy(pipe, cfg)
         else:
             policy, cfg = build_ar_policy(pipe, device, dtype, args.tiny)

@@ -26,7 +26,7 @@ import bench_ar_rollout as R  # noqa: E402
 
 import torch  # noqa: E402
 
-from policies.ar_engine import StaticCacheSampler, _Parts, decode_attention  # noqa: E402
+from policies.ar_engine import StaticCacheSampler, _Parts, _StaticKV, decode_attention  # noqa: E402
 from policies.ar_sampler import LogitsProcessing  # noqa: E402
 
 
@@ -90,12 +90,10 @@ def main() -> None:
                 res.set(f"graph_ms_{label}", per_call_ms(lambda: graph(tok, pos, length - 1), device, args.reps))
                 cache, valid = graph.cache, graph.valid
             else:
-                from policies.ar_engine import _StaticKV
-
                 cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
                 valid = torch.ones(b, length, dtype=torch.bool, device=device)
             slot = torch.tensor([length - 1], device=device)
-            step = lambda: sampler.step(parts, tok[:, None], pos, valid, slot, cache, dtype)  # noqa: E731
+            step = lambda: sampler.step(parts, tok[:, None], pos, valid, slot, cache)  # noqa: E731
             with decode_attention(parts):  # as the sampler runs its decode steps
                 res.set(f"kernels_{label}", kernel_table(step, device, steps=5, top=args.top))
             sampler.reset()
