@@ -118,7 +118,8 @@ class FlowPolicy(TrainedComponent):
         before, after, logps = [], [], []
         for i, t in enumerate(timesteps):
             v = torch.cat([self.adapter.velocity(self.model, x[c], t, prior[c], glyph[c], None if neg is None else neg[c],
-                                                 self.d.guidance_scale, self.height, self.width) for c in chunks])
+                                                 self.d.guidance_scale, self.height, self.width, self.d.cfg_batch)
+                           for c in chunks])
             if i in train_steps:
                 x_next, logp, _, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
                                               kind=self.d.sde_type)
@@ -152,7 +153,7 @@ class FlowPolicy(TrainedComponent):
     def _step_mean(self, model, batch: Rollout, k: int):
         e = batch.extras
         v = self.adapter.velocity(model, e["latents"][:, k], e["timesteps"][:, k], e["prior"], e["glyph"], e["neg_glyph"],
-                                  self.d.guidance_scale, self.height, self.width)
+                                  self.d.guidance_scale, self.height, self.width, self.d.cfg_batch)
         return sde_step(v, e["latents"][:, k], e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.noise_level,
                         prev_sample=e["next_latents"][:, k], kind=self.d.sde_type)
 
@@ -186,4 +187,5 @@ class FlowPolicy(TrainedComponent):
         tokens = self.conditions(prompts, metadata, seed)
         with (self.ema.swapped(self.trainable_parameters()) if self.ema else contextlib.nullcontext()):
             return render_tokens(self.adapter, tokens, prompts, self.height, self.width, self.d.eval_num_steps,
-                                 self.d.guidance_scale, [seed + i for i in range(len(prompts))], transformer=self.model)
+                                 self.d.guidance_scale, [seed + i for i in range(len(prompts))], transformer=self.model,
+                                 batch_cfg=self.d.cfg_batch)

@@ -10,7 +10,8 @@ a new adapter with the same methods. Conventions (GLM-Image release; diffusers `
 * Schedule: t = linspace(1000, 1, S+1)[:-1], sigma = t/1000 shifted by mu = sqrt(seq/256)*0.75 + 0.25
   (``time_shift_type="linear"``); x_sigma = (1-sigma) x0 + sigma eps, v = eps - x0; the transformer sees t - 1.
 * CFG: v = v_u + g (v_c - v_u); the unconditional branch drops the prior tokens (``prior_token_drop=True``,
-  a **bool** tensor) and uses the glyph embedding of ``""``.
+  a **bool** tensor) and uses the glyph embedding of ``""``; two calls as in the pipeline, or one doubled batch
+  (``decoder.cfg_batch``).
 """
 
 from __future__ import annotations
@@ -137,29 +138,41 @@ class GlmImageAdapter:
     def latent_shape(self, batch: int, height: int, width: int):
         return (batch, self.pipe.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
-    def velocity(self, transformer, latents, t, prior, glyph, neg_glyph, guidance_scale: float, height: int, width: int):
-        """Model velocity at timestep ``t`` (fp32), with CFG when ``guidance_scale > 1``.
+    def velocity(self, transformer, latents, t, prior, glyph, neg_glyph, guidance_scale: float, height: int, width: int,
+                 batch_cfg: bool = False):
+        """Model velocity at timestep ``t`` (fp32), with CFG when ``guidance_scale > 1``: v = v_u + g (v_c - v_u).
 
-        The conditional and unconditional branches are two calls, as in ``GlmImagePipeline``, so the rollout
-        and the training recompute see the same batch layout and reproduce the pipeline exactly.
+        By default the conditional and unconditional branches are two calls, as in ``GlmImagePipeline``, which
+        reproduces the pipeline exactly. ``batch_cfg`` runs them as one call of 2B: the shorter of the two glyph
+        sequences is left zero-padded to the longer, which is what the pipeline does to prompts of different
+        glyph lengths within one batch (the transformer takes no glyph mask), so the unconditional branch sees
+        zero glyph tokens it does not see in the release's two-call CFG. Rollout and training recompute use
+        the same layout either way.
         """
+        keep = torch.zeros_like(prior, dtype=torch.bool)
+        if guidance_scale <= 1.0:
+            return self._transformer(transformer, latents, t, prior, glyph, keep, height, width)
+        if batch_cfg:
+            glyph, neg_glyph = _left_pad_to_same_length(glyph, neg_glyph)
+            t2 = t.repeat(2) if t.dim() else t  # training passes one timestep per sample
+            both = self._transformer(transformer, torch.cat([latents, latents]), t2, torch.cat([prior, prior]),
+                                     torch.cat([glyph, neg_glyph]), torch.cat([keep, ~keep]), height, width)
+            v, v_u = both.chunk(2)
+        else:
+            v = self._transformer(transformer, latents, t, prior, glyph, keep, height, width)
+            v_u = self._transformer(transformer, latents, t, prior, neg_glyph, ~keep, height, width)
+        return v_u + guidance_scale * (v - v_u)
+
+    def _transformer(self, transformer, latents, t, prior, glyph, prior_drop, height: int, width: int) -> torch.Tensor:
+        """One transformer call (fp32 output); ``prior_drop`` (bool, like ``prior``) drops the prior tokens."""
         b = latents.shape[0]
         dtype = transformer.dtype
-        x = latents.to(dtype)
-        common = dict(
-            timestep=(t.expand(b) - 1).to(self.device),
+        return transformer(
+            hidden_states=latents.to(dtype), encoder_hidden_states=glyph, prior_token_id=prior,
+            prior_token_drop=prior_drop, timestep=(t.expand(b) - 1).to(self.device),
             target_size=torch.tensor([[height, width]], dtype=dtype, device=self.device).repeat(b, 1),
-            crop_coords=torch.zeros((b, 2), dtype=dtype, device=self.device),
-            return_dict=False,
-        )
-        keep = torch.zeros_like(prior, dtype=torch.bool)
-        v = transformer(hidden_states=x, encoder_hidden_states=glyph, prior_token_id=prior, prior_token_drop=keep,
-                        **common)[0].float()
-        if guidance_scale > 1.0:
-            v_u = transformer(hidden_states=x, encoder_hidden_states=neg_glyph, prior_token_id=prior,
-                              prior_token_drop=~keep, **common)[0].float()
-            v = v_u + guidance_scale * (v - v_u)
-        return v
+            crop_coords=torch.zeros((b, 2), dtype=dtype, device=self.device), return_dict=False,
+        )[0].float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -171,3 +184,14 @@ class GlmImageAdapter:
         img = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
         img = (img.float() / 2 + 0.5).clamp(0, 1)
         return (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def _left_pad_to_same_length(a: torch.Tensor, b: torch.Tensor):
+    """(B, T, D) sequences left zero-padded to the longer T (the pipeline's glyph padding within a batch)."""
+    length = max(a.shape[1], b.shape[1])
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, 0, length - x.shape[1], 0))
+
+    return pad(a), pad(b)
+

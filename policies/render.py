@@ -33,6 +33,7 @@ def render_tokens(
     guidance_scale: float,
     seeds: Sequence[int],
     transformer=None,
+    batch_cfg: bool = False,
 ) -> np.ndarray:
     """Full-grid AR tokens (B, th*tw) -> uint8 images (B, H, W, 3) by Euler steps x <- x + (sigma' - sigma) v."""
     transformer = transformer or adapter.pipe.transformer
@@ -43,6 +44,6 @@ def render_tokens(
     timesteps, sigmas = adapter.schedule(num_steps, height, width)
     x = initial_noise(adapter, seeds, height, width)
     for i, t in enumerate(timesteps):
-        v = adapter.velocity(transformer, x, t, prior, glyph, neg, guidance_scale, height, width)
+        v = adapter.velocity(transformer, x, t, prior, glyph, neg, guidance_scale, height, width, batch_cfg)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return adapter.decode(x)

@@ -104,6 +104,10 @@ class DecoderConfig:
     buffer_dir: Optional[str] = None
     # EMA decay of trained weights used for eval/sample grids; 0 disables EMA.
     ema_decay: float = 0.0
+    # CFG as one transformer call of 2B instead of two calls of B; the shorter glyph sequence is left
+    # zero-padded to the longer (the pipeline's own within-batch padding), so images differ slightly from the
+    # release's two-call CFG. Rollout, training and sample grids use the same layout.
+    cfg_batch: bool = False
     # torch.compile the transformer's repeated blocks (diffusers regional compilation) for rollout and training;
     # the first rollout and the first training step compile (forward, and forward+backward).
     compile: bool = False

@@ -35,7 +35,8 @@ Measured, with the real ``FlowPolicy`` and ``rl.trainer.update_on_minibatch``:
 
 ``--compile`` repeats the forward, rollout and train rows with ``decoder.compile`` (diffusers regional
 compilation: ``torch.compile`` of each ``GlmImageTransformerBlock``, inductor default mode), after the eager rows of
-the same run; compiled rows get one more untimed warm-up (the first calls compile).
+the same run; compiled rows get one more untimed warm-up (the first calls compile). ``--cfg-batch`` sets
+``decoder.cfg_batch`` (both CFG branches in one call) for the rollout and train rows.
 
 FLOPs: ``FlopCounterMode`` (matmuls + attention, forward and backward). Train step: counted on a separate
 1-sample step without checkpointing, times the minibatch (all FLOPs of this model are per sample): model FLOPs,
@@ -131,7 +132,8 @@ def random_conditions(policy: FlowPolicy, prompts, metadata, seed: int) -> torch
 FlowPolicy.conditions = torch.no_grad()(random_conditions)  # explicit: the benchmark never runs the AR model
 
 
-def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool, compile_blocks: bool = False) -> JobConfig:
+def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool, compile_blocks: bool = False,
+               cfg_batch: bool = False) -> JobConfig:
     cfg = JobConfig()
     cfg.output_dir = "unused"
     cfg.data.height = cfg.data.width = size
@@ -144,6 +146,7 @@ def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool, comp
     cfg.optim.learning_rate = 1e-5
     cfg.optim.gradient_checkpointing = gc
     cfg.decoder.compile = compile_blocks
+    cfg.decoder.cfg_batch = cfg_batch
     cfg.optim.lora = LoraSettings(enabled=lora, r=32, alpha=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     apply_stage_defaults(cfg, "decoder")
     return cfg
@@ -359,6 +362,7 @@ def main() -> None:
                     help="train rows to run instead of the plan's, e.g. 1024:lora:4:gc (sizes and modes follow)")
     ap.add_argument("--no-forward", action="store_true", help="skip the plain forward reference")
     ap.add_argument("--compile", action="store_true", help="repeat every row with decoder.compile")
+    ap.add_argument("--cfg-batch", action="store_true", help="decoder.cfg_batch: CFG as one doubled batch in every row")
     ap.add_argument("--out", default="runs/bench/flow_step.json")
     args = ap.parse_args()
 
@@ -388,7 +392,7 @@ def main() -> None:
     res = C.Results(args.out, dict(
         benchmark="flow_step", command=" ".join(["python"] + sys.argv), environment=C.environment(device),
         setup=dict(transformer_params=n_params, transformer_config=dict(pipe.transformer.config), dtype=args.dtype,
-                   tiny=args.tiny, num_steps=args.num_steps, guidance_scale=1.5, sde_window_size=2, lora_rank=32,
+                   tiny=args.tiny, num_steps=args.num_steps, guidance_scale=1.5, cfg_batch=args.cfg_batch, sde_window_size=2, lora_rank=32,
                    lora_targets=["to_q", "to_k", "to_v", "to_out.0"], optimizer="AdamW (torch default impl)",
                    prior_tokens="uniform random codebook ids (FlowPolicy.conditions replaced)",
                    glyph_tokens="64 conditional / 2 unconditional", vae="AutoencoderKL 4x32 channels (not measured)",
@@ -410,7 +414,7 @@ def main() -> None:
             lora = mode == "lora"
             suffix = "+compile" if compiled else ""
             policy = make_policy(pipe, job_config(size, p["chunk"], args.num_steps, lora=lora, gc=False,
-                                                  compile_blocks=compiled))
+                                                  compile_blocks=compiled, cfg_batch=args.cfg_batch))
             row, rollout = bench_rollout(policy, device, p["prompts"], p["group"], args.rollout_reps,
                                          ("lora" if lora else "plain") + suffix)
             if row is not None:

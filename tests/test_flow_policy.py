@@ -39,8 +39,9 @@ def first_iteration(policy, batch):
         (dict(guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 5]), False),
         (dict(guidance_scale=1.0, sde_window_size=2, sde_window_range=[1, 4]), False),
         (dict(guidance_scale=1.5, sde_window_size=0, timestep_fraction=0.6, sde_type="cps", noise_level=0.5), True),
+        (dict(guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 5], cfg_batch=True), False),
     ],
-    ids=["cfg-window", "nocfg-window", "cfg-fraction-cps-lora"],
+    ids=["cfg-window", "nocfg-window", "cfg-fraction-cps-lora", "cfg-batch-window"],
 )
 def test_first_ratio_is_one_and_kl_is_zero(tiny_model_path, decoder, lora):
     cfg = make_cfg(tiny_model_path, **decoder)
@@ -161,3 +162,27 @@ def test_compiled_blocks_match_eager_policy(tiny_model_path, lora):
     out = policy.log_probs(compiled.select(torch.arange(4)), policy.unit_chunks(compiled)[0], with_kl=False)
     out.log_probs.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+
+
+def test_batched_cfg_is_the_two_call_cfg_when_glyph_lengths_match(tiny_model_path):
+    """``decoder.cfg_batch``: one call of 2B gives the two-call CFG velocity when nothing needs padding (prompts
+    without quoted text: both branches see the glyph of ""), and differs only through the padding otherwise."""
+    from policies.glm_image import GlmImageAdapter
+
+    pipe = load_pipeline(str(tiny_model_path))
+    a = GlmImageAdapter(pipe)
+    grids = a.grids(64, 64)
+    prior = a.upsample_prior(torch.randint(0, 16, (2, grids.num_full), generator=torch.Generator().manual_seed(0)), grids)
+    x = torch.randn(a.latent_shape(2, 64, 64), generator=torch.Generator().manual_seed(1))
+    t = a.schedule(6, 64, 64)[0][2]
+    neg = a.glyph_embeds(["", ""])
+    plain = a.glyph_embeds(["a red apple", "a blue car"])
+    assert plain.shape == neg.shape
+    two = a.velocity(pipe.transformer, x, t, prior, plain, neg, 1.5, 64, 64)
+    one = a.velocity(pipe.transformer, x, t, prior, plain, neg, 1.5, 64, 64, batch_cfg=True)
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+    quoted = a.glyph_embeds(['a sign "OPEN"', 'a sign "CLOSED"'])
+    assert quoted.shape[1] > neg.shape[1]
+    two = a.velocity(pipe.transformer, x, t, prior, quoted, neg, 1.5, 64, 64)
+    one = a.velocity(pipe.transformer, x, t, prior, quoted, neg, 1.5, 64, 64, batch_cfg=True)
+    assert torch.isfinite(one).all() and not torch.allclose(one, two, atol=1e-5)
