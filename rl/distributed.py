@@ -116,6 +116,15 @@ def layout_of(accelerator, cfg: JobConfig) -> Layout:
                   fsdp=cfg.distributed.strategy == "fsdp")
 
 
+def finish(accelerator) -> None:
+    """End of a data-parallel job: wait for every process, then destroy the process group. A process that exits
+    first with the group still alive can abort at interpreter exit ("terminate called without an active
+    exception", seen with gloo) or leave the others' last collective hanging."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        accelerator.state.destroy_process_group()
+
+
 def shard(policy, layout: Layout) -> None:
     """FSDP2: shard ``policy.trained_module`` in place over the processes, each repeated block then the root.
     Call before building the optimizer (it must hold the sharded parameters)."""

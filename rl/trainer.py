@@ -39,7 +39,7 @@ from rl.buffer import load_buffer_records, save_shard
 from rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
 from rl.config import ConfigError, JobConfig, phase_config
 from rl.data import PromptRecord, PromptSampler, load_prompts
-from rl.distributed import Layout, layout_of, shard
+from rl.distributed import Layout, finish, layout_of, shard
 from rl.losses import policy_loss
 from rl.run_dir import RunDir
 from rl.types import Rollout
@@ -302,7 +302,7 @@ def _open_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState
 @contextlib.contextmanager
 def _opened_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState, run: RunDir, evaluator):
     """Resume (or refuse to overwrite), write the run directory, and yield the phase-6 hooks; at the end close
-    the progress bar and draw the reward curve. Only the main process writes."""
+    the progress bar, draw the reward curve and end the processes' group. Only the main process writes."""
     layout = next(iter(trainers.values())).layout
     _open_run(cfg, trainers, state, run)
     if layout.is_main:
@@ -312,6 +312,7 @@ def _opened_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunSta
     progress.close()
     if layout.is_main:
         run.plot_rewards()
+    finish(next(iter(trainers.values())).accelerator)
 
 
 def _accelerator(cfg: JobConfig, policy):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from rl.config import JobConfig, apply_stage_defaults
-from rl.distributed import full_tensor, layout_of, shard
+from rl.distributed import finish, full_tensor, layout_of, shard
 from rl.trainer import build_policy, update_on_minibatch
 
 
@@ -47,6 +47,7 @@ def main(stage: str, model_dir: str, out: str, strategy: str, lora: bool) -> Non
     weights = {n: full_tensor(p.detach()).clone() for n, p in policy.trainable_named_parameters()}  # collective
     if layout.is_main:
         save_file(weights, out, metadata={"metrics": json.dumps(metrics), "world": str(layout.world)})
+    finish(accelerator)
 
 
 if __name__ == "__main__":
