@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # faulthandler: a process killed by a signal (an abort in the distributed runtime) prints its Python stacks
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, **kw)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fatal = proc.stderr.find("Fatal Python error")
+    stacks = proc.stderr[fatal: fatal + 4000] + "\n[...]\n" if fatal >= 0 else ""
+    assert proc.returncode == 0, stacks + proc.stderr[-3000:]
     return proc
 
 
