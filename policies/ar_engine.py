@@ -249,6 +249,9 @@ class _Parts:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # inductor's own CUDA graphs would nest in ours
+
+
 def decode_step(parts: _Parts, tok: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
                 cache: _StaticKV) -> torch.Tensor:
     """One decode step: mark cache ``slot`` valid, run token ids ``tok`` (B, 1) at positions ``pos`` (3, B, 1) over
@@ -310,12 +313,16 @@ class StaticCacheSampler:
         compile: run the decode step through ``torch.compile`` (inductor, static shapes, no inductor CUDA graphs:
             the graph above captures the compiled kernels). Fuses the norms, rotary and activation kernels of
             the 40 layers; compiles once per (batch, cache length) on the first call.
+        compile_mode: ``torch.compile`` mode of that step: ``"default"`` or ``"max-autotune-no-cudagraphs"``
+            (inductor benchmarks Triton GEMM templates against cuBLAS for each matmul shape; a slower first call).
     """
 
     def __init__(self, use_cuda_graph: bool = False, pad_prompt_to: Optional[int] = None, keep_raw_logits: bool = False,
-                 graph_warmup: int = 2, compile: bool = False):
+                 graph_warmup: int = 2, compile: bool = False, compile_mode: str = "default"):
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.use_cuda_graph = use_cuda_graph
-        self.step = torch.compile(decode_step, dynamic=False) if compile else decode_step
+        self.step = torch.compile(decode_step, dynamic=False, mode=compile_mode) if compile else decode_step
         self.pad_prompt_to = pad_prompt_to
         self.keep_raw_logits = keep_raw_logits
         self.graph_warmup = graph_warmup

@@ -17,7 +17,9 @@ Rows (batch 32 unless ``--batches``):
 * ``engine_graph_compiled`` (``--compile``): ``StaticCacheSampler(use_cuda_graph=True, compile=True)``, the graph
   of the torch.compile'd decode step (``ar.sampler: engine`` + ``ar.compile: true``); its warm-up call compiles;
 * ``engine_graph_lora`` (``--lora-row``): the graph path on an ``ARPolicy`` with LoRA r32 on q/k/v/o_proj (and
-  ``engine_graph_compiled_lora`` with ``--compile``).
+  ``engine_graph_compiled_lora`` with ``--compile``);
+* ``engine_graph_autotune`` (``--autotune``): the compiled row with ``compile_mode="max-autotune-no-cudagraphs"``
+  (inductor picks Triton GEMM templates or cuBLAS per matmul shape by timing them).
 
 Checks written beside the timings (``checks``): the graph path's tokens equal the eager engine's under one
 seed (same kernels: bit-identical in any dtype); token agreement with ``GenerateSampler`` under the same seed
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--graph-batches", type=int, nargs="*", default=None, help="extra batches for the graph row")
     ap.add_argument("--lora-row", action="store_true")
     ap.add_argument("--compile", action="store_true", help="add the compiled-step graph rows")
+    ap.add_argument("--autotune", action="store_true", help="add the max-autotune compiled-step graph row")
     ap.add_argument("--skip-eager", action="store_true", help="no engine_eager row")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--warmup-tokens", type=int, default=64, help="untimed GenerateSampler call before the rows")
@@ -163,6 +166,7 @@ def main() -> None:
     print("GenerateSampler processing check:", res.data["generate_sampler_processing_check"], flush=True)
     graph_sampler = StaticCacheSampler(use_cuda_graph=True)
     compiled_sampler = StaticCacheSampler(use_cuda_graph=True, compile=True)
+    autotuned_sampler = StaticCacheSampler(use_cuda_graph=True, compile=True, compile_mode="max-autotune-no-cudagraphs")
     for batch in args.batches:
         timed_row("generate_sampler", policy, GenerateSampler(check_processing=False), batch, graph=False)
         if not args.skip_eager:
@@ -170,6 +174,10 @@ def main() -> None:
         timed_row("engine_graph", policy, graph_sampler, batch, graph=True)
         if args.compile:
             timed_row("engine_graph_compiled", policy, compiled_sampler, batch, graph=True)
+        if args.autotune:
+            compiled_sampler.reset()  # one cache at a time
+            timed_row("engine_graph_autotune", policy, autotuned_sampler, batch, graph=True)
+            autotuned_sampler.reset()
     for batch in args.graph_batches or []:
         timed_row("engine_graph", policy, graph_sampler, batch, graph=True)
         if args.compile:

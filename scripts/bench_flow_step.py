@@ -35,8 +35,9 @@ Measured, with the real ``FlowPolicy`` and ``rl.trainer.update_on_minibatch``:
 
 ``--compile`` repeats the forward, rollout and train rows with ``decoder.compile`` (diffusers regional
 compilation: ``torch.compile`` of each ``GlmImageTransformerBlock``, inductor default mode), after the eager rows of
-the same run; compiled rows get one more untimed warm-up (the first calls compile). ``--cfg-batch`` sets
-``decoder.cfg_batch`` (both CFG branches in one call) for the rollout and train rows.
+the same run; compiled rows get one more untimed warm-up (the first calls compile). ``--cfg-batch`` repeats the
+rollout and train rows (of each compile setting) with ``decoder.cfg_batch`` (both CFG branches in one call of
+2B), so each ``+cfg_batch`` row has its two-call baseline from the same run.
 
 FLOPs: ``FlopCounterMode`` (matmuls + attention, forward and backward). Train step: counted on a separate
 1-sample step without checkpointing, times the minibatch (all FLOPs of this model are per sample): model FLOPs,
@@ -362,7 +363,8 @@ def main() -> None:
                     help="train rows to run instead of the plan's, e.g. 1024:lora:4:gc (sizes and modes follow)")
     ap.add_argument("--no-forward", action="store_true", help="skip the plain forward reference")
     ap.add_argument("--compile", action="store_true", help="repeat every row with decoder.compile")
-    ap.add_argument("--cfg-batch", action="store_true", help="decoder.cfg_batch: CFG as one doubled batch in every row")
+    ap.add_argument("--cfg-batch", action="store_true",
+                    help="repeat the rollout and train rows with decoder.cfg_batch (CFG as one doubled batch)")
     ap.add_argument("--out", default="runs/bench/flow_step.json")
     args = ap.parse_args()
 
@@ -392,7 +394,7 @@ def main() -> None:
     res = C.Results(args.out, dict(
         benchmark="flow_step", command=" ".join(["python"] + sys.argv), environment=C.environment(device),
         setup=dict(transformer_params=n_params, transformer_config=dict(pipe.transformer.config), dtype=args.dtype,
-                   tiny=args.tiny, num_steps=args.num_steps, guidance_scale=1.5, cfg_batch=args.cfg_batch, sde_window_size=2, lora_rank=32,
+                   tiny=args.tiny, num_steps=args.num_steps, guidance_scale=1.5, sde_window_size=2, lora_rank=32,
                    lora_targets=["to_q", "to_k", "to_v", "to_out.0"], optimizer="AdamW (torch default impl)",
                    prior_tokens="uniform random codebook ids (FlowPolicy.conditions replaced)",
                    glyph_tokens="64 conditional / 2 unconditional", vae="AutoencoderKL 4x32 channels (not measured)",
@@ -406,15 +408,16 @@ def main() -> None:
         print(f"forward {fwd_size}² b1 compiled={compiled}: {fwd['ms']:.1f} ms, MFU {C.fmt(fwd['mfu'])}, "
               f"counted {fwd['flops']:.3e} FLOP, formula {fwd['formula_flops']:.3e}", flush=True)
 
+    settings = [(c, b) for c in variants for b in ([False, True] if args.cfg_batch else [False])]
     for size in sizes:
         p = plan[size]
-        for mode, compiled in [(m, c) for m in args.modes for c in variants]:
+        for mode, (compiled, cfg_batch) in [(m, v) for m in args.modes for v in settings]:
             if (size, mode) not in train_rows:
                 continue
             lora = mode == "lora"
-            suffix = "+compile" if compiled else ""
+            suffix = "+compile" * compiled + "+cfg_batch" * cfg_batch
             policy = make_policy(pipe, job_config(size, p["chunk"], args.num_steps, lora=lora, gc=False,
-                                                  compile_blocks=compiled, cfg_batch=args.cfg_batch))
+                                                  compile_blocks=compiled, cfg_batch=cfg_batch))
             row, rollout = bench_rollout(policy, device, p["prompts"], p["group"], args.rollout_reps,
                                          ("lora" if lora else "plain") + suffix)
             if row is not None:
