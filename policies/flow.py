@@ -28,6 +28,8 @@ from rl.config import JobConfig
 from rl.ema import EMA
 from rl.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
+COMPILED_VARIANTS = 32  # dynamo's recompile limit with decoder.compile (FlowPolicy.__init__)
+
 
 def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator) -> List[int]:
     """Indices of the SDE (trained) steps of one rollout batch; never the last step."""
@@ -70,6 +72,11 @@ class FlowPolicy(TrainedComponent):
             # torch 2.11's inductor hit an assertion in this tiling analysis when compiling the blocks' backward
             # on CUDA; the 50 % MFU train step of docs/benchmarks.md ran with it off
             inductor.triton.coalesce_tiling_analysis = False
+            # The 30 blocks share one code object, and dynamo keeps one compiled variant of it per input layout:
+            # grad and no-grad, the glyph length static then dynamic (a 1-token glyph apart), the glyph input a
+            # view or not. A job meets 9 (tests/test_flow_policy.py); past the default limit of 8, further
+            # variants silently run eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
             base.compile_repeated_blocks()
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
         self.ema = EMA(self.trainable_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None

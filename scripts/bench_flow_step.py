@@ -172,9 +172,12 @@ def release_policy(policy: FlowPolicy) -> None:
 
 
 def uncompile(module: torch.nn.Module) -> None:
-    """Undo ``nn.Module.compile`` (what ``compile_repeated_blocks`` calls) on every submodule."""
+    """Undo ``nn.Module.compile`` (what ``compile_repeated_blocks`` calls) on every submodule, and drop dynamo's
+    compiled code: the next variant compiles afresh, as its own job would (the blocks share one code object, whose
+    cache would otherwise carry every earlier variant's shapes toward dynamo's recompile limit)."""
     for m in module.modules():
         m._compiled_call_impl = None
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------ counting

@@ -164,6 +164,24 @@ def test_compiled_blocks_match_eager_policy(tiny_model_path, lora):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
+def test_compiled_blocks_stay_compiled_across_glyph_lengths_and_grad_modes(tiny_model_path):
+    """Rollouts (no grad) and training forwards (grad) over prompts of other glyph lengths: every input layout
+    the blocks meet gets its compiled variant, none is refused by dynamo's recompile limit (and run eager)."""
+    from diffusers.models.transformers.transformer_glm_image import GlmImageTransformerBlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    torch._dynamo.reset()  # variants compiled by other tests count toward the limit
+    cfg = make_cfg(tiny_model_path, guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 4], compile=True)
+    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    for seed, prompts in enumerate([["a red apple", 'a sign "OPEN"'], ['a poster "GRAND OPENING SALE"', 'a mug "HI"']]):
+        batch = policy.rollout(prompts, [{}, {}], group_size=4, seed=seed)
+        out = policy.log_probs(batch.select(torch.arange(4)), policy.unit_chunks(batch)[0], with_kl=False)
+        out.log_probs.sum().backward()
+    variants = len(_debug_get_cache_entry_list(GlmImageTransformerBlock.forward.__code__))
+    assert 1 < variants < torch._dynamo.config.recompile_limit  # at the limit, the next layout would run eager
+    torch._dynamo.reset()
+
+
 def test_batched_cfg_is_the_two_call_cfg_when_glyph_lengths_match(tiny_model_path):
     """``decoder.cfg_batch``: one call of 2B gives the two-call CFG velocity when nothing needs padding (prompts
     without quoted text: both branches see the glyph of ""), and differs only through the padding otherwise."""
