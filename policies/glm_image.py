@@ -16,6 +16,7 @@ a new adapter with the same methods. Conventions (GLM-Image release; diffusers `
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,8 +48,13 @@ class Grids:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``model.device``: "auto" is the GPU if there is one, else the CPU. A GPU named without an index ("auto",
+    "cuda") is this process's own: ``LOCAL_RANK`` (set by torchrun, accelerate and Ray Train) modulo the GPUs
+    visible, so the processes of a data-parallel job on one host do not all land on GPU 0."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(name)
 
 

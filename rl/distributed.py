@@ -52,6 +52,7 @@ class Layout:
     rank: int = 0
     world: int = 1
     fsdp: bool = False
+    device: torch.device = torch.device("cpu")  # where this process's collectives run (NCCL takes GPU tensors only)
 
     @property
     def is_main(self) -> bool:
@@ -101,7 +102,7 @@ class Layout:
         if self.world == 1:
             return metrics
         keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
         lo, hi = t.clone(), t.clone()
         torch.distributed.all_reduce(t)
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
@@ -113,7 +114,7 @@ class Layout:
 
 def layout_of(accelerator, cfg: JobConfig) -> Layout:
     return Layout(rank=accelerator.process_index, world=accelerator.num_processes,
-                  fsdp=cfg.distributed.strategy == "fsdp")
+                  fsdp=cfg.distributed.strategy == "fsdp", device=accelerator.device)
 
 
 def finish(accelerator) -> None:

@@ -129,3 +129,18 @@ def test_ray_train_places_two_cpu_workers(tiny_model_path, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(abs(r["ratio/mean"] - 1) < 1e-5 for r in rows if r["time/rollout_s"] > 0)
     assert (tmp_path / "checkpoints" / "step_4" / "decoder.trained.safetensors").is_file()
+
+
+def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
+    """``model.device: auto`` (or ``cuda``) under torchrun: ``LOCAL_RANK`` picks the GPU, modulo those visible.
+    This machine has no GPU, so CUDA's presence is patched in; the two-GPU run in docs/benchmarks.md is the real one."""
+    from policies.glm_image import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for local_rank, index in (("0", 0), ("1", 1), ("3", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", index)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
