@@ -53,6 +53,8 @@ def resolve_device(name: str) -> torch.device:
     visible, so the processes of a data-parallel job on one host do not all land on GPU 0."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is '{name}' but no GPU is visible to this process")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(name)

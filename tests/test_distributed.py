@@ -133,7 +133,7 @@ def test_ray_train_places_two_cpu_workers(tiny_model_path, tmp_path):
 
 def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
     """``model.device: auto`` (or ``cuda``) under torchrun: ``LOCAL_RANK`` picks the GPU, modulo those visible.
-    This machine has no GPU, so CUDA's presence is patched in; the two-GPU run in docs/benchmarks.md is the real one."""
+    This machine has no GPU, so CUDA's presence is patched in: no run on several GPUs has been made."""
     from policies.glm_image import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -144,3 +144,13 @@ def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device("auto") == torch.device("cuda", 0)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_device_without_a_gpu_is_a_config_error():
+    from policies.glm_image import resolve_device
+    from rl.config import ConfigError
+
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="no GPU is visible"):
+            resolve_device(name)
