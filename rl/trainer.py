@@ -303,7 +303,8 @@ def _open_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState
 def _opened_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunState, run: RunDir, evaluator):
     """Resume (or refuse to overwrite), write the run directory, and yield the phase-6 hooks; at the end close
     the progress bar, draw the reward curve and end the processes' group. Only the main process writes."""
-    layout = next(iter(trainers.values())).layout
+    first = next(iter(trainers.values()))
+    layout = first.layout
     _open_run(cfg, trainers, state, run)
     if layout.is_main:
         run.create(cfg)
@@ -312,7 +313,7 @@ def _opened_run(cfg: JobConfig, trainers: Dict[str, StageTrainer], state: RunSta
     progress.close()
     if layout.is_main:
         run.plot_rewards()
-    finish(next(iter(trainers.values())).accelerator)
+    finish(first.accelerator)
 
 
 def _accelerator(cfg: JobConfig, policy):
