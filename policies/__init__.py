@@ -1,16 +1,16 @@
 """tandem policies — what acts. One adapter file per generator family; one policy per stage."""
 
-from policies.glm_image import GlmImageAdapter
+from tandem.policies.glm_image import GlmImageAdapter
 
 
 def _flow_policy(pipe, cfg):
-    from policies.flow import FlowPolicy
+    from tandem.policies.flow import FlowPolicy
 
     return FlowPolicy(pipe, cfg)
 
 
 def _ar_policy(pipe, cfg):
-    from policies.ar import ARPolicy
+    from tandem.policies.ar import ARPolicy
 
     return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
 

@@ -15,7 +15,7 @@ has to be stored; (3) at the first on-policy iteration in fp32 it is bit-for-bit
 (|r − 1| ≲ 1e-6: only the cached-vs-teacher-forced forward differs); (4) keeping a in the support means a
 nucleus that moved (bf16 rounding, or the update itself) never gives log π = −inf — the token then counts
 with the normaliser of the current nucleus plus itself. The KL reference (adapter disabled, or a frozen copy)
-is scored the same way, and the per-token KL is k3 (``rl.losses.k3_kl``).
+is scored the same way, and the per-token KL is k3 (``tandem.policies.kl.k3_kl``).
 
 **Positions.** The training forward passes the 3-D MRoPE ``position_ids`` that generation used (recorded by
 the sampler), never letting the model derive them (wrong from the 3rd generated token on) and never touching
@@ -39,12 +39,13 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from policies.base import TrainedComponent
-from policies.ar_sampler import GenerateSampler, LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
-from policies.glm_image import GlmImageAdapter, load_pipeline
-from policies.render import render_tokens
-from rl.config import ConfigError, JobConfig, LoraSettings
-from rl.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
+from tandem.policies.base import TrainedComponent
+from tandem.policies.ar_sampler import GenerateSampler, LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
+from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.render import render_tokens
+from tandem.core.errors import ConfigError
+from tandem.policies.lora import LoraSettings
+from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class ARPolicy(TrainedComponent):
 
     stage = "ar"
 
-    def __init__(self, pipe, adapter: GlmImageAdapter, cfg: JobConfig, sampler: Optional[TokenSampler] = None):
+    def __init__(self, pipe, adapter: GlmImageAdapter, cfg, sampler: Optional[TokenSampler] = None):
         self.pipe, self.adapter, self.cfg = pipe, adapter, cfg
         self.model = self.trained_module = pipe.vision_language_encoder
         self.sampler: TokenSampler = sampler or self._sampler(cfg)
@@ -118,20 +119,20 @@ class ARPolicy(TrainedComponent):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
-    def from_config(cls, cfg: JobConfig, sampler: Optional[TokenSampler] = None) -> "ARPolicy":
+    def from_config(cls, cfg, sampler: Optional[TokenSampler] = None) -> "ARPolicy":
         m = cfg.model
         pipe = load_pipeline(m.path, dtype=m.dtype, device=m.device, create_tiny_if_missing=m.create_tiny_if_missing)
         return cls(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
 
     @staticmethod
-    def _sampler(cfg: JobConfig) -> TokenSampler:
+    def _sampler(cfg) -> TokenSampler:
         if cfg.ar.sampler == "engine":
-            from policies.ar_engine import StaticCacheSampler
+            from tandem.policies.ar_engine import StaticCacheSampler
 
             return StaticCacheSampler(use_cuda_graph=True, compile=cfg.ar.compile)
         return GenerateSampler()
 
-    def _processing(self, cfg: JobConfig) -> LogitsProcessing:
+    def _processing(self, cfg) -> LogitsProcessing:
         """Suppressed ids = ``generation_config.suppress_tokens`` ∪ every non-codebook id of the lm_head (start/end
         markers: the decoder only takes codebook ids, and an end marker would stop the grid early)."""
         config = self.model.config
@@ -229,7 +230,7 @@ class ARPolicy(TrainedComponent):
             self.model.eval()
         kl = None
         if with_kl:
-            from rl.losses import k3_kl
+            from tandem.policies.kl import k3_kl
 
             with torch.no_grad():
                 if self._peft is not None:

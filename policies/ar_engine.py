@@ -71,7 +71,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from policies.ar_sampler import LogitsProcessing, SampledTokens
+from tandem.policies.ar_sampler import LogitsProcessing, SampledTokens
 
 logger = logging.getLogger(__name__)
 

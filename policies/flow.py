@@ -20,13 +20,13 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from policies.base import TrainedComponent
-from policies.glm_image import GlmImageAdapter
-from policies.render import initial_noise
-from policies.sde import mean_kl, ode_step, sde_step
-from rl.config import JobConfig
-from rl.ema import EMA
-from rl.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
+from tandem.policies.base import TrainedComponent
+from tandem.policies.lora import apply_lora
+from tandem.policies.glm_image import GlmImageAdapter
+from tandem.policies.render import initial_noise
+from tandem.policies.sde import mean_kl, ode_step, sde_step
+from tandem.policies.ema import EMA
+from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 COMPILED_VARIANTS = 32  # dynamo's recompile limit with decoder.compile (FlowPolicy.__init__)
 
@@ -41,19 +41,10 @@ def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator) -> List[
     return list(range(count))
 
 
-def apply_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
-    """Wrap ``model`` with a peft LoRA adapter on ``lora_cfg.target_modules`` (base weights frozen)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, target_modules=list(lora_cfg.target_modules),
-                        init_lora_weights="gaussian")
-    return get_peft_model(model, config)
-
-
 class FlowPolicy(TrainedComponent):
     stage = "decoder"
 
-    def __init__(self, pipe, cfg: JobConfig):
+    def __init__(self, pipe, cfg):
         self.pipe, self.cfg = pipe, cfg
         self.adapter = GlmImageAdapter(pipe)
         self.d, self.height, self.width = cfg.decoder, cfg.data.height, cfg.data.width
@@ -189,7 +180,7 @@ class FlowPolicy(TrainedComponent):
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> np.ndarray:
         """Eval images: ODE with ``decoder.eval_num_steps`` steps, EMA weights when kept."""
-        from policies.render import render_tokens
+        from tandem.policies.render import render_tokens
 
         tokens = self.conditions(prompts, metadata, seed)
         with (self.ema.swapped(self.trainable_parameters()) if self.ema else contextlib.nullcontext()):

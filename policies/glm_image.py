@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rl.config import ConfigError
+from tandem.core.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,7 +65,7 @@ def load_pipeline(path: str, dtype: str = "float32", device: str = "auto", creat
     from diffusers import GlmImagePipeline
 
     if create_tiny_if_missing:
-        from policies.tiny import ensure_tiny_glm_image
+        from tandem.policies.tiny import ensure_tiny_glm_image
 
         ensure_tiny_glm_image(path)
     if not (Path(path) / "model_index.json").is_file():

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from policies.glm_image import GlmImageAdapter
+from tandem.policies.glm_image import GlmImageAdapter
 
 
 def initial_noise(adapter: GlmImageAdapter, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:

@@ -15,8 +15,8 @@ from typing import List
 
 import numpy as np
 
-from rewards.base import RewardConfigError, register
-from rewards.loading import load_into, load_state_dict, require_path, torch_device
+from tandem.rewards.base import RewardConfigError, register
+from tandem.rewards.loading import load_into, load_state_dict, require_path, torch_device
 
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 HEAD_DROPOUT = (0.2, 0.2, 0.1)

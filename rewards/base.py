@@ -31,13 +31,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from rl.config import ConfigError, RewardEntry
+from tandem.core.errors import ConfigError
+from tandem.rewards.config import RewardEntry
 
 logger = logging.getLogger("tandem.rewards")
 
 ENTRY_POINT_GROUP = "tandem.rewards"
 # Modules holding the built-in rewards; each registers itself on import (their heavy imports are lazy).
-BUILTIN_MODULES = ("rewards.simple", "rewards.ocr", "rewards.hands", "rewards.aesthetic", "rewards.vlm", "rewards.lpips")
+BUILTIN_MODULES = tuple(f"tandem.rewards.{m}" for m in ("simple", "ocr", "hands", "aesthetic", "vlm", "lpips"))
 
 
 class RewardConfigError(ConfigError):

@@ -9,10 +9,12 @@ from typing import Dict, List
 
 import numpy as np
 
-from rewards.base import list_rewards, resolve
-from rewards.client import RewardClient
-from rl.config import ConfigError, RewardEntry, RewardHostConfig
-from rl.data import PromptRecord, load_image, load_prompts
+from tandem.rewards.base import list_rewards, resolve
+from tandem.rewards.client import RewardClient
+from tandem.core.errors import ConfigError
+from tandem.rewards.config import RewardEntry, RewardHostConfig
+from tandem.core.data import load_image, load_prompts
+from tandem.core.types import PromptRecord
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

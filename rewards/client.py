@@ -18,9 +18,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rewards.base import RewardConfigError, build_reward, check_entries, unique_labels
-from rewards.scoring import log_warnings, score_shard
-from rl.config import RewardEntry, RewardHostConfig
+from tandem.rewards.base import RewardConfigError, build_reward, check_entries, unique_labels
+from tandem.rewards.scoring import log_warnings, score_shard
+from tandem.rewards.config import RewardEntry, RewardHostConfig
 
 Collect = Callable[[], Dict[str, np.ndarray]]
 
@@ -93,7 +93,7 @@ class LocalBackend:
 
 
 def _ray_backend(entries, labels, host):
-    from rewards.host import RayBackend  # imports ray: only when asked for
+    from tandem.rewards.host import RayBackend  # imports ray: only when asked for
 
     return RayBackend(entries, labels, host)
 

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from rewards.base import RewardConfigError, register
+from tandem.rewards.base import RewardConfigError, register
 
 # Landmarks of each finger from its base (thumb CMC, finger MCPs) to its tip; the wrist is landmark 0.
 FINGERS: Dict[str, Tuple[int, ...]] = {

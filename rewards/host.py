@@ -29,9 +29,9 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from rewards.base import RewardConfigError, RewardError, build_reward, logger
-from rewards.scoring import ShardScores, log_warnings, score_shard, split_shards
-from rl.config import RewardEntry, RewardHostConfig
+from tandem.rewards.base import RewardConfigError, RewardError, build_reward, logger
+from tandem.rewards.scoring import ShardScores, log_warnings, score_shard, split_shards
+from tandem.rewards.config import RewardEntry, RewardHostConfig
 
 CLUSTERING_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for multi-node clustering (on for Linux)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from rewards.base import RewardConfigError
+from tandem.rewards.base import RewardConfigError
 
 
 def require_path(reward: str, key: str, path: Optional[str], kind: str = "file") -> Path:

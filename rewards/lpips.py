@@ -20,8 +20,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from rewards.base import RewardConfigError, register
-from rewards.loading import load_into, load_state_dict, require_path, torch_device
+from tandem.rewards.base import RewardConfigError, register
+from tandem.rewards.loading import load_into, load_state_dict, require_path, torch_device
 
 NETS = ("alex", "vgg", "squeeze")
 

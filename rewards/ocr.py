@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from rewards.base import RewardConfigError, register
+from tandem.rewards.base import RewardConfigError, register
 
 QUOTES = re.compile(r"\"([^\"]+)\"|“([^”]+)”|‘([^’]+)’|「([^」]+)」|『([^』]+)』|(?<!\w)'([^']+)'(?!\w)")
 _WHITESPACE = re.compile(r"\s+")

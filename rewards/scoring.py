@@ -15,7 +15,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from rewards.base import Reward, RewardError, logger
+from tandem.rewards.base import Reward, RewardError, logger
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from rewards.base import register
+from tandem.rewards.base import register
 
 # ITU-R BT.601 luma weights.
 LUMA = np.array([0.299, 0.587, 0.114])

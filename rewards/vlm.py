@@ -18,8 +18,8 @@ from typing import List, Sequence
 
 import numpy as np
 
-from rewards.base import RewardConfigError, register
-from rewards.loading import require_path, torch_device
+from tandem.rewards.base import RewardConfigError, register
+from tandem.rewards.loading import require_path, torch_device
 
 QUESTION = "Does this image show: {prompt}? Answer yes or no."
 DTYPES = ("auto", "float32", "bfloat16", "float16")

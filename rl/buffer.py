@@ -19,8 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from rl.config import ConfigError
-from rl.data import PromptRecord, load_image
+from tandem.rl.config import ConfigError
+from tandem.core.data import load_image
+from tandem.core.types import PromptRecord
 
 FORMAT, VERSION = "tandem-buffer", 1
 

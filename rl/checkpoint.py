@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from rl.config import ConfigError, JobConfig
-from rl.distributed import full_tensor, shard_like
+from tandem.rl.config import ConfigError, JobConfig
+from tandem.core.dtensor import full_tensor, shard_like
 
 STAGE_MODULES = {"decoder": "transformer", "ar": "vision_language_encoder"}
 # Keys that may change between a run and its resumption without changing what is trained.

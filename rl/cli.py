@@ -18,7 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
-from rl.config import ConfigError, load_config, to_yaml
+from tandem.rl.config import ConfigError, load_config, to_yaml
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,10 +67,10 @@ def _train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from rl.trainer import train, train_joint
+    from tandem.rl.trainer import train, train_joint
 
     if cfg.distributed.launcher == "ray_train":
-        from rl.launch import launch_ray_train
+        from tandem.rl.launch import launch_ray_train
 
         out = launch_ray_train(cfg, args.stage)
     else:
@@ -81,20 +81,20 @@ def _train(args) -> int:
 
 def _sample(args) -> int:
     cfg = load_config(args.config, args.overrides, stage="sample")
-    from rl.sample import run_sample
+    from tandem.rl.sample import run_sample
 
     print(f"sample grid: {run_sample(cfg, args.num_prompts, args.checkpoint)}")
     return 0
 
 
 def _score(args) -> int:
-    from rewards.cli import cmd_score
+    from tandem.rewards.cli import cmd_score
 
     return cmd_score(args.reward, args.images, args.prompts, backend=args.backend)
 
 
 def _rewards(args) -> int:
-    from rewards.cli import cmd_rewards
+    from tandem.rewards.cli import cmd_rewards
 
     return cmd_rewards()
 
@@ -103,7 +103,7 @@ def _eval(args) -> int:
     cfg = load_config(args.config, args.overrides, stage="sample")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    from rl.eval import format_table, text_eval
+    from tandem.rl.eval import format_table, text_eval
 
     result = text_eval(cfg, checkpoint=args.checkpoint, prompts=args.prompts, batch_size=args.batch_size)
     print(f"text eval of {args.checkpoint or 'the base model'} on {result['meta']['prompts']}")
@@ -113,7 +113,7 @@ def _eval(args) -> int:
 
 
 def _report(args) -> int:
-    from rl.report import write_report
+    from tandem.rl.report import write_report
 
     print(f"report: {write_report(args.run_dir)}")
     return 0

@@ -17,10 +17,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config: the CLI prints its message as one line and exits 2."""
+from tandem.core.errors import ConfigError
+from tandem.policies.lora import LoraSettings
+from tandem.rewards.config import RewardEntry, RewardHostConfig
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -140,18 +139,6 @@ class GRPOConfig:
 
 
 @dataclass
-class LoraSettings:
-    # Train a LoRA adapter (peft) instead of all weights; the reference is the adapter-disabled model.
-    enabled: bool = False
-    # LoRA rank.
-    r: int = 16
-    # LoRA alpha.
-    alpha: int = 32
-    # Module names (suffixes) that get adapters.
-    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-
-@dataclass
 class OptimConfig:
     # AdamW learning rate.
     learning_rate: float = 1e-4
@@ -165,30 +152,6 @@ class OptimConfig:
     gradient_checkpointing: bool = False
     # LoRA settings.
     lora: LoraSettings = field(default_factory=LoraSettings)
-
-
-@dataclass
-class RewardEntry:
-    # Registered reward name (see `tandem rewards`); give either name or fn.
-    name: Optional[str] = None
-    # Import path "package.module:attr" of a reward function or class.
-    fn: Optional[str] = None
-    # Weight in the combined reward.
-    weight: float = 1.0
-    # Keyword arguments for the reward (class constructor / factory).
-    args: Dict[str, Any] = field(default_factory=dict)
-    # CPUs per reward actor (fractional is fine).
-    num_cpus: float = 0.25
-    # GPUs per reward actor (fractional is fine).
-    num_gpus: float = 0.0
-    # Number of actor replicas; batches are split across them.
-    replicas: int = 1
-    # Images per call into the reward; 0 = the whole batch at once.
-    batch_size: int = 0
-    # Seconds before a scoring call is retried (then fails naming the reward).
-    timeout_s: float = 300.0
-    # Ray restarts of a crashed actor.
-    max_restarts: int = 2
 
 
 @dataclass
@@ -216,19 +179,6 @@ class EvalConfig:
     gold: Optional[str] = None
     # Warn when, between two evals, the training reward rose and the gold reward fell by more than this.
     hacking_tolerance: float = 0.0
-
-
-@dataclass
-class RewardHostConfig:
-    # "ray" (reward actors on a Ray cluster) or "local" (in-process, for debugging and GPU benchmarks).
-    backend: str = "ray"
-    # Ray address to join; null = $RAY_ADDRESS if set, else start an embedded local cluster.
-    address: Optional[str] = None
-    # CPUs given to the embedded local cluster; null = all.
-    num_cpus: Optional[float] = None
-    # Score each sub-batch of a rollout while the next sub-batch rolls out (sub-batches are minibatches of
-    # whole groups, so what is trained stays on-policy); false = score after the whole rollout.
-    async_scoring: bool = True
 
 
 @dataclass

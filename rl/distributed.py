@@ -40,9 +40,9 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from rl.config import ConfigError, JobConfig
+from tandem.rl.config import ConfigError, JobConfig
 
 
 @dataclass
@@ -148,15 +148,3 @@ def shard(policy, layout: Layout) -> None:
     if getattr(policy, "ema", None) is not None:
         policy.ema.shard_like(policy.trainable_parameters())
 
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded (DTensor) parameter — collective: every process must call it — or ``t``."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor every process holds) laid out like ``like``: this process's shard of it if
-    ``like`` is a DTensor (cut locally, no communication), else ``value`` itself."""
-    if isinstance(like, DTensor):
-        return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
-    return value

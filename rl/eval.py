@@ -35,8 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rewards.ocr import OcrReward, target_text, text_score
-from rl.config import ConfigError, JobConfig, to_yaml
+from tandem.rewards.ocr import OcrReward, target_text, text_score
+from tandem.rl.config import ConfigError, JobConfig, to_yaml
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "text_eval_prompts.jsonl"
 # CJK Unified Ideographs (+ extension A, compatibility ideographs, extensions B-G).
@@ -143,7 +143,7 @@ def save_results(folder: Path, result: Dict, images: np.ndarray) -> Path:
     """Write ``text_eval.json`` (result without its samples), ``text_eval_samples.jsonl`` and ``text_eval.png``
     (the scored images, captioned with their targets) into ``folder``; returns the folder.
     images: the batch given to ``score_text_rendering`` (skipped samples are left out of the grid)."""
-    from rl.run_dir import image_grid
+    from tandem.rl.run_dir import image_grid
 
     folder.mkdir(parents=True, exist_ok=True)
     scored = result["samples"]
@@ -176,9 +176,9 @@ def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optiona
     left out. Image i uses seed ``cfg.seed + i // batch_size`` for its batch. Returns the result dict plus
     ``meta`` (prompt file, checkpoint, size, steps, guidance, seed).
     """
-    from policies.glm_image import load_pipeline
-    from rl.data import load_prompts
-    from rl.sample import pipeline_images
+    from tandem.policies.glm_image import load_pipeline
+    from tandem.core.data import load_prompts
+    from tandem.rl.sample import pipeline_images
 
     prompts_file = str(prompts or DEFAULT_PROMPTS)
     every = load_prompts(prompts_file)
@@ -188,7 +188,7 @@ def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optiona
     reader = OcrReward(**_ocr_args(cfg)).read  # before generating: a bad OCR config fails fast
     pipe = load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.create_tiny_if_missing)
     if checkpoint:
-        from rl.checkpoint import load_trained_weights
+        from tandem.rl.checkpoint import load_trained_weights
 
         load_trained_weights(pipe, checkpoint)
     texts = [r.prompt for r in records]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from rl.config import ConfigError, JobConfig
+from tandem.rl.config import ConfigError, JobConfig
 
 
 def _worker(loop_config: dict) -> None:
-    from rl.trainer import train, train_joint
+    from tandem.rl.trainer import train, train_joint
 
     cfg, stage = loop_config["cfg"], loop_config["stage"]
     train_joint(cfg) if stage == "joint" else train(cfg, stage)
@@ -36,7 +36,7 @@ def launch_ray_train(cfg: JobConfig, stage: str) -> Path:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rewards.host import Cluster
+    from tandem.rewards.host import Cluster
 
     d = cfg.distributed
     worker_cfg = _absolute_paths(copy.deepcopy(cfg))  # Ray Train workers run in folders of their own

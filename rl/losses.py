@@ -6,7 +6,7 @@ per-unit loss is PPO's clipped surrogate plus an optional KL penalty (TRL ``GRPO
 
     ℓ = −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A) + β·kl
 
-``ε_high ≠ ε_low`` is DAPO's clip-higher. ``kl`` is supplied by the policy: ``k3_kl`` below for the AR stage,
+``ε_high ≠ ε_low`` is DAPO's clip-higher. ``kl`` is supplied by the policy: ``tandem.policies.kl.k3_kl`` for the AR stage,
 ``policies.sde.mean_kl`` per trained step for the flow stage.
 
 How the (B, U) losses become one scalar is the ``loss_type``, a registry of reductions (add one with
@@ -76,16 +76,6 @@ def _token_mean(per_unit: torch.Tensor, mask: torch.Tensor, max_units: int) -> t
 @register_loss_type("dr_grpo")
 def _dr_grpo(per_unit: torch.Tensor, mask: torch.Tensor, max_units: int) -> torch.Tensor:
     return (per_unit * mask).sum() / (per_unit.shape[0] * max_units)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-unit KL(π_θ ‖ π_ref) estimate k3 = exp(ref − logp) − (ref − logp) − 1 (Schulman 2020, "Approximating
-    KL divergence"; TRL's ``per_token_kl``). Unbiased for samples from π_θ, ≥ 0, and 0 iff logp == ref_logp.
-
-    Shapes: logp, ref_logp (B, U) → (B, U). Gradient flows through both arguments; pass ``ref_logp`` detached.
-    """
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
 
 
 def policy_loss(

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from rl.config import ConfigError, JobConfig
-from rl.data import load_prompts
+from tandem.rl.config import ConfigError, JobConfig
+from tandem.core.data import load_prompts
 
 log = logging.getLogger("tandem.eval")
 

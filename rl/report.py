@@ -22,8 +22,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from rl.config import ConfigError
-from rl.run_dir import RunDir
+from tandem.rl.config import ConfigError
+from tandem.rl.run_dir import RunDir
 
 DIAGNOSTICS = ("kl", "ratio/mean", "clipfrac")
 KEY_METRICS = ("reward/mean", "reward/std", "advantage/zero_std_frac", "ratio/mean", "clipfrac", "approx_kl", "kl", "loss", "grad_norm")

@@ -7,9 +7,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from rl.config import JobConfig
-from rl.data import load_prompts
-from rl.run_dir import RunDir
+from tandem.rl.config import JobConfig
+from tandem.core.data import load_prompts
+from tandem.rl.run_dir import RunDir
 
 
 def pipeline_images(pipe, prompts: List[str], cfg: JobConfig, seed: int) -> np.ndarray:
@@ -25,12 +25,12 @@ def pipeline_images(pipe, prompts: List[str], cfg: JobConfig, seed: int) -> np.n
 
 
 def run_sample(cfg: JobConfig, num_prompts: Optional[int] = None, checkpoint: Optional[str] = None) -> str:
-    from policies.glm_image import load_pipeline
+    from tandem.policies.glm_image import load_pipeline
 
     records = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width))[: num_prompts or None]
     pipe = load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.create_tiny_if_missing)
     if checkpoint:
-        from rl.checkpoint import load_trained_weights
+        from tandem.rl.checkpoint import load_trained_weights
 
         load_trained_weights(pipe, checkpoint)
     run = RunDir(cfg.output_dir).create(cfg)

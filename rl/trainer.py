@@ -33,24 +33,25 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from rewards.client import RewardScores
-from rl.advantages import compute_advantages
-from rl.buffer import load_buffer_records, save_shard
-from rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
-from rl.config import ConfigError, JobConfig, phase_config
-from rl.data import PromptRecord, PromptSampler, load_prompts
-from rl.distributed import Layout, finish, layout_of, shard
-from rl.losses import policy_loss
-from rl.run_dir import RunDir
-from rl.types import Rollout
+from tandem.rewards.client import RewardScores
+from tandem.rl.advantages import compute_advantages
+from tandem.rl.buffer import load_buffer_records, save_shard
+from tandem.rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
+from tandem.rl.config import ConfigError, JobConfig, phase_config
+from tandem.core.data import load_prompts
+from tandem.core.types import PromptRecord, Rollout
+from tandem.rl.data import PromptSampler
+from tandem.rl.distributed import Layout, finish, layout_of, shard
+from tandem.rl.losses import policy_loss
+from tandem.rl.run_dir import RunDir
 
 log = logging.getLogger("tandem.trainer")
 
 
 def build_policy(stage: str, cfg: JobConfig, pipe=None):
     """The policy of ``stage`` over the GLM-Image pipeline at ``model.path`` (or the given ``pipe``)."""
-    from policies import POLICIES
-    from policies.glm_image import load_pipeline
+    from tandem.policies import POLICIES
+    from tandem.policies.glm_image import load_pipeline
 
     if pipe is None:
         pipe = load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.create_tiny_if_missing)
@@ -334,13 +335,13 @@ def _progress(cfg: JobConfig, initial: int, layout: Layout):
 @contextlib.contextmanager
 def _session(cfg: JobConfig):
     """Reward clients (training, and eval when configured) and the run directory, opened in that order."""
-    from rewards.client import RewardClient
+    from tandem.rewards.client import RewardClient
 
     with contextlib.ExitStack() as stack:
         rewards = stack.enter_context(RewardClient(cfg.rewards, cfg.reward_host))
         evaluator = None
         if cfg.logging.eval_every:
-            from rl.periodic_eval import Evaluator
+            from tandem.rl.periodic_eval import Evaluator
 
             eval_client = stack.enter_context(RewardClient(cfg.eval.rewards, cfg.reward_host)) if cfg.eval.rewards else rewards
             evaluator = Evaluator(cfg, eval_client)
@@ -349,7 +350,7 @@ def _session(cfg: JobConfig):
 
 def check_inputs(cfg: JobConfig, stage: str) -> None:
     """Unknown rewards, bad prompt files and bad buffers fail here, before any model is loaded."""
-    from rewards.base import check_entries
+    from tandem.rewards.base import check_entries
 
     check_entries(cfg.rewards)
     check_entries(cfg.eval.rewards)
@@ -376,7 +377,7 @@ def train_joint(cfg: JobConfig) -> Path:
     Each AR phase's rollouts (prompts with their sampled full-grid tokens) are the conditions of the next
     decoder phase — the shared buffer in memory (and on disk with ``buffer.save``).
     """
-    from policies.glm_image import load_pipeline
+    from tandem.policies.glm_image import load_pipeline
 
     check_inputs(cfg, "joint")
     torch.manual_seed(cfg.seed)

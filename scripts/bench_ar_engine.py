@@ -41,8 +41,8 @@ import bench_ar_rollout as R  # noqa: E402  (model, tokenizer, policy and timing
 
 import torch  # noqa: E402
 
-from policies.ar_engine import StaticCacheSampler  # noqa: E402
-from policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
+from tandem.policies.ar_engine import StaticCacheSampler  # noqa: E402
+from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
 
 
 def run_fn(policy, sampler, inputs, keep: Dict[int, object]):

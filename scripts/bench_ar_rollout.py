@@ -55,10 +55,10 @@ import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
 
 import torch  # noqa: E402
 
-from policies.ar import ARPolicy  # noqa: E402
-from policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
-from policies.glm_image import GlmImageAdapter  # noqa: E402
-from rl.config import JobConfig, LoraSettings  # noqa: E402
+from tandem.policies.ar import ARPolicy  # noqa: E402
+from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
+from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
+from tandem.rl.config import JobConfig, LoraSettings  # noqa: E402
 
 PROMPTS = [
     "a red apple on a wooden table, soft morning light",

@@ -61,9 +61,9 @@ import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
 
 import torch  # noqa: E402
 
-from policies.flow import FlowPolicy  # noqa: E402
-from rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
-from rl.trainer import update_on_minibatch  # noqa: E402
+from tandem.policies.flow import FlowPolicy  # noqa: E402
+from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
+from tandem.rl.trainer import update_on_minibatch  # noqa: E402
 
 QUOTE = "GLM-Image flow-GRPO benchmark, a sixty-three character glyph!!!"  # 63 bytes -> 64 ByT5 tokens
 assert len(QUOTE.encode()) == 63
@@ -87,7 +87,7 @@ def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
     from transformers import ByT5Tokenizer, GlmImageImageProcessor, GlmImageProcessor, T5Config, T5EncoderModel
 
-    from policies.tiny import _CHAT_TEMPLATE, _build_ar, _build_tokenizer
+    from tandem.policies.tiny import _CHAT_TEMPLATE, _build_ar, _build_tokenizer
 
     torch.manual_seed(0)
     tokenizer = _build_tokenizer()

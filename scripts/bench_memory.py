@@ -41,12 +41,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from policies.ar import ARPolicy  # noqa: E402
-from policies.ar_engine import StaticCacheSampler  # noqa: E402
-from policies.flow import FlowPolicy  # noqa: E402
-from policies.glm_image import GlmImageAdapter  # noqa: E402
-from rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
-from rl.trainer import update_on_minibatch  # noqa: E402
+from tandem.policies.ar import ARPolicy  # noqa: E402
+from tandem.policies.ar_engine import StaticCacheSampler  # noqa: E402
+from tandem.policies.flow import FlowPolicy  # noqa: E402
+from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
+from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
+from tandem.rl.trainer import update_on_minibatch  # noqa: E402
 
 PROMPT = 'a shop sign that says "OPEN" above a blue door, photo'
 

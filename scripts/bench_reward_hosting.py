@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rewards.client import RewardClient
-from rl.config import RewardEntry, RewardHostConfig
+from tandem.rewards.client import RewardClient
+from tandem.rl.config import RewardEntry, RewardHostConfig
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WORDS = ["OPEN", "coffee", "Station", "sale", "Library", "welcome", "42", "north", "river", "Bakery", "exit", "moon"]

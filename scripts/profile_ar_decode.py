@@ -26,8 +26,8 @@ import bench_ar_rollout as R  # noqa: E402
 
 import torch  # noqa: E402
 
-from policies.ar_engine import StaticCacheSampler, _Parts, _StaticKV, decode_attention  # noqa: E402
-from policies.ar_sampler import LogitsProcessing  # noqa: E402
+from tandem.policies.ar_engine import StaticCacheSampler, _Parts, _StaticKV, decode_attention  # noqa: E402
+from tandem.policies.ar_sampler import LogitsProcessing  # noqa: E402
 
 
 def per_call_ms(fn, device, reps: int) -> float:

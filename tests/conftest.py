@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from policies.tiny import ensure_tiny_glm_image
+from tandem.policies.tiny import ensure_tiny_glm_image
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +46,8 @@ def plugin_path():
 def ray_cluster(plugin_path):
     """One local Ray cluster for the reward-hosting tests, started the way RewardClient embeds one
     (RewardClients created while it runs reuse it and leave it running)."""
-    from rewards.host import Cluster
-    from rl.config import RewardHostConfig
+    from tandem.rewards.host import Cluster
+    from tandem.rl.config import RewardHostConfig
 
     cluster = Cluster(RewardHostConfig(num_cpus=2))
     cluster.start()

@@ -17,9 +17,10 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from rl.config import JobConfig, apply_stage_defaults
-from rl.distributed import finish, full_tensor, layout_of, shard
-from rl.trainer import build_policy, update_on_minibatch
+from tandem.rl.config import JobConfig, apply_stage_defaults
+from tandem.core.dtensor import full_tensor
+from tandem.rl.distributed import finish, layout_of, shard
+from tandem.rl.trainer import build_policy, update_on_minibatch
 
 
 def main(stage: str, model_dir: str, out: str, strategy: str, lora: bool) -> None:

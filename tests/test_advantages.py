@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl.advantages import compute_advantages
+from tandem.rl.advantages import compute_advantages
 
 
 def trl_nanstd(t: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policies.ar import ARPolicy
-from policies.ar_engine import StaticCacheSampler, decode_positions, prompt_positions
-from policies.ar_sampler import GenerateSampler, LogitsProcessing, prompt_inputs
-from policies.glm_image import GlmImageAdapter, load_pipeline
-from policies.tiny import CODEBOOK, IMAGE_END, IMAGE_START, VISION_VOCAB
-from rl.config import JobConfig
+from tandem.policies.ar import ARPolicy
+from tandem.policies.ar_engine import StaticCacheSampler, decode_positions, prompt_positions
+from tandem.policies.ar_sampler import GenerateSampler, LogitsProcessing, prompt_inputs
+from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.tiny import CODEBOOK, IMAGE_END, IMAGE_START, VISION_VOCAB
+from tandem.rl.config import JobConfig
 
 PROMPTS = ["a cat", "a cat", 'a sign that says "OPEN" on a wooden table', 'a sign that says "OPEN" on a wooden table']
 SUPPRESS = tuple(range(CODEBOOK, VISION_VOCAB))

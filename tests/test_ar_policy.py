@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from policies.ar import ARPolicy
-from policies.ar_sampler import GenerateSampler, capture_rope_positions
-from policies.glm_image import GlmImageAdapter, load_pipeline
-from policies.tiny import CODEBOOK
-from rl.config import ConfigError, JobConfig
+from tandem.policies.ar import ARPolicy
+from tandem.policies.ar_sampler import GenerateSampler, capture_rope_positions
+from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.tiny import CODEBOOK
+from tandem.rl.config import ConfigError, JobConfig
 
 PROMPTS = ["a cat", 'a sign that says "OPEN" on a wooden table']  # different lengths -> left padding
 
@@ -177,7 +177,7 @@ def test_sample_and_lora_target_errors(tiny_path):
 
 
 def test_processing_check_tolerates_boundary_ties_but_not_extra_processors():
-    from policies.ar_sampler import _check_same_processing
+    from tandem.policies.ar_sampler import _check_same_processing
 
     g = torch.Generator().manual_seed(0)
     theirs = torch.randn(2, 3, 2000, generator=g)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from policies.glm_image import load_pipeline
-from rl.checkpoint import load_trained_weights
-from rl.config import load_config
-from rl.trainer import train
+from tandem.policies.glm_image import load_pipeline
+from tandem.rl.checkpoint import load_trained_weights
+from tandem.rl.config import load_config
+from tandem.rl.trainer import train
 
 
 @pytest.mark.parametrize("stage, lora", [("decoder", True), ("ar", False)])

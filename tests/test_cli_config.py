@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from rl.config import ConfigError, load_config
+from tandem.rl.config import ConfigError, load_config
 
 
 def tandem(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "rl.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_dry_run_prints_the_resolved_config():

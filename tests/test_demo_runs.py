@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from rl.config import load_config
-from rl.trainer import train
+from tandem.rl.config import load_config
+from tandem.rl.trainer import train
 
 REQUIRED_METRICS = {
     "step", "reward/mean", "reward/std", "reward/color/mean", "advantage/zero_std_frac", "ratio/mean",

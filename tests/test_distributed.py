@@ -64,7 +64,7 @@ def test_two_processes_match_one_process_on_the_same_data(tiny_model_path, tmp_p
 
 def test_training_job_on_two_processes(tiny_model_path, tmp_path):
     """The decoder job under torchrun: copies spread over processes, whole-group advantages, one run dir."""
-    run(torchrun("-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path}",
+    run(torchrun("-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path}",
                  f"model.path={tiny_model_path}", "max_steps=4", "reward_host.backend=local", "logging.progress=false",
                  "logging.sample_every=0"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +83,7 @@ def test_fsdp_job_checkpoints_full_weights_and_resumes_exactly(tiny_model_path, 
     whole-tensor checkpoints, and a resume from the step-2 checkpoint that reproduces steps 3-4 exactly (weights,
     AdamW state and EMA restored into the shards)."""
     def job(out, *extra):
-        run(torchrun("-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={out}",
+        run(torchrun("-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={out}",
                      f"model.path={tiny_model_path}", "max_steps=4", "reward_host.backend=local", "logging.progress=false",
                      "distributed.strategy=fsdp", "logging.checkpoint_every=2", "logging.sample_every=2",
                      "logging.eval_every=4", "data.eval_prompts=data/eval_prompts.jsonl", "eval.num_prompts=2", *extra))
@@ -99,8 +99,8 @@ def test_fsdp_job_checkpoints_full_weights_and_resumes_exactly(tiny_model_path, 
     assert grids[0] == grids[1]  # EMA weights (the grid's) restored too
 
     # the checkpoint is the same whole-tensor files a single process writes, and loads into a plain pipeline
-    from policies.glm_image import load_pipeline
-    from rl.checkpoint import load_trained_weights
+    from tandem.policies.glm_image import load_pipeline
+    from tandem.rl.checkpoint import load_trained_weights
 
     pipe = load_pipeline(str(tiny_model_path), device="cpu")
     step_4 = tmp_path / "straight" / "checkpoints" / "step_4"
@@ -114,14 +114,14 @@ def test_fsdp_job_checkpoints_full_weights_and_resumes_exactly(tiny_model_path, 
 
 
 def test_bad_strategy_is_a_one_line_config_error():
-    proc = subprocess.run([sys.executable, "-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
+    proc = subprocess.run([sys.executable, "-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
                            "--dry-run", "distributed.strategy=zero3"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "distributed.strategy" in proc.stderr
 
 
 def test_ray_train_places_two_cpu_workers(tiny_model_path, tmp_path):
     """`distributed.launcher: ray_train` on a local Ray cluster: 2 trainer workers next to the reward actors."""
-    run([sys.executable, "-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path}",
+    run([sys.executable, "-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path}",
          f"model.path={tiny_model_path}", "max_steps=4", "logging.progress=false", "logging.sample_every=0",
          "distributed.launcher=ray_train", "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
          "reward_host.num_cpus=2"])
@@ -134,7 +134,7 @@ def test_ray_train_places_two_cpu_workers(tiny_model_path, tmp_path):
 def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
     """``model.device: auto`` (or ``cuda``) under torchrun: ``LOCAL_RANK`` picks the GPU, modulo those visible.
     This machine has no GPU, so CUDA's presence is patched in: no run on several GPUs has been made."""
-    from policies.glm_image import resolve_device
+    from tandem.policies.glm_image import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -148,8 +148,8 @@ def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_device_without_a_gpu_is_a_config_error():
-    from policies.glm_image import resolve_device
-    from rl.config import ConfigError
+    from tandem.policies.glm_image import resolve_device
+    from tandem.rl.config import ConfigError
 
     for name in ("cuda", "cuda:1"):
         with pytest.raises(ConfigError, match="no GPU is visible"):

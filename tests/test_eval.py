@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from rewards.ocr import OcrReward
-from rl.eval import language, score_text_rendering, target_words, words_found
+from tandem.rewards.ocr import OcrReward
+from tandem.rl.eval import language, score_text_rendering, target_words, words_found
 
 DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
@@ -39,7 +39,7 @@ def render(text: str, font_path: str) -> np.ndarray:
 
 
 def tandem(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "rl.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_word_rule():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from policies.flow import FlowPolicy, trained_step_indices
-from policies.glm_image import load_pipeline
-from rl.config import DecoderConfig, JobConfig, apply_stage_defaults
+from tandem.policies.flow import FlowPolicy, trained_step_indices
+from tandem.policies.glm_image import load_pipeline
+from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults
 
 
 def make_cfg(path, **decoder):
@@ -63,7 +63,7 @@ def test_first_ratio_is_one_and_kl_is_zero(tiny_model_path, decoder, lora):
 
 def test_noise_zero_rollout_is_the_ode_render(tiny_model_path):
     """With noise_level 0 every step is the Euler step, so the rollout equals the deterministic render."""
-    from policies.render import render_tokens
+    from tandem.policies.render import render_tokens
 
     cfg = make_cfg(tiny_model_path, noise_level=0.0, guidance_scale=1.5)
     cfg.grpo.mini_batch_size = 8
@@ -107,7 +107,7 @@ def test_window_never_trains_the_last_step():
 def test_bad_settings_exit_2_with_one_line(tmp_path, override, key):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
+        [sys.executable, "-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
          f"output_dir={out}", "reward_host.backend=local", override],
         capture_output=True, text=True, timeout=300,
     )
@@ -121,7 +121,7 @@ def test_reference_images_condition_the_decoder(tiny_model_path, tmp_path):
     """condition_source=reference: prior tokens are the AR model's VQ tokens of metadata['reference']."""
     from PIL import Image
 
-    from rl.data import load_prompts
+    from tandem.core.data import load_prompts
 
     for name, colour in (("red.png", (220, 30, 30)), ("blue.png", (20, 40, 200))):
         Image.new("RGB", (80, 80), colour).save(tmp_path / name)
@@ -185,7 +185,7 @@ def test_compiled_blocks_stay_compiled_across_glyph_lengths_and_grad_modes(tiny_
 def test_batched_cfg_is_the_two_call_cfg_when_glyph_lengths_match(tiny_model_path):
     """``decoder.cfg_batch``: one call of 2B gives the two-call CFG velocity when nothing needs padding (prompts
     without quoted text: both branches see the glyph of ""), and differs only through the padding otherwise."""
-    from policies.glm_image import GlmImageAdapter
+    from tandem.policies.glm_image import GlmImageAdapter
 
     pipe = load_pipeline(str(tiny_model_path))
     a = GlmImageAdapter(pipe)

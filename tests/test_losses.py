@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rl.losses import LOSS_TYPES, get_loss_type, k3_kl, policy_loss, register_loss_type
+from tandem.policies.kl import k3_kl
+from tandem.rl.losses import LOSS_TYPES, get_loss_type, policy_loss, register_loss_type
 
 EPS = dict(epsilon_low=0.2, epsilon_high=0.28)
 

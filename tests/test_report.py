@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from rl.config import DataConfig, JobConfig, ModelConfig
-from rl.eval import save_results, score_text_rendering
-from rl.run_dir import RunDir
+from tandem.rl.config import DataConfig, JobConfig, ModelConfig
+from tandem.rl.eval import save_results, score_text_rendering
+from tandem.rl.run_dir import RunDir
 
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 CHROMIUM = shutil.which("chromium")
 
 
 def tandem(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "rl.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def _tiles(seed: int) -> np.ndarray:

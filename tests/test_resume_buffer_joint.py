@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rl.buffer import load_buffer_records
-from rl.config import load_config
-from rl.trainer import train, train_joint
+from tandem.rl.buffer import load_buffer_records
+from tandem.rl.config import load_config
+from tandem.rl.trainer import train, train_joint
 
 VOLATILE = ("time/", "cost/")  # wall-clock figures differ between any two runs
 
@@ -48,8 +48,8 @@ def test_decoder_job_trains_from_a_saved_ar_run(tiny_model_path, tmp_path):
     dec_run = train(dec, "decoder")
     assert [r["step"] for r in rows(dec_run)] == [1, 2]
     # the decoder's conditions are exactly the saved token grids
-    from policies.flow import FlowPolicy
-    from policies.glm_image import load_pipeline
+    from tandem.policies.flow import FlowPolicy
+    from tandem.policies.glm_image import load_pipeline
 
     policy = FlowPolicy(load_pipeline(str(tiny_model_path)), dec)
     tokens = policy.conditions([r.prompt for r in records[:3]], [r.metadata for r in records[:3]], seed=0)
@@ -61,7 +61,7 @@ def test_sigkill_then_resume_continues_the_same_metric_stream(tiny_model_path, t
     reference = train(cfg_for("decoder", tiny_model_path, tmp_path / "straight", *overrides), "decoder")
 
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
+    args = [sys.executable, "-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
             f"output_dir={killed}", f"model.path={tiny_model_path}", "logging.progress=false",
             "reward_host.backend=local", "logging.sample_every=0", *overrides]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,9 +104,9 @@ def test_eval_pass_logs_held_out_rewards(tiny_model_path, tmp_path):
 
 
 def test_hacking_watch_warns_when_train_rises_and_gold_falls(tmp_path, caplog):
-    from rewards.client import RewardClient
-    from rl.config import JobConfig, RewardEntry, RewardHostConfig
-    from rl.periodic_eval import Evaluator
+    from tandem.rewards.client import RewardClient
+    from tandem.rl.config import JobConfig, RewardEntry, RewardHostConfig
+    from tandem.rl.periodic_eval import Evaluator
 
     class Images:  # a stand-in policy whose eval images get darker at each eval
         def __init__(self):
@@ -127,7 +127,7 @@ def test_hacking_watch_warns_when_train_rises_and_gold_falls(tmp_path, caplog):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "rl.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def one_error_line(proc):

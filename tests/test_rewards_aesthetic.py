@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rewards.aesthetic import AestheticReward
-from rewards.base import RewardConfigError
+from tandem.rewards.aesthetic import AestheticReward
+from tandem.rewards.base import RewardConfigError
 
 @pytest.fixture(scope="module")
 def random_reward(tiny_clip):

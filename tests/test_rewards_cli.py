@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rewards.cli import cmd_rewards, cmd_score
-from rl.config import ConfigError
+from tandem.rewards.cli import cmd_rewards, cmd_score
+from tandem.rl.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_tandem_score_on_an_embedded_ray_cluster_and_exit_code_2(tmp_path):
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "rl.cli", "score", "--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt")]
+    cmd = [sys.executable, "-m", "tandem.rl.cli", "score", "--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt")]
     proc = subprocess.Popen(cmd + ["--reward", "color", "--reward", "tests.reward_plugins:mean_red", "--backend", "ray"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=120)

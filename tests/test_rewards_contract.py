@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from rewards.base import BUILTIN_MODULES, build_reward, list_rewards, resolve
-from rl.config import RewardEntry
+from tandem.rewards.base import BUILTIN_MODULES, build_reward, list_rewards, resolve
+from tandem.rl.config import RewardEntry
 
 
 def builtin_names():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from rewards.base import RewardConfigError
-from rewards.hands import FINGERS, REFERENCE_RATIOS, HandsReward, angle_score, apart_score, length_score, plausibility
+from tandem.rewards.base import RewardConfigError
+from tandem.rewards.hands import FINGERS, REFERENCE_RATIOS, HandsReward, angle_score, apart_score, length_score, plausibility
 
 PALM = 0.09  # metres, wrist to middle MCP
 

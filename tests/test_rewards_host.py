@@ -6,10 +6,10 @@ import logging
 import numpy as np
 import pytest
 
-from rewards.base import RewardConfigError, RewardError
-from rewards.client import RewardClient, RewardScores
-from rl.advantages import compute_advantages
-from rl.config import RewardEntry, RewardHostConfig
+from tandem.rewards.base import RewardConfigError, RewardError
+from tandem.rewards.client import RewardClient, RewardScores
+from tandem.rl.advantages import compute_advantages
+from tandem.rl.config import RewardEntry, RewardHostConfig
 
 RAY = RewardHostConfig(backend="ray")
 LOCAL = RewardHostConfig(backend="local")
@@ -156,8 +156,8 @@ def test_joining_an_existing_cluster_leaves_it_running(ray_cluster, tmp_path):
 
     script = (
         "import numpy as np\n"
-        "from rewards.client import RewardClient\n"
-        "from rl.config import RewardEntry, RewardHostConfig\n"
+        "from tandem.rewards.client import RewardClient\n"
+        "from tandem.rewards.config import RewardEntry, RewardHostConfig\n"
         "with RewardClient([RewardEntry(fn='tests.reward_plugins:mean_red')], RewardHostConfig(backend='ray')) as c:\n"
         "    print(c.score(np.full((2, 4, 4, 3), 255, np.uint8), ['a', 'b']).result()['mean_red'].tolist())\n"
     )

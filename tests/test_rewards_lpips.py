@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from torchvision.models import alexnet
 
-from rewards.base import RewardConfigError
-from rewards.lpips import LpipsReward
+from tandem.rewards.base import RewardConfigError
+from tandem.rewards.lpips import LpipsReward
 
 
 @pytest.fixture(scope="module")

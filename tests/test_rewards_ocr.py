@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from rewards.base import RewardConfigError
-from rewards.ocr import OcrReward, levenshtein, target_text, text_score
+from tandem.rewards.base import RewardConfigError
+from tandem.rewards.ocr import OcrReward, levenshtein, target_text, text_score
 
 DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"

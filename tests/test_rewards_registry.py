@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.base import (
+from tandem.rewards.base import (
     RewardConfigError,
     RewardError,
     build_reward,
@@ -15,8 +15,8 @@ from rewards.base import (
     to_scores,
     unique_labels,
 )
-from rewards.client import RewardClient
-from rl.config import ConfigError, RewardEntry
+from tandem.rewards.client import RewardClient
+from tandem.rl.config import ConfigError, RewardEntry
 
 BUILTINS = {"ocr", "hands", "aesthetic", "vlm", "lpips", "jpeg_compressibility", "brightness", "color"}
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rewards.simple import brightness, color, jpeg_compressibility
+from tandem.rewards.simple import brightness, color, jpeg_compressibility
 
 
 def flat(rgb, n=1, size=16):

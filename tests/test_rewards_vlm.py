@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.base import RewardConfigError
-from rewards.vlm import VlmReward
+from tandem.rewards.base import RewardConfigError
+from tandem.rewards.vlm import VlmReward
 
 
 def images(n: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from policies.sde import mean_kl, ode_step, sde_step
+from tandem.policies.sde import mean_kl, ode_step, sde_step
 
 KINDS = ("sde", "cps")
 STEPS = [(1.0, 0.9), (0.75, 0.5), (0.3, 0.29), (0.05, 0.0)]

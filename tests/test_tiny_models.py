@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from policies.glm_image import GlmImageAdapter, load_pipeline
-from policies.render import render_tokens
-from policies.tiny import CODEBOOK, build_tiny_glm_image
-from rl.config import ConfigError, JobConfig
-from rl.sample import pipeline_images
+from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.render import render_tokens
+from tandem.policies.tiny import CODEBOOK, build_tiny_glm_image
+from tandem.rl.config import ConfigError, JobConfig
+from tandem.rl.sample import pipeline_images
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_hand_written_denoising_loop_equals_the_pipeline(pipe):
     tokens = torch.randint(0, CODEBOOK, (2, grids.num_full), generator=torch.Generator().manual_seed(0))
     prompts = ["a cat", 'a poster "HI"']
     ours = render_tokens(adapter, tokens, prompts, 64, 64, num_steps=5, guidance_scale=1.5, seeds=[1, 2])
-    from policies.render import initial_noise
+    from tandem.policies.render import initial_noise
 
     out = pipe(prompt=prompts, height=64, width=64, num_inference_steps=5, guidance_scale=1.5,
                prior_token_ids=adapter.upsample_prior(tokens, grids), latents=initial_noise(adapter, [1, 2], 64, 64),

@@ -13,6 +13,14 @@ import numpy as np
 import torch
 
 
+@dataclass
+class PromptRecord:
+    """One prompt and its metadata (``text`` to render, ``reference`` image, ... handed to the rewards)."""
+
+    prompt: str
+    metadata: Dict[str, Any]
+
+
 def _take(value: Any, index: torch.Tensor) -> Any:
     if isinstance(value, torch.Tensor):
         return value[index.to(value.device)]

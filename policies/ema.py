@@ -1,7 +1,7 @@
 """Exponential moving average of trained weights, used for eval and sample grids.
 
 ema <- decay * ema + (1 - decay) * theta after every optimizer step (flow_grpo keeps one for the decoder).
-Under FSDP (``rl.distributed.shard``) each process keeps the shadow of its own shards; ``state_dict`` gathers
+Under FSDP (``tandem.rl.distributed.shard``) each process keeps the shadow of its own shards; ``state_dict`` gathers
 whole tensors (collective) and ``load_state_dict`` keeps this process's shards of them.
 """
 
@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List
 
 import torch
 
-from rl.distributed import full_tensor, shard_like
+from tandem.core.dtensor import full_tensor, shard_like
 
 
 class EMA:

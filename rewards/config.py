@@ -1,0 +1,43 @@
+"""Config sections of the reward layer: one reward entry and the reward host (composed by the job config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class RewardEntry:
+    # Registered reward name (see `tandem rewards`); give either name or fn.
+    name: Optional[str] = None
+    # Import path "package.module:attr" of a reward function or class.
+    fn: Optional[str] = None
+    # Weight in the combined reward.
+    weight: float = 1.0
+    # Keyword arguments for the reward (class constructor / factory).
+    args: Dict[str, Any] = field(default_factory=dict)
+    # CPUs per reward actor (fractional is fine).
+    num_cpus: float = 0.25
+    # GPUs per reward actor (fractional is fine).
+    num_gpus: float = 0.0
+    # Number of actor replicas; batches are split across them.
+    replicas: int = 1
+    # Images per call into the reward; 0 = the whole batch at once.
+    batch_size: int = 0
+    # Seconds before a scoring call is retried (then fails naming the reward).
+    timeout_s: float = 300.0
+    # Ray restarts of a crashed actor.
+    max_restarts: int = 2
+
+
+@dataclass
+class RewardHostConfig:
+    # "ray" (reward actors on a Ray cluster) or "local" (in-process, for debugging and GPU benchmarks).
+    backend: str = "ray"
+    # Ray address to join; null = $RAY_ADDRESS if set, else start an embedded local cluster.
+    address: Optional[str] = None
+    # CPUs given to the embedded local cluster; null = all.
+    num_cpus: Optional[float] = None
+    # Score each sub-batch of a rollout while the next sub-batch rolls out (sub-batches are minibatches of
+    # whole groups, so what is trained stays on-policy); false = score after the whole rollout.
+    async_scoring: bool = True
