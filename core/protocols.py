@@ -9,6 +9,9 @@ log-probability of every action unit. The trainer never looks inside ``Rollout.e
   all tokens; the flow policy: one chunk per trained denoising step, so memory does not grow with steps).
 * ``log_probs`` — with grad, the log-probs of one chunk under the current weights, and the per-unit KL to
   the reference when ``with_kl`` (LoRA adapter disabled, or a frozen copy when training all weights).
+
+A generator family (``tandem.policies.families``) supplies the policies of the stages it has; its decoder
+side is a ``FlowAdapter``.
 """
 
 from __future__ import annotations
@@ -47,3 +50,39 @@ class Policy(Protocol):
 
     def on_optimizer_step(self) -> None:
         """Hook after each optimizer step (EMA update)."""
+
+    def handoff(self, batch: Rollout) -> Dict[str, torch.Tensor]:
+        """Batch-first tensors that condition the next stage on these samples (the AR stage's token grids,
+        saved in the shared buffer and merged into each sample's metadata), or ``{}``."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the policy's models run."""
+
+
+class FlowAdapter(Protocol):
+    """What the flow (decoder) policy needs from a generator family: one adapter per family.
+
+    Conditions are a dict of batch-first tensors, one row per prompt; the policy repeats them per group,
+    keeps them with the rollout and hands them back to ``velocity``, so training replays exactly what the
+    rollout saw. Latents follow the rectified-flow convention x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0.
+    """
+
+    device: torch.device
+    denoiser: torch.nn.Module  # the trained component (a pipeline attribute)
+
+    def conditions(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> Dict[str, torch.Tensor]:
+        """Condition tensors of ``prompts`` (one row each), including whatever CFG's negative branch needs."""
+
+    def schedule(self, num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps (S,) and sigmas (S+1,) float32, the last sigma 0."""
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """(B, C, h, w) float32 standard-normal latents, row i drawn from ``seeds[i]``."""
+
+    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor],
+                 guidance_scale: float) -> torch.Tensor:
+        """(B, C, h, w) float32 velocity at timestep ``t``, with CFG when ``guidance_scale > 1``."""
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, C, h, w) latents -> (B, H, W, 3) uint8 images."""

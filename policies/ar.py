@@ -42,7 +42,7 @@ import torch
 from tandem.policies.base import TrainedComponent
 from tandem.policies.ar_sampler import GenerateSampler, LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
-from tandem.policies.render import render_tokens
+from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
 from tandem.core.errors import ConfigError
 from tandem.policies.lora import LoraSettings
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
@@ -95,6 +95,7 @@ class ARPolicy(TrainedComponent):
         self.sampler: TokenSampler = sampler or self._sampler(cfg)
         self.height, self.width = cfg.data.height, cfg.data.width
         self.grids = adapter.grids(self.height, self.width)
+        self.decoder = GlmFlowAdapter(pipe, self.height, self.width)  # the frozen decoder that renders the tokens
         self.num_preview, self.num_full = self.grids.num_preview, self.grids.num_full
         self.processing = self._processing(cfg)
         self._peft = None
@@ -146,6 +147,14 @@ class ARPolicy(TrainedComponent):
 
     # ------------------------------------------------------------------------------------------ acting
     @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def handoff(self, batch: Rollout) -> dict:
+        """The full-grid tokens (B, th*tw): what the decoder stage paints (shared buffer, joint jobs)."""
+        return {"full_tokens": batch.extras["full_tokens"]}
+
+    @property
     def num_units(self) -> int:
         return self.num_preview + self.num_full
 
@@ -156,8 +165,7 @@ class ARPolicy(TrainedComponent):
 
     def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         ar = self.cfg.ar
-        return render_tokens(self.adapter, full_tokens, prompts, self.height, self.width, ar.decode_steps,
-                             ar.decode_guidance_scale, seeds)
+        return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:

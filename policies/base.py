@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Tuple
 
 import torch
+
+from tandem.core.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TrainedComponent:
@@ -21,3 +26,16 @@ class TrainedComponent:
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.trainable_named_parameters()}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``model.device``: "auto" is the GPU if there is one, else the CPU. A GPU named without an index ("auto",
+    "cuda") is this process's own: ``LOCAL_RANK`` (set by torchrun, accelerate and Ray Train) modulo the GPUs
+    visible, so the processes of a data-parallel job on one host do not all land on GPU 0."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is '{name}' but no GPU is visible to this process")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device(name)

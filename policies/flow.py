@@ -1,4 +1,4 @@
-"""The flow (decoder) policy: flow-GRPO over ``GlmImageTransformer2DModel``.
+"""The flow (decoder) policy: flow-GRPO over any flow-matching denoiser, through a family's ``FlowAdapter``.
 
 Actions are denoising steps. A rollout integrates the release schedule from noise; steps inside the SDE window
 (``decoder.sde_window_size`` consecutive steps placed in ``decoder.sde_window_range``, or the first
@@ -22,13 +22,10 @@ import torch
 
 from tandem.policies.base import TrainedComponent
 from tandem.policies.lora import apply_lora
-from tandem.policies.glm_image import GlmImageAdapter
-from tandem.policies.render import initial_noise
+from tandem.policies.render import ode_sample
 from tandem.policies.sde import mean_kl, ode_step, sde_step
 from tandem.policies.ema import EMA
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
-
-COMPILED_VARIANTS = 32  # dynamo's recompile limit with decoder.compile (FlowPolicy.__init__)
 
 
 def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator) -> List[int]:
@@ -42,13 +39,13 @@ def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator) -> List[
 
 
 class FlowPolicy(TrainedComponent):
+    """Flow-GRPO over ``adapter.denoiser``; ``cfg`` is the job config (reads ``decoder``, ``grpo``, ``optim``)."""
+
     stage = "decoder"
 
-    def __init__(self, pipe, cfg):
-        self.pipe, self.cfg = pipe, cfg
-        self.adapter = GlmImageAdapter(pipe)
-        self.d, self.height, self.width = cfg.decoder, cfg.data.height, cfg.data.width
-        base = self.trained_module = pipe.transformer
+    def __init__(self, adapter, cfg):
+        self.adapter, self.cfg, self.d = adapter, cfg, cfg.decoder
+        base = self.trained_module = adapter.denoiser
         if cfg.optim.gradient_checkpointing:
             base.enable_gradient_checkpointing()
         if cfg.optim.lora.enabled:
@@ -58,65 +55,37 @@ class FlowPolicy(TrainedComponent):
             self.model = base.requires_grad_(True)
             self.reference = copy.deepcopy(base).requires_grad_(False).eval() if cfg.grpo.beta > 0 else None
         if self.d.compile:  # after LoRA injection, so the compiled blocks include the adapters
-            import torch._inductor.config as inductor
-
-            # torch 2.11's inductor hit an assertion in this tiling analysis when compiling the blocks' backward
-            # on CUDA; the 50 % MFU train step of docs/benchmarks.md ran with it off
-            inductor.triton.coalesce_tiling_analysis = False
-            # The 30 blocks share one code object, and dynamo keeps one compiled variant of it per input layout:
-            # grad and no-grad, the glyph length static then dynamic (a 1-token glyph apart), the glyph input a
-            # view or not. A job meets 9 (tests/test_flow_policy.py); past the default limit of 8, further
-            # variants silently run eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
-            base.compile_repeated_blocks()
+            base.compile_repeated_blocks()  # the dynamo/inductor settings it needs are made at CLI start-up
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
         self.ema = EMA(self.trainable_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
 
-    # ------------------------------------------------------------------ conditions
-    @torch.no_grad()
-    def conditions(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> torch.Tensor:
-        """(P, th*tw) full-grid prior tokens per prompt.
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
 
-        Token grids saved with the prompt (``metadata["full_tokens"]``: an AR run's buffer or a joint job's AR
-        phase) are used as they are; otherwise ``decoder.condition_source`` decides: the reference image's VQ
-        tokens ("reference") or a rollout of the frozen AR model ("ar"; also for eval prompts of a buffer job).
-        """
-        if all("full_tokens" in m for m in metadata):
-            return torch.as_tensor(np.stack([m["full_tokens"] for m in metadata]), device=self.adapter.device)
-        if self.d.condition_source == "reference":
-            missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
-            if missing:
-                raise ValueError(f"decoder.condition_source=reference needs a 'reference' image for prompt {missing[0]!r}")
-            return self.adapter.reference_tokens(np.stack([m["reference"] for m in metadata]))
-        gen = torch.Generator().manual_seed(seed)
-        up, _, _ = self.pipe.generate_prior_tokens(
-            prompt=list(prompts), height=self.height, width=self.width, device=self.adapter.device, generator=gen
-        )
-        grids = self.adapter.grids(self.height, self.width)
-        return up.view(len(prompts), 2 * grids.th, 2 * grids.tw)[:, ::2, ::2].reshape(len(prompts), -1)
+    def handoff(self, batch: Rollout) -> dict:
+        return {}
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:
+        """Sample ``group_size`` images per prompt (copies adjacent). ``extras`` (batch first): latents,
+        next_latents (B, K, C, h, w) before/after each trained step; timesteps, sigmas, next_sigmas (B, K);
+        cond, the adapter's condition tensors. No grad."""
         rng = np.random.default_rng(seed)
-        tokens = self.conditions(prompts, metadata, seed)
-        all_prompts = repeat_for_groups(prompts, group_size)
         group_ids = group_ids_for(len(prompts), group_size)
-        grids = self.adapter.grids(self.height, self.width)
-        prior = self.adapter.upsample_prior(tokens, grids).repeat_interleave(group_size, dim=0)
-        glyph = self.adapter.glyph_embeds(all_prompts)
-        neg = self.adapter.glyph_embeds([""] * len(all_prompts)) if self.d.guidance_scale > 1 else None
+        cond = {k: v.repeat_interleave(group_size, dim=0)
+                for k, v in self.adapter.conditions(prompts, metadata, seed).items()}
         noise_seeds = [seed * 7919 + int(g if self.d.same_noise_in_group else i) for i, g in enumerate(group_ids)]
-        x = initial_noise(self.adapter, noise_seeds, self.height, self.width)
-        timesteps, sigmas = self.adapter.schedule(self.d.num_steps, self.height, self.width)
+        x = self.adapter.initial_noise(noise_seeds)
+        timesteps, sigmas = self.adapter.schedule(self.d.num_steps)
         train_steps = trained_step_indices(self.d, self.d.num_steps, rng)
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
-        chunks = self._rollout_chunks(len(all_prompts))
+        chunks = self._rollout_chunks(len(group_ids))
         before, after, logps = [], [], []
         for i, t in enumerate(timesteps):
-            v = torch.cat([self.adapter.velocity(self.model, x[c], t, prior[c], glyph[c], None if neg is None else neg[c],
-                                                 self.d.guidance_scale, self.height, self.width, self.d.cfg_batch)
+            v = torch.cat([self.adapter.velocity(self.model, x[c], t, _rows(cond, c), self.d.guidance_scale)
                            for c in chunks])
             if i in train_steps:
                 x_next, logp, _, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
@@ -127,16 +96,15 @@ class FlowPolicy(TrainedComponent):
             else:
                 x_next = ode_step(v, x, sigmas[i], sigmas[i + 1])
             x = x_next
-        b, k = len(all_prompts), len(train_steps)
+        b, k = len(group_ids), len(train_steps)
         idx = torch.tensor(train_steps)
         return Rollout(
-            images=self.adapter.decode(x), prompts=all_prompts, metadata=repeat_for_groups(metadata, group_size),
-            group_ids=group_ids, old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k, device=x.device),
-            extras=dict(
-                latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1), prior=prior, glyph=glyph,
-                neg_glyph=neg, timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),
-                next_sigmas=sigmas[idx + 1].expand(b, k), full_tokens=tokens.repeat_interleave(group_size, dim=0),
-            ),
+            images=self.adapter.decode(x), prompts=repeat_for_groups(prompts, group_size),
+            metadata=repeat_for_groups(metadata, group_size), group_ids=group_ids,
+            old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k, device=x.device),
+            extras=dict(latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1), cond=cond,
+                        timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),
+                        next_sigmas=sigmas[idx + 1].expand(b, k)),
         )
 
     def _rollout_chunks(self, batch: int) -> List[slice]:
@@ -150,8 +118,7 @@ class FlowPolicy(TrainedComponent):
 
     def _step_mean(self, model, batch: Rollout, k: int):
         e = batch.extras
-        v = self.adapter.velocity(model, e["latents"][:, k], e["timesteps"][:, k], e["prior"], e["glyph"], e["neg_glyph"],
-                                  self.d.guidance_scale, self.height, self.width, self.d.cfg_batch)
+        v = self.adapter.velocity(model, e["latents"][:, k], e["timesteps"][:, k], e["cond"], self.d.guidance_scale)
         return sde_step(v, e["latents"][:, k], e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.noise_level,
                         prev_sample=e["next_latents"][:, k], kind=self.d.sde_type)
 
@@ -180,10 +147,11 @@ class FlowPolicy(TrainedComponent):
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> np.ndarray:
         """Eval images: ODE with ``decoder.eval_num_steps`` steps, EMA weights when kept."""
-        from tandem.policies.render import render_tokens
-
-        tokens = self.conditions(prompts, metadata, seed)
+        cond = self.adapter.conditions(prompts, metadata, seed)
         with (self.ema.swapped(self.trainable_parameters()) if self.ema else contextlib.nullcontext()):
-            return render_tokens(self.adapter, tokens, prompts, self.height, self.width, self.d.eval_num_steps,
-                                 self.d.guidance_scale, [seed + i for i in range(len(prompts))], transformer=self.model,
-                                 batch_cfg=self.d.cfg_batch)
+            return ode_sample(self.adapter, self.model, cond, [seed + i for i in range(len(prompts))],
+                              self.d.eval_num_steps, self.d.guidance_scale)
+
+
+def _rows(cond: dict, rows: slice) -> dict:
+    return {k: v[rows] for k, v in cond.items()}

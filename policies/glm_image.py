@@ -16,7 +16,6 @@ a new adapter with the same methods. Conventions (GLM-Image release; diffusers `
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 
 from tandem.core.errors import ConfigError
+from tandem.policies.base import DTYPES, resolve_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -45,19 +44,6 @@ class Grids:
     @property
     def num_full(self) -> int:
         return self.th * self.tw
-
-
-def resolve_device(name: str) -> torch.device:
-    """``model.device``: "auto" is the GPU if there is one, else the CPU. A GPU named without an index ("auto",
-    "cuda") is this process's own: ``LOCAL_RANK`` (set by torchrun, accelerate and Ray Train) modulo the GPUs
-    visible, so the processes of a data-parallel job on one host do not all land on GPU 0."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device is '{name}' but no GPU is visible to this process")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device(name)
 
 
 def load_pipeline(path: str, dtype: str = "float32", device: str = "auto", create_tiny_if_missing: bool = False):

@@ -1,49 +1,33 @@
-"""Deterministic decoding of AR tokens to pixels with a frozen decoder (ODE, Euler, release schedule).
+"""Deterministic sampling with a frozen or trained denoiser: Euler steps of the probability-flow ODE.
 
-Used by the AR policy to turn its full-grid tokens into images for the rewards, and by ``tandem sample``.
-Initial noise is drawn per sample from ``seeds`` so that, in the AR stage, every copy of a prompt gets the
-same noise (same seed per group) and reward differences come from the tokens only.
+Used for eval images and sample grids of the flow policy, and by the GLM-Image AR policy to turn its token
+grids into images for the rewards (there every copy of a prompt gets the same noise seed, so reward differences
+within a group come from the tokens only).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from tandem.policies.glm_image import GlmImageAdapter
+from tandem.policies.sde import ode_step
 
 
-def initial_noise(adapter: GlmImageAdapter, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-    """(B, C, h, w) float32 standard normal latents, row i drawn from ``torch.Generator().manual_seed(seeds[i])``."""
-    shape = adapter.latent_shape(1, height, width)
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.cat(rows).to(adapter.device)
+def seeded_noise(shape: Tuple[int, ...], seeds: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(len(seeds), *shape) float32 standard normal, row i from ``torch.Generator().manual_seed(seeds[i])``
+    (drawn on the CPU, so the same seed gives the same noise on every device)."""
+    rows = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.cat(rows).to(device)
 
 
 @torch.no_grad()
-def render_tokens(
-    adapter: GlmImageAdapter,
-    full_tokens: torch.Tensor,
-    prompts: Sequence[str],
-    height: int,
-    width: int,
-    num_steps: int,
-    guidance_scale: float,
-    seeds: Sequence[int],
-    transformer=None,
-    batch_cfg: bool = False,
-) -> np.ndarray:
-    """Full-grid AR tokens (B, th*tw) -> uint8 images (B, H, W, 3) by Euler steps x <- x + (sigma' - sigma) v."""
-    transformer = transformer or adapter.pipe.transformer
-    grids = adapter.grids(height, width)
-    prior = adapter.upsample_prior(full_tokens.to(adapter.device), grids)
-    glyph = adapter.glyph_embeds(prompts)
-    neg = adapter.glyph_embeds([""] * len(prompts)) if guidance_scale > 1.0 else None
-    timesteps, sigmas = adapter.schedule(num_steps, height, width)
-    x = initial_noise(adapter, seeds, height, width)
+def ode_sample(adapter, model: torch.nn.Module, cond: Dict[str, torch.Tensor], seeds: Sequence[int], num_steps: int,
+               guidance_scale: float) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 from ``adapter`` (a ``FlowAdapter``): x <- x + (sigma' - sigma) v, from noise."""
+    timesteps, sigmas = adapter.schedule(num_steps)
+    x = adapter.initial_noise(seeds)
     for i, t in enumerate(timesteps):
-        v = adapter.velocity(transformer, x, t, prior, glyph, neg, guidance_scale, height, width, batch_cfg)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        x = ode_step(adapter.velocity(model, x, t, cond, guidance_scale), x, sigmas[i], sigmas[i + 1])
     return adapter.decode(x)

@@ -1,11 +1,13 @@
-"""The shared rollout buffer: AR rollouts saved as shards in a run directory, read back as decoder conditions.
+"""The shared rollout buffer: a stage's rollouts saved as shards in a run directory, read back as the next
+stage's conditions (the AR stage's token grids condition the decoder stage).
 
 One shard per rollout batch, ``buffer/shard_NNNNNN.safetensors`` — safe to load (no pickles). Tensors:
-``images`` (B, H, W, 3) uint8, ``full_tokens`` (B, th*tw) int64, ``group_ids`` (B,) int64, ``rewards``
-(B,) float64 combined, ``advantages`` (B,) float32 and ``reward.<name>`` (B,) float64 per reward (NaN = no
-score). The safetensors header's metadata holds one JSON document under ``tandem_buffer``: format name,
-version, stage, image size, token grid, reward names and weights, and per sample the prompt and its
-JSON-serialisable metadata (image arrays are dropped; ``reference_path`` stays).
+``images`` (B, H, W, 3) uint8, ``group_ids`` (B,) int64, ``rewards`` (B,) float64 combined, ``advantages``
+(B,) float32, ``reward.<name>`` (B,) float64 per reward (NaN = no score), and the policy's hand-off
+(``Policy.handoff``, e.g. ``full_tokens`` (B, th*tw) int64), each batch first. The safetensors header's
+metadata holds one JSON document under ``tandem_buffer``: format name, version, image size, the hand-off
+keys, reward names and weights, and per sample the prompt and its JSON-serialisable metadata (image arrays
+are dropped; ``reference_path`` stays). Reading a shard puts each hand-off row into its sample's metadata.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from tandem.rl.config import ConfigError
+from tandem.core.errors import ConfigError
 from tandem.core.data import load_image
 from tandem.core.types import PromptRecord
 
@@ -30,21 +32,22 @@ def _jsonable(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
-def save_shard(folder: Path, index: int, batch, scores, advantages: np.ndarray, combined: np.ndarray,
-               height: int, width: int, grid: tuple) -> Path:
-    """Write one rollout batch (``rl.types.Rollout`` with ``extras["full_tokens"]``) as a shard."""
+def save_shard(folder: Path, index: int, *, images: np.ndarray, prompts: List[str], metadata: List[dict],
+               group_ids: np.ndarray, payload: Dict[str, torch.Tensor], scores, advantages: np.ndarray,
+               combined: np.ndarray, height: int, width: int) -> Path:
+    """Write one rollout batch and its hand-off ``payload`` as ``folder/shard_{index}``."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
-        "images": torch.from_numpy(np.ascontiguousarray(batch.images)),
-        "full_tokens": batch.extras["full_tokens"].detach().cpu().long().contiguous(),
-        "group_ids": torch.from_numpy(np.asarray(batch.group_ids, dtype=np.int64)),
+        "images": torch.from_numpy(np.ascontiguousarray(images)),
+        "group_ids": torch.from_numpy(np.asarray(group_ids, dtype=np.int64)),
         "rewards": torch.from_numpy(np.asarray(combined, dtype=np.float64)),
         "advantages": torch.from_numpy(np.asarray(advantages, dtype=np.float32)),
+        **{k: v.detach().cpu().contiguous() for k, v in payload.items()},
     }
     tensors.update({f"reward.{k}": torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in scores.scores.items()})
     header = {
-        "format": FORMAT, "version": VERSION, "stage": "ar", "height": height, "width": width, "grid": list(grid),
-        "rewards": scores.weights, "prompts": list(batch.prompts), "metadata": [_jsonable(m) for m in batch.metadata],
+        "format": FORMAT, "version": VERSION, "height": height, "width": width, "payload": sorted(payload),
+        "rewards": scores.weights, "prompts": list(prompts), "metadata": [_jsonable(m) for m in metadata],
     }
     path = folder / f"shard_{index:06d}.safetensors"
     tmp = path.with_suffix(".partial")
@@ -70,7 +73,7 @@ def read_header(path: Path) -> Dict:
 
 
 def load_buffer_records(run_or_buffer_dir: str, height: int, width: int) -> List[PromptRecord]:
-    """Every saved AR sample as a prompt record whose metadata carries ``full_tokens`` (np.int64 (th*tw,))."""
+    """Every saved sample as a prompt record whose metadata carries its hand-off rows (e.g. ``full_tokens``)."""
     folder = Path(run_or_buffer_dir)
     folder = folder / "buffer" if (folder / "buffer").is_dir() else folder
     shards = sorted(folder.glob("shard_*.safetensors"))
@@ -82,9 +85,10 @@ def load_buffer_records(run_or_buffer_dir: str, height: int, width: int) -> List
         if (header["height"], header["width"]) != (height, width):
             raise ConfigError(f"buffer shard {path} holds {header['height']}x{header['width']} images; this job "
                               f"has data.height/width {height}x{width}")
-        tokens = load_file(str(path))["full_tokens"].numpy()
+        tensors = load_file(str(path))
+        payload = {k: tensors[k].numpy() for k in header.get("payload", ["full_tokens"])}
         for i, (prompt, meta) in enumerate(zip(header["prompts"], header["metadata"])):
-            meta = dict(meta, full_tokens=tokens[i])
+            meta = dict(meta, **{k: v[i] for k, v in payload.items()})
             if "reference_path" in meta:
                 meta["reference"] = load_image(Path(meta["reference_path"]), (height, width))
             records.append(PromptRecord(prompt, meta))

@@ -32,7 +32,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from tandem.rl.config import ConfigError, JobConfig
 from tandem.core.dtensor import full_tensor, shard_like
 
-STAGE_MODULES = {"decoder": "transformer", "ar": "vision_language_encoder"}
 # Keys that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_KEYS = ("output_dir", "max_steps", "resume", "logging", "reward_host")
 
@@ -128,14 +127,15 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
     torch.set_rng_state(rng)
 
 
-def load_trained_weights(pipe, checkpoint: str) -> None:
-    """Load a checkpoint's trained weights into the matching components of a ``GlmImagePipeline``."""
+def load_trained_weights(pipe, checkpoint: str, components: Dict[str, str]) -> None:
+    """Load a checkpoint's trained weights into ``pipe``: stage -> pipeline attribute in ``components`` (the
+    family's ``ModelFamily.components``)."""
     folder = Path(checkpoint)
     if not (folder / "state.json").is_file():
         raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder (expected state.json)")
     meta = json.loads((folder / "state.json").read_text())
     for stage in meta["stages"]:
-        module = getattr(pipe, STAGE_MODULES[stage])
+        module = getattr(pipe, components[stage])
         weights = load_file(str(folder / f"{stage}.trained.safetensors"))
         if meta["lora"]:  # re-inject the same adapters (module paths from the saved names), then load them
             from peft import LoraConfig, inject_adapter_in_model

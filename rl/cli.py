@@ -14,11 +14,11 @@ naming what is wrong and how to fix it, and exits 2 — no traceback, nothing ha
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
 from tandem.rl.config import ConfigError, load_config, to_yaml
+from tandem.rl.runtime import configure_environment, configure_torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,8 +67,9 @@ def _train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from tandem.rl.trainer import train, train_joint
+    from tandem.rl.session import train, train_joint
 
+    configure_torch(cfg)
     if cfg.distributed.launcher == "ray_train":
         from tandem.rl.launch import launch_ray_train
 
@@ -123,9 +124,7 @@ COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rew
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the progress bar readable
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    configure_environment()
     try:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -18,15 +18,23 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tandem.core.errors import ConfigError
+from tandem.policies.families import family_names
 from tandem.policies.lora import LoraSettings
+from tandem.policies.sde import KINDS as SDE_KINDS
 from tandem.rewards.config import RewardEntry, RewardHostConfig
+from tandem.rl.advantages import AGGREGATIONS, SCALES
+from tandem.rl.losses import LOSS_TYPES
+from tandem.rl.objectives import OBJECTIVES
 
 
 # --------------------------------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    # Folder of a GLM-Image pipeline as written by `GlmImagePipeline.save_pretrained` (model_index.json,
-    # vision_language_encoder/, processor/, transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+    # Generator family (`tandem.policies.families`): how the pipeline is loaded and which stages it trains.
+    # glm_image (AR + decoder) | sd3 (decoder only: a StableDiffusion3Pipeline) | a plug-in family.
+    family: str = "glm_image"
+    # Folder of the family's pipeline as written by its `save_pretrained`; for glm_image: model_index.json,
+    # vision_language_encoder/, processor/, transformer/, vae/, text_encoder/, tokenizer/, scheduler/.
     path: str = MISSING
     # Build tiny random-init models of the real classes into `path` when it is empty (demo and tests only).
     create_tiny_if_missing: bool = False
@@ -128,6 +136,8 @@ class GRPOConfig:
     epsilon_high: Optional[float] = None
     # KL coefficient (TRL `beta`); ar: k3 estimator, decoder: ||mean - mean_ref||^2 / (2 std^2).
     beta: float = 0.0
+    # What the update minimises (`tandem.rl.objectives`): clipped_surrogate (GRPO / Flow-GRPO) or a registered one.
+    objective: str = "clipped_surrogate"
     # grpo | bnpo | dr_grpo | dapo (TRL semantics of how token losses are averaged).
     loss_type: str = "grpo"
     # group | batch | none: the std that advantages are divided by (TRL `scale_rewards`).
@@ -314,11 +324,13 @@ def validate(job: JobConfig, stage: str) -> None:
     """Cross-field rules, checked once at load time."""
     g, d = job.grpo, job.decoder
     _choice("model.dtype", job.model.dtype, ("float32", "bfloat16", "float16"))
-    _choice("grpo.loss_type", g.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
-    _choice("grpo.scale_rewards", g.scale_rewards, ("group", "batch", "none"))
-    _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, ("sum_then_normalize", "normalize_then_sum"))
+    _choice("model.family", job.model.family, family_names())
+    _choice("grpo.objective", g.objective, OBJECTIVES.names())
+    _choice("grpo.loss_type", g.loss_type, sorted(LOSS_TYPES))
+    _choice("grpo.scale_rewards", g.scale_rewards, list(SCALES))
+    _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, list(AGGREGATIONS))
     _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
-    _choice("decoder.sde_type", d.sde_type, ("sde", "cps"))
+    _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
     _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
     if d.condition_source == "buffer":
         _rule(d.buffer_dir is not None and os.path.isdir(d.buffer_dir), "decoder.buffer_dir",
@@ -347,6 +359,9 @@ def validate(job: JobConfig, stage: str) -> None:
     _rule(job.logging.eval_every == 0 or job.data.eval_prompts is not None, "logging.eval_every",
           "eval needs data.eval_prompts (a held-out prompt file)")
     if stage in ("ar", "decoder", "joint"):
+        for phase in ("ar", "decoder") if stage == "joint" else (stage,):
+            _rule(phase in OBJECTIVES.get(g.objective).stages, "grpo.objective",
+                  f"{g.objective!r} does not train the {phase} stage (it trains: {', '.join(OBJECTIVES.get(g.objective).stages)})")
         _rule(g.num_generations >= 2, "grpo.num_generations",
               f"group size must be >= 2 for group-relative advantages, got {g.num_generations}")
         _rule(g.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")

@@ -19,8 +19,8 @@ Language of a sample: ``zh`` when its target has any CJK character, else ``en``.
 no word (no target, or punctuation only) is left out.
 
 ``score_text_rendering(images, prompts, targets)`` scores images generated elsewhere (the trainer's periodic
-eval); ``text_eval(cfg, checkpoint, prompts)`` generates them with the configured ``GlmImagePipeline``
-(``rl.sample.pipeline_images``), scores them and writes ``<output_dir>/eval/``: ``text_eval.json`` (summary),
+eval); ``text_eval(cfg, checkpoint, prompts)`` generates them with the configured family's pipeline
+(the family's ``generate``), scores them and writes ``<output_dir>/eval/``: ``text_eval.json`` (summary),
 ``text_eval_samples.jsonl`` (one line per sample) and ``text_eval.png`` (the image grid); and
 ``<output_dir>/config.yaml`` when the folder has none yet (a training run's config is kept).
 """
@@ -176,9 +176,8 @@ def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optiona
     left out. Image i uses seed ``cfg.seed + i // batch_size`` for its batch. Returns the result dict plus
     ``meta`` (prompt file, checkpoint, size, steps, guidance, seed).
     """
-    from tandem.policies.glm_image import load_pipeline
     from tandem.core.data import load_prompts
-    from tandem.rl.sample import pipeline_images
+    from tandem.rl.sample import load_for_sampling
 
     prompts_file = str(prompts or DEFAULT_PROMPTS)
     every = load_prompts(prompts_file)
@@ -186,14 +185,10 @@ def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optiona
     if not records:
         raise ConfigError(f"--prompts {prompts_file}: no prompt has a target text (quote it in the prompt or add a \"text\" field)")
     reader = OcrReward(**_ocr_args(cfg)).read  # before generating: a bad OCR config fails fast
-    pipe = load_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.create_tiny_if_missing)
-    if checkpoint:
-        from tandem.rl.checkpoint import load_trained_weights
-
-        load_trained_weights(pipe, checkpoint)
+    family, pipe = load_for_sampling(cfg, checkpoint)
     texts = [r.prompt for r in records]
     images = np.concatenate([
-        pipeline_images(pipe, texts[i:i + batch_size], cfg, cfg.seed + i // batch_size) for i in range(0, len(texts), batch_size)
+        family.generate(pipe, texts[i:i + batch_size], cfg, cfg.seed + i // batch_size) for i in range(0, len(texts), batch_size)
     ])
     result = score_text_rendering(images, texts, [r.metadata.get("text") for r in records], read=reader)
     result["meta"] = {

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tandem.rl.config import load_config
-from tandem.rl.trainer import train
+from tandem.rl.session import train
 
 # OCR is the realistic, heavy reward here (PP-OCR on every image); colour is near free.
 REWARDS = "rewards=[{name: ocr, num_cpus: 1, args: {det_limit_side_len: 256}}, {name: color, args: {rgb: [255, 0, 0]}}]"

@@ -20,7 +20,8 @@ from torch.distributed.tensor import DTensor
 from tandem.rl.config import JobConfig, apply_stage_defaults
 from tandem.core.dtensor import full_tensor
 from tandem.rl.distributed import finish, layout_of, shard
-from tandem.rl.trainer import build_policy, update_on_minibatch
+from tandem.rl.session import build_policy
+from tandem.rl.trainer import update_on_minibatch
 
 
 def main(stage: str, model_dir: str, out: str, strategy: str, lora: bool) -> None:

@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from tandem.policies.glm_image import load_pipeline
+from tandem.policies.families import get_family
 from tandem.rl.checkpoint import load_trained_weights
 from tandem.rl.config import load_config
-from tandem.rl.trainer import train
+from tandem.rl.session import train
 
 
 @pytest.mark.parametrize("stage, lora", [("decoder", True), ("ar", False)])
@@ -21,7 +22,7 @@ def test_checkpoint_weights_load_into_the_pipeline(tiny_model_path, tmp_path, st
     assert saved and all(("lora_" in k) == lora for k in saved)
 
     base, trained = load_pipeline(str(tiny_model_path)), load_pipeline(str(tiny_model_path))
-    load_trained_weights(trained, str(checkpoint))
+    load_trained_weights(trained, str(checkpoint), get_family("glm_image").components)
     module = trained.transformer if stage == "decoder" else trained.vision_language_encoder
     params = dict(module.named_parameters())
     assert all(torch.equal(params[k], v) for k, v in saved.items())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tandem.rl.config import load_config
-from tandem.rl.trainer import train
+from tandem.rl.session import train
 
 REQUIRED_METRICS = {
     "step", "reward/mean", "reward/std", "reward/color/mean", "advantage/zero_std_frac", "ratio/mean",

@@ -100,11 +100,12 @@ def test_fsdp_job_checkpoints_full_weights_and_resumes_exactly(tiny_model_path, 
 
     # the checkpoint is the same whole-tensor files a single process writes, and loads into a plain pipeline
     from tandem.policies.glm_image import load_pipeline
+    from tandem.policies.families import get_family
     from tandem.rl.checkpoint import load_trained_weights
 
     pipe = load_pipeline(str(tiny_model_path), device="cpu")
     step_4 = tmp_path / "straight" / "checkpoints" / "step_4"
-    load_trained_weights(pipe, str(step_4))
+    load_trained_weights(pipe, str(step_4), get_family("glm_image").components)
     weights, params = load_file(str(step_4 / "decoder.trained.safetensors")), dict(pipe.transformer.named_parameters())
     assert weights.keys() == params.keys() and all(torch.equal(weights[k], params[k]) for k in weights)
     adam = torch.load(step_4 / "decoder.optimizer.pt", weights_only=True)["state"]
@@ -134,7 +135,7 @@ def test_ray_train_places_two_cpu_workers(tiny_model_path, tmp_path):
 def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
     """``model.device: auto`` (or ``cuda``) under torchrun: ``LOCAL_RANK`` picks the GPU, modulo those visible.
     This machine has no GPU, so CUDA's presence is patched in: no run on several GPUs has been made."""
-    from tandem.policies.glm_image import resolve_device
+    from tandem.policies.base import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -148,7 +149,7 @@ def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_device_without_a_gpu_is_a_config_error():
-    from tandem.policies.glm_image import resolve_device
+    from tandem.policies.base import resolve_device
     from tandem.rl.config import ConfigError
 
     for name in ("cuda", "cuda:1"):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.policies.flow import FlowPolicy, trained_step_indices
+from tandem.policies.flow import trained_step_indices
+from tandem.rl.session import build_policy
 from tandem.policies.glm_image import load_pipeline
 from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults
 
@@ -47,7 +48,7 @@ def test_first_ratio_is_one_and_kl_is_zero(tiny_model_path, decoder, lora):
     cfg = make_cfg(tiny_model_path, **decoder)
     cfg.grpo.beta = 0.01
     cfg.optim.lora.enabled = lora
-    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
     batch = policy.rollout(["a red apple", 'a sign "OPEN"'], [{}, {}], group_size=4, seed=1)
     assert batch.images.shape == (8, 64, 64, 3) and batch.images.dtype == np.uint8
     assert batch.old_log_probs.shape == batch.mask.shape == (8, len(policy.unit_chunks(batch)))
@@ -63,14 +64,14 @@ def test_first_ratio_is_one_and_kl_is_zero(tiny_model_path, decoder, lora):
 
 def test_noise_zero_rollout_is_the_ode_render(tiny_model_path):
     """With noise_level 0 every step is the Euler step, so the rollout equals the deterministic render."""
-    from tandem.policies.render import render_tokens
+    from tandem.policies.glm_image_family import render_tokens
 
     cfg = make_cfg(tiny_model_path, noise_level=0.0, guidance_scale=1.5)
     cfg.grpo.mini_batch_size = 8
-    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
     batch = policy.rollout(["a cat"], [{}], group_size=2, seed=4)
     seeds = [4 * 7919 + i for i in range(2)]
-    expected = render_tokens(policy.adapter, batch.extras["full_tokens"], batch.prompts, 64, 64, 6, 1.5, seeds)
+    expected = render_tokens(policy.adapter, batch.extras["cond"]["full_tokens"], batch.prompts, 6, 1.5, seeds)
     assert np.array_equal(batch.images, expected)
 
 
@@ -80,7 +81,7 @@ def test_same_noise_in_group(tiny_model_path):
     images = {}
     for same in (True, False):
         cfg = make_cfg(tiny_model_path, same_noise_in_group=same, noise_level=0.0)
-        policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+        policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
         batch = policy.rollout(["a cat"], [{}], group_size=2, seed=0)
         images[same] = np.abs(batch.images[0].astype(int) - batch.images[1].astype(int))
     assert images[True].max() <= 1
@@ -130,14 +131,14 @@ def test_reference_images_condition_the_decoder(tiny_model_path, tmp_path):
     records = load_prompts(str(tmp_path / "p.jsonl"), image_size=(64, 64))
     assert records[0].metadata["reference"].shape == (64, 64, 3)
     cfg = make_cfg(tiny_model_path, condition_source="reference")
-    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
-    tokens = policy.conditions([r.prompt for r in records], [r.metadata for r in records], seed=0)
-    grids = policy.adapter.grids(64, 64)
+    policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
+    tokens = policy.adapter.full_tokens([r.prompt for r in records], [r.metadata for r in records], seed=0)
+    grids = policy.adapter.grids
     assert tokens.shape == (2, grids.num_full) and int(tokens.max()) < 128
     assert not torch.equal(tokens[0], tokens[1])  # different images, different VQ tokens
     batch = policy.rollout([r.prompt for r in records], [r.metadata for r in records], group_size=4, seed=0)
     assert np.array_equal(batch.metadata[0]["reference"], records[0].metadata["reference"])  # kept for lpips
-    assert torch.equal(batch.extras["full_tokens"][:4], tokens[0].expand(4, -1))
+    assert torch.equal(batch.extras["cond"]["full_tokens"][:4], tokens[0].expand(4, -1))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -151,7 +152,7 @@ def test_compiled_blocks_match_eager_policy(tiny_model_path, lora):
                        compile=compile_blocks)
         cfg.grpo.beta = 0.01
         cfg.optim.lora.enabled = lora
-        policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+        policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
         batches.append(policy.rollout(prompts, meta, group_size=4, seed=2))
     eager, compiled = batches
     torch.testing.assert_close(compiled.old_log_probs, eager.old_log_probs, atol=1e-3, rtol=1e-5)
@@ -170,9 +171,12 @@ def test_compiled_blocks_stay_compiled_across_glyph_lengths_and_grad_modes(tiny_
     from diffusers.models.transformers.transformer_glm_image import GlmImageTransformerBlock
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+    from tandem.rl.runtime import configure_torch
+
     torch._dynamo.reset()  # variants compiled by other tests count toward the limit
     cfg = make_cfg(tiny_model_path, guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 4], compile=True)
-    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), cfg)
+    configure_torch(cfg)
+    policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
     for seed, prompts in enumerate([["a red apple", 'a sign "OPEN"'], ['a poster "GRAND OPENING SALE"', 'a mug "HI"']]):
         batch = policy.rollout(prompts, [{}, {}], group_size=4, seed=seed)
         out = policy.log_probs(batch.select(torch.arange(4)), policy.unit_chunks(batch)[0], with_kl=False)

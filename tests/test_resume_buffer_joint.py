@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tandem.rl.buffer import load_buffer_records
 from tandem.rl.config import load_config
-from tandem.rl.trainer import train, train_joint
+from tandem.rl.session import train, train_joint
 
 VOLATILE = ("time/", "cost/")  # wall-clock figures differ between any two runs
 
@@ -48,10 +48,10 @@ def test_decoder_job_trains_from_a_saved_ar_run(tiny_model_path, tmp_path):
     dec_run = train(dec, "decoder")
     assert [r["step"] for r in rows(dec_run)] == [1, 2]
     # the decoder's conditions are exactly the saved token grids
-    from tandem.policies.flow import FlowPolicy
+    from tandem.rl.session import build_policy
     from tandem.policies.glm_image import load_pipeline
 
-    policy = FlowPolicy(load_pipeline(str(tiny_model_path)), dec)
+    policy = build_policy("decoder", dec, load_pipeline(str(tiny_model_path)))
     tokens = policy.conditions([r.prompt for r in records[:3]], [r.metadata for r in records[:3]], seed=0)
     assert torch.equal(tokens, saved["full_tokens"][:3])
 

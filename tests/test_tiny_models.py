@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
-from tandem.policies.render import render_tokens
+from tandem.policies.glm_image_family import GlmFlowAdapter, pipeline_images, render_tokens
 from tandem.policies.tiny import CODEBOOK, build_tiny_glm_image
 from tandem.rl.config import ConfigError, JobConfig
-from tandem.rl.sample import pipeline_images
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +56,13 @@ def test_pipeline_text_to_image_shapes_and_determinism(pipe):
 
 
 def test_hand_written_denoising_loop_equals_the_pipeline(pipe):
-    adapter = GlmImageAdapter(pipe)
-    grids = adapter.grids(64, 64)
-    tokens = torch.randint(0, CODEBOOK, (2, grids.num_full), generator=torch.Generator().manual_seed(0))
+    adapter = GlmFlowAdapter(pipe, 64, 64)
+    tokens = torch.randint(0, CODEBOOK, (2, adapter.grids.num_full), generator=torch.Generator().manual_seed(0))
     prompts = ["a cat", 'a poster "HI"']
-    ours = render_tokens(adapter, tokens, prompts, 64, 64, num_steps=5, guidance_scale=1.5, seeds=[1, 2])
-    from tandem.policies.render import initial_noise
-
+    ours = render_tokens(adapter, tokens, prompts, num_steps=5, guidance_scale=1.5, seeds=[1, 2])
     out = pipe(prompt=prompts, height=64, width=64, num_inference_steps=5, guidance_scale=1.5,
-               prior_token_ids=adapter.upsample_prior(tokens, grids), latents=initial_noise(adapter, [1, 2], 64, 64),
-               output_type="np").images
+               prior_token_ids=adapter.layout.upsample_prior(tokens, adapter.grids),
+               latents=adapter.initial_noise([1, 2]), output_type="np").images
     assert np.array_equal(ours, (out * 255).round().astype(np.uint8))
 
 

@@ -1,0 +1,127 @@
+"""The GLM-Image family: its decoder as a ``FlowAdapter``, its AR policy, and its registration.
+
+Decoder conditions (``GlmFlowAdapter.conditions``) are the full-grid AR tokens of each prompt, taken from
+``metadata["full_tokens"]`` when an AR run's buffer or a joint job's AR phase supplied them, else by
+``decoder.condition_source``: the reference image's own VQ tokens ("reference") or a rollout of the frozen AR
+model ("ar"); plus the glyph embeddings of the quoted text (and of ``""`` for CFG's negative branch).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from tandem.core.errors import ConfigError
+from tandem.policies.families import ModelFamily, register_family
+from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.render import ode_sample, seeded_noise
+
+
+class GlmFlowAdapter:
+    """``FlowAdapter`` over a ``GlmImagePipeline`` at one image size.
+
+    Args:
+        pipe: the loaded pipeline.
+        height, width: image size in pixels.
+        condition_source: where prompts without ``full_tokens`` get theirs: "ar" | "reference" | "buffer".
+        batch_cfg: both CFG branches in one call of 2B (``decoder.cfg_batch``).
+    """
+
+    def __init__(self, pipe, height: int, width: int, condition_source: str = "ar", batch_cfg: bool = False):
+        self.pipe, self.layout = pipe, GlmImageAdapter(pipe)
+        self.height, self.width = height, width
+        self.condition_source, self.batch_cfg = condition_source, batch_cfg
+        self.grids = self.layout.grids(height, width)
+        self.denoiser = pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    @torch.no_grad()
+    def full_tokens(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> torch.Tensor:
+        """(P, th*tw) full-grid AR tokens per prompt (module docstring: where they come from)."""
+        if all("full_tokens" in m for m in metadata):
+            tokens = torch.as_tensor(np.stack([m["full_tokens"] for m in metadata]), device=self.device)
+            codebook = self.pipe.transformer.config.prior_vq_quantizer_codebook_size
+            if tokens.shape[1] != self.grids.num_full or int(tokens.min()) < 0 or int(tokens.max()) >= codebook:
+                raise ConfigError(f"full_tokens of prompt {prompts[0]!r} do not fit a {self.height}x{self.width} "
+                                  f"decoder ({self.grids.num_full} ids in [0, {codebook}) expected)")
+            return tokens.long()
+        if self.condition_source == "reference":
+            missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
+            if missing:
+                raise ConfigError(f"decoder.condition_source=reference needs a 'reference' image for prompt {missing[0]!r}")
+            return self.layout.reference_tokens(np.stack([m["reference"] for m in metadata]))
+        gen = torch.Generator().manual_seed(seed)
+        up, _, _ = self.pipe.generate_prior_tokens(prompt=list(prompts), height=self.height, width=self.width,
+                                                   device=self.device, generator=gen)
+        g = self.grids
+        return up.view(len(prompts), 2 * g.th, 2 * g.tw)[:, ::2, ::2].reshape(len(prompts), -1)
+
+    def conditions(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> Dict[str, torch.Tensor]:
+        return self.token_conditions(self.full_tokens(prompts, metadata, seed), prompts, with_negative=True)
+
+    def token_conditions(self, full_tokens: torch.Tensor, prompts: Sequence[str], with_negative: bool) -> Dict[str, torch.Tensor]:
+        """prior (B, 4*th*tw) upsampled ids, glyph (B, T, D), neg_glyph (B, T', D) (CFG), full_tokens (B, th*tw)."""
+        cond = {"full_tokens": full_tokens.to(self.device),
+                "prior": self.layout.upsample_prior(full_tokens.to(self.device), self.grids),
+                "glyph": self.layout.glyph_embeds(prompts)}
+        if with_negative:
+            cond["neg_glyph"] = self.layout.glyph_embeds([""] * len(prompts))
+        return cond
+
+    def schedule(self, num_steps: int):
+        return self.layout.schedule(num_steps, self.height, self.width)
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        return seeded_noise(self.layout.latent_shape(1, self.height, self.width)[1:], seeds, self.device)
+
+    def velocity(self, model, latents, t, cond: Dict[str, torch.Tensor], guidance_scale: float) -> torch.Tensor:
+        return self.layout.velocity(model, latents, t, cond["prior"], cond["glyph"], cond.get("neg_glyph"),
+                                    guidance_scale, self.height, self.width, self.batch_cfg)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return self.layout.decode(latents)
+
+
+def render_tokens(adapter: GlmFlowAdapter, full_tokens: torch.Tensor, prompts: Sequence[str], num_steps: int,
+                  guidance_scale: float, seeds: Sequence[int], transformer=None) -> np.ndarray:
+    """Full-grid AR tokens (B, th*tw) -> uint8 images (B, H, W, 3) by Euler steps of the frozen (or given) DiT."""
+    cond = adapter.token_conditions(full_tokens, prompts, with_negative=guidance_scale > 1.0)
+    return ode_sample(adapter, transformer or adapter.denoiser, cond, seeds, num_steps, guidance_scale)
+
+
+def pipeline_images(pipe, prompts: List[str], cfg, seed: int) -> np.ndarray:
+    """The real ``GlmImagePipeline.__call__`` (AR sampling with the model's generation config, then the decoder at
+    the eval settings); (N, H, W, 3) uint8, deterministic under ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = pipe(prompt=prompts, height=cfg.data.height, width=cfg.data.width,
+               num_inference_steps=cfg.decoder.eval_num_steps, guidance_scale=cfg.decoder.guidance_scale,
+               generator=gen, output_type="np")
+    return (np.asarray(out.images) * 255).round().astype(np.uint8)
+
+
+def _flow_policy(pipe, cfg):
+    from tandem.policies.flow import FlowPolicy
+
+    adapter = GlmFlowAdapter(pipe, cfg.data.height, cfg.data.width, cfg.decoder.condition_source, cfg.decoder.cfg_batch)
+    return FlowPolicy(adapter, cfg)
+
+
+def _ar_policy(pipe, cfg):
+    from tandem.policies.ar import ARPolicy
+
+    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+
+
+def _load(model_cfg):
+    return load_pipeline(model_cfg.path, model_cfg.dtype, model_cfg.device, model_cfg.create_tiny_if_missing)
+
+
+GLM_IMAGE = register_family(ModelFamily(
+    name="glm_image", load=_load, policies={"decoder": _flow_policy, "ar": _ar_policy},
+    components={"decoder": "transformer", "ar": "vision_language_encoder"}, generate=pipeline_images,
+))

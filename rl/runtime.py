@@ -1,0 +1,31 @@
+"""Process-wide settings, made once at start-up (the CLI, or a Ray Train worker) — never in constructors.
+
+* ``TOKENIZERS_PARALLELISM``, transformers/diffusers verbosity, Ray usage stats off: quiet, fork-safe workers.
+* With ``decoder.compile``: the 30 DiT blocks share one code object and dynamo keeps one compiled variant per
+  input layout (grad and no-grad, glyph lengths, view inputs); a job meets about 9, and past dynamo's default
+  limit of 8 a variant silently runs eager, so the limit is raised to ``COMPILED_VARIANTS``. Inductor's coalesce
+  tiling analysis is turned off: torch 2.11's asserted on the blocks' backward on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+COMPILED_VARIANTS = 32
+
+
+def configure_environment() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the progress bar readable
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def configure_torch(cfg) -> None:
+    """torch settings a job's config asks for (``cfg``: the job config)."""
+    if cfg.decoder.compile:
+        import torch
+        import torch._inductor.config as inductor
+
+        inductor.triton.coalesce_tiling_analysis = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)

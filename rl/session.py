@@ -1,0 +1,226 @@
+"""A training job from start to end: the run session around the one loop (``tandem.rl.trainer``).
+
+``train(cfg, stage)`` and ``train_joint(cfg)`` load the family's pipeline and policies, then run inside one
+``RunSession``, which opens, in this order and closes in reverse: the reward clients (training, and eval when
+configured); the run directory (resume from ``cfg.resume``, or refuse to write over an existing run); the
+progress bar. Its ``Hooks`` are phase 6 of every optimizer step: metrics line, sample grid, eval, and the
+checkpoints taken between rollouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from tandem.core.data import load_prompts
+from tandem.core.errors import ConfigError
+from tandem.core.types import PromptRecord
+from tandem.policies.families import get_family
+from tandem.rl.buffer import load_buffer_records
+from tandem.rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
+from tandem.rl.config import JobConfig, phase_config
+from tandem.rl.distributed import finish
+from tandem.rl.run_dir import RunDir
+from tandem.rl.run_state import RunState
+from tandem.rl.trainer import StageTrainer
+
+log = logging.getLogger("tandem.session")
+
+
+def build_policy(stage: str, cfg: JobConfig, pipe=None):
+    """The policy of ``stage`` of the family ``model.family``, over its pipeline at ``model.path`` (or ``pipe``)."""
+    family = get_family(cfg.model.family)
+    if stage not in family.policies:
+        raise ConfigError(f"model.family {family.name!r} has no {stage} stage (it trains: {', '.join(family.policies)})")
+    return family.policies[stage](family.load(cfg.model) if pipe is None else pipe, cfg)
+
+
+def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
+    size = (cfg.data.height, cfg.data.width)
+    if stage == "decoder" and cfg.decoder.condition_source == "buffer":
+        return load_buffer_records(cfg.decoder.buffer_dir, *size)
+    return load_prompts(cfg.data.prompts, size)
+
+
+def check_inputs(cfg: JobConfig, stage: str) -> None:
+    """Unknown rewards, bad prompt files and bad buffers fail here, before any model is loaded."""
+    from tandem.rewards.base import check_entries
+
+    check_entries(cfg.rewards)
+    check_entries(cfg.eval.rewards)
+    training_records(cfg, "ar" if stage == "joint" else stage)
+
+
+class Hooks:
+    """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
+
+    def __init__(self, cfg: JobConfig, run: RunDir, trainers: Dict[str, StageTrainer], evaluator, progress,
+                 last_checkpoint: int):
+        self.cfg, self.run, self.trainers, self.evaluator, self.progress = cfg, run, trainers, evaluator, progress
+        self.last_checkpoint = last_checkpoint
+
+    def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
+        """One process scores and writes the run directory; a sharded (FSDP) policy's forward is collective, so
+        then every process samples the eval images and the grid."""
+        step, every, layout = trainer.state.step, self.cfg.logging, trainer.layout
+        if not (layout.is_main or layout.sharded):
+            return
+        if self.evaluator is not None and every.eval_every and step % every.eval_every == 0:
+            if layout.is_main:
+                metrics.update(self.evaluator.evaluate(trainer.policy, step, metrics["reward/mean"]))
+            else:
+                self.evaluator.sample(trainer.policy)
+        if layout.is_main:
+            self.run.log_metrics(metrics)
+            self.progress.update(1)
+            self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}",
+                                      kl=f"{metrics['kl']:.2e}")
+        if step == self.cfg.max_steps or (every.sample_every and step % every.sample_every == 0):
+            grid = trainer.records[: min(len(trainer.records), 4)]
+            prompts = [r.prompt for r in grid]
+            images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
+            if layout.is_main:
+                self.run.save_grid(f"step_{step:06d}", images, prompts)
+                self.run.plot_rewards()
+
+    def after_rollout(self, trainer: StageTrainer) -> None:
+        """Checkpoints are taken between rollouts (nothing half-trained is lost): every checkpoint_every steps
+        and at the end. The main process writes; under FSDP every process takes part (the shards are gathered)."""
+        step, every, layout = trainer.state.step, self.cfg.logging.checkpoint_every, trainer.layout
+        due = every and step // every > self.last_checkpoint // every
+        if (layout.is_main or layout.sharded) and (due or step >= self.cfg.max_steps):
+            samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
+            save_checkpoint(self.run.checkpoints, step, self.trainers, self.cfg,
+                            {"run_state": trainer.state.to_dict(), "samplers": samplers}, write=layout.is_main)
+            self.last_checkpoint = step
+
+
+class RunSession:
+    """Reward clients, run directory and progress bar of one job (module docstring: the order).
+
+    Usage::
+
+        with RunSession(cfg) as session:
+            trainers = {stage: session.trainer(stage, policy, accelerator, records)}
+            hooks = session.start(trainers)
+            ... trainer.train_rollout(stop, hooks) ...
+    """
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg, self.run, self.state = cfg, RunDir(cfg.output_dir), RunState()
+        self._stack = contextlib.ExitStack()
+        self.rewards = self.evaluator = self.progress = None
+        self.trainers: Dict[str, StageTrainer] = {}
+
+    def __enter__(self) -> "RunSession":
+        from tandem.rewards.client import RewardClient
+
+        with self._stack as stack:
+            self.rewards = stack.enter_context(RewardClient(self.cfg.rewards, self.cfg.reward_host))
+            if self.cfg.logging.eval_every:
+                from tandem.rl.periodic_eval import Evaluator
+
+                eval_client = (stack.enter_context(RewardClient(self.cfg.eval.rewards, self.cfg.reward_host))
+                               if self.cfg.eval.rewards else self.rewards)
+                self.evaluator = Evaluator(self.cfg, eval_client)
+            self._stack = stack.pop_all()
+        return self
+
+    def trainer(self, stage: str, cfg: JobConfig, policy, accelerator, records: List[PromptRecord]) -> StageTrainer:
+        self.trainers[stage] = StageTrainer(stage, cfg, policy, self.rewards, self.run, accelerator, self.state, records)
+        return self.trainers[stage]
+
+    def start(self) -> Hooks:
+        """Resume (or refuse to overwrite), write the run directory; returns the phase-6 hooks."""
+        self._resume()
+        if self._layout.is_main:
+            self.run.create(self.cfg)
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(total=self.cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+                             disable=not (self.cfg.logging.progress and self._layout.is_main))
+        return Hooks(self.cfg, self.run, self.trainers, self.evaluator, self.progress, last_checkpoint=self.state.step)
+
+    @property
+    def _layout(self):
+        return next(iter(self.trainers.values())).layout
+
+    def _resume(self) -> None:
+        point = find_resume_point(self.cfg)
+        if point is None:
+            if self.cfg.resume is None and self.run.read_metrics():
+                raise ConfigError(f"output_dir {self.run.path} already holds a run (metrics.jsonl); pass resume=auto "
+                                  f"to continue it, or choose another output_dir")
+            return
+        saved = read_state(point, self.cfg)
+        restore(point, self.trainers, saved)
+        self.state.load(saved["run_state"])
+        for stage, t in self.trainers.items():
+            t.sampler.load_state_dict(saved["samplers"][stage])
+        if self._layout.is_main:
+            self.run.truncate_metrics(self.state.step)  # steps logged after the checkpoint by a killed run are redone
+        log.info("resumed from %s at step %d", point, self.state.step)
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if self.progress is not None:
+                self.progress.close()
+            if exc_type is None and self.trainers:
+                if self._layout.is_main:
+                    self.run.plot_rewards()
+                finish(next(iter(self.trainers.values())).accelerator)
+        finally:
+            self._stack.close()
+
+
+def _accelerator(cfg: JobConfig, policy):
+    from accelerate import Accelerator
+
+    # accelerate owns precision: rollout and training forwards run under the same autocast.
+    return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.device.type == "cpu")
+
+
+def train(cfg: JobConfig, stage: str) -> Path:
+    """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
+    check_inputs(cfg, stage)
+    torch.manual_seed(cfg.seed)
+    policy = build_policy(stage, cfg)
+    with RunSession(cfg) as session:
+        trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), training_records(cfg, stage))
+        hooks = session.start()
+        while session.state.step < cfg.max_steps:
+            trainer.train_rollout(cfg.max_steps, hooks)
+    return session.run.path
+
+
+def train_joint(cfg: JobConfig) -> Path:
+    """Alternate AR-GRPO and decoder flow-GRPO phases on one pipeline, one reward client and one run.
+
+    Each AR phase's rollouts (prompts with their hand-off, the sampled token grids) are the conditions of the
+    next decoder phase — the shared buffer in memory (and on disk with ``buffer.save``). Until the first AR
+    phase has run (e.g. right after resuming inside a decoder phase) the decoder phase gets its conditions from
+    the family's own source (for GLM-Image: the live frozen AR model).
+    """
+    check_inputs(cfg, "joint")
+    torch.manual_seed(cfg.seed)
+    pipe = get_family(cfg.model.family).load(cfg.model)
+    phases = {"ar": phase_config(cfg, "ar"), "decoder": phase_config(cfg, "decoder")}
+    prompts = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width))
+    with RunSession(cfg) as session:
+        policies = {stage: build_policy(stage, phases[stage], pipe) for stage in ("ar", "decoder")}
+        accelerator = _accelerator(cfg, policies["ar"])
+        ar, decoder = (session.trainer(s, phases[s], policies[s], accelerator, prompts) for s in ("ar", "decoder"))
+        hooks = session.start()
+        state, j = session.state, cfg.joint
+        while state.step < cfg.max_steps:
+            for trainer, steps in ((ar, j.ar_steps_per_phase), (decoder, j.decoder_steps_per_phase)):
+                if trainer is decoder and ar.handed_off:
+                    decoder.use_records(ar.handed_off, cfg.seed + state.rollouts)
+                stop = min(cfg.max_steps, state.step + steps)
+                while state.step < stop:
+                    trainer.train_rollout(stop, hooks)
+    return session.run.path
