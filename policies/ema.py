@@ -8,7 +8,7 @@ whole tensors (collective) and ``load_state_dict`` keeps this process's shards o
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
@@ -16,9 +16,13 @@ from tandem.core.dtensor import full_tensor, shard_like
 
 
 class EMA:
-    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float):
+    """The shadow of ``named_params`` (the policy's trainable (name, parameter) pairs), saved by those names."""
+
+    def __init__(self, named_params: Iterable[Tuple[str, torch.nn.Parameter]], decay: float):
         self.decay = decay
-        self.shadow: List[torch.Tensor] = [p.detach().clone() for p in params]
+        named = list(named_params)
+        self.names: List[str] = [n for n, _ in named]
+        self.shadow: List[torch.Tensor] = [p.detach().clone() for _, p in named]
 
     @torch.no_grad()
     def update(self, params: Iterable[torch.nn.Parameter]) -> None:
@@ -44,7 +48,11 @@ class EMA:
         self.shadow = [shard_like(s, p.detach()) for s, p in zip(self.shadow, params)]
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {f"ema.{i}": full_tensor(t) for i, t in enumerate(self.shadow)}
+        """Whole shadow tensors by parameter name (collective under FSDP)."""
+        return {n: full_tensor(t) for n, t in zip(self.names, self.shadow)}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.shadow = [shard_like(state[f"ema.{i}"].clone(), s) for i, s in enumerate(self.shadow)]
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
+        self.shadow = [shard_like(state[n].clone(), s) for n, s in zip(self.names, self.shadow)]

@@ -57,7 +57,7 @@ class FlowPolicy(TrainedComponent):
         if self.d.compile:  # after LoRA injection, so the compiled blocks include the adapters
             base.compile_repeated_blocks()  # the dynamo/inductor settings it needs are made at CLI start-up
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
-        self.ema = EMA(self.trainable_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
+        self.ema = EMA(self.trainable_named_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
 
     @property
     def device(self) -> torch.device:

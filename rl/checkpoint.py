@@ -1,12 +1,19 @@
-"""Checkpoints: save, resume, and load trained weights for sampling.
+"""Checkpoints: save, resume, and load trained weights for sampling and export.
 
-``checkpoints/step_N/`` holds, per trained stage (``ar`` and/or ``decoder``):
-``<stage>.trained.safetensors`` (the policy's ``trainable_state_dict``: a LoRA adapter or the full module),
-``<stage>.optimizer.pt`` (AdamW state keyed by parameter name, ``torch.distributed.checkpoint``'s full optimizer
-state dict; only ever loaded with ``torch.load(weights_only=True)``), ``<stage>.ema.safetensors`` (when EMA is
-on); and ``state.json``: step, rollout count, prompt-sampler positions, the global torch RNG state, the LoRA
-settings and a fingerprint of the config that must match on resume. A folder appears complete or not at all
-(written under a temporary name, then renamed).
+``checkpoints/step_N/`` holds, per trained stage (``ar`` and/or ``decoder``), under the name of the pipeline
+component it trains (the family's ``components``, e.g. ``transformer/``, ``vision_language_encoder/``):
+
+* ``<component>/`` — the trained weights in the libraries' own formats (``tandem.rl.weights``): a LoRA adapter
+  that diffusers' ``load_lora_adapter`` or peft's ``PeftModel.from_pretrained`` loads, or a ``save_pretrained``
+  folder of the fully fine-tuned component;
+* ``ema/<component>/`` — the EMA of the trained weights (when ``decoder.ema_decay`` > 0), same format;
+* ``<stage>.optimizer.pt`` — AdamW state keyed by parameter name (``torch.distributed.checkpoint``'s full
+  optimizer state dict; only ever loaded with ``torch.load(weights_only=True)``);
+* ``state.json`` — step, rollout count, prompt-sampler positions, LR-scheduler states, the global torch RNG
+  state, the components, and a fingerprint of the config that must match on resume.
+
+Resume reads the same folders back: there is one copy of the weights. A folder appears complete or not at all
+(written under a temporary name, then renamed); ``logging.save_total_limit`` keeps only the newest N.
 
 The files are the same for ``distributed.strategy`` ddp and fsdp: with FSDP every process takes part in
 ``save_checkpoint`` (sharded weights, optimizer and EMA state are gathered whole) and the main process writes;
@@ -25,12 +32,13 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from tandem.rl.config import ConfigError, JobConfig
 from tandem.core.dtensor import full_tensor, shard_like
+from tandem.policies.families import get_family
+from tandem.rl.config import ConfigError, JobConfig
+from tandem.rl.weights import copy_into, load_merged, read_weights, trained_folder, write_weights
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_KEYS = ("output_dir", "max_steps", "resume", "logging", "reward_host")
@@ -41,42 +49,61 @@ def config_fingerprint(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _gathered(trainer):
-    """(weights, optimizer state, EMA state or None) of one stage, whole tensors on the CPU (collective under FSDP)."""
-    weights = {k: full_tensor(v).detach().contiguous().cpu() for k, v in trainer.policy.trainable_state_dict().items()}
+def _gathered(trainer, lora: bool):
+    """(weights, optimizer state, EMA weights or None) of one stage, whole tensors on the CPU (collective under
+    FSDP). Weights: the LoRA parameters, or the whole module's state dict (what ``save_pretrained`` holds)."""
+    trained = {k: full_tensor(v).detach().cpu() for k, v in trainer.policy.trainable_state_dict().items()}
+    weights = trained if lora else {k: full_tensor(v).detach().cpu() for k, v in trainer.policy.trained_module.state_dict().items()}
     optimizer = get_optimizer_state_dict(trainer.policy.trained_module, trainer.optimizer,
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema = getattr(trainer.policy, "ema", None)
-    return weights, optimizer, None if ema is None else {k: v.contiguous().cpu() for k, v in ema.state_dict().items()}
+    ema_weights = None if ema is None else {**weights, **{k: v.cpu() for k, v in ema.state_dict().items()}}
+    return weights, optimizer, ema_weights
 
 
 def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: JobConfig, extra: Dict,
                     write: bool = True) -> Path:
-    """Write ``folder/step_{step}``; ``trainers`` maps stage -> object with ``policy``, ``optimizer``.
+    """Write ``folder/step_{step}``; ``trainers`` maps stage -> object with ``policy``, ``optimizer``, ``scheduler``.
 
     Under FSDP every process calls this (gathering the shards is collective) and only the one with ``write``
     writes."""
     out, tmp = folder / f"step_{step}", folder / f".step_{step}.partial"
-    gathered = {stage: _gathered(t) for stage, t in trainers.items()}
+    lora, components = bool(cfg.optim.lora.enabled), get_family(cfg.model.family).components
+    gathered = {stage: _gathered(t, lora) for stage, t in trainers.items()}
     if not write:
         return out
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for stage, (weights, optimizer, ema) in gathered.items():
-        save_file(weights, str(tmp / f"{stage}.trained.safetensors"))
+        module, component = trainers[stage].policy.trained_module, components[stage]
+        write_weights(tmp / component, module, component, weights, lora)
         torch.save(optimizer, tmp / f"{stage}.optimizer.pt")
         if ema is not None:
-            save_file(ema, str(tmp / f"{stage}.ema.safetensors"))
-    lora = cfg.optim.lora
+            write_weights(tmp / "ema" / component, module, component, ema, lora)
     state = {
-        "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg),
-        "lora": bool(lora.enabled), "lora_config": {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
+        "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg), "lora": lora,
+        "components": {stage: components[stage] for stage in trainers},
+        "schedulers": {stage: t.scheduler.state_dict() for stage, t in trainers.items()},
         "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(), **extra,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    _prune(folder, cfg.logging.save_total_limit)
     return out
+
+
+def _steps(folder: Path):
+    """The checkpoint folders in ``folder``, oldest first."""
+    found = folder.glob("step_*") if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _prune(folder: Path, limit: Optional[int]) -> None:
+    """``logging.save_total_limit``: delete all but the newest ``limit`` checkpoints."""
+    if limit:
+        for old in _steps(folder)[:-limit]:
+            shutil.rmtree(old)
 
 
 def find_resume_point(cfg: JobConfig) -> Optional[Path]:
@@ -88,8 +115,7 @@ def find_resume_point(cfg: JobConfig) -> Optional[Path]:
         if not (path / "state.json").is_file():
             raise ConfigError(f"resume: {cfg.resume} is not a checkpoint folder (expected state.json)")
         return path
-    folder = Path(cfg.output_dir) / "checkpoints"
-    steps = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+    steps = _steps(Path(cfg.output_dir) / "checkpoints")
     return steps[-1] if steps else None
 
 
@@ -101,46 +127,48 @@ def read_state(path: Path, cfg: JobConfig) -> Dict:
     return state
 
 
-def _copy_weights(named_parameters, weights: Dict[str, torch.Tensor], source: Path) -> None:
-    """Copy saved tensors into the parameters of the same names (no grad); unknown names are an error."""
-    params = dict(named_parameters)
-    unknown = [k for k in weights if k not in params]
-    if unknown:
-        raise ConfigError(f"checkpoint {source}: weights do not match the model ({len(unknown)} unknown names, e.g. {unknown[0]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(shard_like(value, params[name]))
+def _trained(weights: Dict[str, torch.Tensor], names, source: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of the trained parameters ``names`` among ``weights``; a missing one is an error."""
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ConfigError(f"checkpoint {source}: {len(missing)} trained parameters missing, e.g. {missing[0]}")
+    return {n: weights[n] for n in names}
 
 
 def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
-    """Load weights, optimizer, EMA and the RNG state of a checkpoint into the live trainers (every process
-    reads the files; a sharded module keeps its own shards)."""
+    """Load weights, optimizer, LR schedule, EMA and the RNG state of a checkpoint into the live trainers (every
+    process reads the files; a sharded module keeps its own shards)."""
     for stage, t in trainers.items():
-        _copy_weights(t.policy.trainable_named_parameters(), load_file(str(path / f"{stage}.trained.safetensors")), path)
+        component = state["components"][stage]
+        names = [n for n, _ in t.policy.trainable_named_parameters()]
+        weights = _trained(read_weights(path / component, component), names, path / component)
+        copy_into(t.policy.trainable_named_parameters(), weights, path, shard_like)
         set_optimizer_state_dict(t.policy.trained_module, t.optimizer,
                                  torch.load(path / f"{stage}.optimizer.pt", weights_only=True),
                                  options=StateDictOptions(full_state_dict=True))
-        ema_file = path / f"{stage}.ema.safetensors"
-        if ema_file.is_file() and getattr(t.policy, "ema", None) is not None:
-            t.policy.ema.load_state_dict(load_file(str(ema_file)))
+        t.scheduler.load_state_dict(state["schedulers"][stage])
+        ema_folder = trained_folder(path, component, ema=True)
+        if ema_folder is not None and getattr(t.policy, "ema", None) is not None:
+            t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder))
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)
 
 
-def load_trained_weights(pipe, checkpoint: str, components: Dict[str, str]) -> None:
-    """Load a checkpoint's trained weights into ``pipe``: stage -> pipeline attribute in ``components`` (the
-    family's ``ModelFamily.components``)."""
+def load_trained_weights(pipe, checkpoint: str, components: Dict[str, str], ema: bool = False) -> None:
+    """Load a checkpoint's trained weights into ``pipe`` (LoRA adapters merged): stage -> pipeline attribute in
+    ``components`` (the family's ``ModelFamily.components``). With ``ema``, the EMA weights of the stages that
+    kept one (``--ema``)."""
     folder = Path(checkpoint)
     if not (folder / "state.json").is_file():
         raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder (expected state.json)")
-    meta = json.loads((folder / "state.json").read_text())
-    for stage in meta["stages"]:
-        module = getattr(pipe, components[stage])
-        weights = load_file(str(folder / f"{stage}.trained.safetensors"))
-        if meta["lora"]:  # re-inject the same adapters (module paths from the saved names), then load them
-            from peft import LoraConfig, inject_adapter_in_model
-
-            targets = sorted({k.split(".lora_")[0] for k in weights if ".lora_" in k})
-            rank = next(v.shape[0] for k, v in weights.items() if ".lora_A" in k)
-            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=meta["lora_config"]["alpha"], target_modules=targets), module)
-        _copy_weights(module.named_parameters(), weights, folder)
+    stages = json.loads((folder / "state.json").read_text())["stages"]
+    with_ema = {s for s in stages if trained_folder(folder, components[s], ema=True) is not None}
+    if ema and not with_ema:
+        raise ConfigError(f"--ema: checkpoint {checkpoint} holds no EMA weights (the run had decoder.ema_decay 0); "
+                          f"drop --ema")
+    for stage in stages:
+        component = components[stage]
+        source = trained_folder(folder, component, ema=ema and stage in with_ema)
+        if source is None:
+            raise ConfigError(f"--checkpoint {checkpoint}: no {component}/ folder (a checkpoint of an older tandem?)")
+        setattr(pipe, component, load_merged(getattr(pipe, component), source, component))

@@ -1,11 +1,14 @@
 """The ``tandem`` command line.
 
     tandem train ar|decoder|joint --config FILE [key.sub=value ...] [--dry-run]
-    tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR] [--num-prompts N]
+    tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR [--ema]] [--num-prompts N]
     tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--backend local|ray]
     tandem rewards
-    tandem eval --config FILE [--checkpoint DIR] [--prompts FILE] [--batch-size N] [key.sub=value ...]
+    tandem eval --config FILE [--checkpoint DIR [--ema]] [--prompts FILE] [--batch-size N] [key.sub=value ...]
+    tandem export RUN/checkpoints/step_N OUT [--ema] [--config FILE]
     tandem report RUN_DIR
+
+Every command takes ``--log-level`` (default info): tandem's messages (loggers ``tandem.*``) go to stderr.
 
 A user mistake (unknown key, wrong type, missing file or weights, unknown reward) prints one line on stderr
 naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written.
@@ -18,7 +21,7 @@ import sys
 from typing import List, Optional
 
 from tandem.rl.config import ConfigError, load_config, to_yaml
-from tandem.rl.runtime import configure_environment, configure_torch
+from tandem.rl.runtime import LOG_LEVELS, configure_environment, configure_logging, configure_torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,36 +31,50 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tandem", description="RL post-training for two-stage AR + flow image generators.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="level of tandem's messages on stderr")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="run a GRPO (ar), flow-GRPO (decoder) or alternating (joint) job")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    train = command("train", help="run a GRPO (ar), flow-GRPO (decoder) or alternating (joint) job")
     train.add_argument("stage", choices=["ar", "decoder", "joint"])
     train.add_argument("--config", required=True, help="YAML job config (see configs/)")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.01")
 
-    sample = sub.add_parser("sample", help="write an image grid from the configured models")
+    sample = command("sample", help="write an image grid from the configured models")
     sample.add_argument("--config", required=True)
     sample.add_argument("--checkpoint", default=None, help="a checkpoint folder of a run (checkpoints/step_N)")
+    sample.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights instead of the trained ones")
     sample.add_argument("--num-prompts", type=int, default=None, help="only the first N prompts")
     sample.add_argument("overrides", nargs="*")
 
-    score = sub.add_parser("score", help="score images with rewards; one JSON object per image on stdout")
+    score = command("score", help="score images with rewards; one JSON object per image on stdout")
     score.add_argument("--reward", action="append", required=True, help="registered name or pkg.module:attr")
     score.add_argument("--images", required=True, help="folder of .png/.jpg images")
     score.add_argument("--prompts", required=True, help=".txt or .jsonl prompt file, one entry per image")
     score.add_argument("--backend", choices=["local", "ray"], default="local")
 
-    sub.add_parser("rewards", help="list registered rewards")
+    command("rewards", help="list registered rewards")
 
-    evaluate = sub.add_parser("eval", help="text-rendering eval: OCR word accuracy and NED, per language")
+    evaluate = command("eval", help="text-rendering eval: OCR word accuracy and NED, per language")
     evaluate.add_argument("--config", required=True)
     evaluate.add_argument("--checkpoint", default=None, help="a checkpoint folder of a run (checkpoints/step_N)")
-    evaluate.add_argument("--prompts", default=None, help="prompt file with target texts (default data/text_eval_prompts.jsonl)")
+    evaluate.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights instead of the trained ones")
+    evaluate.add_argument("--prompts", default=None, help="prompt file with target texts (default: the shipped "
+                                                         "tandem/data/text_eval_prompts.jsonl)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
     evaluate.add_argument("overrides", nargs="*")
 
-    report = sub.add_parser("report", help="write RUN_DIR/report.html: curves, sample grids, metrics, config, eval")
+    export = command("export", help="write a complete pipeline folder with a checkpoint's weights merged")
+    export.add_argument("checkpoint", help="a checkpoint folder of a run (RUN/checkpoints/step_N)")
+    export.add_argument("out", help="new folder for the pipeline (save_pretrained layout)")
+    export.add_argument("--ema", action="store_true", help="merge the checkpoint's EMA weights instead")
+    export.add_argument("--config", default=None, help="job config naming the base pipeline (default RUN/config.yaml)")
+
+    report = command("report", help="write RUN_DIR/report.html: curves, sample grids, metrics, config, eval")
     report.add_argument("run_dir")
     return p
 
@@ -84,7 +101,7 @@ def _sample(args) -> int:
     cfg = load_config(args.config, args.overrides, stage="sample")
     from tandem.rl.sample import run_sample
 
-    print(f"sample grid: {run_sample(cfg, args.num_prompts, args.checkpoint)}")
+    print(f"sample grid: {run_sample(cfg, args.num_prompts, args.checkpoint, args.ema)}")
     return 0
 
 
@@ -106,10 +123,17 @@ def _eval(args) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     from tandem.rl.eval import format_table, text_eval
 
-    result = text_eval(cfg, checkpoint=args.checkpoint, prompts=args.prompts, batch_size=args.batch_size)
+    result = text_eval(cfg, checkpoint=args.checkpoint, prompts=args.prompts, batch_size=args.batch_size, ema=args.ema)
     print(f"text eval of {args.checkpoint or 'the base model'} on {result['meta']['prompts']}")
     print(format_table(result))
     print(f"written: {result['output']}/text_eval.json")
+    return 0
+
+
+def _export(args) -> int:
+    from tandem.rl.export import export_pipeline
+
+    print(f"pipeline: {export_pipeline(args.checkpoint, args.out, ema=args.ema, config=args.config)}")
     return 0
 
 
@@ -120,7 +144,8 @@ def _report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rewards, "eval": _eval, "report": _report}
+COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rewards, "eval": _eval, "export": _export,
+            "report": _report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -133,6 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if extra:
             args.overrides = list(getattr(args, "overrides", [])) + extra
+        configure_logging(args.log_level)
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"tandem: error: {e}", file=sys.stderr)

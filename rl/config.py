@@ -25,6 +25,7 @@ from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rl.advantages import AGGREGATIONS, SCALES
 from tandem.rl.losses import LOSS_TYPES
 from tandem.rl.objectives import OBJECTIVES
+from tandem.rl.paths import resolve_config_paths
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -150,10 +151,26 @@ class GRPOConfig:
 
 @dataclass
 class OptimConfig:
-    # AdamW learning rate.
+    # AdamW learning rate (the peak of the schedule).
     learning_rate: float = 1e-4
     # AdamW weight decay.
     weight_decay: float = 0.0
+    # AdamW beta1 (transformers `adam_beta1`).
+    adam_beta1: float = 0.9
+    # AdamW beta2 (transformers `adam_beta2`).
+    adam_beta2: float = 0.999
+    # AdamW epsilon (transformers `adam_epsilon`).
+    adam_epsilon: float = 1e-8
+    # Learning-rate schedule, a `transformers.get_scheduler` name: constant | constant_with_warmup | linear |
+    # cosine | cosine_with_restarts | polynomial | ...; its length is the stage's optimizer steps in max_steps.
+    lr_scheduler: str = "constant"
+    # Optimizer steps of linear warm-up from 0 to learning_rate (not with lr_scheduler "constant").
+    warmup_steps: int = 0
+    # Minibatches whose gradients are summed into one optimizer step (transformers/TRL
+    # `gradient_accumulation_steps`): each minibatch is one forward/backward of grpo.mini_batch_size samples and its
+    # loss is divided by this, so one step trains on mini_batch_size * gradient_accumulation_steps samples exactly
+    # as one minibatch of that size would; max_steps and the step metrics count optimizer steps.
+    gradient_accumulation_steps: int = 1
     # Gradient-norm clip.
     max_grad_norm: float = 1.0
     # accelerate mixed precision: "no" | "bf16" | "fp16".
@@ -218,6 +235,14 @@ class LoggingConfig:
     eval_every: int = 0
     # Show a progress bar.
     progress: bool = True
+    # Keep only the newest N checkpoints in output_dir/checkpoints (older ones are deleted); null = keep all.
+    save_total_limit: Optional[int] = None
+    # Experiment trackers through accelerate (`Accelerator(log_with=...)`): tensorboard | wandb | comet_ml |
+    # mlflow | aim | clearml | dvclive | trackio; they get the config, every step's metrics and the sample grids,
+    # under output_dir (tensorboard: output_dir/tensorboard/<project_name>). Empty = metrics.jsonl only.
+    report_to: List[str] = field(default_factory=list)
+    # Project (run) name given to the trackers.
+    project_name: str = "tandem"
 
 
 @dataclass
@@ -248,6 +273,11 @@ class JobConfig:
 
 
 # --------------------------------------------------------------------------------------------------- loading
+# `optim.lr_scheduler` values: the `transformers.SchedulerType` names that need no extra arguments.
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
+# `logging.report_to` values: the trackers accelerate integrates (`accelerate.utils.LoggerType`, less "all").
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 STAGE_DEFAULTS = {
     "ar": {"epsilon": 0.2, "adv_clip_max": None},
     "decoder": {"epsilon": 1e-4, "adv_clip_max": 5.0},
@@ -255,7 +285,8 @@ STAGE_DEFAULTS = {
 
 
 def load_config(path: str, overrides: List[str] = (), stage: str = "decoder") -> JobConfig:
-    """Read YAML at ``path``, apply ``key.sub=value`` overrides, check types and rules.
+    """Read YAML at ``path``, apply ``key.sub=value`` overrides, check types and rules. Relative input paths in
+    the file resolve against its folder, those of overrides against the working directory (``tandem.rl.paths``).
 
     Raises ConfigError with a one-line message naming the key or file and the fix.
     """
@@ -269,7 +300,7 @@ def load_config(path: str, overrides: List[str] = (), stage: str = "decoder") ->
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-    cfg = _merge(schema, file_cfg, source=path)
+    cfg = _merge(schema, resolve_config_paths(file_cfg, path), source=path)
     for item in overrides:
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), source="command line", key=item.split("=", 1)[0])
     job: JobConfig = OmegaConf.to_object(_check_missing(cfg, path))
@@ -337,6 +368,16 @@ def validate(job: JobConfig, stage: str) -> None:
               f"must name an AR run directory with a saved buffer (buffer.save: true), got {d.buffer_dir}")
     _choice("reward_host.backend", job.reward_host.backend, ("ray", "local"))
     _choice("optim.mixed_precision", job.optim.mixed_precision, ("no", "bf16", "fp16"))
+    _choice("optim.lr_scheduler", job.optim.lr_scheduler, SCHEDULERS)
+    _rule(job.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {job.optim.warmup_steps}")
+    _rule(job.optim.warmup_steps == 0 or job.optim.lr_scheduler != "constant", "optim.warmup_steps",
+          "the 'constant' schedule has no warm-up; set optim.lr_scheduler=constant_with_warmup (or linear, cosine, ...)")
+    _rule(job.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps",
+          f"must be >= 1, got {job.optim.gradient_accumulation_steps}")
+    _rule(job.logging.save_total_limit is None or job.logging.save_total_limit >= 1, "logging.save_total_limit",
+          f"must be >= 1 or null (keep all), got {job.logging.save_total_limit}")
+    for tracker in job.logging.report_to:
+        _choice("logging.report_to", tracker, TRACKERS)
     _choice("distributed.launcher", job.distributed.launcher, ("none", "ray_train"))
     _choice("distributed.strategy", job.distributed.strategy, ("ddp", "fsdp"))
     _rule(not (stage in ("ar", "joint") and job.ar.sampler == "engine" and job.distributed.strategy == "fsdp"),
@@ -369,6 +410,10 @@ def validate(job: JobConfig, stage: str) -> None:
         batch = g.prompts_per_step * g.num_generations
         _rule(1 <= g.mini_batch_size <= batch and batch % g.mini_batch_size == 0, "grpo.mini_batch_size",
               f"must divide the rollout batch prompts_per_step*num_generations = {batch}, got {g.mini_batch_size}")
+        per_step = g.mini_batch_size * job.optim.gradient_accumulation_steps
+        _rule(batch % per_step == 0, "optim.gradient_accumulation_steps",
+              f"mini_batch_size * gradient_accumulation_steps = {per_step} samples per optimizer step must divide the "
+              f"rollout batch prompts_per_step*num_generations = {batch}")
         if stage != "joint":  # a joint job resolves the clip ranges per phase (phase_config)
             _rule(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon", "clip ranges must be > 0")
         _rule(g.beta >= 0, "grpo.beta", "must be >= 0")

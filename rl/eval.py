@@ -37,8 +37,9 @@ import numpy as np
 
 from tandem.rewards.ocr import OcrReward, target_text, text_score
 from tandem.rl.config import ConfigError, JobConfig, to_yaml
+from tandem.rl.paths import shipped
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "text_eval_prompts.jsonl"
+DEFAULT_PROMPTS = shipped("tandem.data", "text_eval_prompts.jsonl")
 # CJK Unified Ideographs (+ extension A, compatibility ideographs, extensions B-G).
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
@@ -168,11 +169,12 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None, batch_size: int = 8) -> Dict:
+def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None, batch_size: int = 8,
+              ema: bool = False) -> Dict:
     """Generate one image per target-text prompt with the configured pipeline (``checkpoint``'s trained
-    weights loaded when given), score them with ``score_text_rendering``, write ``<output_dir>/eval/``.
+    weights loaded when given, its EMA weights with ``ema``), score them with ``score_text_rendering``, write ``<output_dir>/eval/``.
 
-    prompts: a .jsonl/.txt prompt file (default ``data/text_eval_prompts.jsonl``); prompts without a target are
+    prompts: a .jsonl/.txt prompt file (default: ``text_eval_prompts.jsonl`` shipped in ``tandem.data``); prompts without a target are
     left out. Image i uses seed ``cfg.seed + i // batch_size`` for its batch. Returns the result dict plus
     ``meta`` (prompt file, checkpoint, size, steps, guidance, seed).
     """
@@ -185,14 +187,14 @@ def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optiona
     if not records:
         raise ConfigError(f"--prompts {prompts_file}: no prompt has a target text (quote it in the prompt or add a \"text\" field)")
     reader = OcrReward(**_ocr_args(cfg)).read  # before generating: a bad OCR config fails fast
-    family, pipe = load_for_sampling(cfg, checkpoint)
+    family, pipe = load_for_sampling(cfg, checkpoint, ema)
     texts = [r.prompt for r in records]
     images = np.concatenate([
         family.generate(pipe, texts[i:i + batch_size], cfg, cfg.seed + i // batch_size) for i in range(0, len(texts), batch_size)
     ])
     result = score_text_rendering(images, texts, [r.metadata.get("text") for r in records], read=reader)
     result["meta"] = {
-        "prompts": prompts_file, "checkpoint": checkpoint, "model": cfg.model.path, "height": cfg.data.height,
+        "prompts": prompts_file, "checkpoint": checkpoint, "ema": ema, "model": cfg.model.path, "height": cfg.data.height,
         "width": cfg.data.width, "num_steps": cfg.decoder.eval_num_steps, "guidance_scale": cfg.decoder.guidance_scale,
         "seed": cfg.seed, "prompts_without_target": len(every) - len(records),
     }

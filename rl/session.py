@@ -3,8 +3,8 @@
 ``train(cfg, stage)`` and ``train_joint(cfg)`` load the family's pipeline and policies, then run inside one
 ``RunSession``, which opens, in this order and closes in reverse: the reward clients (training, and eval when
 configured); the run directory (resume from ``cfg.resume``, or refuse to write over an existing run); the
-progress bar. Its ``Hooks`` are phase 6 of every optimizer step: metrics line, sample grid, eval, and the
-checkpoints taken between rollouts.
+progress bar; and the experiment trackers (``logging.report_to``). Its ``Hooks`` are phase 6 of every optimizer
+step: metrics line (and trackers), sample grid, eval, and the checkpoints taken between rollouts.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import numpy as np
+import PIL.Image
 import torch
 
 from tandem.core.data import load_prompts
@@ -26,6 +28,7 @@ from tandem.rl.config import JobConfig, phase_config
 from tandem.rl.distributed import finish
 from tandem.rl.run_dir import RunDir
 from tandem.rl.run_state import RunState
+from tandem.rl.trackers import Trackers
 from tandem.rl.trainer import StageTrainer
 
 log = logging.getLogger("tandem.session")
@@ -59,9 +62,9 @@ class Hooks:
     """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
 
     def __init__(self, cfg: JobConfig, run: RunDir, trainers: Dict[str, StageTrainer], evaluator, progress,
-                 last_checkpoint: int):
+                 last_checkpoint: int, trackers: Trackers):
         self.cfg, self.run, self.trainers, self.evaluator, self.progress = cfg, run, trainers, evaluator, progress
-        self.last_checkpoint = last_checkpoint
+        self.last_checkpoint, self.trackers = last_checkpoint, trackers
 
     def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
         """One process scores and writes the run directory; a sharded (FSDP) policy's forward is collective, so
@@ -76,6 +79,7 @@ class Hooks:
                 self.evaluator.sample(trainer.policy)
         if layout.is_main:
             self.run.log_metrics(metrics)
+            self.trackers.log(metrics, step)
             self.progress.update(1)
             self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}",
                                       kl=f"{metrics['kl']:.2e}")
@@ -84,7 +88,8 @@ class Hooks:
             prompts = [r.prompt for r in grid]
             images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
             if layout.is_main:
-                self.run.save_grid(f"step_{step:06d}", images, prompts)
+                grid = self.run.save_grid(f"step_{step:06d}", images, prompts)
+                self.trackers.log_image("samples", np.asarray(PIL.Image.open(grid).convert("RGB")), step)
                 self.run.plot_rewards()
 
     def after_rollout(self, trainer: StageTrainer) -> None:
@@ -113,7 +118,7 @@ class RunSession:
     def __init__(self, cfg: JobConfig):
         self.cfg, self.run, self.state = cfg, RunDir(cfg.output_dir), RunState()
         self._stack = contextlib.ExitStack()
-        self.rewards = self.evaluator = self.progress = None
+        self.rewards = self.evaluator = self.progress = self.trackers = None
         self.trainers: Dict[str, StageTrainer] = {}
 
     def __enter__(self) -> "RunSession":
@@ -130,20 +135,25 @@ class RunSession:
             self._stack = stack.pop_all()
         return self
 
-    def trainer(self, stage: str, cfg: JobConfig, policy, accelerator, records: List[PromptRecord]) -> StageTrainer:
-        self.trainers[stage] = StageTrainer(stage, cfg, policy, self.rewards, self.run, accelerator, self.state, records)
+    def trainer(self, stage: str, cfg: JobConfig, policy, accelerator, records: List[PromptRecord],
+                num_steps: Optional[int] = None) -> StageTrainer:
+        """The stage's trainer; ``num_steps`` (default ``max_steps``) is the length of its LR schedule."""
+        self.trainers[stage] = StageTrainer(stage, cfg, policy, self.rewards, self.run, accelerator, self.state, records,
+                                            num_steps or cfg.max_steps)
         return self.trainers[stage]
 
     def start(self) -> Hooks:
-        """Resume (or refuse to overwrite), write the run directory; returns the phase-6 hooks."""
+        """Resume (or refuse to overwrite), write the run directory, start the trackers; returns the phase-6 hooks."""
         self._resume()
         if self._layout.is_main:
             self.run.create(self.cfg)
+        self.trackers = Trackers(self.cfg, next(iter(self.trainers.values())).accelerator)
         from tqdm.auto import tqdm
 
         self.progress = tqdm(total=self.cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
                              disable=not (self.cfg.logging.progress and self._layout.is_main))
-        return Hooks(self.cfg, self.run, self.trainers, self.evaluator, self.progress, last_checkpoint=self.state.step)
+        return Hooks(self.cfg, self.run, self.trainers, self.evaluator, self.progress, last_checkpoint=self.state.step,
+                     trackers=self.trackers)
 
     @property
     def _layout(self):
@@ -169,6 +179,8 @@ class RunSession:
         try:
             if self.progress is not None:
                 self.progress.close()
+            if self.trackers is not None:
+                self.trackers.finish()
             if exc_type is None and self.trainers:
                 if self._layout.is_main:
                     self.run.plot_rewards()
@@ -179,9 +191,12 @@ class RunSession:
 
 def _accelerator(cfg: JobConfig, policy):
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
-    # accelerate owns precision: rollout and training forwards run under the same autocast.
-    return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.device.type == "cpu")
+    # accelerate owns precision (rollout and training forwards run under the same autocast) and the trackers.
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard"))
+    return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.device.type == "cpu",
+                       log_with=list(cfg.logging.report_to) or None, project_config=project)
 
 
 def train(cfg: JobConfig, stage: str) -> Path:
@@ -195,6 +210,16 @@ def train(cfg: JobConfig, stage: str) -> Path:
         while session.state.step < cfg.max_steps:
             trainer.train_rollout(cfg.max_steps, hooks)
     return session.run.path
+
+
+def joint_stage_steps(cfg: JobConfig) -> Dict[str, int]:
+    """Optimizer steps each stage of a joint job takes in ``max_steps`` (AR phases first, then decoder phases)."""
+    j, steps, done = cfg.joint, {"ar": 0, "decoder": 0}, 0
+    while done < cfg.max_steps:
+        for stage, n in (("ar", j.ar_steps_per_phase), ("decoder", j.decoder_steps_per_phase)):
+            taken = min(n, cfg.max_steps - done)
+            steps[stage], done = steps[stage] + taken, done + taken
+    return steps
 
 
 def train_joint(cfg: JobConfig) -> Path:
@@ -213,7 +238,8 @@ def train_joint(cfg: JobConfig) -> Path:
     with RunSession(cfg) as session:
         policies = {stage: build_policy(stage, phases[stage], pipe) for stage in ("ar", "decoder")}
         accelerator = _accelerator(cfg, policies["ar"])
-        ar, decoder = (session.trainer(s, phases[s], policies[s], accelerator, prompts) for s in ("ar", "decoder"))
+        steps = joint_stage_steps(cfg)
+        ar, decoder = (session.trainer(s, phases[s], policies[s], accelerator, prompts, steps[s]) for s in ("ar", "decoder"))
         hooks = session.start()
         state, j = session.state, cfg.joint
         while state.step < cfg.max_steps:

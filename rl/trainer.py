@@ -11,7 +11,8 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
 4. hand-off — what conditions the next stage (the AR stage's token grids) is kept, and saved as buffer shards
    when ``buffer.save``;
 5. update — ``grpo.num_iterations`` epochs over the minibatches (= the sub-batches, the rollout's batch
-   layout); one optimizer step each; the chosen objective (``grpo.objective``) gives each of the policy's
+   layout); one optimizer step per ``optim.gradient_accumulation_steps`` consecutive minibatches, then one step
+   of the LR schedule; the chosen objective (``grpo.objective``) gives each of the policy's
    ``unit_chunks`` a loss, backpropagated one chunk at a time, weighted by its share of the units;
 6. log / sample grid / eval / checkpoint — the run session's hooks (``tandem.rl.session``).
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,28 +41,48 @@ from tandem.rl.objectives import OBJECTIVES, merge_chunk_metrics
 from tandem.rl.run_state import RunState
 
 
-def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator,
-                        layout: Layout = Layout()) -> Dict[str, float]:
-    """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
-    gradients averaged over processes (by FSDP's reduce-scatter when sharded), clip to the global norm, step.
-    Returns loss metrics averaged over processes."""
-    objective = OBJECTIVES.get(cfg.grpo.objective)
-    num_units = batch.old_log_probs.shape[1]
+def update_on_minibatch(policy, optimizer, batch: Union[Rollout, Sequence[Rollout]], cfg: JobConfig, accelerator,
+                        layout: Layout = Layout(), scheduler=None) -> Dict[str, float]:
+    """One optimizer step on ``batch`` (this process's share of the minibatch), or on a list of minibatches whose
+    gradients are accumulated (``optim.gradient_accumulation_steps``): chunked forward/backward, each minibatch's
+    loss divided by their number — the gradient of the mean loss over the minibatches, which for equal
+    minibatches is that of one minibatch of all their samples — then gradients averaged over processes (by
+    FSDP's reduce-scatter when sharded), clip to the global norm, step, advance the LR schedule.
+    Returns loss metrics (averaged over minibatches and processes), ``grad_norm`` and the ``lr`` of this step."""
+    objective = OBJECTIVES.get(cfg.grpo.objective)()
+    batches = [batch] if isinstance(batch, Rollout) else list(batch)
     optimizer.zero_grad(set_to_none=True)
     parts = []
-    for chunk in policy.unit_chunks(batch):
-        with accelerator.autocast():
-            loss, metrics = objective.loss(policy, batch, chunk, cfg.grpo)
-        share = (chunk.stop - chunk.start) / num_units
-        accelerator.backward(loss * share)
-        parts.append((share, metrics))
+    for mini in batches:
+        num_units = mini.old_log_probs.shape[1]
+        for chunk in policy.unit_chunks(mini):
+            with accelerator.autocast():
+                loss, metrics = objective.loss(policy, mini, chunk, cfg.grpo)
+            share = (chunk.stop - chunk.start) / num_units / len(batches)
+            accelerator.backward(loss * share)
+            parts.append((share, metrics))
     layout.average_gradients(policy.trainable_parameters())
     grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     policy.on_optimizer_step()
     merged = merge_chunk_metrics(parts)
     merged["grad_norm"] = float(grad_norm)
-    return layout.mean(merged)
+    return {**layout.mean(merged), "lr": lr}
+
+
+def build_optimizer(policy, cfg: JobConfig, num_steps: int):
+    """AdamW over the policy's trained parameters (``optim.*``: TRL/transformers names) and its LR schedule of
+    ``num_steps`` optimizer steps with ``optim.warmup_steps`` of warm-up (``transformers.get_scheduler``)."""
+    from transformers import get_scheduler
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=o.learning_rate, weight_decay=o.weight_decay,
+                                  betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)
+    scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=num_steps)
+    return optimizer, scheduler
 
 
 @dataclass
@@ -85,14 +106,13 @@ class StageTrainer:
     """GRPO on one stage: a policy, its optimizer and prompt stream; the rewards and run dir are shared."""
 
     def __init__(self, stage: str, cfg: JobConfig, policy, rewards, run, accelerator, state: RunState,
-                 records: List[PromptRecord]):
+                 records: List[PromptRecord], num_steps: int):
         self.stage, self.cfg, self.policy, self.rewards, self.run = stage, cfg, policy, rewards, run
         self.accelerator, self.state, self.layout = accelerator, state, layout_of(accelerator, cfg)
         self.copies, self.mini_batch = self.layout.local_sizes(cfg)
         if self.layout.sharded:  # before the optimizer, which must hold the sharded parameters
             shard(policy, self.layout)
-        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
-                                           weight_decay=cfg.optim.weight_decay)
+        self.optimizer, self.scheduler = build_optimizer(policy, cfg, num_steps)
         self.use_records(records, cfg.seed)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
 
@@ -170,21 +190,23 @@ class StageTrainer:
         scored = self.rollout_and_score()
         self.hand_off(scored)
         timings = scored.timings
+        accumulate = self.cfg.optim.gradient_accumulation_steps
+        minibatches = [(sub, index) for sub in scored.subs for index in _minibatches(len(sub), self.mini_batch)]
         for _ in range(self.cfg.grpo.num_iterations):  # 5. update
-            for sub in scored.subs:
-                for index in _minibatches(len(sub), self.mini_batch):
-                    if self.state.step >= stop_at:
-                        break
-                    t0 = time.perf_counter()
-                    loss_metrics = update_on_minibatch(self.policy, self.optimizer, sub.select(index), self.cfg,
-                                                       self.accelerator, self.layout)
-                    self.state.step += 1
-                    reward_metrics = scored.advantages.metrics
-                    metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
-                               **reward_metrics, **loss_metrics, **timings, "time/train_s": time.perf_counter() - t0}
-                    metrics.update(self.state.cost_metrics(reward_metrics["reward/mean"]))
-                    timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
-                    hooks.after_step(self, metrics)  # 6. log / grid / eval
+            for start in range(0, len(minibatches), accumulate):
+                if self.state.step >= stop_at:
+                    break
+                t0 = time.perf_counter()
+                batches = [sub.select(index) for sub, index in minibatches[start:start + accumulate]]
+                loss_metrics = update_on_minibatch(self.policy, self.optimizer, batches, self.cfg, self.accelerator,
+                                                   self.layout, self.scheduler)
+                self.state.step += 1
+                reward_metrics = scored.advantages.metrics
+                metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
+                           **reward_metrics, **loss_metrics, **timings, "time/train_s": time.perf_counter() - t0}
+                metrics.update(self.state.cost_metrics(reward_metrics["reward/mean"]))
+                timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+                hooks.after_step(self, metrics)  # 6. log / grid / eval
         self.state.rollouts += 1
         hooks.after_rollout(self)
 
