@@ -25,7 +25,7 @@ from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rl.advantages import AGGREGATIONS, SCALES
 from tandem.rl.losses import LOSS_TYPES
 from tandem.rl.objectives import OBJECTIVES
-from tandem.rl.paths import resolve_config_paths
+from tandem.rl.paths import absolute_paths, resolve_config_paths
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -303,7 +303,7 @@ def load_config(path: str, overrides: List[str] = (), stage: str = "decoder") ->
     cfg = _merge(schema, resolve_config_paths(file_cfg, path), source=path)
     for item in overrides:
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), source="command line", key=item.split("=", 1)[0])
-    job: JobConfig = OmegaConf.to_object(_check_missing(cfg, path))
+    job: JobConfig = OmegaConf.to_object(absolute_paths(_check_missing(cfg, path)))
     apply_stage_defaults(job, stage)
     validate(job, stage)
     return job

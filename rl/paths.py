@@ -6,6 +6,7 @@ and works from any working directory, and from the installed package. A path tha
 config is looked up in the working directory (so a folder the job creates, like the demo's tiny models,
 lands there); a path found in both places, as two different files, is an error — write it absolute.
 ``output_dir`` and values given on the command line (``key=value``) are relative to the working directory.
+The job config holds these keys as absolute paths, so a run's ``config.yaml`` reads the same from anywhere.
 
 The example configs and prompt files ship as package data: ``tandem.configs`` and ``tandem.data``
 (``shipped``).
@@ -33,15 +34,24 @@ def resolve_path(value: str, config_file: str, key: str) -> str:
     """``value`` of ``key`` in ``config_file``, resolved by the rule of the module docstring."""
     if os.path.isabs(value) or (key == "resume" and value == "auto"):
         return value
-    beside = os.path.normpath(os.path.join(os.path.dirname(config_file), value))
-    here = os.path.normpath(value)
+    beside = os.path.abspath(os.path.join(os.path.dirname(config_file), value))
+    here = os.path.abspath(value)
     if os.path.exists(beside):
         if os.path.exists(here) and not os.path.samefile(beside, here):
-            raise ConfigError(f"config key '{key}' ({config_file}): {value!r} names both {os.path.abspath(beside)} "
-                              f"(next to the config, which relative paths in a config mean) and "
-                              f"{os.path.abspath(here)} (in the working directory); write an absolute path")
+            raise ConfigError(f"config key '{key}' ({config_file}): {value!r} names both {beside} (next to the config, "
+                              f"which relative paths in a config mean) and {here} (in the working directory); "
+                              f"write an absolute path")
         return beside
-    return value
+    return here
+
+
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """The path keys still relative (given on the command line) made absolute against the working directory."""
+    for key in CONFIG_PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and not os.path.isabs(value) and not (key == "resume" and value == "auto"):
+            OmegaConf.update(cfg, key, os.path.abspath(value))
+    return cfg
 
 
 def resolve_config_paths(file_cfg: DictConfig, config_file: str) -> DictConfig:

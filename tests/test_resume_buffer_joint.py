@@ -88,8 +88,8 @@ def test_joint_demo_runs_both_phases_and_both_rewards_rise(tiny_model_path, tmp_
         tenth = len(rewards) // 10
         assert np.mean(rewards[-tenth:]) - np.mean(rewards[:tenth]) >= 0.01, phase
     assert len(list((run / "buffer").glob("shard_*.safetensors"))) == 20  # every AR rollout, 2 steps each
-    assert (run / "checkpoints" / "step_80" / "ar.trained.safetensors").is_file()
-    assert (run / "checkpoints" / "step_80" / "decoder.trained.safetensors").is_file()
+    assert (run / "checkpoints" / "step_80" / "vision_language_encoder" / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "step_80" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert metrics[-1]["cost/reward_gain"] > 0 and metrics[-1]["cost/s_per_reward"] > 0
 
 
