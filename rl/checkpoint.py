@@ -121,6 +121,9 @@ def find_resume_point(cfg: JobConfig) -> Optional[Path]:
 
 def read_state(path: Path, cfg: JobConfig) -> Dict:
     state = json.loads((path / "state.json").read_text())
+    if "components" not in state:
+        raise ConfigError(f"resume: checkpoint {path} was written by an older tandem (<stage>.trained.safetensors); "
+                          f"resume it with that version, or start a new output_dir")
     if state.get("fingerprint") != config_fingerprint(cfg):
         raise ConfigError(f"resume: checkpoint {path} was written by a different config (only output_dir, max_steps, "
                           f"resume, logging and reward_host may change on resume); start a new output_dir instead")

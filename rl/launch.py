@@ -16,11 +16,12 @@ from tandem.rl.config import ConfigError, JobConfig
 
 
 def _worker(loop_config: dict) -> None:
-    from tandem.rl.runtime import configure_environment, configure_torch
+    from tandem.rl.runtime import configure_environment, configure_logging, configure_torch
     from tandem.rl.session import train, train_joint
 
     cfg, stage = loop_config["cfg"], loop_config["stage"]
     configure_environment()
+    configure_logging()
     configure_torch(cfg)
     train_joint(cfg) if stage == "joint" else train(cfg, stage)
 

@@ -79,6 +79,14 @@ def test_bad_optimisation_settings_are_config_errors(override, needle):
         load_config("configs/demo/decoder.yaml", override, stage="decoder")
 
 
+def test_a_joint_jobs_schedules_cover_each_stages_own_steps():
+    from tandem.rl.session import joint_stage_steps
+
+    cfg = JobConfig(output_dir="unused", max_steps=25)
+    cfg.joint.ar_steps_per_phase, cfg.joint.decoder_steps_per_phase = 10, 10
+    assert joint_stage_steps(cfg) == {"ar": 15, "decoder": 10}  # ar 10, decoder 10, ar 5
+
+
 def test_choices_are_the_libraries_names():
     from accelerate.utils import LoggerType
     from transformers import SchedulerType
