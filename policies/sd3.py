@@ -9,9 +9,10 @@ in ``StableDiffusion3Pipeline.__call__`` (diffusers 0.42):
   (B, 77 + T5 length, D) — the two CLIP encoders' penultimate states concatenated, zero-padded to the T5 width
   D, then the T5 states — and pooled embeddings (B, P), the two CLIP projections concatenated. The prompt text
   is the only condition: ``decoder.condition_source`` and prompt metadata are not used.
-* Schedule: the scheduler's own ``set_timesteps`` through ``retrieve_timesteps``: sigma = linspace(1, 1/1000, S)
-  shifted by ``shift`` (sigma' = s sigma / (1 + (s - 1) sigma); SD3: s = 3), or by mu = calculate_shift(seq)
-  under ``use_dynamic_shifting``; timestep t = 1000 sigma, which the transformer sees as is; a last sigma 0.
+* Schedule: the scheduler's own ``set_timesteps`` through ``retrieve_timesteps``: sigma = linspace(1, sigma_min, S)
+  (sigma_min: the smallest training sigma, itself shifted), then shifted by ``shift``,
+  sigma' = s sigma / (1 + (s - 1) sigma) (SD3: s = 3), or by mu = calculate_shift(seq) under
+  ``use_dynamic_shifting``; timestep t = 1000 sigma', which the transformer sees as is; a last sigma 0.
 * Latents: normalised VAE latents, x_sigma = (1 - sigma) x0 + sigma eps; the transformer predicts v = eps - x0.
 * CFG: one call of 2B on [negative; positive] as the pipeline does, v = v_u + g (v_c - v_u) when g > 1
   (``decoder.cfg_batch`` is moot: both branches always have the same length).
@@ -148,6 +149,9 @@ def pipeline_images(pipe, prompts: List[str], cfg, seed: int) -> np.ndarray:
 def _flow_policy(pipe, cfg):
     from tandem.policies.flow import FlowPolicy
 
+    if cfg.decoder.compile and not getattr(pipe.transformer, "_repeated_blocks", None):
+        raise ConfigError(f"decoder.compile: {type(pipe.transformer).__name__} declares no repeated blocks for "
+                          f"diffusers' regional compilation; set decoder.compile=false")
     return FlowPolicy(Sd3FlowAdapter(pipe, cfg.data.height, cfg.data.width), cfg)
 
 

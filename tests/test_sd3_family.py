@@ -60,6 +60,9 @@ def test_loads_through_save_and_from_pretrained(sd3_path, pipe, tmp_path):
     cfg.model.path = str(tmp_path / "other")
     with pytest.raises(ConfigError, match="holds a GlmImagePipeline"):
         family.load(cfg.model)
+    cfg.decoder.compile = True  # SD3Transformer2DModel has no _repeated_blocks for compile_repeated_blocks
+    with pytest.raises(ConfigError, match="decoder.compile: SD3Transformer2DModel"):
+        build_policy("decoder", cfg, pipe)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
