@@ -206,12 +206,13 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0) -> Path:
 
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
                                  decoder_start_token_id=0, pad_token_id=t5_tok.pad_token_id)).eval()
-    # SD3's VAE factors (scaling 1.5305, shift 0.0609); one norm group and a 3x output layer, so that a random
-    # decoder still maps latent shifts to visible colour changes the demo rewards can see (as policies/tiny.py).
+    # A random VAE decoder must still turn latent shifts into colour changes the demo rewards can see: one norm
+    # group, a 3x output layer (as policies/tiny.py) and scaling_factor 0.25 (SD3: 1.5305), so that a unit step
+    # of the normalised latent is 4 VAE units. With 1.5305 the demo's colour reward did not move in 100 steps.
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-        norm_num_groups=1, sample_size=64, scaling_factor=1.5305, shift_factor=0.0609).eval()
+        norm_num_groups=1, sample_size=64, scaling_factor=0.25, shift_factor=0.0609).eval()
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(3.0)
     transformer = SD3Transformer2DModel(
