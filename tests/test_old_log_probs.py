@@ -54,6 +54,7 @@ def _first_step(tmp_path, tiny_model_path, mode):
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
 
 
+@pytest.mark.slow
 def test_recompute_makes_the_first_bf16_ratio_one_and_logs_the_mismatch(tmp_path, tiny_model_path):
     """The AR stage in bf16: generate's cached forward and the teacher-forced forward round differently, so the
     sampler's log-probs put the first ratio off 1; recomputed ones put it at 1 and the gap shows in mismatch/*."""

@@ -16,6 +16,8 @@ from tandem.rl.buffer import load_buffer_records
 from tandem.rl.config import load_config
 from tandem.rl.session import train, train_joint
 
+pytestmark = pytest.mark.slow  # end-to-end jobs
+
 VOLATILE = ("time/", "cost/")  # wall-clock figures differ between any two runs
 
 
