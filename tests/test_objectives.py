@@ -82,10 +82,15 @@ def test_a_registered_objective_is_a_valid_choice_and_the_update_calls_it(square
     assert metrics["x/min"] == 0.0 and metrics["x/max"] == 3.0 and metrics["loss"] == pytest.approx(1.0)
 
 
-def test_objective_choice_comes_from_the_registry(squared_theta):
+def valid_job() -> JobConfig:
     cfg = JobConfig(output_dir="unused")
     cfg.grpo.epsilon = cfg.grpo.epsilon_high = 1e-4
     cfg.rewards = [RewardEntry(name="brightness")]
+    return cfg
+
+
+def test_objective_choice_comes_from_the_registry(squared_theta):
+    cfg = valid_job()
     cfg.grpo.objective = "no_such_objective"
     with pytest.raises(ConfigError, match="clipped_surrogate"):
         validate(cfg, "decoder")
@@ -96,9 +101,7 @@ def test_objective_choice_comes_from_the_registry(squared_theta):
 
 
 def test_a_registered_loss_type_is_a_valid_choice():
-    cfg = JobConfig(output_dir="unused")
-    cfg.grpo.epsilon = cfg.grpo.epsilon_high = 1e-4
-    cfg.rewards = [RewardEntry(name="brightness")]
+    cfg = valid_job()
     cfg.grpo.loss_type = "test_sum"
     with pytest.raises(ConfigError, match="grpo.loss_type"):
         validate(cfg, "decoder")
