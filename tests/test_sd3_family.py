@@ -144,6 +144,7 @@ def test_noise_zero_rollout_is_the_pipeline_output(pipe, sd3_path):
     assert np.abs(batch.images.astype(int) - (np.asarray(out) * 255).round()).max() <= 1
 
 
+@pytest.mark.slow  # an end-to-end job
 def test_demo_config_trains_two_steps_and_samples_from_the_checkpoint(sd3_path, tmp_path, one_thread):
     """``model.family=sd3`` through the unchanged session/trainer: 2 optimizer steps, metrics, a checkpoint of
     the transformer, and ``tandem sample`` with those weights."""
