@@ -1,5 +1,6 @@
 """Relative paths in a config resolve against its folder; the example configs and prompt files ship in the wheel."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -53,7 +54,10 @@ def test_eval_default_prompts_come_from_the_package():
 
 
 def test_the_wheel_holds_the_configs_and_data(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+    source = tmp_path / "src"  # a copy: setuptools writes build/ into the folder it builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "runs", "build", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                     "-w", str(tmp_path)], check=True, capture_output=True, timeout=600)
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
     expected = {f"tandem/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}

@@ -30,6 +30,7 @@ def straight(tiny_model_path, tmp_path_factory):
                                                            *SETTINGS], stage="decoder"), "decoder")
 
 
+@pytest.mark.slow  # an end-to-end job
 def test_accumulated_steps_warmup_and_checkpoint_limit(straight):
     metrics = rows(straight)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4] and [r["rollout"] for r in metrics] == [0, 1, 2, 3]
@@ -38,6 +39,7 @@ def test_accumulated_steps_warmup_and_checkpoint_limit(straight):
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_3", "step_4"]
 
 
+@pytest.mark.slow  # an end-to-end job
 def test_tensorboard_events_hold_metrics_grids_and_config(straight):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -54,6 +56,7 @@ def test_tensorboard_events_hold_metrics_grids_and_config(straight):
     assert hparams and "optim.gradient_accumulation_steps: 2" in (hparams[0] / "hparams.yml").read_text()
 
 
+@pytest.mark.slow  # an end-to-end job
 def test_resume_restores_the_schedule_and_says_so(straight, tiny_model_path, tmp_path, capfd):
     from tandem.rl.runtime import configure_logging
 
