@@ -30,11 +30,12 @@ def configure_logging(level: str = "info") -> None:
     Other libraries' loggers are left as they are."""
     logger = logging.getLogger("tandem")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_tandem", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("tandem %(levelname)s %(name)s: %(message)s"))
-        handler._tandem = True
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "_tandem", False)]:  # a second call replaces the first's
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tandem %(levelname)s %(name)s: %(message)s"))
+    handler._tandem = True
+    logger.addHandler(handler)
 
 
 def configure_torch(cfg) -> None:

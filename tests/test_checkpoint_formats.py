@@ -125,3 +125,5 @@ def test_export_writes_a_pipeline_that_from_pretrained_loads(tiny_model_path, tm
     frozen = [k for k, v in base.vae.state_dict().items() if not torch.equal(v, exported.vae.state_dict()[k])]
     assert not frozen  # the rest of the pipeline is the base's
     assert main(["export", str(folder), str(out)]) == 2  # never writes over a folder
+    assert main(["export", str(folder), str(tmp_path / "ema"), "--ema"]) == 2  # this run kept no EMA
+    assert not (tmp_path / "ema").exists()
