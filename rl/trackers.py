@@ -55,5 +55,7 @@ class Trackers:
                 tracker.log_images({name: image[None]}, step=step, **extra)
 
     def finish(self) -> None:
-        if self.on:
-            self.accelerator.end_training()
+        """Close the trackers (not ``accelerator.end_training()``, which also tears the process group down with no
+        barrier: the session ends that itself, ``tandem.rl.distributed.finish``)."""
+        for tracker in self.accelerator.trackers if self.on else ():
+            tracker.finish()
