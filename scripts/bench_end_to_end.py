@@ -202,6 +202,19 @@ def summarise(metrics: List[Dict], samples: int, gpus: int, decode_s: List[float
     return row
 
 
+def stop_group(proc) -> None:
+    """SIGTERM, then SIGKILL, the job's process group (the trainer and the Ray processes it started)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
 def run_stage(args, stage: str, results: C.Results) -> Dict:
     work = Path(args.work)
     run_dir = work / f"{stage}-{args.gpus}gpu-{args.launcher}-{args.strategy}"
@@ -212,11 +225,12 @@ def run_stage(args, stage: str, results: C.Results) -> Dict:
     print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with MemoryPoller() as mem:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # own group: a timeout ends Ray's too
         try:
-            proc = subprocess.run(cmd, env=env, timeout=args.timeout)
-            rc = proc.returncode
+            rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+            stop_group(proc)
     total = time.perf_counter() - t0
     child = json.loads(child_log.read_text()) if child_log.is_file() else {}
     samples = args.prompts * args.generations
