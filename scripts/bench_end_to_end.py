@@ -58,6 +58,13 @@ def child(argv: List[str]) -> int:
     decode_s: List[float] = []
     original = ar_module.render_tokens
 
+    def report():
+        """Rewritten after every render and at exit, so a job stopped at its timeout keeps its figures."""
+        if not log or int(os.environ.get("RANK", 0)) != 0:
+            return
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        Path(log).write_text(json.dumps({"decode_s": decode_s, "torch_peak_gib": peak}))
+
     def timed_render(*args, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -66,16 +73,10 @@ def child(argv: List[str]) -> int:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         decode_s.append(time.perf_counter() - t0)
+        report()
         return out
 
     ar_module.render_tokens = timed_render
-
-    def report():
-        if not log or int(os.environ.get("RANK", 0)) != 0:
-            return
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        Path(log).write_text(json.dumps({"decode_s": decode_s, "torch_peak_gib": peak}))
-
     atexit.register(report)
     return cli_main(argv)
 
@@ -152,7 +153,7 @@ def stage_overrides(args, stage: str) -> List[str]:
         sets.append(f"distributed.strategy={args.strategy}")
         if args.launcher == "ray_train":
             sets += ["distributed.launcher=ray_train", f"distributed.num_workers={args.gpus}",
-                     "distributed.gpus_per_worker=0.5"]
+                     "distributed.gpus_per_worker=0.8"]
     return sets + list(args.set)
 
 

@@ -20,4 +20,5 @@ if [ ! -f "$REL/model_index.json" ]; then
   /usr/bin/time -v python3 scripts/make_release_pipeline.py "$REL" --extras "$REL-x" 2>"$OUT/make.err" | tee "$OUT/make.json"
   grep -E "Elapsed|Maximum resident" "$OUT/make.err"; du -sh "$REL" "$REL-x"
 fi
+[ "${1:-}" = "--build-only" ] && exit 0
 python3 scripts/bench_end_to_end.py --model "$REL" --extras "$REL-x" "$@"
