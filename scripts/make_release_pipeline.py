@@ -142,6 +142,21 @@ def build_decoder_parts(codebook: int, tiny: bool) -> dict:
                 scheduler=scheduler)
 
 
+def build_processor(codebook: int, vision_vocab: int, tiny: bool = False):
+    """``GlmImageProcessor``: the BPE tokenizer above and an image processor for reference images.
+
+    The image processor's pixel bounds are 512^2..2048^2 (``smart_resize``'s own defaults). The class default
+    (``longest_edge`` 28*28*1280 = 1003520 px) shrinks a 1024^2 reference to 992^2, whose VQ grid is 31x31
+    instead of the 32x32 the decoder needs (seen on the H200: "shape '[1, 1, 32, 32]' is invalid for input
+    of size 961")."""
+    from transformers import GlmImageImageProcessor, GlmImageProcessor
+
+    image_processor = GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1,
+                                             size={"shortest_edge": (32 if tiny else 512) ** 2, "longest_edge": 2048 * 2048})
+    return GlmImageProcessor(image_processor=image_processor, tokenizer=build_tokenizer(codebook, vision_vocab),
+                             chat_template=CHAT_TEMPLATE)
+
+
 def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -149,15 +164,11 @@ def count(module) -> int:
 def build_pipeline(out: Path, device: str, tiny: bool, seed: int) -> dict:
     """Build every component on ``device`` in bf16 and ``save_pretrained`` it (sharded safetensors)."""
     from diffusers import GlmImagePipeline
-    from transformers import GlmImageImageProcessor, GlmImageProcessor
 
     codebook, vision_vocab = (128, 132) if tiny else (CODEBOOK, VISION_VOCAB)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(codebook, vision_vocab)
-    processor = GlmImageProcessor(
-        image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-    )
+    processor = build_processor(codebook, vision_vocab, tiny)
+    tokenizer = processor.tokenizer
     t0 = time.perf_counter()
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # parameters are created in bf16, directly on the device
