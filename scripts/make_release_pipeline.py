@@ -149,12 +149,18 @@ def build_processor(codebook: int, vision_vocab: int, tiny: bool = False):
     (``longest_edge`` 28*28*1280 = 1003520 px) shrinks a 1024^2 reference to 992^2, whose VQ grid is 31x31
     instead of the 32x32 the decoder needs (seen on the H200: "shape '[1, 1, 32, 32]' is invalid for input
     of size 961")."""
-    from transformers import GlmImageImageProcessor, GlmImageProcessor
+    from transformers import GlmImageProcessor
 
-    image_processor = GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1,
-                                             size={"shortest_edge": (32 if tiny else 512) ** 2, "longest_edge": 2048 * 2048})
-    return GlmImageProcessor(image_processor=image_processor, tokenizer=build_tokenizer(codebook, vision_vocab),
-                             chat_template=CHAT_TEMPLATE)
+    return GlmImageProcessor(image_processor=build_image_processor(tiny),
+                             tokenizer=build_tokenizer(codebook, vision_vocab), chat_template=CHAT_TEMPLATE)
+
+
+def build_image_processor(tiny: bool = False):
+    """Patch 16, no temporal patch or merge; pixel bounds (32^2 when tiny, else 512^2) .. 2048^2."""
+    from transformers import GlmImageImageProcessor
+
+    return GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1,
+                                  size={"shortest_edge": (32 if tiny else 512) ** 2, "longest_edge": 2048 * 2048})
 
 
 def count(module) -> int:
