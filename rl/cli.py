@@ -137,8 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tandem: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a first Ctrl-C / SIGTERM stops at a checkpoint (rl/session.py StopSignals)
+        print(f"tandem: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -41,11 +41,12 @@ from tandem.rl.run_state import RunState
 
 
 def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator,
-                        layout: Layout = Layout()) -> Dict[str, float]:
+                        layout: Layout = Layout(), before_step: Callable[[], None] = lambda: None) -> Dict[str, float]:
     """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
     gradients averaged over processes (by FSDP's reduce-scatter when sharded), clip to the global norm, step.
-    Returns loss metrics averaged over processes."""
-    objective = OBJECTIVES.get(cfg.grpo.objective)
+    ``before_step`` is called just before the weights start to change. Returns loss metrics averaged over
+    processes."""
+    objective = OBJECTIVES.get(cfg.grpo.objective)()
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
     parts = []
@@ -57,6 +58,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
         parts.append((share, metrics))
     layout.average_gradients(policy.trainable_parameters())
     grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
+    before_step()
     optimizer.step()
     policy.on_optimizer_step()
     merged = merge_chunk_metrics(parts)
@@ -95,6 +97,9 @@ class StageTrainer:
                                            weight_decay=cfg.optim.weight_decay)
         self.use_records(records, cfg.seed)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
+        # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.
+        self.half_updated = False
+        self.last_active = 0.0  # when train_rollout last started (which stage an exception came from)
 
     def use_records(self, records: List[PromptRecord], seed: int) -> None:
         """Train on ``records`` from now on (a joint job's decoder phase takes the latest AR rollouts)."""
@@ -167,6 +172,7 @@ class StageTrainer:
     # -------------------------------------------------------------------------------- phases 5-6
     def train_rollout(self, stop_at: int, hooks) -> None:
         """One rollout batch and its updates; stops early at global step ``stop_at``."""
+        self.last_active = time.monotonic()
         scored = self.rollout_and_score()
         self.hand_off(scored)
         timings = scored.timings
@@ -177,8 +183,9 @@ class StageTrainer:
                         break
                     t0 = time.perf_counter()
                     loss_metrics = update_on_minibatch(self.policy, self.optimizer, sub.select(index), self.cfg,
-                                                       self.accelerator, self.layout)
+                                                       self.accelerator, self.layout, before_step=self._updating)
                     self.state.step += 1
+                    self.half_updated = False
                     reward_metrics = scored.advantages.metrics
                     metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
                                **reward_metrics, **loss_metrics, **timings, "time/train_s": time.perf_counter() - t0}
@@ -187,6 +194,10 @@ class StageTrainer:
                     hooks.after_step(self, metrics)  # 6. log / grid / eval
         self.state.rollouts += 1
         hooks.after_rollout(self)
+
+
+    def _updating(self) -> None:
+        self.half_updated = True
 
 
 def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:
