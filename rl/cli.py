@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from tandem.rewards.base import RewardError
 from tandem.rl.config import ConfigError, load_config, to_yaml
 from tandem.rl.runtime import configure_environment, configure_torch
 
@@ -137,6 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
+    except RewardError as e:  # a reward that broke at run time: one line naming it (a checkpoint was taken)
+        print(f"tandem: reward error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # a first Ctrl-C / SIGTERM stops at a checkpoint (rl/session.py StopSignals)
         print(f"tandem: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -48,6 +48,19 @@ def build_policy(stage: str, cfg: JobConfig, pipe=None):
     return family.policies[stage](family.load(cfg.model) if pipe is None else pipe, cfg)
 
 
+def load_checked(cfg: JobConfig, stage: str, records: List[PromptRecord]):
+    """The family's pipeline, after checking that the training and eval prompts fit the model (one line if not)."""
+    family = get_family(cfg.model.family)
+    pipe = family.load(cfg.model)
+    if family.check_prompts is not None:
+        prompts = [r.prompt for r in records]
+        if cfg.data.eval_prompts and cfg.logging.eval_every:
+            size = (cfg.data.height, cfg.data.width)
+            prompts += [r.prompt for r in load_prompts(cfg.data.eval_prompts, size, cfg.data.allowed_roots)]
+        family.check_prompts(pipe, prompts, cfg, stage)
+    return pipe
+
+
 def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
     size = (cfg.data.height, cfg.data.width)
     if stage == "decoder" and cfg.decoder.condition_source == "buffer":
@@ -56,11 +69,16 @@ def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
 
 
 def check_inputs(cfg: JobConfig, stage: str) -> None:
-    """Unknown rewards, bad prompt files and bad buffers fail here, before any model is loaded."""
+    """Unknown rewards or bad reward args, an unreachable reward_host.address, an output_dir that cannot be
+    written or resumed, bad prompt files and bad buffers fail here, before any model is loaded."""
     from tandem.rewards.base import check_entries
 
     check_entries(cfg.rewards)
     check_entries(cfg.eval.rewards)
+    if cfg.reward_host.backend == "ray" and cfg.reward_host.address:
+        from tandem.rewards.host import check_reachable
+
+        check_reachable(cfg.reward_host.address, "reward_host.address")
     run = RunDir(cfg.output_dir)
     run.check_writable()
     resume_point(cfg, run)
@@ -304,9 +322,11 @@ def train(cfg: JobConfig, stage: str) -> Path:
     """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
     check_inputs(cfg, stage)
     torch.manual_seed(cfg.seed)
-    policy = build_policy(stage, cfg)
+    records = training_records(cfg, stage)
+    pipe = load_checked(cfg, stage, records)
+    policy = build_policy(stage, cfg, pipe)
     with RunSession(cfg) as session:
-        trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), training_records(cfg, stage))
+        trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), records)
         hooks = session.start()
         while session.state.step < cfg.max_steps:
             trainer.train_rollout(cfg.max_steps, hooks)
@@ -323,9 +343,9 @@ def train_joint(cfg: JobConfig) -> Path:
     """
     check_inputs(cfg, "joint")
     torch.manual_seed(cfg.seed)
-    pipe = get_family(cfg.model.family).load(cfg.model)
-    phases = {"ar": phase_config(cfg, "ar"), "decoder": phase_config(cfg, "decoder")}
     prompts = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
+    pipe = load_checked(cfg, "joint", prompts)
+    phases = {"ar": phase_config(cfg, "ar"), "decoder": phase_config(cfg, "decoder")}
     with RunSession(cfg) as session:
         policies = {stage: build_policy(stage, phases[stage], pipe) for stage in ("ar", "decoder")}
         accelerator = _accelerator(cfg, policies["ar"])

@@ -31,6 +31,7 @@ import torch
 
 from tandem.core.types import PromptRecord, Rollout
 from tandem.rewards.client import RewardScores
+from tandem.rewards.scoring import warn_unscored
 from tandem.rl.advantages import AdvantageResult, compute_advantages
 from tandem.rl.buffer import save_shard
 from tandem.rl.config import JobConfig
@@ -137,6 +138,8 @@ class StageTrainer:
         reward_s += time.perf_counter() - t1
         local = RewardScores({n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores}, parts[0].weights)
         scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
+        if layout.is_main:
+            warn_unscored(scores)
         adv = compute_advantages(scores, local.weights, group_ids,  # 3. advantages
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
                                  clip=g.adv_clip_max)
