@@ -8,7 +8,9 @@
     tandem report RUN_DIR
 
 A user mistake (unknown key, wrong type, missing file or weights, unknown reward) prints one line on stderr
-naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written.
+naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written. A reward that
+breaks at run time (RewardError) prints one line naming it and exits 1; SIGINT/SIGTERM stop a training job at
+a checkpoint and exit 130.
 """
 
 from __future__ import annotations
