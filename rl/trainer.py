@@ -238,7 +238,6 @@ class StageTrainer:
         self.state.rollouts += 1
         hooks.after_rollout(self)
 
-
     def _updating(self) -> None:
         self.half_updated = True
 
