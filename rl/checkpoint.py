@@ -26,10 +26,11 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -38,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from tandem.core.dtensor import full_tensor, shard_like
 from tandem.policies.families import get_family
 from tandem.rl.config import ConfigError, JobConfig
-from tandem.rl.weights import copy_into, load_merged, read_weights, trained_folder, write_weights
+from tandem.rl.weights import checked_load, copy_into, load_merged, read_weights, trained_folder, write_weights
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_KEYS = ("output_dir", "max_steps", "resume", "logging", "reward_host")
@@ -93,16 +94,23 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
     return out
 
 
-def _steps(folder: Path):
-    """The checkpoint folders in ``folder``, oldest first."""
-    found = folder.glob("step_*") if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+STEP_FOLDER = re.compile(r"step_(\d+)")
+STATE_KEYS = ("step", "stages", "fingerprint", "torch_rng", "run_state", "samplers", "components", "schedulers")
+
+
+def checkpoint_folders(run_dir: Path) -> List[Path]:
+    """The run's checkpoints ``checkpoints/step_N`` with a state.json, by step; other folders (a user's
+    ``step_2_backup``, a ``.step_N.partial`` left by a kill) are never taken for one."""
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.iterdir() if STEP_FOLDER.fullmatch(p.name) and (p / "state.json").is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
 
 
 def _prune(folder: Path, limit: Optional[int]) -> None:
-    """``logging.save_total_limit``: delete all but the newest ``limit`` checkpoints."""
+    """``logging.save_total_limit``: delete all but the newest ``limit`` checkpoints of the run (``folder`` is its
+    ``checkpoints/``)."""
     if limit:
-        for old in _steps(folder)[:-limit]:
+        for old in checkpoint_folders(folder.parent)[:-limit]:
             shutil.rmtree(old)
 
 
@@ -115,18 +123,45 @@ def find_resume_point(cfg: JobConfig) -> Optional[Path]:
         if not (path / "state.json").is_file():
             raise ConfigError(f"resume: {cfg.resume} is not a checkpoint folder (expected state.json)")
         return path
-    steps = _steps(Path(cfg.output_dir) / "checkpoints")
-    return steps[-1] if steps else None
+    found = checkpoint_folders(Path(cfg.output_dir))
+    return found[-1] if found else None
+
+
+def saved_config_fingerprint(config_file: Path) -> Optional[str]:
+    """The fingerprint of a run's ``config.yaml`` (None when it cannot be read as a job config)."""
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(config_file))
+        return config_fingerprint(OmegaConf.to_object(saved))
+    except Exception:  # any YAML or schema error: not this tandem's config, so not the same experiment
+        return None
 
 
 def read_state(path: Path, cfg: JobConfig) -> Dict:
-    state = json.loads((path / "state.json").read_text())
-    if "components" not in state:
-        raise ConfigError(f"resume: checkpoint {path} was written by an older tandem (<stage>.trained.safetensors); "
-                          f"resume it with that version, or start a new output_dir")
+    """state.json of a checkpoint, checked against ``cfg``; ConfigError (one line) when corrupt or foreign."""
+    state = _state_json(path)
     if state.get("fingerprint") != config_fingerprint(cfg):
         raise ConfigError(f"resume: checkpoint {path} was written by a different config (only output_dir, max_steps, "
                           f"resume, logging and reward_host may change on resume); start a new output_dir instead")
+    return state
+
+
+def _state_json(folder: Path) -> Dict:
+    """A checkpoint's state.json; ConfigError (one line) when it is corrupt, lacks a key, or is of the layout
+    before the standard weight folders."""
+    file = folder / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"checkpoint {file} is corrupt ({type(e).__name__}); use an earlier checkpoint or "
+                          f"remove {folder}") from None
+    if isinstance(state, dict) and "stages" in state and "components" not in state:
+        raise ConfigError(f"checkpoint {folder} was written by an older tandem (<stage>.trained.safetensors); use it "
+                          f"with that version, or start a new output_dir")
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {file} lacks {', '.join(missing)}; use an earlier checkpoint or remove {folder}")
     return state
 
 
@@ -146,8 +181,8 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
         names = [n for n, _ in t.policy.trainable_named_parameters()]
         weights = _trained(read_weights(path / component, component), names, path / component)
         copy_into(t.policy.trainable_named_parameters(), weights, path, shard_like)
-        set_optimizer_state_dict(t.policy.trained_module, t.optimizer,
-                                 torch.load(path / f"{stage}.optimizer.pt", weights_only=True),
+        optimizer = checked_load(path / f"{stage}.optimizer.pt", lambda p: torch.load(p, weights_only=True))
+        set_optimizer_state_dict(t.policy.trained_module, t.optimizer, optimizer,
                                  options=StateDictOptions(full_state_dict=True))
         t.scheduler.load_state_dict(state["schedulers"][stage])
         ema_folder = trained_folder(path, component, ema=True)
@@ -164,7 +199,7 @@ def load_trained_weights(pipe, checkpoint: str, components: Dict[str, str], ema:
     folder = Path(checkpoint)
     if not (folder / "state.json").is_file():
         raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint folder (expected state.json)")
-    stages = json.loads((folder / "state.json").read_text())["stages"]
+    stages = _state_json(folder)["stages"]
     with_ema = {s for s in stages if trained_folder(folder, components[s], ema=True) is not None}
     if ema and not with_ema:
         raise ConfigError(f"--ema: checkpoint {checkpoint} holds no EMA weights (the run had decoder.ema_decay 0); "

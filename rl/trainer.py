@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
 
 from tandem.core.types import PromptRecord, Rollout
 from tandem.rewards.client import RewardScores
+from tandem.rewards.scoring import warn_unscored
 from tandem.rl.advantages import AdvantageResult, compute_advantages
 from tandem.rl.buffer import save_shard
 from tandem.rl.config import JobConfig
@@ -55,13 +56,15 @@ def recomputes_old_log_probs(cfg: JobConfig, stage: str) -> bool:
 
 
 def update_on_minibatch(policy, optimizer, batch: Union[Rollout, Sequence[Rollout]], cfg: JobConfig, accelerator,
-                        layout: Layout = Layout(), scheduler=None) -> Dict[str, float]:
+                        layout: Layout = Layout(), scheduler=None,
+                        before_step: Callable[[], None] = lambda: None) -> Dict[str, float]:
     """One optimizer step on ``batch`` (this process's share of the minibatch), or on a list of minibatches whose
     gradients are accumulated (``optim.gradient_accumulation_steps``): chunked forward/backward, each minibatch's
     loss divided by their number — the gradient of the mean loss over the minibatches, which for equal
     minibatches is that of one minibatch of all their samples — then gradients averaged over processes (by
     FSDP's reduce-scatter when sharded), clip to the global norm, step, advance the LR schedule.
-    Returns loss metrics (averaged over minibatches and processes), ``grad_norm`` and the ``lr`` of this step."""
+    ``before_step`` is called just before the weights start to change. Returns loss metrics (averaged over
+    minibatches and processes), ``grad_norm`` and the ``lr`` of this step."""
     objective = OBJECTIVES.get(cfg.grpo.objective)()
     batches = [batch] if isinstance(batch, Rollout) else list(batch)
     optimizer.zero_grad(set_to_none=True)
@@ -77,6 +80,7 @@ def update_on_minibatch(policy, optimizer, batch: Union[Rollout, Sequence[Rollou
     layout.average_gradients(policy.trainable_parameters())
     grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
+    before_step()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -130,6 +134,9 @@ class StageTrainer:
         self.recompute = (recomputes_old_log_probs(cfg, stage)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
+        # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.
+        self.half_updated = False
+        self.last_active = 0.0  # when train_rollout last started (which stage an exception came from)
 
     def use_records(self, records: List[PromptRecord], seed: int) -> None:
         """Train on ``records`` from now on (a joint job's decoder phase takes the latest AR rollouts)."""
@@ -167,6 +174,8 @@ class StageTrainer:
         reward_s += time.perf_counter() - t1
         local = RewardScores({n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores}, parts[0].weights)
         scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
+        if layout.is_main:
+            warn_unscored(scores)
         adv = compute_advantages(scores, local.weights, group_ids,  # 3. advantages
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
                                  clip=g.adv_clip_max)
@@ -225,6 +234,7 @@ class StageTrainer:
     # -------------------------------------------------------------------------------- phases 5-6
     def train_rollout(self, stop_at: int, hooks) -> None:
         """One rollout batch and its updates; stops early at global step ``stop_at``."""
+        self.last_active = time.monotonic()
         scored = self.rollout_and_score()
         self.hand_off(scored)
         mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}
@@ -238,8 +248,9 @@ class StageTrainer:
                 t0 = time.perf_counter()
                 batches = [sub.select(index) for sub, index in minibatches[start:start + accumulate]]
                 loss_metrics = update_on_minibatch(self.policy, self.optimizer, batches, self.cfg, self.accelerator,
-                                                   self.layout, self.scheduler)
+                                                   self.layout, self.scheduler, before_step=self._updating)
                 self.state.step += 1
+                self.half_updated = False
                 reward_metrics = scored.advantages.metrics
                 metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
                            **reward_metrics, **mismatch, **loss_metrics, **timings,
@@ -249,6 +260,9 @@ class StageTrainer:
                 hooks.after_step(self, metrics)  # 6. log / grid / eval
         self.state.rollouts += 1
         hooks.after_rollout(self)
+
+    def _updating(self) -> None:
+        self.half_updated = True
 
 
 def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:

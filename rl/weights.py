@@ -23,13 +23,14 @@ drop the adapter name, as peft and diffusers do.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as _load_file, save_file
 
 from tandem.core.errors import ConfigError
 
@@ -41,6 +42,25 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPT
 ADAPTER = "default"
 _LIVE = re.compile(r"\.(lora_[A-Za-z_]+)\." + ADAPTER + r"(?=\.|$)")
 _SAVED = re.compile(r"\.(lora_[A-Za-z_]+)(?=\.|$)")
+
+
+def checked_load(path: Path, loader):
+    """``loader(path)`` with a missing, truncated or corrupt checkpoint file turned into one ConfigError line."""
+    try:
+        return loader(path)
+    except ConfigError:
+        raise
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint file {path} is missing; resume from another checkpoint or remove "
+                          f"{path.parent}") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}); resume from "
+                          f"another checkpoint or remove {path.parent}") from None
+
+
+def load_file(path: str) -> Dict[str, torch.Tensor]:
+    """safetensors' ``load_file`` with ``checked_load``'s one-line errors."""
+    return checked_load(Path(path), lambda p: _load_file(str(p)))
 
 
 def saved_name(param_name: str) -> str:
@@ -114,8 +134,11 @@ def lora_config(folder: Path, component: str):
         return LoraConfig.from_pretrained(str(folder))
     if not (folder / DIFFUSERS_LORA).is_file():
         return None
-    with safe_open(str(folder / DIFFUSERS_LORA), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})[METADATA_KEY])
+    def metadata(path: Path):
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[METADATA_KEY])
+
+    meta = checked_load(folder / DIFFUSERS_LORA, metadata)
     names, prefix = {f.name for f in fields(LoraConfig)}, f"{component}."
     return LoraConfig(**{k[len(prefix):]: v for k, v in meta.items()
                          if k.startswith(prefix) and k[len(prefix):] in names})
