@@ -99,8 +99,9 @@ class Cluster:
                 raise RewardConfigError(f"cannot join the Ray cluster at {address} ({type(e).__name__}: {first}); "
                                         "check reward_host.address / $RAY_ADDRESS") from None
         else:
-            sweep_temp_dirs()
-            self.temp_dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-")  # mode 0700
+            root = temp_root()
+            sweep_temp_dirs(root)
+            self.temp_dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=root)  # mode 0700
             self._private_token()
             self._loopback_only()
             num_cpus = None if self.host.num_cpus is None else max(1, math.ceil(self.host.num_cpus))
@@ -108,7 +109,7 @@ class Cluster:
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",  # kept as given: clustering is off (above)
-                _temp_dir=os.path.join(self.temp_dir, "ray"),  # Ray opens it to all; its 0700 parent does not
+                _temp_dir=os.path.join(self.temp_dir, "r"),  # Ray opens it to all; its 0700 parent does not
                 log_to_driver=False,
             )
         self.connected = True
@@ -168,10 +169,16 @@ def _set_env(values: dict) -> None:
             os.environ[key] = value
 
 
-def sweep_temp_dirs(root: Optional[str] = None) -> List[str]:
-    """Remove this user's ``tandem-ray-<pid>-*`` folders whose job is gone (killed before it could clean up);
-    returns the removed paths."""
-    root = root or tempfile.gettempdir()
+def temp_root() -> str:
+    """The system temp folder, or /tmp when it is too long for Ray's socket paths (AF_UNIX: 107 bytes, and
+    Ray adds ~80 characters below it)."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= 20 else "/tmp"
+
+
+def sweep_temp_dirs(root: str) -> List[str]:
+    """Remove this user's ``tandem-ray-<pid>-*`` folders in ``root`` whose job is gone (killed before it could
+    clean up); returns the removed paths."""
     removed = []
     for name in os.listdir(root):
         if not name.startswith(Cluster.PREFIX):
