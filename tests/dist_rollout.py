@@ -1,7 +1,8 @@
 """One decoder rollout batch through ``StageTrainer.rollout_and_score``, in 1 or 2 processes (tests/test_distributed.py).
 
 2 prompts x 4 copies, ``same_noise_in_group``; with 2 processes each rolls out 2 copies of each prompt. Rank 0
-writes every process's samples (rank order): starting-noise seeds, latents around the trained steps, the
+writes every process's samples (rank order): latents around the trained steps (the first from the starting noise
+by ODE steps), the
 window's timesteps, the conditions' AR tokens, old log-probs and advantages.
 
     python tests/dist_rollout.py MODEL_DIR OUT.safetensors
@@ -40,7 +41,7 @@ def main(model_dir: str, out: str) -> None:
         trainer = StageTrainer("decoder", cfg, policy, rewards, None, accelerator, RunState(), records)
         trainer.rollout_and_score()  # a second rollout batch: its seed differs from the first's
         subs = trainer.rollout_and_score().subs
-    e = {k: torch.cat([s.extras[k] for s in subs]) for k in ("noise_seeds", "latents", "next_latents", "timesteps")}
+    e = {k: torch.cat([s.extras[k] for s in subs]) for k in ("latents", "next_latents", "timesteps")}
     mine = dict(e, full_tokens=torch.cat([s.extras["cond"]["full_tokens"] for s in subs]),
                 old_log_probs=torch.cat([s.old_log_probs for s in subs]), advantages=torch.cat([s.advantages for s in subs]),
                 group_ids=torch.cat([torch.as_tensor(s.group_ids) for s in subs]))
