@@ -195,7 +195,8 @@ def _accelerator(cfg: JobConfig, policy):
 
     # accelerate owns precision: rollout and training forwards run under the same autocast. That does not make the
     # first on-policy ratio exactly 1 in bf16: the rollout's cached decode and the training's teacher-forced forward
-    # round differently (max |r - 1| measured 1e-2 for the AR stage at release size); fp32 gives |r - 1| < 1e-5.
+    # round differently (max |r - 1| measured 1e-2 for the AR stage at release size; grpo.old_log_probs recomputes
+    # the denominator for that); fp32 gives |r - 1| < 1e-5.
     return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.device.type == "cpu")
 
 
