@@ -76,8 +76,9 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
     optimizer.step()  # fp16: skipped when a gradient is inf/NaN, and the loss scale adapts
     merged = merge_chunk_metrics(parts)
     merged["grad_norm"] = float(grad_norm)
-    if accelerator.scaler is not None:
-        merged["optim/loss_scale"] = float(accelerator.scaler.get_scale())
+    scaler = getattr(accelerator, "scaler", None)  # accelerate's GradScaler under fp16
+    if scaler is not None:
+        merged["optim/loss_scale"] = float(scaler.get_scale())
         merged["optim/step_skipped"] = float(optimizer.step_was_skipped)
     if not getattr(optimizer, "step_was_skipped", False):
         policy.on_optimizer_step()
