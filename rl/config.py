@@ -151,7 +151,7 @@ class GRPOConfig:
     epsilon: Optional[float] = None
     # Upper clip range (DAPO clip-higher); null = same as epsilon.
     epsilon_high: Optional[float] = None
-    # KL coefficient (TRL `beta`); ar: k3 estimator, decoder: ||mean - mean_ref||^2 / (2 std^2).
+    # KL coefficient (TRL `beta`); ar: k3 estimator, decoder: the step KL in decoder.kl_form (exact or flow_grpo's).
     beta: float = 0.0
     # What the update minimises (`tandem.rl.objectives`): clipped_surrogate (GRPO / Flow-GRPO) or a registered one.
     objective: str = "clipped_surrogate"
