@@ -45,7 +45,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
     """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
     gradients averaged over processes (by FSDP's reduce-scatter when sharded), clip to the global norm, step.
     Returns loss metrics averaged over processes."""
-    objective = OBJECTIVES.get(cfg.grpo.objective)
+    objective = OBJECTIVES.get(cfg.grpo.objective)()
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
     parts = []
