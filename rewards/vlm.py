@@ -40,8 +40,13 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> List[int]:
 class VlmReward:
     """VLM consistency: P(yes) that a local transformers VLM gives to "Does this image show: <prompt>?"."""
 
+    @staticmethod
+    def check_args(model_path: str = None, **_):
+        """The model folder as a Path; RewardConfigError if it is missing."""
+        return require_path("vlm", "model_path", model_path, kind="dir")
+
     def __init__(self, model_path: str = None, question: str = QUESTION, dtype: str = "auto", device: str = "auto"):
-        path = require_path("vlm", "model_path", model_path, kind="dir")
+        path = self.check_args(model_path)
         if dtype not in DTYPES:
             raise RewardConfigError(f"reward 'vlm': args.dtype is {dtype!r}; allowed: {', '.join(DTYPES)}")
         if "{prompt}" not in question:

@@ -236,6 +236,9 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Reward entries (see RewardEntry); the combined reward is their weighted aggregate.
     rewards: List[RewardEntry] = field(default_factory=list)
+    # Python modules imported before rewards are looked up (here and in every reward actor), so that the
+    # rewards they @register are found by name; the working directory is on sys.path.
+    reward_modules: List[str] = field(default_factory=list)
     reward_host: RewardHostConfig = field(default_factory=RewardHostConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -389,6 +392,9 @@ def validate(job: JobConfig, stage: str) -> None:
         _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
         _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")
         _rule(r.timeout_s > 0, f"rewards[{i}].timeout_s", "must be > 0")
+    h = job.reward_host
+    _rule(0 <= h.max_failed_frac < 1, "reward_host.max_failed_frac", f"must be in [0, 1), got {h.max_failed_frac}")
+    _rule(h.max_failed_rollouts >= 1, "reward_host.max_failed_rollouts", f"must be >= 1, got {h.max_failed_rollouts}")
 
 
 def phase_config(job: JobConfig, phase: str) -> JobConfig:

@@ -46,12 +46,19 @@ def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
     return load_prompts(cfg.data.prompts, size)
 
 
-def check_inputs(cfg: JobConfig, stage: str) -> None:
-    """Unknown rewards, bad prompt files and bad buffers fail here, before any model is loaded."""
-    from tandem.rewards.base import check_entries
+def check_rewards(cfg: JobConfig) -> None:
+    """Import ``reward_modules``, then find every reward entry and check its args (``--dry-run`` too)."""
+    from tandem.rewards.base import check_entries, import_reward_modules
 
+    import_reward_modules(cfg.reward_modules)
     check_entries(cfg.rewards)
-    check_entries(cfg.eval.rewards)
+    check_entries(cfg.eval.rewards, key="eval.rewards")
+
+
+def check_inputs(cfg: JobConfig, stage: str) -> None:
+    """Unknown rewards, missing reward weights, bad prompt files and bad buffers fail here, before any model
+    is loaded."""
+    check_rewards(cfg)
     training_records(cfg, "ar" if stage == "joint" else stage)
 
 
