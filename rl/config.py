@@ -210,7 +210,7 @@ class DistributedConfig:
 
 @dataclass
 class LoggingConfig:
-    # Write an image grid to samples/ every N steps (and at the last step); 0 = never.
+    # Write an image grid to samples/ before training (step 0), every N steps and at the last step; 0 = never.
     sample_every: int = 10
     # Save a checkpoint every N steps (and at the last step); 0 = only at the end.
     checkpoint_every: int = 0

@@ -62,6 +62,22 @@ def check_inputs(cfg: JobConfig, stage: str) -> None:
     training_records(cfg, "ar" if stage == "joint" else stage)
 
 
+GRID_PROMPTS = 4  # tiles per sample grid
+
+
+def distinct_prompts(records: List[PromptRecord], n: int) -> List[PromptRecord]:
+    """The first ``n`` records with distinct prompts (a joint run's decoder records repeat each prompt once
+    per group copy)."""
+    seen, out = set(), []
+    for r in records:
+        if r.prompt not in seen:
+            seen.add(r.prompt)
+            out.append(r)
+            if len(out) == n:
+                break
+    return out
+
+
 class Hooks:
     """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
 
@@ -87,12 +103,20 @@ class Hooks:
             self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}",
                                       kl=f"{metrics['kl']:.2e}")
         if step == self.cfg.max_steps or (every.sample_every and step % every.sample_every == 0):
-            grid = trainer.records[: min(len(trainer.records), 4)]
-            prompts = [r.prompt for r in grid]
-            images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
-            if layout.is_main:
-                self.run.save_grid(f"step_{step:06d}", images, prompts)
-                self.run.plot_rewards()
+            self.sample_grid(trainer)
+
+    def sample_grid(self, trainer: StageTrainer) -> None:
+        """samples/step_N.png: the trainer's first GRID_PROMPTS distinct prompts at the current step (step 0 =
+        before training), with the reward curve redrawn."""
+        step, layout = trainer.state.step, trainer.layout
+        if not (layout.is_main or layout.sharded):
+            return
+        grid = distinct_prompts(trainer.records, GRID_PROMPTS)
+        prompts = [r.prompt for r in grid]
+        images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
+        if layout.is_main:
+            self.run.save_grid(f"step_{step:06d}", images, prompts)
+            self.run.plot_rewards()
 
     def after_rollout(self, trainer: StageTrainer) -> None:
         """Checkpoints are taken between rollouts (nothing half-trained is lost): every checkpoint_every steps
@@ -199,6 +223,8 @@ def train(cfg: JobConfig, stage: str) -> Path:
     with RunSession(cfg) as session:
         trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), training_records(cfg, stage))
         hooks = session.start()
+        if session.state.step == 0 and cfg.logging.sample_every:
+            hooks.sample_grid(trainer)  # step 0: what training starts from
         while session.state.step < cfg.max_steps:
             trainer.train_rollout(cfg.max_steps, hooks)
     return session.run.path
