@@ -90,6 +90,7 @@ def policy_loss(
     kl: torch.Tensor | None = None,
     beta: float = 0.0,
     max_units: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss (formula and reductions in the module docstring).
 
@@ -103,6 +104,9 @@ def policy_loss(
         kl: (B, U) per-unit KL term (``k3_kl`` or per-step ``mean_kl``), with grad; required when beta ≠ 0.
         beta: KL coefficient β.
         max_units: ``dr_grpo`` normaliser (TRL's ``max_completion_length``); defaults to U.
+        is_weights: (B, U) truncated importance weights of the rollout/training mismatch,
+            w = min(π_old / π_sampler, cap) (verl's rollout correction); they scale each unit's surrogate term
+            (not the KL), detached. None = 1.
 
     Returns:
         loss: scalar tensor, differentiable w.r.t. ``logp`` (and ``kl``).
@@ -131,6 +135,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_unit = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_unit = per_unit * is_weights.detach().float()
     if beta != 0.0:
         per_unit = per_unit + beta * kl.float()
     loss = reduce(per_unit, mask, logp.shape[1] if max_units is None else max_units)

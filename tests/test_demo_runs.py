@@ -17,6 +17,8 @@ from tandem.rl.config import load_config
 from tandem.rl.run_dir import MIN_TILE
 from tandem.rl.session import train
 
+pytestmark = pytest.mark.slow  # end-to-end demo runs
+
 REQUIRED_METRICS = {
     "step", "reward/mean", "reward/std", "reward/color/mean", "advantage/zero_std_frac", "ratio/mean",
     "clipfrac", "kl", "loss", "time/rollout_s", "time/reward_s", "time/train_s",
@@ -30,7 +32,6 @@ def grid_reward(path, tile: int, rgb) -> float:
     return float(np.mean(color(tiles, [""] * len(tiles), [{}] * len(tiles), rgb=rgb)))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["decoder", "ar"])
 def test_demo_visibly_learns(tiny_model_path, tmp_path, stage):
     cfg = load_config(f"configs/demo/{stage}.yaml", [f"output_dir={tmp_path / stage}",
