@@ -248,6 +248,8 @@ def train_joint(cfg: JobConfig) -> Path:
         accelerator = _accelerator(cfg, policies["ar"])
         ar, decoder = (session.trainer(s, phases[s], policies[s], accelerator, prompts) for s in ("ar", "decoder"))
         hooks = session.start()
+        if session.state.step == 0 and cfg.logging.sample_every:
+            hooks.sample_grid(ar)  # step 0: what training starts from
         state, j = session.state, cfg.joint
         while state.step < cfg.max_steps:
             for trainer, steps in ((ar, j.ar_steps_per_phase), (decoder, j.decoder_steps_per_phase)):
