@@ -18,6 +18,17 @@ from tandem.rl.cli import main
 
 RAY = RewardHostConfig(backend="ray")
 LOCAL = RewardHostConfig(backend="local")
+BACKENDS = [pytest.param(RAY, id="ray", marks=pytest.mark.slow), pytest.param(LOCAL, id="local")]  # slow: a Ray cluster
+
+
+@pytest.fixture
+def host(request):
+    """The backend of the parameter (tests.reward_plugins importable), with the session's local Ray cluster
+    started for "ray"."""
+    request.getfixturevalue("plugin_path")
+    if request.param.backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    return request.param
 
 GREEN_MODULE = textwrap.dedent('''
     import numpy as np
@@ -40,6 +51,7 @@ def images(n=4):
     return np.random.default_rng(0).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow  # a Ray cluster
 def test_registered_reward_of_a_user_module_scores_in_ray_actors(ray_cluster, tmp_path, monkeypatch):
     # the module's folder is on the driver's sys.path only: the actors' PYTHONPATH does not have it
     user_module(tmp_path / "mine", "greenlib_ray", "greenness_ray")
@@ -52,6 +64,7 @@ def test_registered_reward_of_a_user_module_scores_in_ray_actors(ray_cluster, tm
     np.testing.assert_allclose(scores, imgs[..., 1].reshape(4, -1).mean(1) / 255)
 
 
+@pytest.mark.slow  # a Ray cluster
 def test_reward_of_the_main_script_is_refused_on_ray_with_the_fix(ray_cluster):
     main_module = sys.modules["__main__"]
 
@@ -67,8 +80,8 @@ def test_reward_of_the_main_script_is_refused_on_ray_with_the_fix(ray_cluster):
         del main_module.from_main_reward
 
 
-@pytest.mark.parametrize("host", [RAY, LOCAL], ids=["ray", "local"])
-def test_trl_style_reward_function(ray_cluster, host):
+@pytest.mark.parametrize("host", BACKENDS, indirect=True)
+def test_trl_style_reward_function(host):
     imgs = images()
     metadata = [{"text": "hi"}, {}, {"text": "x", "other": 1}, {}]
     entry = RewardEntry(fn="tests.reward_plugins:trl_red_plus_text", style="trl")
@@ -78,8 +91,8 @@ def test_trl_style_reward_function(ray_cluster, host):
     np.testing.assert_allclose(scores, expected)
 
 
-@pytest.mark.parametrize("host", [RAY, LOCAL], ids=["ray", "local"])
-def test_failures_are_marked_and_a_reward_that_keeps_failing_stops(ray_cluster, host):
+@pytest.mark.parametrize("host", BACKENDS, indirect=True)
+def test_failures_are_marked_and_a_reward_that_keeps_failing_stops(host):
     entries = [RewardEntry(fn="tests.reward_plugins:buggy"), RewardEntry(name="brightness")]
     with RewardClient(entries, RewardHostConfig(backend=host.backend, max_failed_frac=0.5, max_failed_rollouts=2)) as client:
         scores = client.score(images(), ["p"] * 4).result()
@@ -100,6 +113,7 @@ def test_failure_guard_counts_consecutive_rollouts_over_the_share():
         guard.observe({"r": most}, {"r": "ValueError: x"})
 
 
+@pytest.mark.slow  # an end-to-end job
 def test_buggy_reward_stops_a_training_job_with_one_line(tiny_path, tmp_path, capsys):
     code = main(["train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
                  f"model.path={tiny_path}", "max_steps=50", "logging.progress=false", "logging.sample_every=0",
