@@ -237,14 +237,18 @@ def entry_label(entry: RewardEntry) -> str:
     return (entry.fn or "?").rpartition(":")[2].split(".")[-1]
 
 
+def _check_function_args(spec: RewardSpec, args: Dict[str, Any], label: str) -> None:
+    try:
+        inspect.signature(spec.target).bind_partial(**args)
+    except TypeError as e:
+        raise RewardConfigError(f"reward '{label}': rewards[].args do not fit {spec.target.__name__}(images, prompts, metadata, ...): {e}") from None
+
+
 def _instantiate(spec: RewardSpec, args: Dict[str, Any], label: str) -> Callable:
     if not inspect.isclass(spec.target):
         if not args:
             return spec.target
-        try:
-            inspect.signature(spec.target).bind_partial(**args)
-        except TypeError as e:
-            raise RewardConfigError(f"reward '{label}': rewards[].args do not fit {spec.target.__name__}(images, prompts, metadata, ...): {e}") from None
+        _check_function_args(spec, args, label)
         return partial(spec.target, **args)
     try:
         instance = spec.target(**args)
@@ -288,9 +292,11 @@ def check_entries(entries: Sequence[RewardEntry], key: str = "rewards") -> None:
             raise RewardConfigError(f"{key}[{i}].style is {entry.style!r}; allowed: {', '.join(STYLES)}")
         try:
             spec = resolve(entry.fn or entry.name)
-            check = getattr(spec.target, "check_args", None)
-            if check is not None and inspect.isclass(spec.target):
-                check(**dict(entry.args or {}))
+            args = dict(entry.args or {})
+            if not inspect.isclass(spec.target):
+                _check_function_args(spec, args, entry_label(entry))
+            elif hasattr(spec.target, "check_args"):
+                spec.target.check_args(**args)
         except RewardConfigError as e:
             raise RewardConfigError(f"{key}[{i}]: {e}") from None
         except TypeError as e:

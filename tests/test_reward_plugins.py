@@ -143,6 +143,7 @@ def test_dry_run_imports_reward_modules_from_the_working_directory(tmp_path, mon
         ("rewards=[{name: aesthetic}]", "rewards[0]: reward 'aesthetic' needs args.clip_weights"),
         ("rewards=[{name: vlm, args: {model_path: /no/such/vlm}}]", "reward 'vlm' needs args.model_path"),
         ("rewards=[{name: color, style: keras}]", "rewards[0].style is 'keras'"),
+        ("rewards=[{name: color, args: {colour: [1, 2, 3]}}]", "rewards[0]: reward 'color': rewards[].args do not fit color"),
         ("reward_modules=[no_such_module_here]", "reward_modules: cannot import 'no_such_module_here'"),
     ],
 )
