@@ -20,8 +20,10 @@ declares itself with ``register(name, groupwise=True)`` or a ``groupwise = True`
 
 Optional hooks a reward may offer:
 
-* ``check_args(**args)`` (a static or class method): cheap checks of its ``args`` — weight paths exist —
-  run when a job starts and by ``--dry-run``, before any model loads (``check_entries``);
+* ``check_args(**args)`` (an attribute of a function, a static or class method of a class): cheap checks of
+  its ``args`` — values in range, weight paths exist — raising ValueError or RewardConfigError; run when a
+  job starts and by ``--dry-run``, before any model loads (``check_entries``), so a bad ``args`` is one config
+  error before training, never a reward that silently scores NaN;
 * returning ``ScoresWithInfo(scores, info)``: one dict of readable details per sample (OCR: the text it
   read), shown by ``tandem score``.
 
@@ -237,18 +239,20 @@ def entry_label(entry: RewardEntry) -> str:
     return (entry.fn or "?").rpartition(":")[2].split(".")[-1]
 
 
-def _check_function_args(spec: RewardSpec, args: Dict[str, Any], label: str) -> None:
-    try:
-        inspect.signature(spec.target).bind_partial(**args)
-    except TypeError as e:
-        raise RewardConfigError(f"reward '{label}': rewards[].args do not fit {spec.target.__name__}(images, prompts, metadata, ...): {e}") from None
-
-
 def _instantiate(spec: RewardSpec, args: Dict[str, Any], label: str) -> Callable:
     if not inspect.isclass(spec.target):
         if not args:
             return spec.target
-        _check_function_args(spec, args, label)
+        try:
+            inspect.signature(spec.target).bind_partial(**args)
+        except TypeError as e:
+            raise RewardConfigError(f"reward '{label}': rewards[].args do not fit {spec.target.__name__}(images, prompts, metadata, ...): {e}") from None
+        check = getattr(spec.target, "check_args", None)
+        if check is not None:
+            try:
+                check(**args)
+            except (TypeError, ValueError) as e:
+                raise RewardConfigError(f"reward '{label}': bad rewards[].args: {e}") from None
         return partial(spec.target, **args)
     try:
         instance = spec.target(**args)
@@ -282,9 +286,10 @@ def build_reward(entry: RewardEntry, label: Optional[str] = None) -> Reward:
 
 
 def check_entries(entries: Sequence[RewardEntry], key: str = "rewards") -> None:
-    """Find (without building) the reward of every entry and run its ``check_args``: unknown names, bad import
-    paths and missing weight paths fail fast, before any model is loaded. RewardConfigError names the entry
-    as ``<key>[i]``."""
+    """Find the reward of every entry and check its args without loading anything: a function's args against
+    its signature and its ``check_args``; a class's ``check_args`` (weight paths exist). Unknown names, bad
+    import paths, bad args and missing weight paths fail fast, before any model is loaded. RewardConfigError
+    names the entry as ``<key>[i]``."""
     for i, entry in enumerate(entries):
         if entry.name is None and entry.fn is None:
             raise RewardConfigError(f"{key}[{i}] needs 'name' (a registered reward) or 'fn' ('package.module:attr')")
@@ -293,13 +298,13 @@ def check_entries(entries: Sequence[RewardEntry], key: str = "rewards") -> None:
         try:
             spec = resolve(entry.fn or entry.name)
             args = dict(entry.args or {})
-            if not inspect.isclass(spec.target):
-                _check_function_args(spec, args, entry_label(entry))
-            elif hasattr(spec.target, "check_args"):
+            if not inspect.isclass(spec.target):  # a function's args are cheap to check
+                _instantiate(spec, args, entry_label(entry))
+            elif hasattr(spec.target, "check_args"):  # a class is built later; its cheap checks run now
                 spec.target.check_args(**args)
         except RewardConfigError as e:
             raise RewardConfigError(f"{key}[{i}]: {e}") from None
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise RewardConfigError(f"{key}[{i}]: bad args for reward '{entry_label(entry)}': {e}") from None
 
 

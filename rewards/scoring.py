@@ -140,3 +140,13 @@ class FailureGuard:
                     f"{self.max_frac}) in {self.streak[name]} consecutive rollouts (reward_host.max_failed_rollouts); "
                     f"first error: {errors.get(name) or '?'}; fix the reward, or raise reward_host.max_failed_frac"
                 )
+
+
+def warn_unscored(scores: Dict[str, np.ndarray], what: str = "rollout") -> List[str]:
+    """Warn loudly, one line per reward, when a reward scored none of a batch's samples (all None/NaN): it then
+    gives no training signal. Returns the names of those rewards."""
+    empty = [name for name, values in scores.items() if len(values) and np.isnan(values).all()]
+    for name in empty:
+        logger.warning(f"reward '{name}' scored none of the {len(scores[name])} samples of this {what} (all None/NaN): "
+                       "it gives no training signal; check the reward and its args")
+    return empty

@@ -81,7 +81,7 @@ def normalise(x: np.ndarray, inverse: np.ndarray, scale: str, eps: float = EPS) 
 
 def weighted_nansum(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """sum_k w_k m_ik over the non-NaN entries of each row; NaN where a row has none. matrix (B, K)."""
-    out = np.nansum(matrix * weights[None, :], axis=1)
+    out = np.where(np.isnan(matrix), 0.0, matrix * weights[None, :]).sum(axis=1)  # a NaN weight stays NaN
     out[np.isnan(matrix).all(axis=1)] = np.nan
     return out
 

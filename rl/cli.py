@@ -8,7 +8,9 @@
     tandem report RUN_DIR
 
 A user mistake (unknown key, wrong type, missing file or weights, unknown reward) prints one line on stderr
-naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written.
+naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written. A reward that
+breaks at run time (RewardError) prints one line naming it and exits 1; SIGINT/SIGTERM stop a training job at
+a checkpoint and exit 130.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 from typing import List, Optional
 
+from tandem.rewards.base import RewardError
 from tandem.rl.config import ConfigError, load_config, to_yaml
 from tandem.rl.runtime import configure_environment, configure_torch
 
@@ -144,8 +147,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_environment()
     if os.getcwd() not in sys.path:  # user reward modules next to the config import like `trl grpo`'s
         sys.path.insert(0, os.getcwd())
-    from tandem.rewards.base import RewardError
-
     try:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -158,11 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
-    except RewardError as e:  # a reward broke at run time (keeps failing, timed out, wrong count): one line
-        print(f"tandem: error: {e}", file=sys.stderr)
+    except RewardError as e:  # a reward that broke at run time: one line naming it (a checkpoint was taken)
+        print(f"tandem: reward error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("tandem: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a first Ctrl-C / SIGTERM stops at a checkpoint (rl/session.py StopSignals)
+        print(f"tandem: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

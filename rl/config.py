@@ -56,6 +56,9 @@ class DataConfig:
     width: int = 64
     # Shuffle prompts every epoch (seeded).
     shuffle: bool = True
+    # Folders besides the prompt file's own (and a buffer's run folder) that a prompt's `reference` image or a
+    # buffer shard's `reference_path` may be read from; anything else is refused (no reading arbitrary files).
+    allowed_roots: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
 
 from tandem.core.types import PromptRecord, Rollout
 from tandem.rewards.client import RewardScores
+from tandem.rewards.scoring import warn_unscored
 from tandem.rl.advantages import AdvantageResult, compute_advantages
 from tandem.rl.buffer import save_shard
 from tandem.rl.config import JobConfig
@@ -54,10 +55,11 @@ def recomputes_old_log_probs(cfg: JobConfig, stage: str) -> bool:
 
 
 def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator,
-                        layout: Layout = Layout()) -> Dict[str, float]:
+                        layout: Layout = Layout(), before_step: Callable[[], None] = lambda: None) -> Dict[str, float]:
     """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
     gradients averaged over processes (by FSDP's reduce-scatter when sharded), clip to the global norm, step.
-    Returns loss metrics averaged over processes."""
+    ``before_step`` is called just before the weights start to change. Returns loss metrics averaged over
+    processes."""
     objective = OBJECTIVES.get(cfg.grpo.objective)()
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
@@ -70,6 +72,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
         parts.append((share, metrics))
     layout.average_gradients(policy.trainable_parameters())
     grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
+    before_step()
     optimizer.step()
     policy.on_optimizer_step()
     merged = merge_chunk_metrics(parts)
@@ -110,6 +113,9 @@ class StageTrainer:
         self.recompute = (recomputes_old_log_probs(cfg, stage)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
+        # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.
+        self.half_updated = False
+        self.last_active = 0.0  # when train_rollout last started (which stage an exception came from)
 
     def use_records(self, records: List[PromptRecord], seed: int) -> None:
         """Train on ``records`` from now on (a joint job's decoder phase takes the latest AR rollouts)."""
@@ -148,6 +154,8 @@ class StageTrainer:
         local = RewardScores.concat(parts)
         self.rewards.check_failures(local)  # a reward that keeps raising stops the job (reward_host.max_failed_*)
         scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
+        if layout.is_main:
+            warn_unscored(scores)
         adv = compute_advantages(scores, local.weights, group_ids,  # 3. advantages
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
                                  clip=g.adv_clip_max)
@@ -206,6 +214,7 @@ class StageTrainer:
     # -------------------------------------------------------------------------------- phases 5-6
     def train_rollout(self, stop_at: int, hooks) -> None:
         """One rollout batch and its updates; stops early at global step ``stop_at``."""
+        self.last_active = time.monotonic()
         scored = self.rollout_and_score()
         self.hand_off(scored)
         mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}
@@ -217,8 +226,9 @@ class StageTrainer:
                         break
                     t0 = time.perf_counter()
                     loss_metrics = update_on_minibatch(self.policy, self.optimizer, sub.select(index), self.cfg,
-                                                       self.accelerator, self.layout)
+                                                       self.accelerator, self.layout, before_step=self._updating)
                     self.state.step += 1
+                    self.half_updated = False
                     reward_metrics = scored.advantages.metrics
                     metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
                                **reward_metrics, **mismatch, **loss_metrics, **timings,
@@ -228,6 +238,9 @@ class StageTrainer:
                     hooks.after_step(self, metrics)  # 6. log / grid / eval
         self.state.rollouts += 1
         hooks.after_rollout(self)
+
+    def _updating(self) -> None:
+        self.half_updated = True
 
 
 def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:
