@@ -4,7 +4,8 @@
 ``<stage>.trained.safetensors`` (the policy's ``trainable_state_dict``: a LoRA adapter or the full module),
 ``<stage>.optimizer.pt`` (AdamW state keyed by parameter name, ``torch.distributed.checkpoint``'s full optimizer
 state dict; only ever loaded with ``torch.load(weights_only=True)``), ``<stage>.ema.safetensors`` (when EMA is
-on); and ``state.json``: step, rollout count, prompt-sampler positions, the global torch RNG state, the LoRA
+on); and ``state.json``: step, rollout count, prompt-sampler positions, the per-prompt reward histories
+(``grpo.per_prompt_stat_tracking``), the fp16 loss scaler's state, the global torch RNG state, the LoRA
 settings and a fingerprint of the config that must match on resume. A folder appears complete or not at all
 (written under a temporary name, then renamed).
 
@@ -44,10 +45,15 @@ def config_fingerprint(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _plain(optimizer):
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or ``optimizer`` itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _gathered(trainer):
     """(weights, optimizer state, EMA state or None) of one stage, whole tensors on the CPU (collective under FSDP)."""
     weights = {k: full_tensor(v).detach().contiguous().cpu() for k, v in trainer.policy.trainable_state_dict().items()}
-    optimizer = get_optimizer_state_dict(trainer.policy.trained_module, trainer.optimizer,
+    optimizer = get_optimizer_state_dict(trainer.policy.trained_module, _plain(trainer.optimizer),
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema = getattr(trainer.policy, "ema", None)
     return weights, optimizer, None if ema is None else {k: v.contiguous().cpu() for k, v in ema.state_dict().items()}
@@ -174,7 +180,7 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
     for stage, t in trainers.items():
         _copy_weights(t.policy.trainable_named_parameters(), _safetensors(path / f"{stage}.trained.safetensors"), path)
         optimizer = _load(path / f"{stage}.optimizer.pt", lambda p: torch.load(p, weights_only=True))
-        set_optimizer_state_dict(t.policy.trained_module, t.optimizer, optimizer,
+        set_optimizer_state_dict(t.policy.trained_module, _plain(t.optimizer), optimizer,
                                  options=StateDictOptions(full_state_dict=True))
         ema_file = path / f"{stage}.ema.safetensors"
         if ema_file.is_file() and getattr(t.policy, "ema", None) is not None:

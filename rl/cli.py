@@ -90,6 +90,8 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     cfg = load_config(args.config, args.overrides, stage="sample")
     from tandem.rl.sample import run_sample
 
