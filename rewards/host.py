@@ -40,7 +40,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from tandem.rewards.base import RewardConfigError, RewardError, build_reward, logger
+from tandem.rewards.base import RewardConfigError, RewardError, build_reward, code_locations, import_code, logger
 from tandem.rewards.scoring import ShardScores, log_warnings, score_shard, split_shards
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 
@@ -49,11 +49,16 @@ CLUSTERING_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for multi-n
 
 @ray.remote
 class RewardActor:
-    """Builds one reward entry in its own process and scores shards of batches with it."""
+    """Builds one reward entry in its own process and scores shards of batches with it.
 
-    def __init__(self, entry: RewardEntry, label: str):
+    ``code``: [(sys.path folder, module)] to import first — the user module that defines (and registers) the
+    reward, which this fresh process has never imported (``rewards.base.code_locations``).
+    """
+
+    def __init__(self, entry: RewardEntry, label: str, code: List[Tuple[Optional[str], str]]):
         self.reward, self.error = None, None
         try:
+            import_code(code)
             self.reward = build_reward(entry, label)
         except RewardConfigError as e:  # reported by describe(): a config error must not crash-loop the actor
             self.error = str(e)
@@ -258,8 +263,8 @@ class _Call:
 class _Replica:
     """One actor slot of an entry and its calls in flight (in submission order)."""
 
-    def __init__(self, entry: RewardEntry, label: str, start_timeout_s: float):
-        self.entry, self.label, self.start_timeout_s = entry, label, start_timeout_s
+    def __init__(self, entry: RewardEntry, label: str, code: List[Tuple[Optional[str], str]], start_timeout_s: float):
+        self.entry, self.label, self.code, self.start_timeout_s = entry, label, code, start_timeout_s
         self.pending: Deque[_Call] = deque()
         self.broken: Optional[RewardError] = None
         self.actor = self._spawn()
@@ -270,7 +275,7 @@ class _Replica:
             num_gpus=self.entry.num_gpus,
             max_restarts=self.entry.max_restarts,
             max_task_retries=self.entry.max_restarts,
-        ).remote(self.entry, self.label)
+        ).remote(self.entry, self.label, self.code)
 
     def ready(self) -> bool:
         """Wait until the reward is built (at most ``start_timeout_s``); RewardConfigError if it cannot be;
@@ -344,7 +349,8 @@ class _EntryHost:
 
     def __init__(self, entry: RewardEntry, label: str, start_timeout_s: float):
         self.entry, self.label = entry, label
-        self.replicas = [_Replica(entry, label, start_timeout_s) for _ in range(entry.replicas)]
+        code = code_locations(entry, label)
+        self.replicas = [_Replica(entry, label, code, start_timeout_s) for _ in range(entry.replicas)]
         self.groupwise = False
 
     def ready(self) -> None:
@@ -354,12 +360,9 @@ class _EntryHost:
         shards = split_shards(len(group_ids), group_ids, self.groupwise, len(self.replicas))
         return [(rep, rep.submit(images_ref, batch_ref, idx, self.entry.batch_size), idx) for rep, idx in zip(self.replicas, shards)]
 
-    def collect(self, calls, n: int) -> np.ndarray:
-        out = np.full(n, np.nan)
-        for replica, call, idx in calls:
-            shard = replica.result(call)
-            log_warnings(shard)
-            out[idx] = shard.scores
+    def collect(self, calls, n: int) -> ShardScores:
+        out = ShardScores.merge([(idx, replica.result(call)) for replica, call, idx in calls], n)
+        log_warnings(out)
         return out
 
 
