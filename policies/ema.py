@@ -1,6 +1,9 @@
 """Exponential moving average of trained weights, used for eval and sample grids.
 
-ema <- decay * ema + (1 - decay) * theta after every optimizer step (flow_grpo keeps one for the decoder).
+ema <- decay_t * ema + (1 - decay_t) * theta after optimizer step t = 0, 1, 2, ... (flow_grpo keeps one for the
+decoder), at the steps with (t + 1) % interval == 0 only (``decoder.ema_update_interval``; flow_grpo's
+``update_step_interval``). decay_t = decay, or with ``decoder.ema_warmup`` flow_grpo's warm-up
+min((1 + t) / (10 + t), decay) (``EMAModuleWrapper.get_current_decay``). The step count t is checkpointed.
 Under FSDP (``tandem.rl.distributed.shard``) each process keeps the shadow of its own shards; ``state_dict`` gathers
 whole tensors (collective) and ``load_state_dict`` keeps this process's shards of them.
 """
@@ -18,15 +21,23 @@ from tandem.core.dtensor import full_tensor, shard_like
 class EMA:
     """The shadow of ``named_params`` (the policy's trainable (name, parameter) pairs), saved by those names."""
 
-    def __init__(self, named_params: Iterable[Tuple[str, torch.nn.Parameter]], decay: float):
-        self.decay = decay
+    def __init__(self, named_params: Iterable[Tuple[str, torch.nn.Parameter]], decay: float, warmup: bool = False,
+                 interval: int = 1):
+        self.decay, self.warmup, self.interval = decay, warmup, interval
+        self.steps = 0  # optimizer steps seen (t); checkpointed beside the weights
         named = list(named_params)
         self.names: List[str] = [n for n, _ in named]
         self.shadow: List[torch.Tensor] = [p.detach().clone() for _, p in named]
 
+    def current_decay(self, t: int) -> float:
+        return min((1 + t) / (10 + t), self.decay) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self, params: Iterable[torch.nn.Parameter]) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - self.decay)
+        """After optimizer step t = ``self.steps`` (module docstring)."""
+        t, self.steps = self.steps, self.steps + 1
+        if (t + 1) % self.interval == 0:
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - self.current_decay(t))
 
     @contextlib.contextmanager
     def swapped(self, params: Iterable[torch.nn.Parameter]):
@@ -48,11 +59,12 @@ class EMA:
         self.shadow = [shard_like(s, p.detach()) for s, p in zip(self.shadow, params)]
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        """Whole shadow tensors by parameter name (collective under FSDP)."""
+        """Whole shadow tensors by parameter name (collective under FSDP); the step count is ``steps``."""
         return {n: full_tensor(t) for n, t in zip(self.names, self.shadow)}
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Dict[str, torch.Tensor], steps: int = 0) -> None:
         missing = [n for n in self.names if n not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
+        self.steps = steps
         self.shadow = [shard_like(state[n].clone(), s) for n, s in zip(self.names, self.shadow)]

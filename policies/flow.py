@@ -7,8 +7,14 @@ steps are deterministic Euler (ODE) steps; the last step is never trained (Flow-
 MixGRPO's ODE/SDE mixing). Training replays each trained step from the stored latents — one step per forward
 pass (``unit_chunks``), so memory does not grow with the number of trained steps.
 
-KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2),
-against the LoRA-disabled model or a frozen copy when training all weights.
+KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2)
+(``decoder.kl_form: exact``), or flow_grpo's ``kl_loss``, which is that times |dt| for Flow-SDE
+(``decoder.kl_form: flow_grpo``; ``policies.sde.step_kl``), against the LoRA-disabled model or a frozen copy
+when training all weights.
+
+Seeds (``tandem.core.seeds``): the SDE window and the conditions are drawn per rollout call, the starting noise
+per copy (per group with ``decoder.same_noise_in_group``) and the SDE noise per copy, all from the rollout seed
+and the global group and copy indices — so the processes of a data-parallel job sample what one process would.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ import torch
 from tandem.policies.base import TrainedComponent
 from tandem.policies.lora import apply_lora
 from tandem.policies.render import ode_sample
-from tandem.policies.sde import mean_kl, ode_step, sde_step
+from tandem.policies.sde import ode_step, sde_step, step_kl
 from tandem.policies.ema import EMA
+from tandem.core.seeds import CONDITIONS, NOISE, SDE, WINDOW, RolloutSeeds
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 
@@ -57,7 +64,8 @@ class FlowPolicy(TrainedComponent):
         if self.d.compile:  # after LoRA injection, so the compiled blocks include the adapters
             base.compile_repeated_blocks()  # the dynamo/inductor settings it needs are made at CLI start-up
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
-        self.ema = EMA(self.trainable_named_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
+        self.ema = (EMA(self.trainable_named_parameters(), self.d.ema_decay, self.d.ema_warmup,
+                        self.d.ema_update_interval) if self.d.ema_decay > 0 else None)
 
     @property
     def device(self) -> torch.device:
@@ -68,19 +76,26 @@ class FlowPolicy(TrainedComponent):
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:
+    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
+                first_group: int = 0, first_copy: int = 0) -> Rollout:
         """Sample ``group_size`` images per prompt (copies adjacent). ``extras`` (batch first): latents,
         next_latents (B, K, C, h, w) before/after each trained step; timesteps, sigmas, next_sigmas (B, K);
-        cond, the adapter's condition tensors. No grad."""
-        rng = np.random.default_rng(seed)
+        noise_seeds (B,) the starting-noise seeds; cond, the adapter's condition tensors. No grad.
+
+        ``seed`` is the rollout batch's seed, ``first_group`` the global index of the first prompt's group and
+        ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``)."""
+        seeds = RolloutSeeds(seed, first_group, first_copy)
+        rng = np.random.default_rng(seeds.call(WINDOW))
         group_ids = group_ids_for(len(prompts), group_size)
+        copies = [i % group_size for i in range(len(group_ids))]
         cond = {k: v.repeat_interleave(group_size, dim=0)
-                for k, v in self.adapter.conditions(prompts, metadata, seed).items()}
-        noise_seeds = [seed * 7919 + int(g if self.d.same_noise_in_group else i) for i, g in enumerate(group_ids)]
+                for k, v in self.adapter.conditions(prompts, metadata, seeds.call(CONDITIONS)).items()}
+        noise_seeds = [seeds.group(NOISE, g) if self.d.same_noise_in_group else seeds.copy(NOISE, g, c)
+                       for g, c in zip(group_ids, copies)]
         x = self.adapter.initial_noise(noise_seeds)
         timesteps, sigmas = self.adapter.schedule(self.d.num_steps)
         train_steps = trained_step_indices(self.d, self.d.num_steps, rng)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = [torch.Generator(device="cpu").manual_seed(seeds.copy(SDE, g, c)) for g, c in zip(group_ids, copies)]
 
         chunks = self._rollout_chunks(len(group_ids))
         before, after, logps = [], [], []
@@ -89,7 +104,7 @@ class FlowPolicy(TrainedComponent):
                            for c in chunks])
             if i in train_steps:
                 x_next, logp, _, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
-                                              kind=self.d.sde_type)
+                                              kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
                 before.append(x)
                 after.append(x_next)
                 logps.append(logp)
@@ -104,7 +119,8 @@ class FlowPolicy(TrainedComponent):
             old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k, device=x.device),
             extras=dict(latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1), cond=cond,
                         timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),
-                        next_sigmas=sigmas[idx + 1].expand(b, k)),
+                        next_sigmas=sigmas[idx + 1].expand(b, k),
+                        noise_seeds=torch.tensor(noise_seeds, dtype=torch.int64)),
         )
 
     def _rollout_chunks(self, batch: int) -> List[slice]:
@@ -120,7 +136,7 @@ class FlowPolicy(TrainedComponent):
         e = batch.extras
         v = self.adapter.velocity(model, e["latents"][:, k], e["timesteps"][:, k], e["cond"], self.d.guidance_scale)
         return sde_step(v, e["latents"][:, k], e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.noise_level,
-                        prev_sample=e["next_latents"][:, k], kind=self.d.sde_type)
+                        prev_sample=e["next_latents"][:, k], kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
 
     def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
         k = chunk.start
@@ -129,7 +145,9 @@ class FlowPolicy(TrainedComponent):
         if with_kl:
             with torch.no_grad(), self._reference() as ref:
                 _, _, ref_mean, _ = self._step_mean(ref, batch, k)
-            kl = mean_kl(mean, ref_mean, std)[:, None]
+            e = batch.extras
+            kl = step_kl(mean, ref_mean, std, e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.sde_type,
+                         self.d.kl_form)[:, None]
         return LogProbs(logp[:, None], kl)
 
     @contextlib.contextmanager

@@ -9,8 +9,9 @@ component it trains (the family's ``components``, e.g. ``transformer/``, ``visio
 * ``ema/<component>/`` — the EMA of the trained weights (when ``decoder.ema_decay`` > 0), same format;
 * ``<stage>.optimizer.pt`` — AdamW state keyed by parameter name (``torch.distributed.checkpoint``'s full
   optimizer state dict; only ever loaded with ``torch.load(weights_only=True)``);
-* ``state.json`` — step, rollout count, prompt-sampler positions, LR-scheduler states, the global torch RNG
-  state, the components, and a fingerprint of the config that must match on resume.
+* ``state.json`` — step, rollout count, prompt-sampler positions, LR-scheduler states, EMA step counts, the
+  per-prompt reward histories (``grpo.per_prompt_stat_tracking``), the fp16 loss scaler's state, the global
+  torch RNG state, the components, and a fingerprint of the config that must match on resume.
 
 Resume reads the same folders back: there is one copy of the weights. A folder appears complete or not at all
 (written under a temporary name, then renamed); ``logging.save_total_limit`` keeps only the newest N.
@@ -50,12 +51,17 @@ def config_fingerprint(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _plain(optimizer):
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or ``optimizer`` itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _gathered(trainer, lora: bool):
     """(weights, optimizer state, EMA weights or None) of one stage, whole tensors on the CPU (collective under
     FSDP). Weights: the LoRA parameters, or the whole module's state dict (what ``save_pretrained`` holds)."""
     trained = {k: full_tensor(v).detach().cpu() for k, v in trainer.policy.trainable_state_dict().items()}
     weights = trained if lora else {k: full_tensor(v).detach().cpu() for k, v in trainer.policy.trained_module.state_dict().items()}
-    optimizer = get_optimizer_state_dict(trainer.policy.trained_module, trainer.optimizer,
+    optimizer = get_optimizer_state_dict(trainer.policy.trained_module, _plain(trainer.optimizer),
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema = getattr(trainer.policy, "ema", None)
     ema_weights = None if ema is None else {**weights, **{k: v.cpu() for k, v in ema.state_dict().items()}}
@@ -85,6 +91,7 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
         "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg), "lora": lora,
         "components": {stage: components[stage] for stage in trainers},
         "schedulers": {stage: t.scheduler.state_dict() for stage, t in trainers.items()},
+        "ema_steps": {stage: t.policy.ema.steps for stage, t in trainers.items() if getattr(t.policy, "ema", None)},
         "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(), **extra,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -182,12 +189,13 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
         weights = _trained(read_weights(path / component, component), names, path / component)
         copy_into(t.policy.trainable_named_parameters(), weights, path, shard_like)
         optimizer = checked_load(path / f"{stage}.optimizer.pt", lambda p: torch.load(p, weights_only=True))
-        set_optimizer_state_dict(t.policy.trained_module, t.optimizer, optimizer,
+        set_optimizer_state_dict(t.policy.trained_module, _plain(t.optimizer), optimizer,
                                  options=StateDictOptions(full_state_dict=True))
         t.scheduler.load_state_dict(state["schedulers"][stage])
         ema_folder = trained_folder(path, component, ema=True)
         if ema_folder is not None and getattr(t.policy, "ema", None) is not None:
-            t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder))
+            t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder),
+                                         steps=state.get("ema_steps", {}).get(stage, 0))
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)
 

@@ -2,7 +2,7 @@
 
     tandem train ar|decoder|joint --config FILE [key.sub=value ...] [--dry-run]
     tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR [--ema]] [--num-prompts N]
-    tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--backend local|ray]
+    tandem score --reward NAME_OR_PATH [--args JSON] [--reward ...] --images DIR --prompts FILE [--backend local|ray]
     tandem rewards
     tandem eval --config FILE [--checkpoint DIR [--ema]] [--prompts FILE] [--batch-size N] [key.sub=value ...]
     tandem export RUN/checkpoints/step_N OUT [--ema] [--config FILE]
@@ -19,6 +19,8 @@ a checkpoint and exit 130.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import List, Optional
 
@@ -59,6 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--images", required=True, help="folder of .png/.jpg images")
     score.add_argument("--prompts", required=True, help=".txt or .jsonl prompt file, one entry per image")
     score.add_argument("--backend", choices=["local", "ray"], default="local")
+    score.add_argument("--args", action="append", default=[], metavar="JSON",
+                       help="JSON object of args for the --reward at the same position, e.g. '{\"clip_weights\": \"...\"}'")
 
     command("rewards", help="list registered rewards")
 
@@ -84,10 +88,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     cfg = load_config(args.config, args.overrides, stage=args.stage)
+    from tandem.rl.session import check_rewards, train, train_joint
+
     if args.dry_run:
+        check_rewards(cfg)  # reward names, import paths and weight paths, without loading anything
         print(to_yaml(cfg), end="")
         return 0
-    from tandem.rl.session import train, train_joint
 
     configure_torch(cfg)
     if cfg.distributed.launcher == "ray_train":
@@ -101,6 +107,8 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     cfg = load_config(args.config, args.overrides, stage="sample")
     from tandem.rl.sample import run_sample
 
@@ -111,7 +119,18 @@ def _sample(args) -> int:
 def _score(args) -> int:
     from tandem.rewards.cli import cmd_score
 
-    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend)
+    if len(args.args) > len(args.reward):
+        raise ConfigError(f"score: {len(args.args)} --args for {len(args.reward)} --reward; give one --args per --reward, in order")
+    reward_args = []
+    for text in args.args:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"score: --args {text!r} is not JSON ({e.msg}); give an object like '{{\"key\": 1}}'") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"score: --args {text!r} must be a JSON object of the reward's args")
+        reward_args.append(value)
+    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend, reward_args=reward_args)
 
 
 def _rewards(args) -> int:
@@ -153,6 +172,8 @@ COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rew
 
 def main(argv: Optional[List[str]] = None) -> int:
     configure_environment()
+    if os.getcwd() not in sys.path:  # user reward modules next to the config import like `trl grpo`'s
+        sys.path.insert(0, os.getcwd())
     try:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -71,13 +71,21 @@ def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
     return load_prompts(cfg.data.prompts, size, cfg.data.allowed_roots)
 
 
-def check_inputs(cfg: JobConfig, stage: str) -> None:
-    """Unknown rewards or bad reward args, an unreachable reward_host.address, an output_dir that cannot be
-    written or resumed, bad prompt files and bad buffers fail here, before any model is loaded."""
-    from tandem.rewards.base import check_entries
+def check_rewards(cfg: JobConfig) -> None:
+    """Import ``reward_modules``, then find every reward entry and check its args and weight paths
+    (``--dry-run`` too)."""
+    from tandem.rewards.base import check_entries, import_reward_modules
 
+    import_reward_modules(cfg.reward_modules)
     check_entries(cfg.rewards)
-    check_entries(cfg.eval.rewards)
+    check_entries(cfg.eval.rewards, key="eval.rewards")
+
+
+def check_inputs(cfg: JobConfig, stage: str) -> None:
+    """Unknown rewards, bad reward args or missing reward weights, an unreachable reward_host.address, an
+    output_dir that cannot be written or resumed, bad prompt files and bad buffers fail here, before any model
+    is loaded."""
+    check_rewards(cfg)
     if cfg.reward_host.backend == "ray" and cfg.reward_host.address:
         from tandem.rewards.host import check_reachable
 
@@ -141,6 +149,22 @@ class StopSignals:
         self._previous = {}
 
 
+GRID_PROMPTS = 4  # tiles per sample grid
+
+
+def distinct_prompts(records: List[PromptRecord], n: int) -> List[PromptRecord]:
+    """The first ``n`` records with distinct prompts (a joint run's decoder records repeat each prompt once
+    per group copy)."""
+    seen, out = set(), []
+    for r in records:
+        if r.prompt not in seen:
+            seen.add(r.prompt)
+            out.append(r)
+            if len(out) == n:
+                break
+    return out
+
+
 class Hooks:
     """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
 
@@ -166,14 +190,22 @@ class Hooks:
             self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}",
                                       kl=f"{metrics['kl']:.2e}")
         if step == self.cfg.max_steps or (every.sample_every and step % every.sample_every == 0):
-            grid = trainer.records[: min(len(trainer.records), 4)]
-            prompts = [r.prompt for r in grid]
-            images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
-            if layout.is_main:
-                grid = self.run.save_grid(f"step_{step:06d}", images, prompts)
-                self.trackers.log_image("samples", np.asarray(PIL.Image.open(grid).convert("RGB")), step)
-                self.run.plot_rewards()
+            self.sample_grid(trainer)
         self.stop_if_requested(trainer)
+
+    def sample_grid(self, trainer: StageTrainer) -> None:
+        """samples/step_N.png: the trainer's first GRID_PROMPTS distinct prompts at the current step (step 0 =
+        before training), with the reward curve redrawn."""
+        step, layout = trainer.state.step, trainer.layout
+        if not (layout.is_main or layout.sharded):
+            return
+        grid = distinct_prompts(trainer.records, GRID_PROMPTS)
+        prompts = [r.prompt for r in grid]
+        images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
+        if layout.is_main:
+            saved = self.run.save_grid(f"step_{step:06d}", images, prompts)
+            self.trackers.log_image("samples", np.asarray(PIL.Image.open(saved).convert("RGB")), step)
+            self.run.plot_rewards()
 
     def _evaluate(self, trainer: StageTrainer, step: int, metrics: Dict) -> None:
         """The periodic eval; one that fails is logged (one line) and training goes on."""
@@ -202,9 +234,13 @@ class Hooks:
         if state.step == self.last_checkpoint or not (layout.is_main or layout.sharded):
             return None
         samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
+        trackers = {s: t.stat_tracker.state_dict() for s, t in self.trainers.items() if t.stat_tracker}
+        scaler = getattr(trainer.accelerator, "scaler", None)
         run_state = dict(state.to_dict(), **({} if rollouts is None else {"rollouts": rollouts}))
         out = save_checkpoint(self.run.checkpoints, state.step, self.trainers, self.cfg,
-                              {"run_state": run_state, "samplers": samplers}, write=layout.is_main)
+                              {"run_state": run_state, "samplers": samplers, "stat_trackers": trackers,
+                               "grad_scaler": scaler.state_dict() if scaler is not None else None},
+                              write=layout.is_main)
         self.last_checkpoint = state.step
         return out
 
@@ -286,8 +322,12 @@ class RunSession:
         return max(self.trainers.values(), key=lambda t: t.last_active)
 
     @property
+    def _first(self) -> StageTrainer:
+        return next(iter(self.trainers.values()))
+
+    @property
     def _layout(self):
-        return next(iter(self.trainers.values())).layout
+        return self._first.layout
 
     def _resume(self) -> None:
         point = resume_point(self.cfg, self.run)
@@ -302,6 +342,11 @@ class RunSession:
         self.state.load(saved["run_state"])
         for stage, t in self.trainers.items():
             t.sampler.load_state_dict(saved["samplers"][stage])
+            if t.stat_tracker is not None:
+                t.stat_tracker.load_state_dict(saved["stat_trackers"][stage])
+        scaler = self._first.accelerator.scaler
+        if scaler is not None and saved.get("grad_scaler"):
+            scaler.load_state_dict(saved["grad_scaler"])
         if self._layout.is_main:
             self.run.truncate_metrics(self.state.step)  # steps logged after the checkpoint by a killed run are redone
         log.info("resumed from %s at step %d", point, self.state.step)
@@ -326,7 +371,10 @@ def _accelerator(cfg: JobConfig, policy):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    # accelerate owns precision (rollout and training forwards run under the same autocast) and the trackers.
+    # accelerate owns precision (rollout and training forwards run under the same autocast) and the trackers. The
+    # shared autocast does not make the first on-policy ratio exactly 1 in bf16: the rollout's cached decode and the
+    # training's teacher-forced forward round differently (max |r - 1| measured 1e-2 for the AR stage at release
+    # size; grpo.old_log_probs recomputes the denominator for that); fp32 gives |r - 1| < 1e-5.
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard"))
     return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.device.type == "cpu",
                        log_with=list(cfg.logging.report_to) or None, project_config=project)
@@ -342,6 +390,8 @@ def train(cfg: JobConfig, stage: str) -> Path:
     with RunSession(cfg) as session:
         trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), records)
         hooks = session.start()
+        if session.state.step == 0 and cfg.logging.sample_every:
+            hooks.sample_grid(trainer)  # step 0: what training starts from
         while session.state.step < cfg.max_steps:
             trainer.train_rollout(cfg.max_steps, hooks)
     return session.run.path
@@ -376,6 +426,8 @@ def train_joint(cfg: JobConfig) -> Path:
         steps = joint_stage_steps(cfg)
         ar, decoder = (session.trainer(s, phases[s], policies[s], accelerator, prompts, steps[s]) for s in ("ar", "decoder"))
         hooks = session.start()
+        if session.state.step == 0 and cfg.logging.sample_every:
+            hooks.sample_grid(ar)  # step 0: what training starts from
         state, j = session.state, cfg.joint
         while state.step < cfg.max_steps:
             for trainer, steps in ((ar, j.ar_steps_per_phase), (decoder, j.decoder_steps_per_phase)):

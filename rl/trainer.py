@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Sequence, Union
 import numpy as np
 import torch
 
+from tandem.core.seeds import derive_seed
 from tandem.core.types import PromptRecord, Rollout
 from tandem.rewards.client import RewardScores
 from tandem.rewards.scoring import warn_unscored
@@ -41,6 +42,7 @@ from tandem.rl.data import PromptSampler
 from tandem.rl.distributed import Layout, layout_of, shard
 from tandem.rl.objectives import OBJECTIVES, merge_chunk_metrics
 from tandem.rl.run_state import RunState
+from tandem.rl.stat_tracking import PerPromptStatTracker
 
 
 def recomputes_old_log_probs(cfg: JobConfig, stage: str) -> bool:
@@ -78,28 +80,39 @@ def update_on_minibatch(policy, optimizer, batch: Union[Rollout, Sequence[Rollou
             accelerator.backward(loss * share)
             parts.append((share, metrics))
     layout.average_gradients(policy.trainable_parameters())
-    grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
+    # unscales fp16 gradients first (the optimizer is accelerate's, see build_optimizer); max_grad_norm 0 = no clip
+    grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm or float("inf"))
     lr = optimizer.param_groups[0]["lr"]
     before_step()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    policy.on_optimizer_step()
+    optimizer.step()  # fp16: skipped when a gradient is inf/NaN, and the loss scale adapts
     merged = merge_chunk_metrics(parts)
     merged["grad_norm"] = float(grad_norm)
+    scaler = getattr(accelerator, "scaler", None)  # accelerate's GradScaler under fp16
+    if scaler is not None:
+        merged["optim/loss_scale"] = float(scaler.get_scale())
+        merged["optim/step_skipped"] = float(optimizer.step_was_skipped)
+    if not getattr(optimizer, "step_was_skipped", False):
+        if scheduler is not None:
+            scheduler.step()
+        policy.on_optimizer_step()
     return {**layout.mean(merged), "lr": lr}
 
 
-def build_optimizer(policy, cfg: JobConfig, num_steps: int):
-    """AdamW over the policy's trained parameters (``optim.*``: TRL/transformers names) and its LR schedule of
-    ``num_steps`` optimizer steps with ``optim.warmup_steps`` of warm-up (``transformers.get_scheduler``)."""
+
+def build_optimizer(policy, cfg: JobConfig, accelerator, num_steps: int):
+    """AdamW over the trained parameters (``optim.*``: TRL/transformers names), wrapped by
+    ``accelerator.prepare_optimizer``, and its LR schedule of ``num_steps`` optimizer steps with
+    ``optim.warmup_steps`` of warm-up (``transformers.get_scheduler``). With ``optim.mixed_precision: fp16`` the
+    wrapper owns accelerate's GradScaler, so ``accelerator.backward`` scales the loss, ``clip_grad_norm_``
+    unscales the gradients before measuring them, and ``step`` skips a step whose gradients are inf/NaN (then
+    lowers the scale; the schedule does not advance). Its ``.optimizer`` is the plain AdamW (checkpoints)."""
     from transformers import get_scheduler
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=o.learning_rate, weight_decay=o.weight_decay,
-                                  betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)
-    scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=num_steps)
-    return optimizer, scheduler
+    adamw = torch.optim.AdamW(policy.trainable_parameters(), lr=o.learning_rate, weight_decay=o.weight_decay,
+                              betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)
+    scheduler = get_scheduler(o.lr_scheduler, adamw, num_warmup_steps=o.warmup_steps, num_training_steps=num_steps)
+    return accelerator.prepare_optimizer(adamw, device_placement=False), scheduler
 
 
 @dataclass
@@ -129,7 +142,10 @@ class StageTrainer:
         self.copies, self.mini_batch = self.layout.local_sizes(cfg)
         if self.layout.sharded:  # before the optimizer, which must hold the sharded parameters
             shard(policy, self.layout)
-        self.optimizer, self.scheduler = build_optimizer(policy, cfg, num_steps)
+        self.optimizer, self.scheduler = build_optimizer(policy, cfg, accelerator, num_steps)
+        g = cfg.grpo  # the same histories on every process (they see the same gathered rewards)
+        self.stat_tracker = (PerPromptStatTracker(g.stat_tracking_buffer_size, g.stat_tracking_min_count)
+                             if g.per_prompt_stat_tracking else None)
         self.use_records(records, cfg.seed)
         self.recompute = (recomputes_old_log_probs(cfg, stage)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
@@ -153,15 +169,16 @@ class StageTrainer:
     def rollout_and_score(self) -> ScoredRollout:
         g, cfg, layout = self.cfg.grpo, self.cfg, self.layout
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
-        base_seed = cfg.seed * 1_000_003 + self.state.rollouts
+        seed = derive_seed(cfg.seed, self.state.rollouts)  # the same on every process (tandem.core.seeds)
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
-        for i, part in enumerate(self._sub_batches(chosen)):  # 2. rollout + score, overlapped
+        for part in self._sub_batches(chosen):  # 2. rollout + score, overlapped
+            first_group = sum(len(s) for s in subs) // self.copies
             t0 = time.perf_counter()
             with self.accelerator.autocast():
-                sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies,
-                                          seed=(base_seed * 101 + i) * layout.world + layout.rank)
+                sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies, seed=seed,
+                                          first_group=first_group, first_copy=layout.rank * self.copies)
             rollout_s += time.perf_counter() - t0
-            sub.group_ids = sub.group_ids + sum(len(s) for s in subs) // self.copies
+            sub.group_ids = sub.group_ids + first_group
             t1 = time.perf_counter()
             future = self.rewards.score(sub.images, sub.prompts, sub.metadata, sub.group_ids)
             if not cfg.reward_host.async_scoring:
@@ -172,13 +189,15 @@ class StageTrainer:
         t1 = time.perf_counter()
         parts = [f.result() for f in futures]
         reward_s += time.perf_counter() - t1
-        local = RewardScores({n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores}, parts[0].weights)
+        local = RewardScores.concat(parts)
+        self.rewards.check_failures(local)  # a reward that keeps raising stops the job (reward_host.max_failed_*)
         scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
         if layout.is_main:
             warn_unscored(scores)
         adv = compute_advantages(scores, local.weights, group_ids,  # 3. advantages
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
-                                 clip=g.adv_clip_max)
+                                 clip=g.adv_clip_max, stat_tracker=self.stat_tracker,
+                                 prompts=[chosen[i].prompt for i in group_ids])
         mine = np.asarray(adv.advantages)[layout.local_slice(sum(len(s) for s in subs))]
         advantages = torch.as_tensor(mine, dtype=torch.float32, device=subs[0].old_log_probs.device)
         offset = 0

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from tandem.policies.families import get_family
 from tandem.policies.glm_image import load_pipeline
@@ -33,7 +34,7 @@ def checkpoint(stage, lora, tiny, out, ema=False):
             for p in policy.trainable_parameters():
                 p.add_(0.02 * torch.randn_like(p))
         policy.on_optimizer_step()
-    optimizer, scheduler = build_optimizer(policy, cfg, num_steps=4)
+    optimizer, scheduler = build_optimizer(policy, cfg, Accelerator(cpu=True), num_steps=4)
     trainer = SimpleNamespace(policy=policy, optimizer=optimizer, scheduler=scheduler)
     RunDir(str(out)).create(cfg)
     folder = save_checkpoint(out / "checkpoints", 1, {stage: trainer}, cfg, {"run_state": {}, "samplers": {}})

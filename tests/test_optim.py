@@ -56,7 +56,7 @@ def test_adam_settings_and_warmup_schedule(decoder):
     cfg = copy.deepcopy(cfg)
     cfg.optim.adam_beta1, cfg.optim.adam_beta2, cfg.optim.adam_epsilon = 0.8, 0.95, 1e-6
     cfg.optim.lr_scheduler, cfg.optim.warmup_steps, cfg.optim.learning_rate = "linear", 2, 1e-3
-    optimizer, scheduler = build_optimizer(policy, cfg, num_steps=6)
+    optimizer, scheduler = build_optimizer(policy, cfg, Accelerator(cpu=True), num_steps=6)
     group = optimizer.param_groups[0]
     assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
     lrs = []
