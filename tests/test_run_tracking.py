@@ -50,7 +50,7 @@ def test_tensorboard_events_hold_metrics_grids_and_config(straight):
     assert {"reward/mean", "loss", "kl", "grad_norm", "lr"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("reward/mean")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows(straight)])
-    assert [e.step for e in events.Images("samples")] == [2, 4]
+    assert [e.step for e in events.Images("samples")] == [0, 2, 4]  # step 0: before training
     assert events.Images("samples")[0].width > 64  # the captioned grid, not one tile
     hparams = [p for p in logdir.iterdir() if p.is_dir() and (p / "hparams.yml").is_file()]
     assert hparams and "optim.gradient_accumulation_steps: 2" in (hparams[0] / "hparams.yml").read_text()
