@@ -4,7 +4,7 @@ An objective turns one chunk of a minibatch into a scalar loss and its metrics; 
 (``tandem.rl.trainer.update_on_minibatch``) backpropagates each chunk's loss weighted by its share of the
 units, so an objective never sees the optimizer, the accelerator or the processes. Before that, right after
 each rollout and with the weights that sampled it, ``prepare(policy, batch, grpo)`` may add what the objective
-needs to the batch (no grad). Register a new one with ``@OBJECTIVES.register("name")`` on a class with
+needs to the batch (no grad). Register a new one with ``@OBJECTIVES.register("name")`` on a class (made anew for each use) with
 ``stages``, ``prepare`` and ``loss(policy, batch, chunk, grpo)``; config validation reads the registry, so its
 name is at once a valid ``grpo.objective``.
 

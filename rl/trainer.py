@@ -46,7 +46,7 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
     """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
     gradients averaged over processes (by FSDP's reduce-scatter when sharded), clip to the global norm, step.
     Returns loss metrics averaged over processes."""
-    objective = OBJECTIVES.get(cfg.grpo.objective)
+    objective = OBJECTIVES.get(cfg.grpo.objective)()
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
     parts = []
@@ -113,7 +113,7 @@ class StageTrainer:
         g, cfg, layout = self.cfg.grpo, self.cfg, self.layout
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
         base_seed = cfg.seed * 1_000_003 + self.state.rollouts
-        objective = OBJECTIVES.get(g.objective)
+        objective = OBJECTIVES.get(g.objective)()
         self.policy.global_step = self.state.step  # step-scheduled sampling (a sliding SDE window) follows it
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
         for i, part in enumerate(self._sub_batches(chosen)):  # 2. rollout + score, overlapped
