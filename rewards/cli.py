@@ -64,15 +64,29 @@ def _json_score(value: float):
     return None if math.isnan(value) else value
 
 
-def cmd_score(reward_specs: List[str], images_dir: str, prompts_file: str, backend: str = "local") -> int:
+def _attach_sources(pairs: List[tuple], sources_dir: str) -> None:
+    """Set each record's ``reference`` to the image of the same file name in ``sources_dir`` (edit sources)."""
+    sources = _image_files(sources_dir)
+    missing = [name for name, _, _ in pairs if name not in sources]
+    if missing:
+        raise ConfigError(f"--sources {sources_dir} has no source image named {missing[0]} (one per scored image, same file name)")
+    for name, _, record in pairs:
+        record.metadata["reference"] = load_image(sources[name])
+
+
+def cmd_score(reward_specs: List[str], images_dir: str, prompts_file: str, backend: str = "local",
+              sources_dir: str | None = None) -> int:
     """Score every image of ``images_dir`` with the rewards; print one JSON object per image on stdout.
 
     Prompt file: .txt (one prompt per line, in sorted image-name order) or .jsonl ({"prompt", "text"?,
-    "reference"? (a path), "image"? (a file name in images_dir)}). Images of different sizes are scored in
-    separate batches. Bad input raises ConfigError (one line).
+    "reference"? (a path), "image"? (a file name in images_dir)}). ``sources_dir``: edited images' source
+    images, matched by file name, handed to the rewards as ``reference`` (replacing the file's). Images of
+    different sizes are scored in separate batches. Bad input raises ConfigError (one line).
     """
     entries = [_entry(spec) for spec in reward_specs]
     pairs = _pair(_image_files(images_dir), load_prompts(prompts_file), images_dir, prompts_file)
+    if sources_dir is not None:
+        _attach_sources(pairs, sources_dir)
     images = [load_image(path) for _, path, _ in pairs]
     by_shape: Dict[tuple, List[int]] = {}
     for i, image in enumerate(images):

@@ -2,7 +2,7 @@
 
     tandem train ar|decoder|joint --config FILE [key.sub=value ...] [--dry-run]
     tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR] [--num-prompts N]
-    tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--backend local|ray]
+    tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--sources DIR] [--backend local|ray]
     tandem rewards
     tandem eval --config FILE [--checkpoint DIR] [--prompts FILE] [--batch-size N] [key.sub=value ...]
     tandem report RUN_DIR
@@ -46,6 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reward", action="append", required=True, help="registered name or pkg.module:attr")
     score.add_argument("--images", required=True, help="folder of .png/.jpg images")
     score.add_argument("--prompts", required=True, help=".txt or .jsonl prompt file, one entry per image")
+    score.add_argument("--sources", default=None, help="folder of the edits' source images (same file names), "
+                       "handed to the rewards as 'reference' (e.g. source_structure, lpips)")
     score.add_argument("--backend", choices=["local", "ray"], default="local")
 
     sub.add_parser("rewards", help="list registered rewards")
@@ -91,7 +93,7 @@ def _sample(args) -> int:
 def _score(args) -> int:
     from tandem.rewards.cli import cmd_score
 
-    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend)
+    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend, sources_dir=args.sources)
 
 
 def _rewards(args) -> int:

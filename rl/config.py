@@ -119,6 +119,9 @@ class DecoderConfig:
     # With condition_source "buffer": an AR run directory (or its buffer/ folder); its records replace
     # data.prompts.
     buffer_dir: Optional[str] = None
+    # Image editing: each record's `reference` image is the source to edit; the decoder attends to its latents and
+    # prior tokens through the transformer's KV cache, as GlmImagePipeline(image=...) does (two-call CFG only).
+    edit: bool = False
     # EMA decay of trained weights used for eval/sample grids; 0 disables EMA.
     ema_decay: float = 0.0
     # CFG as one transformer call of 2B instead of two calls of B; the shorter glyph sequence is left
@@ -408,6 +411,8 @@ def validate(job: JobConfig, stage: str) -> None:
                   f"last of decoder.num_steps={d.num_steps} steps (the last step is never trained)")
         else:
             _rule(0 < d.timestep_fraction <= 1, "decoder.timestep_fraction", "must be in (0, 1]")
+        _rule(not (d.edit and d.cfg_batch), "decoder.cfg_batch", "decoder.edit runs CFG as two calls (only the "
+              "conditional branch reads the source's KV cache): set decoder.cfg_batch=false")
         _rule(d.sde_window_stride >= 1 and d.sde_window_shift_interval >= 1, "decoder.sde_window_stride",
               "sde_window_stride and sde_window_shift_interval must be >= 1")
         if g.objective == "diffusion_nft":
