@@ -5,8 +5,9 @@ Decoder conditions (``GlmFlowAdapter.conditions``) are the full-grid AR tokens o
 ``decoder.condition_source``: the reference image's own VQ tokens ("reference") or a rollout of the frozen AR
 model ("ar"); plus the glyph embeddings of the quoted text (and of ``""`` for CFG's negative branch).
 
-Editing (``decoder.edit``): ``metadata["reference"]`` is the source image; its VAE latents and VQ prior ids join
-the conditions (``source_latents``, ``source_prior``) and reach every velocity call through the transformer's
+Editing (``decoder.edit``): ``metadata["reference"]`` is the source image; with ``condition_source: ar`` the frozen
+AR model writes the target tokens from the source's image tokens and the instruction (``GlmImageAdapter.edit_tokens``),
+and the source's VAE latents and VQ prior ids join the conditions (``source_latents``, ``source_prior``) and reach every velocity call through the transformer's
 KV cache, as ``GlmImagePipeline(image=...)`` conditions the decoder (``GlmImageAdapter.source_kv_cache``).
 """
 
@@ -61,6 +62,8 @@ class GlmFlowAdapter:
             if missing:
                 raise ConfigError(f"decoder.condition_source=reference needs a 'reference' image for prompt {missing[0]!r}")
             return self.layout.reference_tokens(np.stack([m["reference"] for m in metadata]))
+        if self.edit:
+            return self.layout.edit_tokens(prompts, self._sources(prompts, metadata), self.height, self.width, seed)
         gen = torch.Generator().manual_seed(seed)
         up, _, _ = self.pipe.generate_prior_tokens(prompt=list(prompts), height=self.height, width=self.width,
                                                    device=self.device, generator=gen)
@@ -76,6 +79,12 @@ class GlmFlowAdapter:
     @torch.no_grad()
     def source_conditions(self, prompts: Sequence[str], metadata: Sequence[dict]) -> Dict[str, torch.Tensor]:
         """source_latents (P, C, h, w) and source_prior (P, 4*th*tw) of each record's source image."""
+        images = self._sources(prompts, metadata)
+        prior = self.layout.upsample_prior(self.layout.reference_tokens(images), self.grids)
+        return {"source_latents": self.layout.source_latents(images), "source_prior": prior}
+
+    def _sources(self, prompts: Sequence[str], metadata: Sequence[dict]) -> np.ndarray:
+        """(P, H, W, 3) uint8 source images of an edit job; ConfigError naming the prompt without one."""
         missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
         if missing:
             raise ConfigError(f"decoder.edit needs a source image ('reference' in the prompt file) for prompt {missing[0]!r}")
@@ -83,8 +92,7 @@ class GlmFlowAdapter:
         if images.shape[1:3] != (self.height, self.width):
             raise ConfigError(f"decoder.edit: source images are {images.shape[1]}x{images.shape[2]}, the job makes "
                               f"{self.height}x{self.width} images; load them at data.height x data.width")
-        prior = self.layout.upsample_prior(self.layout.reference_tokens(images), self.grids)
-        return {"source_latents": self.layout.source_latents(images), "source_prior": prior}
+        return images
 
     def token_conditions(self, full_tokens: torch.Tensor, prompts: Sequence[str], with_negative: bool) -> Dict[str, torch.Tensor]:
         """prior (B, 4*th*tw) upsampled ids, glyph (B, T, D), neg_glyph (B, T', D) (CFG), full_tokens (B, th*tw)."""

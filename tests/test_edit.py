@@ -70,6 +70,21 @@ def test_edit_rollout_is_on_policy_and_needs_sources(policy, records):
         policy.adapter.source_conditions(["no source"], [{}])
 
 
+def test_frozen_ar_writes_edit_tokens_from_the_source(tiny_path, records):
+    """condition_source ar + edit: the AR model reads the source's image tokens (chat-template image item) and
+    writes the target grid; same seed, same tokens; another source, other tokens."""
+    from tandem.policies.glm_image_family import GlmFlowAdapter
+
+    adapter = GlmFlowAdapter(load_pipeline(tiny_path, device="cpu"), 64, 64, condition_source="ar", edit=True)
+    meta = [r.metadata for r in records]
+    tokens = adapter.full_tokens(["make it red"] * 4, meta, seed=3)
+    assert tokens.shape == (4, adapter.grids.num_full) and int(tokens.max()) < 128
+    assert torch.equal(tokens, adapter.full_tokens(["make it red"] * 4, meta, seed=3))
+    differs = [not torch.equal(adapter.full_tokens(["make it red"], [meta[0]], seed=s),
+                               adapter.full_tokens(["make it red"], [meta[1]], seed=s)) for s in range(6)]
+    assert any(differs)  # the near-uniform tiny model often samples the same ids from either source
+
+
 def test_edit_with_batched_cfg_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="decoder.cfg_batch"):
         load_config("configs/demo/edit.yaml", ["decoder.cfg_batch=true", f"output_dir={tmp_path}"], stage="decoder")
