@@ -1,6 +1,8 @@
 # tandem — two commands do all set-up on a fresh machine:
 #   make demo   install (first time only) and run the tiny CPU demo
-#   make test   install (first time only) and run the test suite
+#   make test   install (first time only) and run the whole test suite (what CI runs)
+# make test-fast runs the tests not marked slow (the edit loop: no end-to-end runs, Ray clusters, subprocess
+# jobs or browsers).
 # A second run reuses .venv and starts in seconds.
 
 PYTHON ?= python3.11
@@ -8,9 +10,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.tandem-installed
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?=
 
-.PHONY: demo test test-all install system-deps clean
+.PHONY: demo test test-fast install system-deps clean
 
 demo: $(STAMP)
 	rm -rf runs/demo/ar runs/demo/decoder
@@ -20,8 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: PYTEST_ARGS :=
-test-all: test
+test-fast: PYTEST_ARGS := -m "not slow"
+test-fast: test
 
 install: $(STAMP)
 

@@ -47,6 +47,8 @@ class Rollout:
         extras: policy-specific tensors with batch dim first (tokens, positions, latents, ...); scalars and
             non-batched settings may sit here too and are passed through unchanged by ``select``.
         advantages: (B,) float32, filled by the trainer after scoring.
+        behaviour_log_probs: (B, U) float32, the sampler's log-probs when ``old_log_probs`` were recomputed by
+            the trainer (``grpo.old_log_probs``), else None.
     """
 
     images: np.ndarray
@@ -57,6 +59,7 @@ class Rollout:
     mask: torch.Tensor
     extras: Dict[str, Any] = field(default_factory=dict)
     advantages: Optional[torch.Tensor] = None
+    behaviour_log_probs: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -69,6 +72,7 @@ class Rollout:
             metadata=_take(self.metadata, index), group_ids=_take(self.group_ids, index),
             old_log_probs=_take(self.old_log_probs, index), mask=_take(self.mask, index),
             extras=_take(self.extras, index), advantages=_take(self.advantages, index),
+            behaviour_log_probs=_take(self.behaviour_log_probs, index),
         )
 
 

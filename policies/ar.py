@@ -7,7 +7,7 @@ then the full grid (the tokens the frozen decoder paints). Both segments are act
 **Which distribution the loss uses.** The sampler's: π(a | s) = softmax(topp(topk(suppress(ℓ)/T)))[a], with
 ℓ the raw logits of the model (``policies.ar_sampler.LogitsProcessing``). The rollout stores exactly this
 log-prob of every sampled token (``old_log_probs``), so the on-policy ratio is that of the distribution that
-was sampled from (DESIGN §4). The recompute (``log_probs``) applies the same processing to the current
+was sampled from (docs/design.md, section 4). The recompute (``log_probs``) applies the same processing to the current
 weights' logits, taking the top-k / nucleus support from those logits and always keeping the scored token:
     log π_θ(a) = z_a − logsumexp_{j ∈ S_θ ∪ {a}} z_j,   z = suppress(ℓ_θ)/T,   S_θ = support of the processed
 scores. Why: (1) it is the distribution the current policy would sample from; (2) no (B, U, V) nucleus mask
@@ -19,7 +19,7 @@ is scored the same way, and the per-token KL is k3 (``tandem.policies.kl.k3_kl``
 
 **Positions.** The training forward passes the 3-D MRoPE ``position_ids`` that generation used (recorded by
 the sampler), never letting the model derive them (wrong from the 3rd generated token on) and never touching
-the model's cached rope state (GLM_IMAGE_FACTS, "Exact AR log-probs").
+the model's cached rope state (docs/glm_image_facts.md, "Exact AR log-probs").
 
 **LoRA targets are per stage.** ``optim.lora.target_modules`` names modules of the trained model; the schema
 default names the decoder's (``to_q``…). The AR policy reads that exact default as "stage default" and uses

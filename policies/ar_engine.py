@@ -1,64 +1,21 @@
 """A fast AR decode loop for GLM-Image: static KV cache, explicit 3-D MRoPE positions, optional CUDA graph.
 
-``StaticCacheSampler`` is a ``policies.ar_sampler.TokenSampler``: same call, same ``SampledTokens``, same
-distribution and same stored log-probs as ``GenerateSampler`` (``transformers.generate``), so ``ARPolicy``'s
-training recompute and on-policy ratio are unchanged when it is swapped in::
+``StaticCacheSampler`` is a ``TokenSampler`` (``tandem.policies.ar_sampler``): same call, same ``SampledTokens``,
+same distribution and stored log-probs as ``GenerateSampler`` (transformers ``generate``), so the AR policy's
+training recompute is unchanged when it is swapped in (``ar.sampler: engine``). Per call:
 
-    ARPolicy(pipe, adapter, cfg, sampler=StaticCacheSampler(use_cuda_graph=True))
+1. positions — the prompt's from the model's ``get_rope_index``; the U − 1 decode positions by the grid rule of
+   docs/glm_image_facts.md ("Exact AR log-probs"), all before the first forward (``decode_positions``);
+2. a static KV cache (B, kv_heads, S, head_dim) per layer, S = L + U − 1 rounded up, and a (B, S) mask of the
+   slots that hold a real token;
+3. prefill over the prompt with the model's own modules (peft's LoRA layers run as in training);
+4. decode: per step, suppress → temperature → top-k → top-p on the float32 raw logits, one
+   ``torch.multinomial`` draw under ``fork_rng`` + ``manual_seed(seed)`` (the same random stream as
+   ``generate``), the stored log-prob is ``log_softmax(scores)`` at the token; the next step attends to the
+   cache through ``static_decode_attention`` (K/V read once per kv head), eagerly or as one captured CUDA graph
+   (``use_cuda_graph``; call ``reset()`` after re-allocating parameters or toggling adapters).
 
-**The loop.** For B left-padded prompts of length L and U tokens:
-
-1. Positions, all computed before the first forward. The prompt's (3, B, L) positions come from the model's
-   own ``get_rope_index`` (a ramp over the valid tokens, 2-D grids for complete source images, 1 for pads).
-   The U − 1 decode positions follow the rule of GLM_IMAGE_FACTS ("Exact AR log-probs"): from base
-   b = (last prompt position) + 1, the grids still to be generated — the sample's last grids of
-   ``image_grid_thw``, in **reverse** order (preview first, then full) — each give (t, h, w) = (b, b+row, b+col)
-   in row-major order, then b += max(h, w) (``decode_positions``). No cached rope state of the model is read.
-2. A static KV cache: per layer a (B, kv_heads, S, head_dim) key and value buffer, S = L + U − 1 (L and S
-   rounded up to a multiple of ``pad_prompt_to``), and a (B, S) bool mask of the slots that hold a real
-   token. Prefill: one forward over the prompt with the model's attention implementation (causal, pad keys
-   masked; a pad query attends to itself so that no row is empty) writes slots [0, L). Decode step t writes
-   slot L + t and attends to all S slots through the mask with ``static_decode_attention``: the 32 query heads
-   packed per key/value head (2 at release size), so each K/V slot is read once, two matmuls and a float32
-   softmax (the numerics of transformers' eager attention). It is switched in only around decode steps
-   (``text_config._attn_implementation``, registered with transformers' ``AttentionInterface``): sdpa's
-   masked path repeats K/V 16× (transformers ≤ 5.17, and any version under torch.compile) or falls back to a
-   masked cuDNN kernel (docs/benchmarks.md, "AR decode profile").
-3. The forward is the model's own modules — ``embed_tokens``, ``rotary_emb``, every decoder layer (so LoRA
-   adapters injected by peft run as in training), ``norm``, ``lm_head`` — with our cache object passed as the
-   layers' cache (it only needs ``update``) and our mask; the text model's ``forward`` (mask creation, dynamic
-   cache, position inference) is not used. Prefill attention implementations ``sdpa`` (bool mask) and
-   ``eager`` (additive mask) are supported.
-4. Sampling, per step: ``LogitsProcessing`` on the float32 raw logits of the last position (suppress →
-   temperature → top-k → top-p, transformers' own warpers, built once), ``probs = softmax(scores)``,
-   ``torch.multinomial(probs, 1)``; the stored log-prob is ``log_softmax(scores)`` at the sampled token —
-   exactly what ``GenerateSampler`` stores from ``output_scores``.
-
-**RNG: identical draws to ``generate``.** ``GenerateSampler`` runs ``generate`` under
-``torch.random.fork_rng`` after ``torch.manual_seed(seed)``, and ``generate`` consumes the global RNG only
-through one ``torch.multinomial(softmax(scores), num_samples=1)`` per step on the (B, V) scores. This loop
-makes the same calls in the same order under the same ``fork_rng`` + ``manual_seed``, so the random stream is
-the same: given equal scores the sampled tokens are equal. The scores themselves differ from ``generate``'s
-only by float rounding (attention over a fixed-size masked cache instead of a growing one, a different
-prefill mask layout): on CPU in fp32 tokens come out identical and log-probs agree to ≤ 1e-6
-(tests/test_ar_engine.py); a token can differ only when a uniform draw lands within rounding of a CDF
-boundary. On CUDA, ``torch.manual_seed`` seeds the CUDA generator too and ``fork_rng`` forks it; the caller's
-RNG state is left untouched in both cases. (A private ``torch.Generator`` would leave the global stream alone
-without ``fork_rng`` but could never reproduce ``generate``'s tokens.)
-
-**CUDA graph** (``use_cuda_graph=True``, CUDA models only; ignored on CPU). One decode step — write the token
-id, position and cache slot into static input buffers, mark the slot valid, run the layers over the static
-cache, write the (B, V) raw logits of the step — is captured once with ``torch.cuda.CUDAGraph`` (after
-warm-up runs on a side stream) and replayed for every step; the logits processing and the multinomial draw
-run eagerly between replays (so the RNG stream is the one described above). The prefill is eager. The graph,
-its input buffers and the KV cache are kept for the next call with the same (model, B, padded prompt length,
-cache length, dtype) — prompts are left-padded to a multiple of ``pad_prompt_to`` (64 by default with the
-graph) so that rollouts of different prompt lengths reuse one graph. A graph replays the kernels it
-recorded: after re-allocating the model's parameters (``.to()``, replacing modules, merging LoRA) or toggling
-peft's ``disable_adapter`` around a call, call ``reset()`` (parameter addresses are checked, adapter state is
-not). ``reset()`` also frees the cache (B·S·layers·2·kv_heads·head_dim elements: ~3.5 GB in bf16 at B=32,
-S=1344 for the release model). Checked on an H200 on the tiny model only
-(``test_cuda_graph_matches_eager_loop``); full-size timings: ``scripts/bench_ar_engine.py``.
+The design, the numerics against ``generate`` and the CUDA-graph rules are in docs/ar_engine.md.
 """
 
 from __future__ import annotations
@@ -99,7 +56,7 @@ def prompt_positions(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def decode_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], prompt_pos: torch.Tensor,
                      image_grid_thw: torch.Tensor, images_per_sample: Optional[torch.Tensor],
                      image_end_token_id: int, num: int) -> torch.Tensor:
-    """(B, 3, num) positions of the first ``num`` generated tokens fed back (GLM_IMAGE_FACTS rule).
+    """(B, 3, num) positions of the first ``num`` generated tokens fed back (docs/glm_image_facts.md rule).
 
     Per sample: the grids to generate are its last ``len(grids) − (end markers in the prompt)`` grids, taken in
     reverse order; base b = last prompt position + 1; a grid (h, w) at b gives (b, b + row, b + col) for its
@@ -375,82 +332,103 @@ class StaticCacheSampler:
     @torch.no_grad()
     def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
                  seed: int) -> SampledTokens:
+        self._check_inputs(model, inputs, num_tokens, processing)
+        parts = _Parts.of(model)
+        device = inputs["input_ids"].device
+        graph_on = self.use_cuda_graph and device.type == "cuda"
+        ppos, dpos, position_ids = self._positions(model, inputs, num_tokens)  # 1. positions
+        ids, cache, valid, graph = self._cache(model, parts, inputs, ppos, num_tokens, graph_on)  # 2. cache, mask
+        fork_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices, device_type=device.type if fork_devices else "cuda"):
+            torch.manual_seed(seed)
+            logits = self._prefill(parts, ids[0], ids[1], cache, valid)  # 3. prefill
+            with decode_attention(parts):  # 4. decode (a graph replay needs none; the eager step does)
+                tokens, log_probs, raw = self._decode(parts, logits, dpos, num_tokens, processing, cache, valid, graph,
+                                                      ids[0].shape[1])
+        return SampledTokens(tokens=tokens, log_probs=log_probs, position_ids=position_ids, raw_logits=raw)
+
+    def _check_inputs(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing) -> None:
         if "pixel_values" in inputs:
             raise NotImplementedError("StaticCacheSampler takes token prompts (input_ids); use GenerateSampler for "
                                       "prompts with pixel_values")
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         self._check_processing(model, processing)
-        base = _unwrap(model)
-        parts = _Parts.of(model)
-        input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded (attention_mask[:, -1] must be all ones)")
-        device = input_ids.device
-        b, prompt_len = input_ids.shape
-        dtype = parts.lm_head.weight.dtype
-        graph_on = self.use_cuda_graph and device.type == "cuda"
 
-        # 1. positions: prompt (model's get_rope_index), decode (the grid rule)
-        ppos = prompt_positions(model, inputs)  # (3, B, L)
-        dpos = decode_positions(input_ids, attention_mask, ppos, inputs["image_grid_thw"],
-                                inputs.get("images_per_sample"), base.config.image_end_token_id,
+    @staticmethod
+    def _positions(model, inputs: Mapping[str, torch.Tensor], num_tokens: int):
+        """Prompt positions (3, B, L) from the model's get_rope_index; decode positions (3, B, U-1) by the grid
+        rule; and both together as the (B, 3, L + U - 1) ``position_ids`` that training replays."""
+        ppos = prompt_positions(model, inputs)
+        dpos = decode_positions(inputs["input_ids"], inputs.get("attention_mask"), ppos, inputs["image_grid_thw"],
+                                inputs.get("images_per_sample"), _unwrap(model).config.image_end_token_id,
                                 max(num_tokens - 1, 0))  # (B, 3, U-1)
-        position_ids = torch.cat([ppos.permute(1, 0, 2), dpos], dim=-1).contiguous()  # (B, 3, L + U - 1)
-        dpos3 = dpos.permute(1, 0, 2).contiguous()  # (3, B, U-1)
+        position_ids = torch.cat([ppos.permute(1, 0, 2), dpos], dim=-1).contiguous()
+        return ppos, dpos.permute(1, 0, 2).contiguous(), position_ids
 
-        # 2. cache and mask
+    def _cache(self, model, parts: _Parts, inputs, ppos: torch.Tensor, num_tokens: int, graph_on: bool):
+        """(ids, mask, positions) of the padded prompt, the static KV cache, its valid-slot mask (B, S) with the
+        prompt's real tokens set, and the captured graph (or None)."""
+        base = _unwrap(model)
         pad_id = base.generation_config.pad_token_id
-        pad_id = int(pad_id if pad_id is not None else 0)
-        ids, mask, pos, multiple = self._padded(inputs, ppos, graph_on, pad_id)
-        lp = ids.shape[1]
+        ids, mask, pos, multiple = self._padded(inputs, ppos, graph_on, int(pad_id if pad_id is not None else 0))
+        b, lp = ids.shape
+        dtype, device = parts.lm_head.weight.dtype, ids.device
         length = -(-(lp + num_tokens - 1) // multiple) * multiple  # slots past the last token stay masked
+        graph = None
         if graph_on and num_tokens > 1:
             graph = self._graph_for(model, parts, b, lp, length, dtype, device)
             cache, valid = graph.cache, graph.valid
         else:
-            graph = None
             cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)
             valid = torch.zeros(b, length, dtype=torch.bool, device=device)
         valid.zero_()
         valid[:, :lp] = mask.bool()
+        return (ids, pos), cache, valid, graph
 
-        procs = processing._processors(device)
+    @staticmethod
+    def _prefill(parts: _Parts, ids: torch.Tensor, pos: torch.Tensor, cache: _StaticKV, valid: torch.Tensor):
+        """One forward over the padded prompt (causal, pad keys masked, every query sees itself) that fills cache
+        slots [0, L); returns the (B, V) logits of the last position."""
+        lp, device = ids.shape[1], ids.device
+        cache.slot = torch.arange(lp, device=device)
+        cache.kv_len = lp
+        ar = torch.arange(lp, device=device)
+        causal = ar[None, :] <= ar[:, None]  # (Q, K)
+        allowed = causal[None] & (valid[:, None, :lp] | torch.eye(lp, dtype=torch.bool, device=device)[None])
+        return parts.forward(ids, pos, parts.attn_mask(allowed[:, None], parts.lm_head.weight.dtype), cache)
+
+    def _decode(self, parts: _Parts, logits: torch.Tensor, dpos: torch.Tensor, num_tokens: int,
+                processing: LogitsProcessing, cache: _StaticKV, valid: torch.Tensor, graph, lp: int):
+        """Sample ``num_tokens`` tokens: process the raw logits, draw, store log_softmax(scores) at the token, and
+        run the next step (graph replay or eager) on slot L + t. Returns tokens, log-probs (B, U) and the raw
+        logits (B, U, V) when ``keep_raw_logits``."""
+        b, device = logits.shape[0], logits.device
+        procs = processing.processors(device)
         tokens = torch.empty(b, num_tokens, dtype=torch.long, device=device)
         log_probs = torch.empty(b, num_tokens, dtype=torch.float32, device=device)
         raw_out = None
-
-        fork_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices, device_type=device.type if fork_devices else "cuda"):
-            torch.manual_seed(seed)
-            # 3. prefill: causal over the prompt, pad keys masked, every query sees itself
-            cache.slot = torch.arange(lp, device=device)
-            cache.kv_len = lp
-            ar = torch.arange(lp, device=device)
-            causal = ar[None, :] <= ar[:, None]  # (Q, K)
-            allowed = causal[None] & (valid[:, None, :lp] | torch.eye(lp, dtype=torch.bool, device=device)[None])
-            logits = parts.forward(ids, pos, parts.attn_mask(allowed[:, None], dtype), cache)
-            with decode_attention(parts):  # 4. decode (a graph replay needs none; the eager step does)
-                for t in range(num_tokens):
-                    raw = logits.float()
-                    if self.keep_raw_logits:
-                        if raw_out is None:
-                            raw_out = torch.empty(b, num_tokens, raw.shape[-1], dtype=torch.float32, device=device)
-                        raw_out[:, t] = raw
-                    scores = raw
-                    for proc in procs:
-                        scores = proc(None, scores)
-                    probs = torch.softmax(scores, dim=-1)
-                    tok = torch.multinomial(probs, num_samples=1).squeeze(1)
-                    tokens[:, t] = tok
-                    log_probs[:, t] = torch.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
-                    if t == num_tokens - 1:
-                        break
-                    slot = lp + t
-                    if graph is not None:
-                        logits = graph(tok, dpos3[:, :, t: t + 1], slot)
-                    else:
-                        logits = self.step(parts, tok[:, None], dpos3[:, :, t: t + 1], valid,
-                                           torch.tensor([slot], device=device), cache)
-        return SampledTokens(tokens=tokens, log_probs=log_probs, position_ids=position_ids, raw_logits=raw_out)
+        for t in range(num_tokens):
+            raw = logits.float()
+            if self.keep_raw_logits:
+                if raw_out is None:
+                    raw_out = torch.empty(b, num_tokens, raw.shape[-1], dtype=torch.float32, device=device)
+                raw_out[:, t] = raw
+            scores = raw
+            for proc in procs:
+                scores = proc(None, scores)
+            tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            tokens[:, t] = tok
+            log_probs[:, t] = torch.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+            if t == num_tokens - 1:
+                break
+            slot = lp + t
+            if graph is not None:
+                logits = graph(tok, dpos[:, :, t: t + 1], slot)
+            else:
+                logits = self.step(parts, tok[:, None], dpos[:, :, t: t + 1], valid,
+                                   torch.tensor([slot], device=device), cache)
+        return tokens, log_probs, raw_out

@@ -14,7 +14,7 @@ touching the policy or the trainer:
 
   and the sampler's log-prob of token a is ``log_softmax(z)[a]``. It uses transformers' own warper classes
   (suppress: the same ``torch.where`` with the id mask built once), so the recompute is bit-identical to what
-  ``generate`` sampled from (GLM_IMAGE_FACTS, "Exact AR log-probs").
+  ``generate`` sampled from (docs/glm_image_facts.md, "Exact AR log-probs").
 
 * ``TokenSampler`` — the decode loop: prompt batch in, ``SampledTokens`` out (tokens, the processed
   log-probs of the sampled tokens, and the 3-D MRoPE positions every fed token used). ``GenerateSampler`` is
@@ -55,7 +55,7 @@ class LogitsProcessing:
         return dict(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                     suppress_tokens=list(self.suppress_ids) or None)
 
-    def _processors(self, device: torch.device) -> list:
+    def processors(self, device: torch.device) -> list:
         from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         procs = []
@@ -73,7 +73,7 @@ class LogitsProcessing:
         """Processed scores (…, V) float32 of raw logits (…, V); −inf outside the sampler's support."""
         shape = logits.shape
         scores = logits.float().reshape(-1, shape[-1])  # the warpers index dim 1
-        for proc in self._processors(logits.device):
+        for proc in self.processors(logits.device):
             scores = proc(None, scores)
         return scores.view(shape)
 

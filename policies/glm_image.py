@@ -29,6 +29,7 @@ import torch
 
 from tandem.core.errors import ConfigError
 from tandem.policies.base import DTYPES, resolve_device
+from tandem.policies.compat import glm_image_grid_shape
 
 
 
@@ -86,7 +87,7 @@ class GlmImageAdapter:
 
     # ------------------------------------------------------------------ AR side
     def grids(self, height: int, width: int) -> Grids:
-        th, tw, ph, pw = self.processor._get_target_shape(height=height, width=width)
+        th, tw, ph, pw = glm_image_grid_shape(self.processor, height, width)
         return Grids(th, tw, ph, pw)
 
     def ar_inputs(self, prompts: Sequence[str], height: int, width: int) -> dict:
@@ -138,7 +139,9 @@ class GlmImageAdapter:
     @torch.no_grad()
     def glyph_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         """T5 states of quoted text (B, T, D); computed under no_grad as the pipeline does (bit-exact)."""
-        return self.pipe._get_glyph_embeds(list(prompts), device=self.device, dtype=self.pipe.transformer.dtype)
+        embeds, _ = self.pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, device=self.device,
+                                            dtype=self.pipe.transformer.dtype)
+        return embeds
 
     def schedule(self, num_steps: int, height: int, width: int):
         """Timesteps (S,) and sigmas (S+1,) of the release schedule, the last sigma 0."""

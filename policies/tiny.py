@@ -6,7 +6,7 @@
 ``FlowMatchEulerDiscreteScheduler`` — and writes them with ``save_pretrained``. Everything downstream loads
 them back with ``from_pretrained`` from that folder, exactly as it loads the released weights.
 
-Geometry (see GLM_IMAGE_FACTS): one AR token = 32 px; VAE factor 8 x DiT patch 2 = 16 px per prior token,
+Geometry (see docs/glm_image_facts.md): one AR token = 32 px; VAE factor 8 x DiT patch 2 = 16 px per prior token,
 so the full-grid tokens are upsampled 2x nearest. The AR codebook has ``CODEBOOK`` codes; ids
 ``[CODEBOOK, VISION_VOCAB)`` (start/end markers) are suppressed in the saved generation config.
 """

@@ -167,6 +167,14 @@ class GRPOConfig:
     multi_objective_aggregation: str = "sum_then_normalize"
     # Clip advantages to +-adv_clip_max; null = stage default (ar: none, decoder: 5 like flow_grpo).
     adv_clip_max: Optional[float] = None
+    # The ratio's denominator: "sampler" (the log-probs stored at rollout), "recompute" (a no-grad forward of
+    # the training layout before the first update, so step 1's ratio is exactly 1 even where rollout and
+    # training numerics differ; the sampler's log-probs stay as the behaviour policy) or "auto" (recompute for
+    # the AR stage outside float32 or with ar.sampler=engine, and with decoder.compile / ar.compile).
+    old_log_probs: str = "auto"
+    # Truncated importance sampling of the rollout/training mismatch (verl's rollout correction): each unit's
+    # loss is weighted by min(exp(old - sampler), cap), detached; needs recomputed old log-probs. null = off.
+    rollout_is_cap: Optional[float] = None
 
 
 @dataclass
@@ -348,6 +356,10 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("model.family", job.model.family, family_names())
     _choice("grpo.objective", g.objective, OBJECTIVES.names())
     _choice("grpo.loss_type", g.loss_type, sorted(LOSS_TYPES))
+    _choice("grpo.old_log_probs", g.old_log_probs, ("auto", "recompute", "sampler"))
+    _rule(g.rollout_is_cap is None or g.rollout_is_cap >= 1.0, "grpo.rollout_is_cap", "must be >= 1 (or null)")
+    _rule(g.rollout_is_cap is None or g.old_log_probs != "sampler", "grpo.rollout_is_cap",
+          "the correction weighs trainer against sampler log-probs; set grpo.old_log_probs to recompute or auto")
     _choice("grpo.scale_rewards", g.scale_rewards, list(SCALES))
     _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, list(AGGREGATIONS))
     _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
@@ -411,6 +423,8 @@ def validate(job: JobConfig, stage: str) -> None:
                   f"last of decoder.num_steps={d.num_steps} steps (the last step is never trained)")
         else:
             _rule(0 < d.timestep_fraction <= 1, "decoder.timestep_fraction", "must be in (0, 1]")
+        _rule(not d.edit or job.model.family == "glm_image", "decoder.edit",
+              f"image editing is built for model.family glm_image, not {job.model.family!r}")
         _rule(not (d.edit and d.cfg_batch), "decoder.cfg_batch", "decoder.edit runs CFG as two calls (only the "
               "conditional branch reads the source's KV cache): set decoder.cfg_batch=false")
         _rule(d.sde_window_stride >= 1 and d.sde_window_shift_interval >= 1, "decoder.sde_window_stride",

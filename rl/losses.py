@@ -8,7 +8,8 @@ per-unit loss is PPO's clipped surrogate plus an optional KL penalty (TRL ``GRPO
 
 ``ε_high ≠ ε_low`` is DAPO's clip-higher. With ``importance_sampling_level="sequence"`` (GSPO, Zheng et al. 2025,
 "Group Sequence Policy Optimization", arXiv:2507.18071, eq. 7; TRL ``importance_sampling_level``) every unit of a
-sequence takes the sequence's ratio ``s = exp(Σ_u m·(logp − old_logp) / Σ_u m)``, and the clip acts on ``s``. ``kl`` is supplied by the policy: ``tandem.policies.kl.k3_kl`` for the AR stage,
+sequence takes the sequence's ratio ``s = exp(Σ_u m·(logp − old_logp) / Σ_u m)``, and the clip acts on ``s``.
+``kl`` is supplied by the policy: ``tandem.policies.kl.k3_kl`` for the AR stage,
 ``policies.sde.mean_kl`` per trained step for the flow stage.
 
 How the (B, U) losses become one scalar is the ``loss_type``, a registry of reductions (add one with
@@ -92,6 +93,7 @@ def policy_loss(
     kl: torch.Tensor | None = None,
     beta: float = 0.0,
     max_units: int | None = None,
+    is_weights: torch.Tensor | None = None,
     importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss (formula and reductions in the module docstring).
@@ -106,6 +108,9 @@ def policy_loss(
         kl: (B, U) per-unit KL term (``k3_kl`` or per-step ``mean_kl``), with grad; required when beta ≠ 0.
         beta: KL coefficient β.
         max_units: ``dr_grpo`` normaliser (TRL's ``max_completion_length``); defaults to U.
+        is_weights: (B, U) truncated importance weights of the rollout/training mismatch,
+            w = min(π_old / π_sampler, cap) (verl's rollout correction); they scale each unit's surrogate term
+            (not the KL), detached. None = 1.
         importance_sampling_level: "token" (one ratio per unit) or "sequence" (GSPO: the mask-weighted mean
             log-ratio of each sequence, for all its units).
 
@@ -140,6 +145,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_unit = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_unit = per_unit * is_weights.detach().float()
     if beta != 0.0:
         per_unit = per_unit + beta * kl.float()
     loss = reduce(per_unit, mask, logp.shape[1] if max_units is None else max_units)

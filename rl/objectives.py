@@ -4,9 +4,9 @@ An objective turns one chunk of a minibatch into a scalar loss and its metrics; 
 (``tandem.rl.trainer.update_on_minibatch``) backpropagates each chunk's loss weighted by its share of the
 units, so an objective never sees the optimizer, the accelerator or the processes. Before that, right after
 each rollout and with the weights that sampled it, ``prepare(policy, batch, grpo)`` may add what the objective
-needs to the batch (no grad). Register a new one with ``@OBJECTIVES.register("name")`` on a class (made anew for each use) with
-``stages``, ``prepare`` and ``loss(policy, batch, chunk, grpo)``; config validation reads the registry, so its
-name is at once a valid ``grpo.objective``.
+needs to the batch (no grad). Register a new one with ``@OBJECTIVES.register("name")`` on a class with
+``stages``, ``uses_old_log_probs``, ``prepare`` and ``loss(policy, batch, chunk, grpo)`` (made anew for each
+use); config validation reads the registry, so its name is at once a valid ``grpo.objective``.
 
 Registered: ``clipped_surrogate`` (GRPO / Flow-GRPO, both stages; GSPO with ``grpo.importance_sampling_level:
 sequence``), ``grpo_guard`` (Flow-GRPO with GRPO-Guard's ratio normalisation and step reweighting, decoder) and
@@ -30,6 +30,7 @@ from tandem.rl.nft import nft_loss, optimality_probability
 
 class Objective(Protocol):
     stages: Tuple[str, ...]  # the policy stages it can train
+    uses_old_log_probs: bool  # whether its loss reads Rollout.old_log_probs (then grpo.old_log_probs applies)
 
     def prepare(self, policy, batch: Rollout, grpo) -> Rollout:
         """``batch`` with what ``loss`` needs added, computed right after the rollout (no grad)."""
@@ -48,6 +49,8 @@ class ClippedSurrogate:
 
     stages = ("ar", "decoder")
 
+    uses_old_log_probs = True
+
     def prepare(self, policy, batch: Rollout, grpo) -> Rollout:
         return batch
 
@@ -55,7 +58,17 @@ class ClippedSurrogate:
         out = policy.log_probs(batch, chunk, with_kl=grpo.beta > 0)
         return policy_loss(out.log_probs, batch.old_log_probs[:, chunk], batch.advantages, batch.mask[:, chunk],
                            epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high, loss_type=grpo.loss_type,
-                           kl=out.kl, beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level)
+                           kl=out.kl, beta=grpo.beta, is_weights=rollout_is_weights(batch, chunk, grpo),
+                           importance_sampling_level=grpo.importance_sampling_level)
+
+
+def rollout_is_weights(batch: Rollout, chunk: slice, grpo):
+    """(B, u) truncated IS weights min(π_old / π_sampler, ``grpo.rollout_is_cap``) of the units in ``chunk`` when
+    the old log-probs were recomputed (``grpo.old_log_probs``), else None."""
+    if grpo.rollout_is_cap is None or batch.behaviour_log_probs is None:
+        return None
+    old = batch.old_log_probs[:, chunk]
+    return torch.exp(old - batch.behaviour_log_probs[:, chunk].to(old.device)).clamp(max=grpo.rollout_is_cap)
 
 
 @OBJECTIVES.register("grpo_guard")
@@ -66,6 +79,7 @@ class GrpoGuard:
     scaled by its step's weight (the same for every sample: the window is shared by the rollout batch)."""
 
     stages = ("decoder",)
+    uses_old_log_probs = True
 
     def prepare(self, policy, batch: Rollout, grpo) -> Rollout:
         return batch
@@ -78,7 +92,8 @@ class GrpoGuard:
         kl = policy.kl_to_reference(batch, k, mean, std) if grpo.beta > 0 else None
         loss, metrics = policy_loss(old.float() + log_ratio, old, batch.advantages, batch.mask[:, chunk],
                                     epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high,
-                                    loss_type=grpo.loss_type, kl=kl, beta=grpo.beta)
+                                    loss_type=grpo.loss_type, kl=kl, beta=grpo.beta,
+                                    is_weights=rollout_is_weights(batch, chunk, grpo))
         weight = guard_step_weights(e["sigmas"], e["next_sigmas"])[:, k].mean()
         metrics["guard/step_weight"] = float(weight)
         return loss * weight, metrics
@@ -96,6 +111,7 @@ class DiffusionNFT:
     reference implementation's KL term)."""
 
     stages = ("decoder",)
+    uses_old_log_probs = False
 
     @torch.no_grad()
     def prepare(self, policy, batch: Rollout, grpo) -> Rollout:

@@ -10,7 +10,8 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
    sub-batch is sampled by the current weights, so what is trained stays on-policy;
 3. advantages — A = (R - mean_group) / (std + 1e-4) over the whole batch, NaN-safe, optionally clipped;
 4. hand-off — what conditions the next stage (the AR stage's token grids) is kept, and saved as buffer shards
-   when ``buffer.save``;
+   when ``buffer.save``; then, with ``grpo.old_log_probs`` recompute, the old log-probs are recomputed by a
+   no-grad forward of the training layout (the sampler's are kept as the behaviour policy);
 5. update — ``grpo.num_iterations`` epochs over the minibatches (= the sub-batches, the rollout's batch
    layout); one optimizer step each; the chosen objective (``grpo.objective``) gives each of the policy's
    ``unit_chunks`` a loss, backpropagated one chunk at a time, weighted by its share of the units;
@@ -39,6 +40,18 @@ from tandem.rl.data import PromptSampler
 from tandem.rl.distributed import Layout, layout_of, shard
 from tandem.rl.objectives import OBJECTIVES, merge_chunk_metrics
 from tandem.rl.run_state import RunState
+
+
+def recomputes_old_log_probs(cfg: JobConfig, stage: str) -> bool:
+    """``grpo.old_log_probs``; "auto" recomputes where the rollout's numerics differ from the training forward's:
+    the AR stage outside float32 or through the static-cache engine, and any compiled forward."""
+    mode = cfg.grpo.old_log_probs
+    if mode != "auto":
+        return mode == "recompute"
+    if stage == "ar":
+        return (cfg.model.dtype != "float32" or cfg.optim.mixed_precision != "no" or cfg.ar.sampler == "engine"
+                or cfg.ar.compile)
+    return cfg.decoder.compile
 
 
 def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator,
@@ -95,6 +108,8 @@ class StageTrainer:
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
                                            weight_decay=cfg.optim.weight_decay)
         self.use_records(records, cfg.seed)
+        self.recompute = (recomputes_old_log_probs(cfg, stage)
+                          and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
 
     def use_records(self, records: List[PromptRecord], seed: int) -> None:
@@ -168,11 +183,35 @@ class StageTrainer:
                        combined=np.asarray(scored.advantages.rewards)[mine], height=self.cfg.data.height,
                        width=self.cfg.data.width)
 
+    @torch.no_grad()
+    def recompute_old_log_probs(self, scored: ScoredRollout) -> Dict[str, float]:
+        """Replace each sample's ``old_log_probs`` by the current weights' no-grad log-probs, minibatch by
+        minibatch and chunk by chunk as the update will run them; keep the sampler's as ``behaviour_log_probs``.
+        Returns the sampler-vs-trainer gap over active units: mean and max |Δ log-prob| and the mean k3 estimate
+        of KL(sampler ‖ trainer) (``mismatch/*``)."""
+        gaps = []
+        for sub in scored.subs:
+            fresh = torch.empty_like(sub.old_log_probs)
+            for index in _minibatches(len(sub), self.mini_batch):
+                batch = sub.select(index)
+                with self.accelerator.autocast():
+                    parts = [self.policy.log_probs(batch, chunk, with_kl=False).log_probs.float()
+                             for chunk in self.policy.unit_chunks(batch)]
+                fresh[index.to(fresh.device)] = torch.cat(parts, dim=1).to(fresh.device)
+            sub.behaviour_log_probs, sub.old_log_probs = sub.old_log_probs, fresh
+            delta = (fresh - sub.behaviour_log_probs)[sub.mask > 0]
+            gaps.append(delta)
+        delta = torch.cat(gaps)
+        metrics = {"mismatch/abs/mean": delta.abs().mean().item(), "mismatch/abs/max": delta.abs().max().item(),
+                   "mismatch/k3/mean": (torch.exp(delta) - delta - 1).mean().item()}
+        return self.layout.mean(metrics)
+
     # -------------------------------------------------------------------------------- phases 5-6
     def train_rollout(self, stop_at: int, hooks) -> None:
         """One rollout batch and its updates; stops early at global step ``stop_at``."""
         scored = self.rollout_and_score()
         self.hand_off(scored)
+        mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}
         timings = scored.timings
         for _ in range(self.cfg.grpo.num_iterations):  # 5. update
             for sub in scored.subs:
@@ -185,7 +224,8 @@ class StageTrainer:
                     self.state.step += 1
                     reward_metrics = scored.advantages.metrics
                     metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
-                               **reward_metrics, **loss_metrics, **timings, "time/train_s": time.perf_counter() - t0}
+                               **reward_metrics, **mismatch, **loss_metrics, **timings,
+                               "time/train_s": time.perf_counter() - t0}
                     metrics.update(self.state.cost_metrics(reward_metrics["reward/mean"]))
                     timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
                     hooks.after_step(self, metrics)  # 6. log / grid / eval

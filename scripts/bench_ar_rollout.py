@@ -7,14 +7,14 @@ What is built: ``GlmImageForConditionalGeneration(GlmImageConfig())`` — the re
 hidden 4096, 32 heads / 2 KV heads, head_dim 128, vocab 168064, lm_head 16512), and the default vision tower
 and VQ model (kept at full size although text-to-image never runs them) — random init directly on the GPU,
 then cast to bf16. The text config gets ``rope_parameters`` with ``partial_rotary_factor`` 0.5 and
-``mrope_section`` [8, 12, 12] (GLM_IMAGE_FACTS). The tokenizer is a byte-level BPE trained here on a few
+``mrope_section`` [8, 12, 12] (docs/glm_image_facts.md). The tokenizer is a byte-level BPE trained here on a few
 sentences whose special tokens are placed so the ids fit the config: ``<|dit_token_i|>`` = id i for
 i in 0..16511 (start marker 16384, end marker 16385, as released), then ``<sop>``, ``<eop>``, ``<|image|>``,
 ``<|endoftext|>``; the config's ``image_token_id`` and ``pad_token_id`` are set to the tokenizer's ids (the
 release's 167855 / 167841 would be rows of the same embedding table: no effect on speed).
 
 Sampler: the release one (temperature 0.9, top-p 0.75, ``top_k=0``) plus ``suppress_tokens`` = ids
-[16384, 16512) (a random model otherwise samples end markers: GLM_IMAGE_FACTS), in every row.
+[16384, 16512) (a random model otherwise samples end markers: docs/glm_image_facts.md), in every row.
 
 Rows, all on the same model in one process, prompts tokenised once beforehand (8 prompts x 4 copies at
 batch 32, ~30-40 prompt tokens each, left padded), target 1024² (16x16 preview + 32x32 full grid = 1280 tokens):

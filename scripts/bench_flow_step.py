@@ -17,7 +17,7 @@ by ``random_conditions``: uniform random codebook ids, (P, th*tw). The decoder's
 ids; the AR rollout is benchmarked by ``scripts/bench_ar_rollout.py``.
 
 Prompts carry a 63-character quoted string, so the glyph condition is 64 ByT5 tokens (the unconditional
-branch's ``""`` is 2), matching the forward reference of GLM_IMAGE_FACTS ("4096 patch tokens + 64 glyph
+branch's ``""`` is 2), matching the forward reference of docs/glm_image_facts.md ("4096 patch tokens + 64 glyph
 tokens" at 1024²).
 
 Measured, with the real ``FlowPolicy`` and ``rl.trainer.update_on_minibatch``:

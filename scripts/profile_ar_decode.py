@@ -101,7 +101,7 @@ def main() -> None:
             C.print_table(f"kernels per decode step ({label}, not captured)", res.data[f"kernels_{label}"], [
                 ("kernel", "name", ""), ("calls", "calls", ""), ("ms/step", "ms_per_step", ".3f"), ("share", "share", ".3f")])
         suppress = tuple(range(ids["codebook"], ids["vision_vocab"]))
-        procs = LogitsProcessing(suppress, temperature=0.9, top_k=0, top_p=0.75)._processors(device)
+        procs = LogitsProcessing(suppress, temperature=0.9, top_k=0, top_p=0.75).processors(device)
         logits = torch.randn(b, ids["vision_vocab"], device=device)
 
         def sample():

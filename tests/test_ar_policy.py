@@ -93,7 +93,7 @@ def test_training_positions_equal_generation_positions(tiny_path):
                                       images_per_sample=torch.tensor([2, 2]))
     expected = torch.cat([prefill.permute(1, 0, 2), decode], dim=-1)  # (B, 3, L+U-1)
     torch.testing.assert_close(r.extras["position_ids"], expected, rtol=0, atol=0)
-    # the rule (GLM_IMAGE_FACTS): prompt ramp; preview grid at base b = valid length, full grid at b + 16
+    # the rule (docs/glm_image_facts.md): prompt ramp; preview grid at base b = valid length, full grid at b + 16
     g = policy.grids
     for i in range(2):
         lv = int(mask[i].sum())

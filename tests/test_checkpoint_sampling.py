@@ -10,6 +10,8 @@ from tandem.rl.checkpoint import load_trained_weights
 from tandem.rl.config import load_config
 from tandem.rl.session import train
 
+pytestmark = pytest.mark.slow  # end-to-end jobs
+
 
 @pytest.mark.parametrize("stage, lora", [("decoder", True), ("ar", False)])
 def test_checkpoint_weights_load_into_the_pipeline(tiny_model_path, tmp_path, stage, lora):

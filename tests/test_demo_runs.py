@@ -12,6 +12,8 @@ import pytest
 from tandem.rl.config import load_config
 from tandem.rl.session import train
 
+pytestmark = pytest.mark.slow  # end-to-end demo runs
+
 REQUIRED_METRICS = {
     "step", "reward/mean", "reward/std", "reward/color/mean", "advantage/zero_std_frac", "ratio/mean",
     "clipfrac", "kl", "loss", "time/rollout_s", "time/reward_s", "time/train_s",

@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # multi-process jobs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -132,6 +132,7 @@ def test_score_cli_takes_a_source_folder(tmp_path, capsys):
         cmd_score(["source_structure"], str(tmp_path / "out"), str(tmp_path / "p.txt"), sources_dir=str(tmp_path / "src"))
 
 
+@pytest.mark.slow  # an end-to-end run (4 steps)
 def test_edit_demo_trains(tiny_model_path, tmp_path):
     cfg = load_config("configs/demo/edit.yaml", [f"output_dir={tmp_path / 'edit'}", f"model.path={tiny_model_path}",
                                                  "max_steps=4", "logging.sample_every=0", "reward_host.backend=local"],

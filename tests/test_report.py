@@ -17,6 +17,8 @@ from tandem.rl.config import DataConfig, JobConfig, ModelConfig
 from tandem.rl.eval import save_results, score_text_rendering
 from tandem.rl.run_dir import RunDir
 
+pytestmark = pytest.mark.slow  # headless Chromium and end-to-end jobs
+
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 CHROMIUM = shutil.which("chromium")
 

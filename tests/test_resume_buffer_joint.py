@@ -16,6 +16,8 @@ from tandem.rl.buffer import load_buffer_records
 from tandem.rl.config import load_config
 from tandem.rl.session import train, train_joint
 
+pytestmark = pytest.mark.slow  # end-to-end jobs
+
 VOLATILE = ("time/", "cost/")  # wall-clock figures differ between any two runs
 
 
@@ -52,7 +54,7 @@ def test_decoder_job_trains_from_a_saved_ar_run(tiny_model_path, tmp_path):
     from tandem.policies.glm_image import load_pipeline
 
     policy = build_policy("decoder", dec, load_pipeline(str(tiny_model_path)))
-    tokens = policy.conditions([r.prompt for r in records[:3]], [r.metadata for r in records[:3]], seed=0)
+    tokens = policy.adapter.full_tokens([r.prompt for r in records[:3]], [r.metadata for r in records[:3]], seed=0)
     assert torch.equal(tokens, saved["full_tokens"][:3])
 
 

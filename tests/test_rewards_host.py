@@ -11,6 +11,8 @@ from tandem.rewards.client import RewardClient, RewardScores
 from tandem.rl.advantages import compute_advantages
 from tandem.rl.config import RewardEntry, RewardHostConfig
 
+pytestmark = pytest.mark.slow  # a Ray cluster
+
 RAY = RewardHostConfig(backend="ray")
 LOCAL = RewardHostConfig(backend="local")
 P = "tests.reward_plugins:"

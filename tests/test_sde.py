@@ -19,7 +19,7 @@ def _inputs(shape=(3, 4, 5, 6), seed=0, dtype=torch.float32):
 
 
 def _reference_f64(v, x, sigma, sigma_next, a, kind):
-    """Mean and std of the step in float64 numpy, written from DESIGN.md §3 and not from the kernel."""
+    """Mean and std of the step in float64 numpy, written from docs/design.md, section 3 and not from the kernel."""
     v, x = v.double().numpy(), x.double().numpy()
     dt = sigma_next - sigma
     if kind == "sde":
