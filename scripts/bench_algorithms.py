@@ -18,7 +18,9 @@ copies, minibatches of 4), reward and number of optimizer steps:
 Figures per algorithm, from its ``metrics.jsonl``: ``gain`` = mean ``reward/mean`` over the last tenth of the
 steps minus that over the first tenth (as the demo test measures it); ``seconds`` = the loop's own time (sum of
 ``time/rollout_s`` + ``time/reward_s`` + ``time/train_s``: rollouts, scoring not hidden behind rollouts,
-updates; no start-up); ``trained_samples`` = steps x ``grpo.mini_batch_size``; ``passes`` = forward+backward
+updates; no start-up); ``cpu_seconds`` = CPU time of this process over the job (all its threads; start-up
+included, the Ray reward actors' own processes not) — on a CPU shared with other work, the wall-clock seconds
+grow with the load while the CPU seconds do not, so the CPU row's per-second figure uses them; ``trained_samples`` = steps x ``grpo.mini_batch_size``; ``passes`` = forward+backward
 passes of the transformer (trained units per sample x trained samples). The gain of a tiny random model on one
 seed is noisy: read the table as a rough comparison, not a ranking.
 
@@ -34,6 +36,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -68,7 +71,7 @@ def overrides(args, name: str, out: Path, model_path: str) -> List[str]:
     return items
 
 
-def summarise(run: Path, cfg) -> Dict[str, float]:
+def summarise(run: Path, cfg, cpu_seconds: float, device: str) -> Dict[str, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     tenth = max(1, len(rows) // 10)
     first = float(np.mean([r["reward/mean"] for r in rows[:tenth]]))
@@ -77,9 +80,10 @@ def summarise(run: Path, cfg) -> Dict[str, float]:
     samples = len(rows) * cfg.grpo.mini_batch_size
     units = cfg.grpo.nft_num_timesteps if cfg.grpo.objective == "diffusion_nft" else cfg.decoder.sde_window_size
     gain = last - first
+    per_s = cpu_seconds if device == "cpu" else seconds  # CPU-seconds on the CPU, loop (GPU) seconds on a GPU
     return {"steps": len(rows), "reward_first": first, "reward_last": last, "gain": gain, "seconds": seconds,
-            "trained_samples": samples, "passes": samples * units, "gain_per_1k_s": 1000 * gain / seconds,
-            "gain_per_1k_samples": 1000 * gain / samples}
+            "cpu_seconds": cpu_seconds, "trained_samples": samples, "passes": samples * units,
+            "gain_per_1k_s": 1000 * gain / per_s, "gain_per_1k_samples": 1000 * gain / samples}
 
 
 def release_model(model_dir: Path, device: str) -> str:
@@ -95,13 +99,14 @@ def release_model(model_dir: Path, device: str) -> str:
     return str(model_dir)
 
 
-def table(results: Dict[str, Dict[str, float]]) -> str:
-    head = ("| algorithm | steps | reward first → last | gain | loop s | gain / 1k s | trained samples | "
-            "gain / 1k samples | fwd+bwd passes |\n|---|---|---|---|---|---|---|---|---|\n")
+def table(results: Dict[str, Dict[str, float]], device: str) -> str:
+    unit = "CPU-s" if device == "cpu" else "GPU-s"
+    head = (f"| algorithm | steps | reward first → last | gain | loop wall s | process CPU s | gain / 1k {unit} | "
+            "trained samples | gain / 1k samples | fwd+bwd passes |\n|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {n} | {r['steps']} | {r['reward_first']:.4f} → {r['reward_last']:.4f} | {r['gain']:+.4f} | "
-        f"{r['seconds']:.0f} | {r['gain_per_1k_s']:+.4f} | {r['trained_samples']} | {r['gain_per_1k_samples']:+.4f} | "
-        f"{r['passes']} |\n" for n, r in results.items())
+        f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['gain_per_1k_s']:+.4f} | {r['trained_samples']} | "
+        f"{r['gain_per_1k_samples']:+.4f} | {r['passes']} |\n" for n, r in results.items())
 
 
 def main() -> int:
@@ -130,9 +135,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.algorithms:
             cfg = load_config(str(REPO / ALGORITHMS[name][0]), overrides(args, name, Path(tmp), model_path), "decoder")
-            results[name] = summarise(train(cfg, "decoder"), cfg)
+            c0 = time.process_time()
+            run = train(cfg, "decoder")
+            results[name] = summarise(run, cfg, time.process_time() - c0, args.device)
             print(f"{name}: {results[name]}", flush=True)
-    print(table(results))
+    print(table(results, args.device))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
