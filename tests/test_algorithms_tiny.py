@@ -100,3 +100,23 @@ def test_gspo_on_the_ar_policy_first_ratio_is_one(tiny_path):
     loss, metrics = obj.loss(policy, batch, policy.unit_chunks(batch)[0], cfg.grpo)
     assert abs(metrics["ratio/max"] - 1) < 1e-5 and abs(metrics["ratio/min"] - 1) < 1e-5
     assert loss.item() == pytest.approx(-batch.advantages.mean().item(), abs=1e-5)
+
+
+@pytest.mark.slow  # short end-to-end runs
+@pytest.mark.parametrize("stage, overrides", [
+    ("decoder", ["grpo.objective=grpo_guard", "decoder.sde_window_schedule=sliding",
+                 "decoder.sde_window_shift_interval=1", "decoder.ode_solver=dpm2m"]),
+    ("ar", ["grpo.importance_sampling_level=sequence"]),
+], ids=["guard-mixgrpo", "gspo"])
+def test_options_run_from_the_demo_configs(tiny_model_path, tmp_path, stage, overrides):
+    from tandem.rl.config import load_config
+    from tandem.rl.session import train
+    import json
+
+    cfg = load_config(f"configs/demo/{stage}.yaml", [f"output_dir={tmp_path / stage}", f"model.path={tiny_model_path}",
+                                                      "max_steps=4", "logging.sample_every=0", "logging.progress=false",
+                                                      "reward_host.backend=local", *overrides], stage=stage)
+    rows = [json.loads(line) for line in (train(cfg, stage) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(abs(r["ratio/mean"] - 1) < 1e-5 for r in rows if r["time/rollout_s"] > 0)  # first step on-policy
+    assert all(np.isfinite(r["loss"]) for r in rows)
