@@ -19,7 +19,8 @@ Figures per algorithm, from its ``metrics.jsonl``: ``gain`` = mean ``reward/mean
 steps minus that over the first tenth (as the demo test measures it); ``seconds`` = the loop's own time (sum of
 ``time/rollout_s`` + ``time/reward_s`` + ``time/train_s``: rollouts, scoring not hidden behind rollouts,
 updates; no start-up); ``cpu_seconds`` = CPU time of this process over the job (all its threads; start-up
-included, the Ray reward actors' own processes not) — on a CPU shared with other work, the wall-clock seconds
+included, the Ray reward actors' own processes not; an unreported ``--warmup-steps`` job of the first algorithm
+runs first, so the one-time costs of the process — imports, first calls — fall on none of them) — on a CPU shared with other work, the wall-clock seconds
 grow with the load while the CPU seconds do not, so the CPU row's per-second figure uses them; ``trained_samples`` = steps x ``grpo.mini_batch_size``; ``passes`` = forward+backward
 passes of the transformer (trained units per sample x trained samples). The gain of a tiny random model on one
 seed is noisy: read the table as a rough comparison, not a ranking.
@@ -119,6 +120,7 @@ def main() -> int:
     p.add_argument("--release-shape", action="store_true", help="release-size decoder, random init, bf16, LoRA")
     p.add_argument("--model-dir", default=str(REPO / ".cache" / "tiny-glm-image"),
                    help="pipeline folder (tiny: built if missing; --release-shape: where the release-shape one is saved)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="steps of an unreported first job (0 = none)")
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     p.add_argument("--out", default=None, help="JSON file for the figures")
     args = p.parse_args()
@@ -133,6 +135,9 @@ def main() -> int:
         else str(ensure_tiny_glm_image(args.model_dir))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.warmup_steps:
+            warm = overrides(args, args.algorithms[0], Path(tmp) / "warmup", model_path) + [f"max_steps={args.warmup_steps}"]
+            train(load_config(str(REPO / ALGORITHMS[args.algorithms[0]][0]), warm, "decoder"), "decoder")
         for name in args.algorithms:
             cfg = load_config(str(REPO / ALGORITHMS[name][0]), overrides(args, name, Path(tmp), model_path), "decoder")
             c0 = time.process_time()
