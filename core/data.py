@@ -4,43 +4,104 @@ Formats:
 * ``.txt`` — one prompt per line (blank lines and lines starting with ``#`` are skipped);
 * ``.jsonl`` — one object per line: ``{"prompt": str, "text": str?, "reference": path?, ...}``. Every key but
   ``prompt`` goes into the sample's metadata; ``reference`` (a path relative to the file) is loaded as an
-  (H, W, 3) uint8 RGB array under ``metadata["reference"]``, keeping the path in ``reference_path``.
+  (H, W, 3) uint8 RGB array under ``metadata["reference"]``, keeping the resolved path in ``reference_path``.
+
+Prompt files are UTF-8. A ``reference`` must lie inside the prompt file's folder (after resolving ``..`` and
+links) or inside one of the ``allowed_roots`` the caller passes (config key ``data.allowed_roots``): a prompt
+file cannot make tandem read any file the user can read.
+
+Images: 8-bit RGB is taken as it is; a 16-bit image is scaled to 8 bits (v / 257), an image with an alpha
+channel is composited on white, a grayscale or palette image is expanded to RGB; each conversion is logged.
+Images over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from tandem.core.errors import ConfigError
 from tandem.core.types import PromptRecord
 
+log = logging.getLogger("tandem.data")
+
+# Background an image's alpha channel is composited on (RGBA -> RGB).
+ALPHA_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(im, path):
+    """Any PIL image -> 8-bit RGB, logging what was converted (16-bit, alpha, grayscale, palette)."""
+    from PIL import Image
+
+    if im.mode in _SIXTEEN_BIT:  # PIL's convert("RGB") clips 16-bit values at 255 (mid-grey -> white)
+        log.info("image %s: 16-bit %s scaled to 8 bits (v / 257)", path, im.mode)
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        log.warning("image %s: alpha channel composited on white %s", path, ALPHA_BACKGROUND)
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode in ("L", "1"):
+        log.info("image %s: grayscale (%s) expanded to RGB", path, im.mode)
+    return im.convert("RGB")
 
 
 def load_image(path: Path, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """RGB uint8 (H, W, 3); resized to ``size`` = (height, width) when given."""
+    """RGB uint8 (H, W, 3); resized to ``size`` = (height, width) when given (module docstring: conversions)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8).copy()
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = _to_rgb(im, path)
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BICUBIC)
+                return np.asarray(im, dtype=np.uint8).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ConfigError(f"cannot read image {path}: {e}") from None
+    except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as e:
         raise ConfigError(f"cannot read image {path}: {type(e).__name__}") from None
 
 
-def load_prompts(path: str, image_size: Optional[Tuple[int, int]] = None) -> List[PromptRecord]:
-    """Read a prompt file; bad lines raise ConfigError naming file and line."""
+def confined(path: Path, roots: Iterable, what: str) -> Path:
+    """``path`` resolved, if it lies inside one of ``roots``; else a ConfigError naming ``data.allowed_roots``."""
+    resolved = Path(os.path.realpath(path))
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    if not any(resolved == r or r in resolved.parents for r in real_roots):
+        raise ConfigError(f"{what} {path} lies outside {', '.join(map(str, real_roots))}; move it there or add "
+                          f"its folder to data.allowed_roots")
+    return resolved
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's content; ConfigError (one line) when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def load_prompts(path: str, image_size: Optional[Tuple[int, int]] = None,
+                 allowed_roots: Iterable[str] = ()) -> List[PromptRecord]:
+    """Read a prompt file; bad lines raise ConfigError naming file and line. A ``reference`` must lie inside
+    the file's folder or ``allowed_roots``."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"prompt file not found: {path}")
     records: List[PromptRecord] = []
-    lines = p.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(p, "prompt file").splitlines()
+    roots = [p.parent, *allowed_roots]
     for n, line in enumerate(lines, start=1):
         if not line.strip() or (p.suffix != ".jsonl" and line.lstrip().startswith("#")):
             continue
@@ -55,7 +116,7 @@ def load_prompts(path: str, image_size: Optional[Tuple[int, int]] = None) -> Lis
             raise ConfigError(f"{path}:{n}: each line needs a string field 'prompt'")
         meta = {k: v for k, v in obj.items() if k != "prompt"}
         if "reference" in meta:
-            ref = p.parent / str(meta["reference"])
+            ref = confined(p.parent / str(meta["reference"]), roots, f"{path}:{n}: reference")
             meta["reference_path"] = str(ref)
             meta["reference"] = load_image(ref, image_size)
         records.append(PromptRecord(obj["prompt"], meta))

@@ -27,8 +27,11 @@ from tandem.core.types import LogProbs, Rollout
 class Policy(Protocol):
     stage: str  # "ar" | "decoder"
 
-    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:
-        """Sample ``group_size`` copies of each prompt (copies adjacent). No grad."""
+    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
+                first_group: int = 0, first_copy: int = 0) -> Rollout:
+        """Sample ``group_size`` copies of each prompt (copies adjacent). No grad. ``seed`` is the rollout batch's
+        (the same on every process); ``first_group`` / ``first_copy`` place this call's groups and copies in it,
+        and seeds are derived from the three (``tandem.core.seeds``)."""
 
     def unit_chunks(self, batch: Rollout) -> List[slice]:
         """Slices over the U axis, one forward pass each."""

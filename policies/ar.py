@@ -45,6 +45,7 @@ from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
 from tandem.core.errors import ConfigError
 from tandem.policies.lora import LoraSettings
+from tandem.core.seeds import DECODE, TOKENS, RolloutSeeds
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ class ARPolicy(TrainedComponent):
         return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds)
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:
+    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
+                first_group: int = 0, first_copy: int = 0) -> Rollout:
         """Sample ``group_size`` token sequences per prompt (copies adjacent) and render them. No grad.
 
         Returns a ``Rollout`` with U = num_preview + num_full units; ``extras`` (batch first):
@@ -176,17 +178,22 @@ class ARPolicy(TrainedComponent):
             tokens (B, U); position_ids (B, 3, L + U − 1) MRoPE positions of prompt + tokens[:, :-1];
             full_tokens (B, th·tw) the decoder's condition; decode_seeds (B,) the decoder noise seeds;
             and, unbatched, num_preview and full_grid (th, tw).
+
+        Seeds (``tandem.core.seeds``; ``seed`` is the rollout batch's, ``first_group`` the global index of the
+        first prompt's group, ``first_copy`` this call's first copy within each group): the tokens from one seed
+        per process's call, the decoder noise from one seed per group, the same on every process.
         """
+        seeds = RolloutSeeds(seed, first_group, first_copy)
         # 1. groups: copies of a prompt are adjacent
         n = len(prompts)
         prompts_rep = repeat_for_groups(list(prompts), group_size)
         meta_rep = repeat_for_groups(list(metadata), group_size)
         group_ids = group_ids_for(n, group_size)
         # 2. tokens with the sampler's log-probs and positions
-        inputs, out = self._sample_tokens(prompts_rep, seed)
+        inputs, out = self._sample_tokens(prompts_rep, seeds.process(TOKENS))
         full_tokens = out.tokens[:, self.num_preview:]
         # 3. images: one decoder seed per group, so reward differences within a group come from the tokens only
-        decode_seeds = [seed * 1000 + int(g) for g in group_ids]
+        decode_seeds = [seeds.group(DECODE, g) for g in group_ids]
         images = self._render(full_tokens, prompts_rep, decode_seeds)
         # 4. per-segment loss weights
         b, u = out.tokens.shape

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -32,6 +32,8 @@ class ModelFamily:
         components: stage name -> the pipeline attribute that stage trains (checkpoints are keyed by it).
         generate: ``generate(pipe, prompts, job_cfg, seed)`` -> (N, H, W, 3) uint8 with the family's own
             pipeline at the eval settings.
+        check_prompts: ``check_prompts(pipe, prompts, job_cfg, stage)`` raises ConfigError (one line) for a
+            prompt the model cannot take (e.g. longer than its context), before anything runs; None = no limit.
     """
 
     name: str
@@ -39,6 +41,7 @@ class ModelFamily:
     policies: Dict[str, Callable[[Any, Any], Any]]
     components: Dict[str, str]
     generate: Callable[[Any, List[str], Any, int], np.ndarray]
+    check_prompts: Optional[Callable[[Any, List[str], Any, str], None]] = None
 
 
 FAMILIES: Registry[ModelFamily] = Registry("model family")

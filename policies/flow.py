@@ -5,16 +5,22 @@ are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other step
 (Euler, or DPM-Solver++(2M) with ``decoder.ode_solver: dpm2m``, ``policies.ode_solvers``); the last step is never
 trained (Flow-GRPO, Liu et al. 2025; MixGRPO's ODE/SDE mixing, Li et al. 2025, arXiv:2507.21802). The window is
 ``decoder.sde_window_size`` consecutive steps inside ``decoder.sde_window_range``: placed at random per rollout
-batch (``sde_window_schedule: random``), or sliding with training (``sliding``, MixGRPO's progressive schedule,
+call (``sde_window_schedule: random``), or sliding with training (``sliding``, MixGRPO's progressive schedule,
 ``sliding_window_start``) — or the first ``timestep_fraction`` of the steps. Training replays each trained step
 from the stored latents — one step per forward pass (``unit_chunks``), so memory does not grow with steps.
 
-KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2),
-against the LoRA-disabled model or a frozen copy when training all weights.
+KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2)
+(``decoder.kl_form: exact``), or flow_grpo's ``kl_loss``, which is that times |dt| for Flow-SDE
+(``decoder.kl_form: flow_grpo``; ``policies.sde.step_kl``), against the LoRA-disabled model or a frozen copy
+when training all weights.
+
+Seeds (``tandem.core.seeds``): the SDE window and the conditions are drawn per rollout call, the starting noise
+per copy (per group with ``decoder.same_noise_in_group``) and the SDE noise per copy, all from the rollout seed
+and the global group and copy indices — so the processes of a data-parallel job sample what one process would.
 
 Objectives other than the clipped surrogate use the rest of a rollout's ``extras`` (``x0``: final clean latents,
-``cond``: the conditions, ``old_means``: the step means the rollout sampled from, ``seed``) through ``velocity``,
-``step_moments``, ``kl_to_reference`` and ``schedule``.
+``cond``: the conditions, ``old_means``: the step means the rollout sampled from, ``sample_seeds``: one seed per
+copy for the objective's own draws) through ``velocity``, ``step_moments``, ``kl_to_reference`` and ``schedule``.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from tandem.policies.base import TrainedComponent
 from tandem.policies.lora import apply_lora
 from tandem.policies.ode_solvers import dpm2m_step
 from tandem.policies.render import ode_sample
-from tandem.policies.sde import mean_kl, ode_step, sde_step
+from tandem.policies.sde import ode_step, sde_step, step_kl
 from tandem.policies.ema import EMA
+from tandem.core.seeds import CONDITIONS, NOISE, OBJECTIVE, SDE, WINDOW, RolloutSeeds
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 
@@ -47,7 +54,7 @@ def sliding_window_start(lo: int, hi: int, size: int, stride: int, interval: int
 
 
 def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator, step: int = 0) -> List[int]:
-    """Indices of the SDE (trained) steps of one rollout batch at global optimizer step ``step``; never the last."""
+    """Indices of the SDE (trained) steps of one rollout call at global optimizer step ``step``; never the last."""
     if cfg.sde_window_size > 0:
         lo, hi = cfg.sde_window_range
         if cfg.sde_window_schedule == "sliding":
@@ -79,7 +86,8 @@ class FlowPolicy(TrainedComponent):
         if self.d.compile:  # after LoRA injection, so the compiled blocks include the adapters
             base.compile_repeated_blocks()  # the dynamo/inductor settings it needs are made at CLI start-up
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
-        self.ema = EMA(self.trainable_parameters(), self.d.ema_decay) if self.d.ema_decay > 0 else None
+        self.ema = (EMA(self.trainable_parameters(), self.d.ema_decay, self.d.ema_warmup, self.d.ema_update_interval)
+                    if self.d.ema_decay > 0 else None)
 
     @property
     def device(self) -> torch.device:
@@ -90,20 +98,28 @@ class FlowPolicy(TrainedComponent):
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int) -> Rollout:
+    def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
+                first_group: int = 0, first_copy: int = 0) -> Rollout:
         """Sample ``group_size`` images per prompt (copies adjacent). ``extras`` (batch first): latents,
         next_latents, old_means (B, K, C, h, w) before/after each trained step and the mean it was sampled from;
-        timesteps, sigmas, next_sigmas (B, K); x0 (B, C, h, w) the final latents; cond, the adapter's condition
-        tensors; seed (int) of this rollout. No grad."""
-        rng = np.random.default_rng(seed)
+        timesteps, sigmas, next_sigmas (B, K); x0 (B, C, h, w) the final latents; noise_seeds (B,) the
+        starting-noise seeds; sample_seeds (B,) per-copy seeds for the objective; cond, the adapter's condition
+        tensors. No grad.
+
+        ``seed`` is the rollout batch's seed, ``first_group`` the global index of the first prompt's group and
+        ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``)."""
+        seeds = RolloutSeeds(seed, first_group, first_copy)
+        rng = np.random.default_rng(seeds.call(WINDOW))
         group_ids = group_ids_for(len(prompts), group_size)
+        copies = [i % group_size for i in range(len(group_ids))]
         cond = {k: v.repeat_interleave(group_size, dim=0)
-                for k, v in self.adapter.conditions(prompts, metadata, seed).items()}
-        noise_seeds = [seed * 7919 + int(g if self.d.same_noise_in_group else i) for i, g in enumerate(group_ids)]
+                for k, v in self.adapter.conditions(prompts, metadata, seeds.call(CONDITIONS)).items()}
+        noise_seeds = [seeds.group(NOISE, g) if self.d.same_noise_in_group else seeds.copy(NOISE, g, c)
+                       for g, c in zip(group_ids, copies)]
         x = self.adapter.initial_noise(noise_seeds)
         timesteps, sigmas = self.adapter.schedule(self.d.num_steps)
         train_steps = trained_step_indices(self.d, self.d.num_steps, rng, self.global_step)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = [torch.Generator(device="cpu").manual_seed(seeds.copy(SDE, g, c)) for g, c in zip(group_ids, copies)]
 
         chunks = self._rollout_chunks(len(group_ids))
         before, after, means, logps = [], [], [], []
@@ -113,7 +129,7 @@ class FlowPolicy(TrainedComponent):
                            for c in chunks])
             if i in train_steps:
                 x_next, logp, mean, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
-                                                 kind=self.d.sde_type)
+                                                 kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
                 before.append(x)
                 after.append(x_next)
                 means.append(mean)
@@ -131,9 +147,12 @@ class FlowPolicy(TrainedComponent):
             metadata=repeat_for_groups(metadata, group_size), group_ids=group_ids,
             old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k, device=x.device),
             extras=dict(latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1),
-                        old_means=torch.stack(means, dim=1), x0=x, cond=cond, seed=seed,
+                        old_means=torch.stack(means, dim=1), x0=x, cond=cond,
                         timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),
-                        next_sigmas=sigmas[idx + 1].expand(b, k)),
+                        next_sigmas=sigmas[idx + 1].expand(b, k),
+                        noise_seeds=torch.tensor(noise_seeds, dtype=torch.int64),
+                        sample_seeds=torch.tensor([seeds.copy(OBJECTIVE, g, c) for g, c in zip(group_ids, copies)],
+                                                  dtype=torch.int64)),
         )
 
     def _rollout_chunks(self, batch: int) -> List[slice]:
@@ -149,7 +168,7 @@ class FlowPolicy(TrainedComponent):
         e = batch.extras
         v = self.adapter.velocity(model, e["latents"][:, k], e["timesteps"][:, k], e["cond"], self.d.guidance_scale)
         return sde_step(v, e["latents"][:, k], e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.noise_level,
-                        prev_sample=e["next_latents"][:, k], kind=self.d.sde_type)
+                        prev_sample=e["next_latents"][:, k], kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
 
     def step_moments(self, batch: Rollout, k: int):
         """Trained step ``k`` under the current weights (with grad): log_prob (B,), mean (B, C, h, w), std
@@ -158,10 +177,13 @@ class FlowPolicy(TrainedComponent):
         return logp, mean, std
 
     def kl_to_reference(self, batch: Rollout, k: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """(B, 1) closed-form KL of step ``k``'s Gaussian (``mean``, ``std``) to the reference model's."""
+        """(B, 1) KL term of step ``k``'s Gaussian (``mean``, ``std``) against the reference model's
+        (``decoder.kl_form``, ``policies.sde.step_kl``)."""
         with torch.no_grad(), self._reference() as ref:
             _, _, ref_mean, _ = self._step_mean(ref, batch, k)
-        return mean_kl(mean, ref_mean, std)[:, None]
+        e = batch.extras
+        return step_kl(mean, ref_mean, std, e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.sde_type,
+                       self.d.kl_form)[:, None]
 
     def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
         k = chunk.start

@@ -149,6 +149,28 @@ def _ar_policy(pipe, cfg):
     return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
 
 
+def check_prompts(pipe, prompts: List[str], cfg, stage: str) -> None:
+    """Every prompt must fit the AR model's context (``text_config.max_position_embeddings``) together with its
+    image-grid layout and the preview + full grids it generates; ConfigError naming the first that does not.
+    A prompt longer than context x the longest token (in characters) cannot fit and is not tokenised at all (a
+    megabyte prompt would take minutes and then hang the forward)."""
+    if stage == "decoder" and cfg.decoder.condition_source != "ar":
+        return  # the AR model never reads these prompts (the decoder's glyph encoder truncates at 2048)
+    adapter = GlmImageAdapter(pipe)
+    context = pipe.vision_language_encoder.config.text_config.max_position_embeddings
+    grids = adapter.grids(cfg.data.height, cfg.data.width)
+    tokenizer = pipe.processor.tokenizer
+    layout = len(adapter.ar_inputs([""], cfg.data.height, cfg.data.width)["input_ids"][0])
+    budget = context - layout - grids.num_preview - grids.num_full - 1
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    for i, prompt in enumerate(dict.fromkeys(prompts)):
+        n = budget + 1 if len(prompt) > max(budget, 0) * longest else len(tokenizer(prompt)["input_ids"])
+        if n > budget:
+            raise ConfigError(f"prompt {prompt[:40]!r}... ({len(prompt)} characters) is longer than the AR model's "
+                              f"context allows: {context} positions leave {max(budget, 0)} prompt tokens at "
+                              f"{cfg.data.height}x{cfg.data.width} px; shorten it")
+
+
 def _load(model_cfg):
     return load_pipeline(model_cfg.path, model_cfg.dtype, model_cfg.device, model_cfg.create_tiny_if_missing)
 
@@ -156,4 +178,5 @@ def _load(model_cfg):
 GLM_IMAGE = register_family(ModelFamily(
     name="glm_image", load=_load, policies={"decoder": _flow_policy, "ar": _ar_policy},
     components={"decoder": "transformer", "ar": "vision_language_encoder"}, generate=pipeline_images,
+    check_prompts=check_prompts,
 ))

@@ -33,6 +33,16 @@ non-batch dims, as flow_grpo does::
 
 ``x'`` enters it detached, so its gradient flows through ``mean`` only (the score-function estimator).
 
+``cps_log_prob="flow_grpo"`` (``kind="cps"`` only) gives upstream flow_grpo's CPS log-prob instead,
+``mean_{non-batch}[ −(x' − mean)² ]`` (``sd3_sde_with_logprob.py``: "remove all constants"): no 1/(2·std²) and no
+normaliser. Its log-ratios are the exact ones times 2·std², so only with it does flow_grpo's clip range transfer.
+
+KL between the step Gaussians of the policy and the reference (``step_kl``), which share ``std``:
+``exact`` — KL(N(μ, std²) ‖ N(μ_ref, std²)) = mean_{non-batch}[ (μ − μ_ref)² ] / (2·std²);
+``flow_grpo`` — flow_grpo's ``kl_loss`` (``train_sd3.py``), which divides by 2·``std_dev_t``², where
+``std_dev_t`` is what its step returns: ``s`` for Flow-SDE (not the step's std s·√(−dt)), the step std for CPS.
+So for ``kind="sde"`` exact = flow_grpo / |dt| (4–21× at 10 steps), and for ``kind="cps"`` they are equal.
+
 Shapes: ``velocity``, ``x`` are (B, ...) of any trailing shape; ``sigma``/``sigma_next`` are python floats or
 (B,) tensors, broadcast over the non-batch dims. Everything is computed in float32.
 """
@@ -48,6 +58,8 @@ Sigma = Union[float, torch.Tensor]
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 
 KINDS = ("sde", "cps")
+CPS_LOG_PROBS = ("exact", "flow_grpo")
+KL_FORMS = ("exact", "flow_grpo")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -98,6 +110,7 @@ def sde_step(
     prev_sample: torch.Tensor | None = None,
     generator: Generator = None,
     kind: str = "sde",
+    cps_log_prob: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One stochastic step σ → σ' and the log-probability of its sample (formulas in the module docstring).
 
@@ -109,6 +122,7 @@ def sde_step(
         prev_sample: (B, ...) the sample actually taken (training replays a rollout); replaces the draw.
         generator: torch.Generator, or a list of B generators, for the noise ε.
         kind: ``"sde"`` (Flow-GRPO) or ``"cps"`` (coefficients-preserving).
+        cps_log_prob: ``"exact"`` or ``"flow_grpo"`` (upstream's −(x' − mean)², module docstring); ``kind="cps"`` only.
 
     Returns:
         x_next: (B, ...) float32 sample x_σ' (= ``prev_sample`` when given).
@@ -120,6 +134,8 @@ def sde_step(
     """
     if kind not in KINDS:
         raise ValueError(f"sde_step: unknown kind {kind!r}; valid kinds are {', '.join(KINDS)}")
+    if cps_log_prob not in CPS_LOG_PROBS:
+        raise ValueError(f"sde_step: unknown cps_log_prob {cps_log_prob!r}; valid: {', '.join(CPS_LOG_PROBS)}")
     a = float(noise_level)
     if a < 0 or (kind == "cps" and a > 1):
         bound = "[0, 1]" if kind == "cps" else ">= 0"
@@ -150,16 +166,33 @@ def sde_step(
         x_next = mean + std * _randn(x.shape, generator, x.device)
     else:
         x_next = prev_sample.float()
-    log_density = -((x_next.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    if kind == "cps" and cps_log_prob == "flow_grpo":
+        log_density = -((x_next.detach() - mean) ** 2)
+    else:
+        log_density = -((x_next.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     return x_next, _mean_over_non_batch(log_density), mean, std
 
 
 def mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between two step Gaussians that share ``std``: mean over non-batch dims of (μ − μ_ref)²/(2·std²).
-
-    The flow-stage KL penalty of Flow-GRPO (``kl_loss`` in flow_grpo ``train_sd3.py``): for
-    N(μ, std²) and N(μ_ref, std²) the per-element KL is exactly (μ − μ_ref)²/(2·std²).
+    """Exact KL between two step Gaussians that share ``std``: mean over non-batch dims of (μ − μ_ref)²/(2·std²)
+    (for N(μ, std²) and N(μ_ref, std²) the per-element KL is exactly that).
 
     Shapes: mean, ref_mean (B, ...); std broadcastable against them, e.g. (B, 1, ..., 1). Returns (B,).
     """
     return _mean_over_non_batch((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2))
+
+
+def step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, sigma: Sigma, sigma_next: Sigma,
+            kind: str = "sde", form: str = "exact") -> torch.Tensor:
+    """The flow-stage KL penalty of one step in ``form`` ``"exact"`` or ``"flow_grpo"`` (module docstring).
+
+    For ``kind="sde"``, flow_grpo's divides by 2·s² = 2·std²/|dt|, i.e. it is the exact KL times |dt| = σ − σ'.
+    Shapes as ``mean_kl``; sigma, sigma_next float or (B,). Returns (B,).
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"step_kl: unknown form {form!r}; valid forms are {', '.join(KL_FORMS)}")
+    kl = mean_kl(mean, ref_mean, std)
+    if form == "flow_grpo" and kind == "sde":
+        kl = kl * (torch.as_tensor(sigma, dtype=torch.float32, device=kl.device)
+                   - torch.as_tensor(sigma_next, dtype=torch.float32, device=kl.device))
+    return kl

@@ -15,6 +15,10 @@ A reward is found by
   entry's ``args`` and then called), or
 * an installed plugin: the entry-point group ``tandem.rewards`` maps a name to ``"package.module:attr"``.
 
+A reward function with ``args`` may carry a ``check_args(**args)`` attribute that raises ValueError for bad
+values; it runs when the reward is built, so a bad ``args`` is one config error before training, never a
+reward that silently scores NaN.
+
 A *groupwise* reward (e.g. a pairwise win rate) is called once per prompt group instead of once per batch; it
 declares itself with ``register(name, groupwise=True)`` or a ``groupwise = True`` attribute.
 """
@@ -191,6 +195,12 @@ def _instantiate(spec: RewardSpec, args: Dict[str, Any], label: str) -> Callable
             inspect.signature(spec.target).bind_partial(**args)
         except TypeError as e:
             raise RewardConfigError(f"reward '{label}': rewards[].args do not fit {spec.target.__name__}(images, prompts, metadata, ...): {e}") from None
+        check = getattr(spec.target, "check_args", None)
+        if check is not None:
+            try:
+                check(**args)
+            except (TypeError, ValueError) as e:
+                raise RewardConfigError(f"reward '{label}': bad rewards[].args: {e}") from None
         return partial(spec.target, **args)
     try:
         instance = spec.target(**args)
@@ -222,13 +232,15 @@ def build_reward(entry: RewardEntry, label: Optional[str] = None) -> Reward:
 
 
 def check_entries(entries: Sequence[RewardEntry]) -> None:
-    """Find (without building) the reward of every entry: unknown names and bad import paths fail fast,
-    before any model is loaded. RewardConfigError names the entry as rewards[i]."""
+    """Find the reward of every entry (and check a function's args; classes are not built here): unknown names,
+    bad import paths and bad args fail fast, before any model is loaded. RewardConfigError names rewards[i]."""
     for i, entry in enumerate(entries):
         if entry.name is None and entry.fn is None:
             raise RewardConfigError(f"rewards[{i}] needs 'name' (a registered reward) or 'fn' ('package.module:attr')")
         try:
-            resolve(entry.fn or entry.name)
+            spec = resolve(entry.fn or entry.name)
+            if not inspect.isclass(spec.target):  # a function's args are cheap to check; a class is built later
+                _instantiate(spec, dict(entry.args or {}), entry_label(entry))
         except RewardConfigError as e:
             raise RewardConfigError(f"rewards[{i}]: {e}") from None
 

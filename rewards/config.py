@@ -38,6 +38,9 @@ class RewardHostConfig:
     address: Optional[str] = None
     # CPUs given to the embedded local cluster; null = all.
     num_cpus: Optional[float] = None
+    # Seconds a reward actor may take to start and build its reward (model loading included) before the job
+    # stops with one line naming it (e.g. its num_gpus cannot be placed on the cluster).
+    start_timeout_s: float = 600.0
     # Score each sub-batch of a rollout while the next sub-batch rolls out (sub-batches are minibatches of
     # whole groups, so what is trained stays on-policy); false = score after the whole rollout.
     async_scoring: bool = True

@@ -7,6 +7,14 @@ Per entry: ``replicas`` actors (the batch is split into near-equal shards, whole
 reward), each reserving fractional ``num_cpus`` / ``num_gpus``; inside an actor the shard is scored in chunks
 of ``batch_size`` (``rewards/scoring.py``).
 
+Security: the embedded cluster runs with Ray's token authentication on (``RAY_AUTH_MODE=token``), with a
+fresh random token per job in a 0700 folder of its own (``$TMPDIR/tandem-ray-<pid>-*``; Ray's temp folder
+is inside it: Ray makes that one 0777), bound to 127.0.0.1; the folder is removed when the job ends, and folders left by a killed job are
+swept on the next start. Only this job's processes can read the token, so no other local user can join.
+
+Start-up: an entry whose ``num_cpus`` / ``num_gpus`` fit no node of the cluster is refused at once, and an
+actor that has not built its reward within ``reward_host.start_timeout_s`` stops the job with one line.
+
 Faults:
 * an actor process that dies is restarted by Ray (``max_restarts``) and its calls re-run
   (``max_task_retries`` = ``max_restarts``), so the caller still gets every score;
@@ -19,7 +27,10 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
+import socket
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -61,34 +72,61 @@ class Cluster:
     """An embedded local Ray cluster started (and stopped) here, or a connection to an existing one.
 
     ``host.address`` or ``$RAY_ADDRESS`` joins that cluster (only this driver disconnects at the end); a Ray
-    already initialised in this process is reused as it is.
+    already initialised in this process is reused as it is. The embedded one is private to this job (module
+    docstring: security).
     """
+
+    PREFIX = "tandem-ray-"
+    AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
     def __init__(self, host: RewardHostConfig):
         self.host = host
         self.connected = False
         self.temp_dir: Optional[str] = None
         self._restore: Optional[tuple] = None
+        self._auth_env: Optional[dict] = None
 
     def start(self) -> None:
         if ray.is_initialized():
             return
         address = self.host.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            check_reachable(address, "reward_host.address" if self.host.address else "$RAY_ADDRESS")
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise RewardConfigError(f"cannot join the Ray cluster at {address} ({type(e).__name__}: {first}); "
+                                        "check reward_host.address / $RAY_ADDRESS") from None
         else:
-            os.environ["RAY_AUTH_MODE"] = "disabled"  # else Ray 2.60 writes a token under ~/.ray
+            sweep_temp_dirs()
+            self.temp_dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-")  # mode 0700
+            self._private_token()
             self._loopback_only()
-            self.temp_dir = f"/tmp/tandem-ray-{os.getpid()}"
             num_cpus = None if self.host.num_cpus is None else max(1, math.ceil(self.host.num_cpus))
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",  # kept as given: clustering is off (above)
-                _temp_dir=self.temp_dir,
+                _temp_dir=os.path.join(self.temp_dir, "ray"),  # Ray opens it to all; its 0700 parent does not
                 log_to_driver=False,
             )
         self.connected = True
+
+    def _private_token(self) -> None:
+        """Token auth with a fresh token in this job's 0700 folder (never ~/.ray/auth_token): Ray's processes
+        inherit RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH from this one."""
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        token = os.path.join(self.temp_dir, "auth_token")
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        self._auth_env = {k: os.environ.get(k) for k in self.AUTH_ENV}
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN_PATH"] = "token", token
+        Config.initialize("")  # this process re-reads the mode and the token
+        AuthenticationTokenLoader.instance().reset_cache()
 
     def _loopback_only(self) -> None:
         """Keep a single-node cluster on 127.0.0.1.
@@ -111,15 +149,77 @@ class Cluster:
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+        if self._auth_env is not None:
+            _set_env(self._auth_env)
+            self._auth_env = None
         if self._restore is not None:
             from ray._private import ray_constants
 
             env, ray_constants.ENABLE_RAY_CLUSTER = self._restore
-            if env is None:
-                os.environ.pop(CLUSTERING_ENV, None)
-            else:
-                os.environ[CLUSTERING_ENV] = env
+            _set_env({CLUSTERING_ENV: env})
             self._restore = None
+
+
+def _set_env(values: dict) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def sweep_temp_dirs(root: Optional[str] = None) -> List[str]:
+    """Remove this user's ``tandem-ray-<pid>-*`` folders whose job is gone (killed before it could clean up);
+    returns the removed paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root):
+        if not name.startswith(Cluster.PREFIX):
+            continue
+        path = os.path.join(root, name)
+        pid = name[len(Cluster.PREFIX):].split("-")[0]
+        try:
+            if os.stat(path).st_uid != os.getuid() or not pid.isdigit() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_reachable(address: str, key: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` address must accept a TCP connection (else Ray retries for minutes and prints pages)."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise RewardConfigError(f"{key} {address}: no Ray cluster answers there ({getattr(e, 'strerror', None) or e}); "
+                                "start one (`ray start --head`) or remove the key to use an embedded cluster") from None
+
+
+def check_resources(entries: Sequence[RewardEntry], labels: Sequence[str]) -> None:
+    """Each entry's ``num_cpus`` / ``num_gpus`` must fit on one alive node of the cluster (else its actors
+    would wait forever); RewardConfigError naming the reward and what the nodes have."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for entry, label in zip(entries, labels):
+        if not any(entry.num_cpus <= r.get("CPU", 0) and entry.num_gpus <= r.get("GPU", 0) for r in nodes):
+            have = ", ".join(f"{r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for r in nodes) or "no alive node"
+            raise RewardConfigError(f"reward '{label}' asks num_cpus={entry.num_cpus:g}, num_gpus={entry.num_gpus:g} "
+                                    f"per actor, but no Ray node has that ({have}); lower rewards[].num_cpus/num_gpus")
 
 
 # ---------------------------------------------------------------------------------------------------- replicas
@@ -151,8 +251,8 @@ class _Call:
 class _Replica:
     """One actor slot of an entry and its calls in flight (in submission order)."""
 
-    def __init__(self, entry: RewardEntry, label: str):
-        self.entry, self.label = entry, label
+    def __init__(self, entry: RewardEntry, label: str, start_timeout_s: float):
+        self.entry, self.label, self.start_timeout_s = entry, label, start_timeout_s
         self.pending: Deque[_Call] = deque()
         self.broken: Optional[RewardError] = None
         self.actor = self._spawn()
@@ -166,8 +266,16 @@ class _Replica:
         ).remote(self.entry, self.label)
 
     def ready(self) -> bool:
-        """Wait until the reward is built; RewardConfigError if it cannot be; returns groupwise."""
-        error, groupwise = _get(self.actor.describe.remote(), self.label, self.entry)
+        """Wait until the reward is built (at most ``start_timeout_s``); RewardConfigError if it cannot be;
+        returns groupwise."""
+        ref, timeout_s = self.actor.describe.remote(), self.start_timeout_s
+        if not ray.wait([ref], timeout=timeout_s)[0]:
+            ray.kill(self.actor, no_restart=True)
+            raise RewardConfigError(
+                f"reward '{self.label}': its actor did not start within reward_host.start_timeout_s={timeout_s:g}s "
+                f"(num_cpus={self.entry.num_cpus:g}, num_gpus={self.entry.num_gpus:g}: are they free on the cluster? "
+                "see `ray status`); free them, lower them, or raise reward_host.start_timeout_s")
+        error, groupwise = _get(ref, self.label, self.entry)
         if error:
             raise RewardConfigError(error)
         return groupwise
@@ -227,9 +335,9 @@ class _Replica:
 class _EntryHost:
     """The replicas of one reward entry."""
 
-    def __init__(self, entry: RewardEntry, label: str):
+    def __init__(self, entry: RewardEntry, label: str, start_timeout_s: float):
         self.entry, self.label = entry, label
-        self.replicas = [_Replica(entry, label) for _ in range(entry.replicas)]
+        self.replicas = [_Replica(entry, label, start_timeout_s) for _ in range(entry.replicas)]
         self.groupwise = False
 
     def ready(self) -> None:
@@ -252,13 +360,14 @@ class RayBackend:
     """RewardClient backend: each entry in ``replicas`` Ray actors on an embedded or joined cluster."""
 
     def __init__(self, entries: Sequence[RewardEntry], labels: Sequence[str], host: RewardHostConfig):
-        self.entries, self.labels = list(entries), list(labels)
+        self.entries, self.labels, self.host = list(entries), list(labels), host
         self.cluster = Cluster(host)
         self.hosts: List[_EntryHost] = []
 
     def start(self) -> None:
         self.cluster.start()
-        self.hosts = [_EntryHost(e, label) for e, label in zip(self.entries, self.labels)]
+        check_resources(self.entries, self.labels)
+        self.hosts = [_EntryHost(e, label, self.host.start_timeout_s) for e, label in zip(self.entries, self.labels)]
         for h in self.hosts:
             h.ready()
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -92,3 +92,13 @@ def log_warnings(shard: ShardScores) -> None:
     """Emit a shard's warnings on the driver's ``tandem.rewards`` logger."""
     for line in shard.warnings:
         logger.warning(line)
+
+
+def warn_unscored(scores: Dict[str, np.ndarray], what: str = "rollout") -> List[str]:
+    """Warn loudly, one line per reward, when a reward scored none of a batch's samples (all None/NaN): it then
+    gives no training signal. Returns the names of those rewards."""
+    empty = [name for name, values in scores.items() if len(values) and np.isnan(values).all()]
+    for name in empty:
+        logger.warning(f"reward '{name}' scored none of the {len(scores[name])} samples of this {what} (all None/NaN): "
+                       "it gives no training signal; check the reward and its args")
+    return empty

@@ -29,18 +29,37 @@ def jpeg_compressibility(images: np.ndarray, prompts: List[str], metadata: List[
     return out
 
 
+def _brightness_target(target: float = 0.5) -> float:
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 <= float(target) <= 1.0:
+        raise ValueError(f"brightness reward: args.target must be a number in [0, 1], got {target!r}")
+    return float(target)
+
+
 @register("brightness")
 def brightness(images: np.ndarray, prompts: List[str], metadata: List[dict], target: float = 0.5) -> np.ndarray:
     """-|mean luma - target|, luma = (0.299 R + 0.587 G + 0.114 B) / 255 in [0, 1]; args: target."""
     luma = (images.reshape(len(images), -1, 3).astype(np.float64) @ LUMA).mean(axis=1) / 255.0
-    return -np.abs(luma - float(target))
+    return -np.abs(luma - _brightness_target(target))
+
+
+def _rgb_target(rgb: Sequence[float] = (255, 0, 0)) -> np.ndarray:
+    try:
+        target = np.asarray(rgb, dtype=np.float64)
+    except (TypeError, ValueError):
+        target = np.zeros(0)
+    if target.shape != (3,) or not np.all((target >= 0) & (target <= 255)):
+        raise ValueError(f"color reward: args.rgb must be three numbers 0..255, got {rgb!r}")
+    return target
 
 
 @register("color")
 def color(images: np.ndarray, prompts: List[str], metadata: List[dict], rgb: Sequence[float] = (255, 0, 0)) -> np.ndarray:
     """-||mean RGB - args.rgb||_2 / (255 sqrt 3), in [-1, 0]: closeness of the mean colour to a target."""
-    target = np.asarray(rgb, dtype=np.float64)
-    if target.shape != (3,):
-        raise ValueError(f"color reward: args.rgb must be three numbers 0..255, got {list(rgb)}")
+    target = _rgb_target(rgb)
     mean = images.reshape(len(images), -1, 3).astype(np.float64).mean(axis=1)
     return -np.linalg.norm(mean - target, axis=1) / (255.0 * np.sqrt(3.0))
+
+
+# Checked when the reward is built (rewards.base: ``check_args``), so bad args fail before training.
+brightness.check_args = _brightness_target
+color.check_args = _rgb_target

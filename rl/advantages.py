@@ -4,15 +4,18 @@ Notation: B samples, rewards k = 1..K with scores r_ik (NaN = no score) and weig
 prompt group of sample i (``group_ids``). Statistics over a set ignore NaN; ``std`` is Bessel-corrected
 (ddof = 1) like TRL's ``nanstd``, and is 0 for fewer than two values.
 
-normalise(x) with ``scale_rewards`` (TRL ``scale_rewards``; flow_grpo's per-prompt stat tracker):
+normalise(x) with ``scale_rewards`` (TRL ``scale_rewards``):
     group:  (x_i - mean_{g(i)} x) / (std_{g(i)} x + eps)
     batch:  (x_i - mean_{g(i)} x) / (std_batch x + eps)       (mean still per group)
     none:    x_i - mean_{g(i)} x
 
 ``aggregation`` (TRL ``multi_objective_aggregation``, trl/trainer/grpo_trainer.py, TRL 1.16):
     sum_then_normalize:  R_i = sum_k w_k r_ik over the k with a score;   A = normalise(R)
-    normalize_then_sum:  z_ik = normalise(r_.k)_i per reward;  S_i = sum_k w_k z_ik over the k with a score;
-                         A_i = (S_i - mean S) / (std S + eps)        (TRL re-standardises over the batch)
+    normalize_then_sum:  z_ik = (r_ik - mean_{g(i)} r_.k) / (std_{g(i)} r_.k + eps) per reward, whatever
+                         ``scale_rewards`` says (TRL ignores it here);  S_i = sum_k w_k z_ik over the k with a
+                         score;  A_i = (S_i - mean S) / (std S + eps)        (TRL re-standardises over the batch)
+With ``stat_tracker`` (``grpo.per_prompt_stat_tracking``, ``tandem.rl.stat_tracking``) A is instead R normalised
+by the statistics of the prompt's reward history; ``aggregation`` and ``scale_rewards`` are then unused.
 A sample with no score at all has R_i = NaN and gets A_i = 0, so does every sample of a group where nothing
 was scored; then A is clipped to [-clip, clip] when ``clip`` is given (flow_grpo ``adv_clip_max``).
 
@@ -24,9 +27,11 @@ carry no learning signal (TRL ``frac_reward_zero_std``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
+
+from tandem.rl.stat_tracking import PerPromptStatTracker
 
 EPS = 1e-4
 
@@ -81,7 +86,7 @@ def normalise(x: np.ndarray, inverse: np.ndarray, scale: str, eps: float = EPS) 
 
 def weighted_nansum(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """sum_k w_k m_ik over the non-NaN entries of each row; NaN where a row has none. matrix (B, K)."""
-    out = np.nansum(matrix * weights[None, :], axis=1)
+    out = np.where(np.isnan(matrix), 0.0, matrix * weights[None, :]).sum(axis=1)  # a NaN weight stays NaN
     out[np.isnan(matrix).all(axis=1)] = np.nan
     return out
 
@@ -91,7 +96,7 @@ def _sum_then_normalize(matrix, weights, inverse, scale, eps):
 
 
 def _normalize_then_sum(matrix, weights, inverse, scale, eps):
-    z = np.stack([normalise(matrix[:, k], inverse, scale, eps) for k in range(matrix.shape[1])], axis=1)
+    z = np.stack([normalise(matrix[:, k], inverse, "group", eps) for k in range(matrix.shape[1])], axis=1)
     summed = weighted_nansum(z, weights)
     return (summed - nanmean(summed)) / (nanstd(summed) + eps)
 
@@ -121,11 +126,14 @@ def compute_advantages(
     scale_rewards: str = "group",
     clip: Optional[float] = None,
     eps: float = EPS,
+    stat_tracker: Optional[PerPromptStatTracker] = None,
+    prompts: Optional[Sequence[str]] = None,
 ) -> AdvantageResult:
     """Advantages of B samples from K rewards (see the module docstring for the math).
 
     scores: {name: (B,) floats, NaN = no score}; weights: {name: w} for every name in ``scores``;
-    group_ids: (B,) ints, samples of one prompt share an id.
+    group_ids: (B,) ints, samples of one prompt share an id; prompts: (B,) the samples' prompts, needed with
+    ``stat_tracker`` (which this call updates).
     """
     _choice("aggregation", aggregation, AGGREGATIONS)
     _choice("scale_rewards", scale_rewards, SCALES)
@@ -140,10 +148,14 @@ def compute_advantages(
     w = np.array([float(weights[n]) for n in names])
     _, inverse = np.unique(group_ids, return_inverse=True)
 
-    advantages = np.nan_to_num(AGGREGATIONS[aggregation](matrix, w, inverse, scale_rewards, eps), nan=0.0)
+    rewards = weighted_nansum(matrix, w)
+    if stat_tracker is not None:
+        advantages = stat_tracker.update(prompts, rewards)
+    else:
+        advantages = AGGREGATIONS[aggregation](matrix, w, inverse, scale_rewards, eps)
+    advantages = np.nan_to_num(advantages, nan=0.0)
     if clip is not None:
         advantages = np.clip(advantages, -clip, clip)
-    rewards = weighted_nansum(matrix, w)
     zero_std_frac = _zero_std_frac(rewards, inverse)
 
     metrics = {"reward/mean": nanmean(rewards), "reward/std": nanstd(rewards)}

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from tandem.core.errors import ConfigError
-from tandem.core.data import load_image
+from tandem.core.data import confined, load_image
 from tandem.core.types import PromptRecord
 
 FORMAT, VERSION = "tandem-buffer", 1
@@ -56,6 +56,9 @@ def save_shard(folder: Path, index: int, *, images: np.ndarray, prompts: List[st
     return path
 
 
+HEADER_KEYS = ("format", "version", "height", "width", "prompts", "metadata")
+
+
 def read_header(path: Path) -> Dict:
     """The JSON header of a shard; ConfigError for a corrupt or foreign file."""
     try:
@@ -65,31 +68,65 @@ def read_header(path: Path) -> Dict:
         raise ConfigError(f"buffer shard {path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
     if raw is None:
         raise ConfigError(f"buffer shard {path} is not a tandem buffer shard (no 'tandem_buffer' header)")
-    header = json.loads(raw)
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"buffer shard {path}: its 'tandem_buffer' header is not valid JSON ({e.msg})") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"buffer shard {path}: its 'tandem_buffer' header is not a JSON object")
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ConfigError(f"buffer shard {path}: format {header.get('format')} v{header.get('version')}, "
                           f"this tandem reads {FORMAT} v{VERSION}")
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing:
+        raise ConfigError(f"buffer shard {path}: header lacks {', '.join(missing)}; rewrite it with buffer.save: true")
+    if not (isinstance(header["prompts"], list) and isinstance(header["metadata"], list)
+            and len(header["prompts"]) == len(header["metadata"])
+            and all(isinstance(p, str) for p in header["prompts"]) and all(isinstance(m, dict) for m in header["metadata"])):
+        raise ConfigError(f"buffer shard {path}: header 'prompts' and 'metadata' must be lists of strings and "
+                          f"objects of the same length")
     return header
 
 
-def load_buffer_records(run_or_buffer_dir: str, height: int, width: int) -> List[PromptRecord]:
-    """Every saved sample as a prompt record whose metadata carries its hand-off rows (e.g. ``full_tokens``)."""
+def _payload(path: Path, header: Dict) -> Dict[str, np.ndarray]:
+    """The shard's hand-off tensors: one non-negative integer row per sample (ConfigError otherwise)."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"buffer shard {path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+    payload, n = {}, len(header["prompts"])
+    for key in header.get("payload", ["full_tokens"]):
+        if key not in tensors:
+            raise ConfigError(f"buffer shard {path}: hand-off tensor '{key}' named in its header is missing")
+        value = tensors[key]
+        if value.dtype.is_floating_point or value.ndim < 1 or value.shape[0] != n or (value.numel() and int(value.min()) < 0):
+            raise ConfigError(f"buffer shard {path}: '{key}' must hold {n} rows of non-negative ids, got "
+                              f"{value.dtype} {tuple(value.shape)}")
+        payload[key] = value.numpy()
+    return payload
+
+
+def load_buffer_records(run_or_buffer_dir: str, height: int, width: int, allowed_roots=()) -> List[PromptRecord]:
+    """Every saved sample as a prompt record whose metadata carries its hand-off rows (e.g. ``full_tokens``).
+
+    A sample's ``reference_path`` is read only inside the run folder or ``allowed_roots`` (``data.allowed_roots``)."""
     folder = Path(run_or_buffer_dir)
     folder = folder / "buffer" if (folder / "buffer").is_dir() else folder
     shards = sorted(folder.glob("shard_*.safetensors"))
     if not shards:
         raise ConfigError(f"decoder.buffer_dir: no buffer shards in {folder} (run the AR job with buffer.save: true)")
+    roots = [folder.parent if folder.name == "buffer" else folder, *allowed_roots]
     records: List[PromptRecord] = []
     for path in shards:
         header = read_header(path)
         if (header["height"], header["width"]) != (height, width):
             raise ConfigError(f"buffer shard {path} holds {header['height']}x{header['width']} images; this job "
                               f"has data.height/width {height}x{width}")
-        tensors = load_file(str(path))
-        payload = {k: tensors[k].numpy() for k in header.get("payload", ["full_tokens"])}
+        payload = _payload(path, header)
         for i, (prompt, meta) in enumerate(zip(header["prompts"], header["metadata"])):
             meta = dict(meta, **{k: v[i] for k, v in payload.items()})
             if "reference_path" in meta:
-                meta["reference"] = load_image(Path(meta["reference_path"]), (height, width))
+                ref = confined(Path(str(meta["reference_path"])), roots, f"buffer shard {path}: reference_path")
+                meta["reference"] = load_image(ref, (height, width))
             records.append(PromptRecord(prompt, meta))
     return records

@@ -8,7 +8,9 @@
     tandem report RUN_DIR
 
 A user mistake (unknown key, wrong type, missing file or weights, unknown reward) prints one line on stderr
-naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written.
+naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written. A reward that
+breaks at run time (RewardError) prints one line naming it and exits 1; SIGINT/SIGTERM stop a training job at
+a checkpoint and exit 130.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from tandem.rewards.base import RewardError
 from tandem.rl.config import ConfigError, load_config, to_yaml
 from tandem.rl.runtime import configure_environment, configure_torch
 
@@ -83,6 +86,8 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     cfg = load_config(args.config, args.overrides, stage="sample")
     from tandem.rl.sample import run_sample
 
@@ -139,8 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tandem: interrupted", file=sys.stderr)
+    except RewardError as e:  # a reward that broke at run time: one line naming it (a checkpoint was taken)
+        print(f"tandem: reward error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # a first Ctrl-C / SIGTERM stops at a checkpoint (rl/session.py StopSignals)
+        print(f"tandem: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -10,7 +10,9 @@ GRPO knob names follow TRL's ``GRPOConfig`` (``num_generations``, ``epsilon``, `
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -21,7 +23,7 @@ from tandem.core.errors import ConfigError
 from tandem.policies.families import family_names
 from tandem.policies.lora import LoraSettings
 from tandem.policies.ode_solvers import SOLVERS as ODE_SOLVERS
-from tandem.policies.sde import KINDS as SDE_KINDS
+from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, KINDS as SDE_KINDS
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rl.advantages import AGGREGATIONS, SCALES
 from tandem.rl.losses import LOSS_TYPES
@@ -57,6 +59,9 @@ class DataConfig:
     width: int = 64
     # Shuffle prompts every epoch (seeded).
     shuffle: bool = True
+    # Folders besides the prompt file's own (and a buffer's run folder) that a prompt's `reference` image or a
+    # buffer shard's `reference_path` may be read from; anything else is refused (no reading arbitrary files).
+    allowed_roots: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -93,8 +98,18 @@ class DecoderConfig:
     guidance_scale: float = 1.5
     # SDE noise level `a` of the Flow-SDE step (flow_grpo default 0.7).
     noise_level: float = 0.7
-    # Stochastic step kind: "sde" (flow_grpo Flow-SDE) or "cps" (coefficients-preserving sampling).
+    # Stochastic step kind: "sde" (flow_grpo Flow-SDE) or "cps" (coefficients-preserving sampling; noise_level <= 1).
     sde_type: str = "sde"
+    # Log-prob of a "cps" step: "exact" (the Gaussian log-density, mean over dims) or "flow_grpo" (upstream's
+    # -(x' - mean)^2, mean over dims: no 1/(2 std^2), no normaliser). The exact log-ratio is flow_grpo's times
+    # 1/(2 std^2) (6e3-3e4 at the last steps), so flow_grpo's clip range (grpo.epsilon) transfers only with
+    # "flow_grpo". Ignored for sde_type "sde" (both use the exact density there, as flow_grpo does).
+    cps_log_prob: str = "exact"
+    # Form of the KL penalty (grpo.beta): "exact" = KL(N(mu, std^2) || N(mu_ref, std^2)) =
+    # ||mu - mu_ref||^2 / (2 std^2) with std = s*sqrt(-dt) the step's std; "flow_grpo" = its kl_loss, which
+    # divides by 2 s^2 (the SDE's s, not the step std): exact = flow_grpo / |dt|, i.e. 4-21x stronger at 10
+    # steps. Use "flow_grpo" to reuse a flow_grpo beta. For sde_type "cps" (std = s) the two agree.
+    kl_form: str = "exact"
     # Number of consecutive SDE steps inside the window (0 = use timestep_fraction instead).
     sde_window_size: int = 2
     # [lo, hi) step indices inside which the SDE window is placed (randomly per rollout batch, or sliding).
@@ -122,8 +137,13 @@ class DecoderConfig:
     # Image editing: each record's `reference` image is the source to edit; the decoder attends to its latents and
     # prior tokens through the transformer's KV cache, as GlmImagePipeline(image=...) does (two-call CFG only).
     edit: bool = False
-    # EMA decay of trained weights used for eval/sample grids; 0 disables EMA.
+    # EMA decay of trained weights used for eval/sample grids, in [0, 1); 0 disables EMA.
     ema_decay: float = 0.0
+    # EMA warm-up of flow_grpo (its EMAModuleWrapper): decay_t = min((1 + t) / (10 + t), ema_decay) at the t-th
+    # optimizer step (from 0), so early weights fade fast; false = ema_decay from the first step.
+    ema_warmup: bool = False
+    # Update the EMA every N optimizer steps (flow_grpo's update_step_interval, 8 in train_sd3.py); 1 = every step.
+    ema_update_interval: int = 1
     # CFG as one transformer call of 2B instead of two calls of B; the shorter glyph sequence is left
     # zero-padded to the longer (the pipeline's own within-batch padding), so images differ slightly from the
     # release's two-call CFG. Rollout, training and sample grids use the same layout.
@@ -147,7 +167,7 @@ class GRPOConfig:
     epsilon: Optional[float] = None
     # Upper clip range (DAPO clip-higher); null = same as epsilon.
     epsilon_high: Optional[float] = None
-    # KL coefficient (TRL `beta`); ar: k3 estimator, decoder: ||mean - mean_ref||^2 / (2 std^2).
+    # KL coefficient (TRL `beta`); ar: k3 estimator, decoder: the step KL in decoder.kl_form (exact or flow_grpo's).
     beta: float = 0.0
     # What the update minimises (`tandem.rl.objectives`): clipped_surrogate (GRPO / Flow-GRPO) or a registered one.
     objective: str = "clipped_surrogate"
@@ -161,12 +181,25 @@ class GRPOConfig:
     nft_beta: float = 1.0
     # objective diffusion_nft: forward-process timesteps trained per sample (drawn from the rollout schedule).
     nft_num_timesteps: int = 2
-    # group | batch | none: the std that advantages are divided by (TRL `scale_rewards`).
+    # group | batch | none: the std that advantages are divided by (TRL `scale_rewards`). Like TRL 1.16 it applies
+    # to sum_then_normalize only: normalize_then_sum always divides each reward by its group std.
     scale_rewards: str = "group"
-    # sum_then_normalize | normalize_then_sum (TRL `multi_objective_aggregation`).
+    # sum_then_normalize | normalize_then_sum (TRL `multi_objective_aggregation`; normalize_then_sum: each reward
+    # group-standardised, weighted sum, then standardised over the batch).
     multi_objective_aggregation: str = "sum_then_normalize"
     # Clip advantages to +-adv_clip_max; null = stage default (ar: none, decoder: 5 like flow_grpo).
     adv_clip_max: Optional[float] = None
+    # Per-prompt stat tracking across rollouts (flow_grpo / DDPO `per_prompt_stat_tracking`): each sample's
+    # combined reward is normalised by the mean and std of the last stat_tracking_buffer_size rewards seen for
+    # its prompt (this rollout's included), (R - mean) / (std + 1e-4); replaces scale_rewards and
+    # multi_objective_aggregation (rewards are summed first). Kept in checkpoints.
+    per_prompt_stat_tracking: bool = False
+    # Rewards kept per prompt (DDPO `buffer_size`); 0 = unbounded. flow_grpo clears its tracker after every
+    # rollout, i.e. only this rollout's rewards of the prompt count: set per_prompt_stat_tracking false for that
+    # (group normalisation is the same statistic when each prompt is one group).
+    stat_tracking_buffer_size: int = 16
+    # A prompt with fewer rewards seen than this is normalised with the batch's mean and std (DDPO `min_count`).
+    stat_tracking_min_count: int = 16
     # The ratio's denominator: "sampler" (the log-probs stored at rollout), "recompute" (a no-grad forward of
     # the training layout before the first update, so step 1's ratio is exactly 1 even where rollout and
     # training numerics differ; the sampler's log-probs stay as the behaviour policy) or "auto" (recompute for
@@ -179,13 +212,14 @@ class GRPOConfig:
 
 @dataclass
 class OptimConfig:
-    # AdamW learning rate.
+    # AdamW learning rate (> 0).
     learning_rate: float = 1e-4
     # AdamW weight decay.
     weight_decay: float = 0.0
-    # Gradient-norm clip.
+    # Gradient-norm clip; 0 = no clipping (the norm is still logged as grad_norm), like transformers' Trainer.
     max_grad_norm: float = 1.0
-    # accelerate mixed precision: "no" | "bf16" | "fp16".
+    # accelerate mixed precision: "no" | "bf16" | "fp16" (fp16: dynamic loss scaling, gradients unscaled before
+    # the clip, steps with inf/NaN gradients skipped).
     mixed_precision: str = "no"
     # Gradient checkpointing in the trained model.
     gradient_checkpointing: bool = False
@@ -353,6 +387,24 @@ def validate(job: JobConfig, stage: str) -> None:
     """Cross-field rules, checked once at load time."""
     g, d = job.grpo, job.decoder
     _choice("model.dtype", job.model.dtype, ("float32", "bfloat16", "float16"))
+    _rule(re.fullmatch(r"auto|cpu|cuda(:\d+)?", job.model.device) is not None, "model.device",
+          f"is {job.model.device!r}; allowed: auto, cpu, cuda, cuda:N")
+    _rule(job.seed >= 0, "seed", f"must be >= 0, got {job.seed}")
+    _rule(job.optim.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {job.optim.learning_rate}")
+    _rule(job.optim.max_grad_norm >= 0, "optim.max_grad_norm",
+          f"must be >= 0 (0 = no clipping), got {job.optim.max_grad_norm}")
+    _rule(job.optim.lora.r >= 1, "optim.lora.r", f"LoRA rank must be >= 1, got {job.optim.lora.r}")
+    _rule(job.ar.temperature > 0, "ar.temperature", f"must be > 0, got {job.ar.temperature}")
+    _rule(0 < job.ar.top_p <= 1, "ar.top_p", f"must be in (0, 1] (1 disables it), got {job.ar.top_p}")
+    _rule(job.ar.top_k >= 0, "ar.top_k", f"must be >= 0 (0 disables it), got {job.ar.top_k}")
+    _rule(0 <= d.ema_decay < 1, "decoder.ema_decay", f"must be in [0, 1) (0 disables EMA), got {d.ema_decay}")
+    _rule(d.ema_update_interval >= 1, "decoder.ema_update_interval", f"must be >= 1, got {d.ema_update_interval}")
+    _rule(d.eval_num_steps >= 1, "decoder.eval_num_steps", f"must be >= 1, got {d.eval_num_steps}")
+    _rule(job.eval.num_prompts >= 0, "eval.num_prompts", f"must be >= 0 (0 = all), got {job.eval.num_prompts}")
+    _choice("decoder.kl_form", d.kl_form, KL_FORMS)
+    _choice("decoder.cps_log_prob", d.cps_log_prob, CPS_LOG_PROBS)
+    _rule(g.stat_tracking_buffer_size >= 0, "grpo.stat_tracking_buffer_size", "must be >= 0 (0 = unbounded)")
+    _rule(g.stat_tracking_min_count >= 0, "grpo.stat_tracking_min_count", "must be >= 0")
     _choice("model.family", job.model.family, family_names())
     _choice("grpo.objective", g.objective, OBJECTIVES.names())
     _choice("grpo.loss_type", g.loss_type, sorted(LOSS_TYPES))
@@ -413,7 +465,10 @@ def validate(job: JobConfig, stage: str) -> None:
         _rule(len(job.rewards) >= 1, "rewards", "a training job needs at least one reward entry")
     if stage in ("decoder", "joint"):
         _rule(d.num_steps >= 2, "decoder.num_steps", f"must be >= 2 (the last step is never trained), got {d.num_steps}")
-        _rule(d.noise_level >= 0, "decoder.noise_level", "must be >= 0")
+        _rule(d.noise_level > 0, "decoder.noise_level",
+              f"must be > 0 to train (0 is the deterministic ODE: every log-prob is 0, no gradient), got {d.noise_level}")
+        _rule(d.sde_type != "cps" or d.noise_level <= 1, "decoder.noise_level",
+              f"must be <= 1 with decoder.sde_type=cps (s = sigma' sin(a pi / 2)), got {d.noise_level}")
         if d.sde_window_size > 0:
             lo, hi = (list(d.sde_window_range) + [None, None])[:2]
             _rule(len(d.sde_window_range) == 2 and 0 <= lo < hi, "decoder.sde_window_range",
@@ -439,6 +494,9 @@ def validate(job: JobConfig, stage: str) -> None:
         _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
         _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")
         _rule(r.timeout_s > 0, f"rewards[{i}].timeout_s", "must be > 0")
+        _rule(math.isfinite(r.weight), f"rewards[{i}].weight", f"must be a finite number, got {r.weight}")
+        _rule(r.max_restarts >= -1, f"rewards[{i}].max_restarts", f"must be >= -1 (-1 = restart forever), got {r.max_restarts}")
+        _rule(r.batch_size >= 0, f"rewards[{i}].batch_size", f"must be >= 0 (0 = the whole batch), got {r.batch_size}")
 
 
 def phase_config(job: JobConfig, phase: str) -> JobConfig:

@@ -1,8 +1,9 @@
 """Data-parallel GRPO across processes (accelerate / torchrun / Ray Train workers), over torch.distributed.
 
 The group sampler spreads each prompt's ``num_generations`` copies over the N processes: every process draws
-the same prompts (same seed) and rolls out ``num_generations / N`` copies of each, with its own sampling
-seed. Rewards are all-gathered so that advantages are computed over whole groups — the same advantages a
+the same prompts (same seed) and rolls out ``num_generations / N`` copies of each, seeded per group and per
+copy (``tandem.core.seeds``), so a group's copies share its SDE window, conditions and shared noise on every
+process, and the N processes sample what one process would. Rewards are all-gathered so that advantages are computed over whole groups — the same advantages a
 single process would compute — and each process keeps those of its own samples. Gradients are averaged
 across processes after each minibatch's backward (what DDP does), so every process applies the same update
 and the weights stay identical; a minibatch of ``grpo.mini_batch_size`` samples is split N ways.

@@ -180,7 +180,7 @@ def text_eval(cfg: JobConfig, checkpoint: Optional[str] = None, prompts: Optiona
     from tandem.rl.sample import load_for_sampling
 
     prompts_file = str(prompts or DEFAULT_PROMPTS)
-    every = load_prompts(prompts_file)
+    every = load_prompts(prompts_file, allowed_roots=cfg.data.allowed_roots)
     records = [r for r in every if scored_target(r.prompt, r.metadata.get("text")) is not None]
     if not records:
         raise ConfigError(f"--prompts {prompts_file}: no prompt has a target text (quote it in the prompt or add a \"text\" field)")

@@ -10,7 +10,7 @@ per-unit loss is PPO's clipped surrogate plus an optional KL penalty (TRL ``GRPO
 "Group Sequence Policy Optimization", arXiv:2507.18071, eq. 7; TRL ``importance_sampling_level``) every unit of a
 sequence takes the sequence's ratio ``s = exp(Σ_u m·(logp − old_logp) / Σ_u m)``, and the clip acts on ``s``.
 ``kl`` is supplied by the policy: ``tandem.policies.kl.k3_kl`` for the AR stage,
-``policies.sde.mean_kl`` per trained step for the flow stage.
+``policies.sde.step_kl`` per trained step for the flow stage (``decoder.kl_form``).
 
 How the (B, U) losses become one scalar is the ``loss_type``, a registry of reductions (add one with
 ``@register_loss_type("name")``). ``mask`` holds float weights ≥ 0 (0 = padding / untrained unit), so per-segment
@@ -105,7 +105,7 @@ def policy_loss(
         mask: (B, U) float weights ≥ 0; 0 excludes a unit.
         epsilon_low, epsilon_high: clip range [1 − ε_low, 1 + ε_high].
         loss_type: a registered reduction: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``.
-        kl: (B, U) per-unit KL term (``k3_kl`` or per-step ``mean_kl``), with grad; required when beta ≠ 0.
+        kl: (B, U) per-unit KL term (``k3_kl`` or per-step ``step_kl``), with grad; required when beta ≠ 0.
         beta: KL coefficient β.
         max_units: ``dr_grpo`` normaliser (TRL's ``max_completion_length``); defaults to U.
         is_weights: (B, U) truncated importance weights of the rollout/training mismatch,

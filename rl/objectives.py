@@ -105,8 +105,8 @@ class DiffusionNFT:
     steered by the implicit positive/negative policies. Units are ``grpo.nft_num_timesteps`` forward-process
     timesteps per sample (one per pass); no log-probs, any rollout solver, no CFG in training.
 
-    ``prepare`` draws each sample's timesteps (from the rollout schedule, without repeats) and noise from the
-    rollout's seed, and stores x_σ, σ's timestep, the target ε − x₀ and the old velocity v_old — computed there,
+    ``prepare`` draws each sample's timesteps (from the rollout schedule, without repeats) and noise from its
+    ``sample_seeds`` entry (``tandem.core.seeds``: the same draws however the job is split over processes), and stores x_σ, σ's timestep, the target ε − x₀ and the old velocity v_old — computed there,
     by the weights that sampled the rollout. ``grpo.beta`` > 0 adds β·mean((v_θ − v_ref)²) per unit (the
     reference implementation's KL term)."""
 
@@ -118,9 +118,9 @@ class DiffusionNFT:
         x0 = batch.extras["x0"].float()
         b, k = x0.shape[0], grpo.nft_num_timesteps
         timesteps, sigmas = policy.schedule()
-        gen = torch.Generator().manual_seed(int(batch.extras["seed"]) * 2 + 1)
-        idx = torch.stack([torch.randperm(len(timesteps), generator=gen)[:k] for _ in range(b)]).to(sigmas.device)
-        noise = torch.randn((b, k, *x0.shape[1:]), generator=gen).to(x0.device)
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in batch.extras["sample_seeds"]]
+        idx = torch.stack([torch.randperm(len(timesteps), generator=g)[:k] for g in gens]).to(sigmas.device)
+        noise = torch.stack([torch.randn((k, *x0.shape[1:]), generator=g) for g in gens]).to(x0.device)
         sigma = sigmas[idx].view(b, k, *[1] * (x0.ndim - 1))
         xt = (1 - sigma) * x0[:, None] + sigma * noise
         t = timesteps[idx]

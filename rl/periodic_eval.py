@@ -25,7 +25,7 @@ log = logging.getLogger("tandem.eval")
 class Evaluator:
     def __init__(self, cfg: JobConfig, client):
         self.cfg, self.client = cfg, client
-        records = load_prompts(cfg.data.eval_prompts, (cfg.data.height, cfg.data.width))
+        records = load_prompts(cfg.data.eval_prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
         self.records = records[: cfg.eval.num_prompts or None]
         self.gold: Optional[str] = cfg.eval.gold
         if self.gold is not None and self.gold not in client.names:

@@ -150,8 +150,8 @@ def _summary(rows: List[Dict]) -> str:
     for key in keys:
         steps, values = _series(rows, key)
         if values:
-            lines.append(f"<tr><td>{html.escape(key)}</td><td>{_fmt(values[0])}</td><td>{steps[0]}</td><td>{_fmt(values[-1])}</td>"
-                         f"<td>{steps[-1]}</td><td>{_fmt(min(values))}</td><td>{_fmt(max(values))}</td></tr>")
+            lines.append(f"<tr><td>{html.escape(key)}</td><td>{_fmt(values[0])}</td><td>{_fmt(steps[0])}</td><td>{_fmt(values[-1])}</td>"
+                         f"<td>{_fmt(steps[-1])}</td><td>{_fmt(min(values))}</td><td>{_fmt(max(values))}</td></tr>")
     if not lines:
         return "<p>No metrics logged yet.</p>"
     head = "<tr><th>metric</th><th>first</th><th>at step</th><th>last</th><th>at step</th><th>min</th><th>max</th></tr>"
@@ -170,12 +170,12 @@ def _eval(run: RunDir) -> str:
     meta = result.get("meta", {})
     named = list(result["per_language"].items()) + [("all", result["overall"])]
     table = "<tr><th>language</th><th>n</th><th>words</th><th>word accuracy</th><th>1 − NED</th><th>NED</th></tr>" + "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{s['n']}</td><td>{s['words']}</td><td>{_fmt(s['word_accuracy'])}</td>"
+        f"<tr><td>{_fmt(name)}</td><td>{_fmt(s['n'])}</td><td>{_fmt(s['words'])}</td><td>{_fmt(s['word_accuracy'])}</td>"
         f"<td>{_fmt(s['one_minus_ned'])}</td><td>{_fmt(s['ned'])}</td></tr>" for name, s in named)
     parts = [f'<table id="eval">{table}</table>']
     if meta:  # written by `tandem eval` (the trainer's periodic eval has none)
         parts.insert(0, f'<p class="meta">checkpoint: {_fmt(meta["checkpoint"] or "base model")}; prompts: {_fmt(meta["prompts"])}; '
-                        f'{meta["height"]}×{meta["width"]} px, {meta["num_steps"]} steps, seed {meta["seed"]}</p>')
+                        f'{_fmt(meta["height"])}×{_fmt(meta["width"])} px, {_fmt(meta["num_steps"])} steps, seed {_fmt(meta["seed"])}</p>')
     samples_file = folder / "text_eval_samples.jsonl"
     if samples_file.is_file():
         samples = [json.loads(line) for line in samples_file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -194,22 +194,7 @@ def _header(run: RunDir, rows: List[Dict]) -> str:
     times = {k: sum(_series(rows, k)[1]) for k in sorted({k for r in rows for k in r if k.startswith("time/")})}
     facts = [f"{len(rows)} logged steps, last step {steps[-1]}" if steps else "no logged steps"]
     facts += [f"{k} total {v:.1f}" for k, v in times.items()]
-    return f"<h1>tandem run: {html.escape(run.path.name)}</h1><p class=\"meta\">{html.escape(str(run.path.resolve()))} — {'; '.join(facts)}</p>"
-
-
-def _read_rows(run: RunDir) -> List[Dict]:
-    """metrics.jsonl like ``RunDir.read_metrics``, but a bad line is a ConfigError naming its line number."""
-    if not run.metrics_file.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(run.metrics_file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{run.metrics_file}:{n}: not a JSON line ({e.msg}); fix or remove that line") from None
-    return rows
+    return f"<h1>tandem run: {html.escape(run.path.name)}</h1><p class=\"meta\">{html.escape(str(run.path.resolve()))} — {html.escape('; '.join(facts))}</p>"
 
 
 def write_report(run_dir: str) -> Path:
@@ -220,7 +205,7 @@ def write_report(run_dir: str) -> Path:
     config_file = run.path / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(f"{run_dir} is not a tandem run directory: it has no config.yaml (pass the output_dir of a tandem run)")
-    rows = _read_rows(run)
+    rows = run.read_metrics()
     sections = [
         _header(run, rows),
         "<h2>Curves</h2>", _plots(run, rows),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from tandem.core.errors import ConfigError
 from tandem.rl.config import JobConfig, to_yaml
 
 
@@ -64,10 +66,45 @@ class RunDir:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({k: _plain(v) for k, v in metrics.items()}) + "\n")
 
+    def check_writable(self) -> None:
+        """ConfigError (one line) when ``output_dir`` is a file or cannot be written; creates nothing."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"output_dir {self.path} is a file, not a folder; choose another output_dir")
+        existing = self.path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"output_dir {self.path}: {existing} is a file, not a folder; choose another output_dir")
+        try:  # os.access says yes to root even on read-only mounts: try it
+            fd, probe = tempfile.mkstemp(prefix=".tandem-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ConfigError(f"output_dir {self.path} is not writable ({e.strerror} in {existing}); choose another "
+                              f"output_dir") from None
+
     def read_metrics(self) -> List[Dict[str, float]]:
+        """The rows of metrics.jsonl. A last line cut short (a killed run's partial write) is dropped; any other
+        line that is not a JSON object with an integer ``step`` is a ConfigError naming it."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        text = self.metrics_file.read_text(encoding="utf-8", errors="replace")
+        lines = text.split("\n")
+        rows = []
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines):  # no newline after it: the write was cut off
+                    break
+                raise ConfigError(f"{self.metrics_file}:{n}: not a JSON line ({e.msg}); fix or remove that line") from None
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)):
+                raise ConfigError(f"{self.metrics_file}:{n}: a metrics line must be a JSON object with an integer "
+                                  f"'step'; fix or remove that line")
+            rows.append(row)
+        return rows
 
     def truncate_metrics(self, step: int) -> None:
         """Drop lines past ``step`` (logged by a run killed after its last checkpoint; resume redoes them)."""

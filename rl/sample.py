@@ -23,7 +23,7 @@ def load_for_sampling(cfg: JobConfig, checkpoint: Optional[str] = None):
 
 
 def run_sample(cfg: JobConfig, num_prompts: Optional[int] = None, checkpoint: Optional[str] = None) -> str:
-    records = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width))[: num_prompts or None]
+    records = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)[: num_prompts or None]
     family, pipe = load_for_sampling(cfg, checkpoint)
     run = RunDir(cfg.output_dir).create(cfg)
     prompts = [r.prompt for r in records]

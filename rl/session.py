@@ -5,14 +5,22 @@
 configured); the run directory (resume from ``cfg.resume``, or refuse to write over an existing run); the
 progress bar. Its ``Hooks`` are phase 6 of every optimizer step: metrics line, sample grid, eval, and the
 checkpoints taken between rollouts.
+
+Crash safety: a checkpoint is only ever taken where the trained state is whole — at a rollout boundary or
+after a finished optimizer step, never while an optimizer step is being applied. SIGINT / SIGTERM ask the
+loop to stop at the next such point (a second one stops at once, without a checkpoint); an exception between
+steps (a reward that breaks, a failing sample grid) takes a checkpoint before it propagates. The final
+checkpoint is taken before the final sample grid and eval, and an eval that fails is logged and skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -21,7 +29,8 @@ from tandem.core.errors import ConfigError
 from tandem.core.types import PromptRecord
 from tandem.policies.families import get_family
 from tandem.rl.buffer import load_buffer_records
-from tandem.rl.checkpoint import find_resume_point, read_state, restore, save_checkpoint
+from tandem.rl.checkpoint import (config_fingerprint, find_resume_point, read_state, restore, save_checkpoint,
+                                  saved_config_fingerprint)
 from tandem.rl.config import JobConfig, phase_config
 from tandem.rl.distributed import finish
 from tandem.rl.run_dir import RunDir
@@ -39,41 +48,114 @@ def build_policy(stage: str, cfg: JobConfig, pipe=None):
     return family.policies[stage](family.load(cfg.model) if pipe is None else pipe, cfg)
 
 
+def load_checked(cfg: JobConfig, stage: str, records: List[PromptRecord]):
+    """The family's pipeline, after checking that the training and eval prompts fit the model (one line if not)."""
+    family = get_family(cfg.model.family)
+    pipe = family.load(cfg.model)
+    if family.check_prompts is not None:
+        prompts = [r.prompt for r in records]
+        if cfg.data.eval_prompts and cfg.logging.eval_every:
+            size = (cfg.data.height, cfg.data.width)
+            prompts += [r.prompt for r in load_prompts(cfg.data.eval_prompts, size, cfg.data.allowed_roots)]
+        family.check_prompts(pipe, prompts, cfg, stage)
+    return pipe
+
+
 def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
     size = (cfg.data.height, cfg.data.width)
     if stage == "decoder" and cfg.decoder.condition_source == "buffer":
-        return load_buffer_records(cfg.decoder.buffer_dir, *size)
-    return load_prompts(cfg.data.prompts, size)
+        return load_buffer_records(cfg.decoder.buffer_dir, *size, allowed_roots=cfg.data.allowed_roots)
+    return load_prompts(cfg.data.prompts, size, cfg.data.allowed_roots)
 
 
 def check_inputs(cfg: JobConfig, stage: str) -> None:
-    """Unknown rewards, bad prompt files and bad buffers fail here, before any model is loaded."""
+    """Unknown rewards or bad reward args, an unreachable reward_host.address, an output_dir that cannot be
+    written or resumed, bad prompt files and bad buffers fail here, before any model is loaded."""
     from tandem.rewards.base import check_entries
 
     check_entries(cfg.rewards)
     check_entries(cfg.eval.rewards)
+    if cfg.reward_host.backend == "ray" and cfg.reward_host.address:
+        from tandem.rewards.host import check_reachable
+
+        check_reachable(cfg.reward_host.address, "reward_host.address")
+    run = RunDir(cfg.output_dir)
+    run.check_writable()
+    resume_point(cfg, run)
     training_records(cfg, "ar" if stage == "joint" else stage)
+
+
+def resume_point(cfg: JobConfig, run: RunDir) -> Optional[Path]:
+    """The checkpoint to resume from (checked against ``cfg``), or None to start at step 0.
+
+    Without a checkpoint: a fresh output_dir starts; a run there is refused without ``resume``; with
+    ``resume=auto`` it restarts from step 0 when its config.yaml has this config's fingerprint (its logged
+    metrics would repeat, so they are cleared) and is refused when it has another (nothing is overwritten)."""
+    point = find_resume_point(cfg)
+    if point is not None:
+        read_state(point, cfg)
+        return point
+    if not run.read_metrics():
+        return None
+    if cfg.resume is None:
+        raise ConfigError(f"output_dir {run.path} already holds a run (metrics.jsonl); pass resume=auto "
+                          f"to continue it, or choose another output_dir")
+    config_file = run.path / "config.yaml"
+    if not config_file.is_file() or saved_config_fingerprint(config_file) != config_fingerprint(cfg):
+        raise ConfigError(f"resume=auto: output_dir {run.path} holds a run of a different config (its config.yaml) "
+                          f"and no checkpoint; choose another output_dir")
+    return None
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the job at a safe point (after its checkpoint); the CLI exits 130."""
+
+
+class StopSignals:
+    """While active, SIGINT / SIGTERM only set ``requested`` (the loop stops at its next safe point); a second
+    signal raises KeyboardInterrupt at once. Only in the main thread (signal handlers live there)."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous: Dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: stopping after the current optimizer step with a checkpoint (send it again to stop at "
+                    "once, without one)", self.requested)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class Hooks:
     """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
 
     def __init__(self, cfg: JobConfig, run: RunDir, trainers: Dict[str, StageTrainer], evaluator, progress,
-                 last_checkpoint: int):
+                 last_checkpoint: int, signals: Optional[StopSignals] = None):
         self.cfg, self.run, self.trainers, self.evaluator, self.progress = cfg, run, trainers, evaluator, progress
-        self.last_checkpoint = last_checkpoint
+        self.last_checkpoint, self.signals = last_checkpoint, signals
 
     def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
         """One process scores and writes the run directory; a sharded (FSDP) policy's forward is collective, so
-        then every process samples the eval images and the grid."""
+        then every process samples the eval images and the grid. The final step's checkpoint comes first."""
         step, every, layout = trainer.state.step, self.cfg.logging, trainer.layout
+        if step >= self.cfg.max_steps:  # the loop ends at this step: its rollout counts as done
+            self.checkpoint(trainer, rollouts=trainer.state.rollouts + 1)
         if not (layout.is_main or layout.sharded):
             return
         if self.evaluator is not None and every.eval_every and step % every.eval_every == 0:
-            if layout.is_main:
-                metrics.update(self.evaluator.evaluate(trainer.policy, step, metrics["reward/mean"]))
-            else:
-                self.evaluator.sample(trainer.policy)
+            self._evaluate(trainer, step, metrics)
         if layout.is_main:
             self.run.log_metrics(metrics)
             self.progress.update(1)
@@ -86,17 +168,63 @@ class Hooks:
             if layout.is_main:
                 self.run.save_grid(f"step_{step:06d}", images, prompts)
                 self.run.plot_rewards()
+        self.stop_if_requested(trainer)
+
+    def _evaluate(self, trainer: StageTrainer, step: int, metrics: Dict) -> None:
+        """The periodic eval; one that fails is logged (one line) and training goes on."""
+        try:
+            if trainer.layout.is_main:
+                metrics.update(self.evaluator.evaluate(trainer.policy, step, metrics["reward/mean"]))
+            else:
+                self.evaluator.sample(trainer.policy)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            log.error("eval at step %d failed and was skipped (training goes on): %s: %s", step, type(e).__name__, first)
 
     def after_rollout(self, trainer: StageTrainer) -> None:
         """Checkpoints are taken between rollouts (nothing half-trained is lost): every checkpoint_every steps
         and at the end. The main process writes; under FSDP every process takes part (the shards are gathered)."""
-        step, every, layout = trainer.state.step, self.cfg.logging.checkpoint_every, trainer.layout
+        step, every = trainer.state.step, self.cfg.logging.checkpoint_every
         due = every and step // every > self.last_checkpoint // every
-        if (layout.is_main or layout.sharded) and (due or step >= self.cfg.max_steps):
-            samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
-            save_checkpoint(self.run.checkpoints, step, self.trainers, self.cfg,
-                            {"run_state": trainer.state.to_dict(), "samplers": samplers}, write=layout.is_main)
-            self.last_checkpoint = step
+        if due or step >= self.cfg.max_steps:
+            self.checkpoint(trainer)
+        self.stop_if_requested(trainer)
+
+    def checkpoint(self, trainer: StageTrainer, rollouts: Optional[int] = None) -> Optional[Path]:
+        """Save ``checkpoints/step_N`` at the current step unless it exists already (every process of a sharded
+        policy takes part; the main one writes)."""
+        layout, state = trainer.layout, trainer.state
+        if state.step == self.last_checkpoint or not (layout.is_main or layout.sharded):
+            return None
+        samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
+        trackers = {s: t.stat_tracker.state_dict() for s, t in self.trainers.items() if t.stat_tracker}
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        run_state = dict(state.to_dict(), **({} if rollouts is None else {"rollouts": rollouts}))
+        out = save_checkpoint(self.run.checkpoints, state.step, self.trainers, self.cfg,
+                              {"run_state": run_state, "samplers": samplers, "stat_trackers": trackers,
+                               "grad_scaler": scaler.state_dict() if scaler is not None else None},
+                              write=layout.is_main)
+        self.last_checkpoint = state.step
+        return out
+
+    def stop_if_requested(self, trainer: StageTrainer) -> None:
+        """At a safe point: after a requested stop (SIGINT / SIGTERM), checkpoint and raise Stopped."""
+        if self.signals is not None and self.signals.requested:
+            self.checkpoint(trainer)
+            raise Stopped(f"stopped by {self.signals.requested} at step {trainer.state.step}; checkpoint in "
+                          f"{self.run.checkpoints} (continue with resume=auto)")
+
+    def rescue(self, trainer: StageTrainer, error: BaseException) -> None:
+        """After an exception: checkpoint if the trained state is whole (not inside an optimizer step) and one
+        process holds all of it (a sharded policy's gather would need every process)."""
+        if trainer.half_updated or trainer.layout.sharded or not trainer.layout.is_main or self.last_checkpoint == trainer.state.step:
+            return
+        try:
+            out = self.checkpoint(trainer)
+            log.warning("%s at step %d: checkpoint saved in %s (continue with resume=auto)", type(error).__name__,
+                        trainer.state.step, out)
+        except Exception as e:
+            log.error("could not save a checkpoint after %s: %s: %s", type(error).__name__, type(e).__name__, e)
 
 
 class RunSession:
@@ -113,7 +241,7 @@ class RunSession:
     def __init__(self, cfg: JobConfig):
         self.cfg, self.run, self.state = cfg, RunDir(cfg.output_dir), RunState()
         self._stack = contextlib.ExitStack()
-        self.rewards = self.evaluator = self.progress = None
+        self.rewards = self.evaluator = self.progress = self.hooks = None
         self.trainers: Dict[str, StageTrainer] = {}
 
     def __enter__(self) -> "RunSession":
@@ -127,6 +255,7 @@ class RunSession:
                 eval_client = (stack.enter_context(RewardClient(self.cfg.eval.rewards, self.cfg.reward_host))
                                if self.cfg.eval.rewards else self.rewards)
                 self.evaluator = Evaluator(self.cfg, eval_client)
+            self.signals = stack.enter_context(StopSignals())
             self._stack = stack.pop_all()
         return self
 
@@ -143,32 +272,50 @@ class RunSession:
 
         self.progress = tqdm(total=self.cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
                              disable=not (self.cfg.logging.progress and self._layout.is_main))
-        return Hooks(self.cfg, self.run, self.trainers, self.evaluator, self.progress, last_checkpoint=self.state.step)
+        self.hooks = Hooks(self.cfg, self.run, self.trainers, self.evaluator, self.progress,
+                           last_checkpoint=self.state.step, signals=self.signals)
+        return self.hooks
+
+    def _active(self) -> StageTrainer:
+        """The trainer that ran last (the one an exception came from)."""
+        return max(self.trainers.values(), key=lambda t: t.last_active)
+
+    @property
+    def _first(self) -> StageTrainer:
+        return next(iter(self.trainers.values()))
 
     @property
     def _layout(self):
-        return next(iter(self.trainers.values())).layout
+        return self._first.layout
 
     def _resume(self) -> None:
-        point = find_resume_point(self.cfg)
+        point = resume_point(self.cfg, self.run)
         if point is None:
-            if self.cfg.resume is None and self.run.read_metrics():
-                raise ConfigError(f"output_dir {self.run.path} already holds a run (metrics.jsonl); pass resume=auto "
-                                  f"to continue it, or choose another output_dir")
+            if self.cfg.resume is not None and self._layout.is_main and self.run.read_metrics():
+                self.run.truncate_metrics(0)
+                log.warning("resume=auto: %s has no checkpoint; restarting the run from step 0 (the steps it logged "
+                            "are cleared)", self.run.path)
             return
         saved = read_state(point, self.cfg)
         restore(point, self.trainers, saved)
         self.state.load(saved["run_state"])
         for stage, t in self.trainers.items():
             t.sampler.load_state_dict(saved["samplers"][stage])
+            if t.stat_tracker is not None:
+                t.stat_tracker.load_state_dict(saved["stat_trackers"][stage])
+        scaler = self._first.accelerator.scaler
+        if scaler is not None and saved.get("grad_scaler"):
+            scaler.load_state_dict(saved["grad_scaler"])
         if self._layout.is_main:
             self.run.truncate_metrics(self.state.step)  # steps logged after the checkpoint by a killed run are redone
         log.info("resumed from %s at step %d", point, self.state.step)
 
-    def __exit__(self, exc_type, *_) -> None:
+    def __exit__(self, exc_type, exc, _tb) -> None:
         try:
             if self.progress is not None:
                 self.progress.close()
+            if exc is not None and self.hooks is not None and not isinstance(exc, KeyboardInterrupt):
+                self.hooks.rescue(self._active(), exc)
             if exc_type is None and self.trainers:
                 if self._layout.is_main:
                     self.run.plot_rewards()
@@ -180,7 +327,10 @@ class RunSession:
 def _accelerator(cfg: JobConfig, policy):
     from accelerate import Accelerator
 
-    # accelerate owns precision: rollout and training forwards run under the same autocast.
+    # accelerate owns precision: rollout and training forwards run under the same autocast. That does not make the
+    # first on-policy ratio exactly 1 in bf16: the rollout's cached decode and the training's teacher-forced forward
+    # round differently (max |r - 1| measured 1e-2 for the AR stage at release size; grpo.old_log_probs recomputes
+    # the denominator for that); fp32 gives |r - 1| < 1e-5.
     return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.device.type == "cpu")
 
 
@@ -188,9 +338,11 @@ def train(cfg: JobConfig, stage: str) -> Path:
     """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
     check_inputs(cfg, stage)
     torch.manual_seed(cfg.seed)
-    policy = build_policy(stage, cfg)
+    records = training_records(cfg, stage)
+    pipe = load_checked(cfg, stage, records)
+    policy = build_policy(stage, cfg, pipe)
     with RunSession(cfg) as session:
-        trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), training_records(cfg, stage))
+        trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), records)
         hooks = session.start()
         while session.state.step < cfg.max_steps:
             trainer.train_rollout(cfg.max_steps, hooks)
@@ -207,9 +359,9 @@ def train_joint(cfg: JobConfig) -> Path:
     """
     check_inputs(cfg, "joint")
     torch.manual_seed(cfg.seed)
-    pipe = get_family(cfg.model.family).load(cfg.model)
+    prompts = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
+    pipe = load_checked(cfg, "joint", prompts)
     phases = {"ar": phase_config(cfg, "ar"), "decoder": phase_config(cfg, "decoder")}
-    prompts = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width))
     with RunSession(cfg) as session:
         policies = {stage: build_policy(stage, phases[stage], pipe) for stage in ("ar", "decoder")}
         accelerator = _accelerator(cfg, policies["ar"])

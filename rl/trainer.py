@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
 
+from tandem.core.seeds import derive_seed
 from tandem.core.types import PromptRecord, Rollout
 from tandem.rewards.client import RewardScores
+from tandem.rewards.scoring import warn_unscored
 from tandem.rl.advantages import AdvantageResult, compute_advantages
 from tandem.rl.buffer import save_shard
 from tandem.rl.config import JobConfig
@@ -40,6 +42,7 @@ from tandem.rl.data import PromptSampler
 from tandem.rl.distributed import Layout, layout_of, shard
 from tandem.rl.objectives import OBJECTIVES, merge_chunk_metrics
 from tandem.rl.run_state import RunState
+from tandem.rl.stat_tracking import PerPromptStatTracker
 
 
 def recomputes_old_log_probs(cfg: JobConfig, stage: str) -> bool:
@@ -55,10 +58,11 @@ def recomputes_old_log_probs(cfg: JobConfig, stage: str) -> bool:
 
 
 def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accelerator,
-                        layout: Layout = Layout()) -> Dict[str, float]:
+                        layout: Layout = Layout(), before_step: Callable[[], None] = lambda: None) -> Dict[str, float]:
     """One optimizer step on ``batch`` (this process's share of the minibatch): chunked forward/backward,
     gradients averaged over processes (by FSDP's reduce-scatter when sharded), clip to the global norm, step.
-    Returns loss metrics averaged over processes."""
+    ``before_step`` is called just before the weights start to change. Returns loss metrics averaged over
+    processes."""
     objective = OBJECTIVES.get(cfg.grpo.objective)()
     num_units = batch.old_log_probs.shape[1]
     optimizer.zero_grad(set_to_none=True)
@@ -70,12 +74,29 @@ def update_on_minibatch(policy, optimizer, batch: Rollout, cfg: JobConfig, accel
         accelerator.backward(loss * share)
         parts.append((share, metrics))
     layout.average_gradients(policy.trainable_parameters())
-    grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
-    optimizer.step()
-    policy.on_optimizer_step()
+    # unscales fp16 gradients first (the optimizer is accelerate's, see build_optimizer); max_grad_norm 0 = no clip
+    grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm or float("inf"))
+    before_step()
+    optimizer.step()  # fp16: skipped when a gradient is inf/NaN, and the loss scale adapts
     merged = merge_chunk_metrics(parts)
     merged["grad_norm"] = float(grad_norm)
+    scaler = getattr(accelerator, "scaler", None)  # accelerate's GradScaler under fp16
+    if scaler is not None:
+        merged["optim/loss_scale"] = float(scaler.get_scale())
+        merged["optim/step_skipped"] = float(optimizer.step_was_skipped)
+    if not getattr(optimizer, "step_was_skipped", False):
+        policy.on_optimizer_step()
     return layout.mean(merged)
+
+
+def build_optimizer(policy, cfg: JobConfig, accelerator):
+    """AdamW over the trained parameters, wrapped by ``accelerator.prepare_optimizer``: with
+    ``optim.mixed_precision: fp16`` the wrapper owns accelerate's GradScaler, so ``accelerator.backward`` scales
+    the loss, ``clip_grad_norm_`` unscales the gradients before measuring them, and ``step`` skips a step whose
+    gradients are inf/NaN (then lowers the scale). Its ``.optimizer`` is the plain AdamW (checkpoints)."""
+    adamw = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
+                              weight_decay=cfg.optim.weight_decay)
+    return accelerator.prepare_optimizer(adamw, device_placement=False)
 
 
 @dataclass
@@ -105,12 +126,17 @@ class StageTrainer:
         self.copies, self.mini_batch = self.layout.local_sizes(cfg)
         if self.layout.sharded:  # before the optimizer, which must hold the sharded parameters
             shard(policy, self.layout)
-        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.learning_rate,
-                                           weight_decay=cfg.optim.weight_decay)
+        self.optimizer = build_optimizer(policy, cfg, accelerator)
+        g = cfg.grpo  # the same histories on every process (they see the same gathered rewards)
+        self.stat_tracker = (PerPromptStatTracker(g.stat_tracking_buffer_size, g.stat_tracking_min_count)
+                             if g.per_prompt_stat_tracking else None)
         self.use_records(records, cfg.seed)
         self.recompute = (recomputes_old_log_probs(cfg, stage)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
+        # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.
+        self.half_updated = False
+        self.last_active = 0.0  # when train_rollout last started (which stage an exception came from)
 
     def use_records(self, records: List[PromptRecord], seed: int) -> None:
         """Train on ``records`` from now on (a joint job's decoder phase takes the latest AR rollouts)."""
@@ -127,18 +153,19 @@ class StageTrainer:
     def rollout_and_score(self) -> ScoredRollout:
         g, cfg, layout = self.cfg.grpo, self.cfg, self.layout
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
-        base_seed = cfg.seed * 1_000_003 + self.state.rollouts
+        seed = derive_seed(cfg.seed, self.state.rollouts)  # the same on every process (tandem.core.seeds)
         objective = OBJECTIVES.get(g.objective)()
         self.policy.global_step = self.state.step  # step-scheduled sampling (a sliding SDE window) follows it
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
-        for i, part in enumerate(self._sub_batches(chosen)):  # 2. rollout + score, overlapped
+        for part in self._sub_batches(chosen):  # 2. rollout + score, overlapped
+            first_group = sum(len(s) for s in subs) // self.copies
             t0 = time.perf_counter()
             with self.accelerator.autocast():
-                sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies,
-                                          seed=(base_seed * 101 + i) * layout.world + layout.rank)
+                sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies, seed=seed,
+                                          first_group=first_group, first_copy=layout.rank * self.copies)
                 sub = objective.prepare(self.policy, sub, g)
             rollout_s += time.perf_counter() - t0
-            sub.group_ids = sub.group_ids + sum(len(s) for s in subs) // self.copies
+            sub.group_ids = sub.group_ids + first_group
             t1 = time.perf_counter()
             future = self.rewards.score(sub.images, sub.prompts, sub.metadata, sub.group_ids)
             if not cfg.reward_host.async_scoring:
@@ -151,9 +178,12 @@ class StageTrainer:
         reward_s += time.perf_counter() - t1
         local = RewardScores({n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores}, parts[0].weights)
         scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
+        if layout.is_main:
+            warn_unscored(scores)
         adv = compute_advantages(scores, local.weights, group_ids,  # 3. advantages
                                  aggregation=g.multi_objective_aggregation, scale_rewards=g.scale_rewards,
-                                 clip=g.adv_clip_max)
+                                 clip=g.adv_clip_max, stat_tracker=self.stat_tracker,
+                                 prompts=[chosen[i].prompt for i in group_ids])
         mine = np.asarray(adv.advantages)[layout.local_slice(sum(len(s) for s in subs))]
         advantages = torch.as_tensor(mine, dtype=torch.float32, device=subs[0].old_log_probs.device)
         offset = 0
@@ -209,6 +239,7 @@ class StageTrainer:
     # -------------------------------------------------------------------------------- phases 5-6
     def train_rollout(self, stop_at: int, hooks) -> None:
         """One rollout batch and its updates; stops early at global step ``stop_at``."""
+        self.last_active = time.monotonic()
         scored = self.rollout_and_score()
         self.hand_off(scored)
         mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}
@@ -220,8 +251,9 @@ class StageTrainer:
                         break
                     t0 = time.perf_counter()
                     loss_metrics = update_on_minibatch(self.policy, self.optimizer, sub.select(index), self.cfg,
-                                                       self.accelerator, self.layout)
+                                                       self.accelerator, self.layout, before_step=self._updating)
                     self.state.step += 1
+                    self.half_updated = False
                     reward_metrics = scored.advantages.metrics
                     metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
                                **reward_metrics, **mismatch, **loss_metrics, **timings,
@@ -231,6 +263,9 @@ class StageTrainer:
                     hooks.after_step(self, metrics)  # 6. log / grid / eval
         self.state.rollouts += 1
         hooks.after_rollout(self)
+
+    def _updating(self) -> None:
+        self.half_updated = True
 
 
 def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:

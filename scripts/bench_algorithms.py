@@ -25,9 +25,9 @@ grow with the load while the CPU seconds do not, so the CPU row's per-second fig
 passes of the transformer (trained units per sample x trained samples). The gain of a tiny random model on one
 seed is noisy: read the table as a rough comparison, not a ranking.
 
-``--release-shape``: the decoder is ``GlmImageTransformer2DModel()`` at its release config (random init, built by
-``scripts/bench_flow_step.build_pipeline``, saved once to ``--model-dir``), in bf16, LoRA rank 32 and at
-``--size`` px; the rest (prompts, seeds, batch, steps) as above. Use a cheap reward (``color`` or
+``--release-shape``: the pipeline is random-init at the release's shapes (``scripts/make_release_pipeline.py``:
+the ~7B DiT and the ~10B AR model that writes the prior tokens, saved once to ``--model-dir``), in bf16, LoRA
+rank 32, at ``--size`` px; the rest (prompts, seeds, batch, steps) as above. Use a cheap reward (``color`` or
 ``jpeg_compressibility``).
 """
 
@@ -88,15 +88,13 @@ def summarise(run: Path, cfg, cpu_seconds: float, device: str) -> Dict[str, floa
 
 
 def release_model(model_dir: Path, device: str) -> str:
-    """A release-shape random-init pipeline saved to ``model_dir`` (built once)."""
+    """A random-init pipeline at the release's shapes saved to ``model_dir`` (built once, by
+    ``scripts/make_release_pipeline.py``)."""
     if not (model_dir / "model_index.json").is_file():
-        import torch
-
         sys.path.insert(0, str(REPO / "scripts"))
-        from bench_flow_step import build_pipeline
+        from make_release_pipeline import build_pipeline
 
-        pipe = build_pipeline(torch.device(device), torch.bfloat16, tiny=False)
-        pipe.save_pretrained(model_dir, safe_serialization=True)
+        build_pipeline(model_dir, device, tiny=False, seed=0)
     return str(model_dir)
 
 

@@ -85,3 +85,29 @@ def reference_mean(images, prompts, metadata):
 
 class NotCallable:
     """A class whose instances have no __call__."""
+
+
+class ShortAfter:
+    """Scores 1.0 for its first args.good_calls calls, then returns one score too few (a RewardError)."""
+
+    def __init__(self, good_calls):
+        self.good_calls, self.calls = good_calls, 0
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        return [1.0] * (len(images) - (self.calls > self.good_calls))
+
+
+def nothing(images, prompts, metadata):
+    """Never scores: None for every image."""
+    return [None] * len(images)
+
+
+class SlowToBuild:
+    """Its constructor sleeps args.seconds."""
+
+    def __init__(self, seconds):
+        time.sleep(seconds)
+
+    def __call__(self, images, prompts, metadata):
+        return [0.0] * len(images)

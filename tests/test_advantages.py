@@ -1,5 +1,7 @@
 """Group advantages: exact math against a transcription of TRL 1.16's GRPO code, and NaN handling."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,8 @@ def trl_advantages(per_func: np.ndarray, weights: np.ndarray, G: int, aggregatio
 
 @pytest.mark.parametrize(
     "aggregation, scale",
-    [("sum_then_normalize", "group"), ("sum_then_normalize", "batch"), ("sum_then_normalize", "none"), ("normalize_then_sum", "group")],
+    [("sum_then_normalize", "group"), ("sum_then_normalize", "batch"), ("sum_then_normalize", "none"),
+     ("normalize_then_sum", "group"), ("normalize_then_sum", "batch"), ("normalize_then_sum", "none")],
 )
 def test_matches_trl_without_nan(aggregation, scale):
     rng = np.random.default_rng(0)
@@ -108,10 +111,14 @@ def test_clip_and_scale_none():
     np.testing.assert_allclose(unclipped.advantages, r - 25.0)
 
 
-def test_normalize_then_sum_with_scale_none_centres_each_reward_then_restandardises():
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_normalize_then_sum_always_divides_by_each_rewards_group_std(scale):
+    """TRL 1.16 ignores scale_rewards under normalize_then_sum: each reward is standardised per group."""
     a, b = np.array([1.0, 3.0, 10.0, 20.0]), np.array([0.0, 1.0, 0.0, 0.0])
-    res = compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, np.array([0, 0, 1, 1]), aggregation="normalize_then_sum", scale_rewards="none")
-    s = np.array([-1.0, 1.0, -5.0, 5.0]) + np.array([-0.5, 0.5, 0.0, 0.0])
+    res = compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, np.array([0, 0, 1, 1]), aggregation="normalize_then_sum", scale_rewards=scale)
+    std_a = np.array([np.sqrt(2), np.sqrt(2), np.sqrt(50), np.sqrt(50)])  # ddof 1 within each group
+    std_b = np.array([np.sqrt(0.5), np.sqrt(0.5), 0.0, 0.0])
+    s = np.array([-1.0, 1.0, -5.0, 5.0]) / (std_a + 1e-4) + np.array([-0.5, 0.5, 0.0, 0.0]) / (std_b + 1e-4)
     np.testing.assert_allclose(res.advantages, (s - s.mean()) / (s.std(ddof=1) + 1e-4), rtol=1e-6)
 
 
@@ -129,3 +136,54 @@ def test_bad_arguments():
         compute_advantages({"r": np.zeros(2)}, {"r": 1.0}, np.zeros(2, int), scale_rewards="global")
     with pytest.raises(ValueError, match="no weight for reward"):
         compute_advantages({"r": np.zeros(2)}, {}, np.zeros(2, int))
+
+
+def ddpo_tracker_reference(batches, buffer_size, min_count):
+    """DDPO's PerPromptStatTracker.update (ddpo_pytorch/stat_tracking.py) re-implemented, eps 1e-4 like flow_grpo."""
+    from collections import deque
+
+    stats, out = {}, []
+    for prompts, rewards in batches:
+        prompts, adv = np.array(prompts), np.empty_like(rewards)
+        for p in np.unique(prompts):
+            r = rewards[prompts == p]
+            stats.setdefault(p, deque(maxlen=buffer_size)).extend(r)
+            if len(stats[p]) < min_count:
+                mean, std = np.mean(rewards), np.std(rewards) + 1e-4
+            else:
+                mean, std = np.mean(stats[p]), np.std(stats[p]) + 1e-4
+            adv[prompts == p] = (r - mean) / std
+        out.append(adv)
+    return out
+
+
+def test_per_prompt_stat_tracking_matches_ddpo_over_rollouts():
+    from tandem.rl.stat_tracking import PerPromptStatTracker
+
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(5):  # each prompt appears in some rollouts only, groups of 3
+        prompts = list(np.repeat(rng.choice(["a", "b", "c", "d"], size=2, replace=False), 3))
+        batches.append((prompts, rng.normal(size=6)))
+    expected = ddpo_tracker_reference(batches, buffer_size=7, min_count=5)
+    tracker = PerPromptStatTracker(buffer_size=7, min_count=5)
+    for (prompts, rewards), ref in zip(batches, expected):
+        res = compute_advantages({"r": rewards}, {"r": 1.0}, np.repeat(np.arange(2), 3), stat_tracker=tracker,
+                                 prompts=prompts, clip=None)
+        np.testing.assert_allclose(res.advantages, ref, rtol=1e-5, atol=1e-6)
+    assert all(len(h) <= 7 for h in tracker.history.values())
+
+    restored = PerPromptStatTracker(buffer_size=7, min_count=5)  # the checkpointed state is the whole state
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    prompts, rewards = ["a"] * 3 + ["b"] * 3, rng.normal(size=6)
+    np.testing.assert_array_equal(restored.update(prompts, rewards), tracker.update(prompts, rewards))
+
+
+def test_per_prompt_stat_tracking_skips_missing_scores():
+    from tandem.rl.stat_tracking import PerPromptStatTracker
+
+    tracker = PerPromptStatTracker(buffer_size=0, min_count=1)
+    r = np.array([1.0, np.nan, 3.0, np.nan, np.nan, np.nan])
+    res = compute_advantages({"r": r}, {"r": 1.0}, np.repeat(np.arange(2), 3), stat_tracker=tracker, prompts=["a"] * 3 + ["b"] * 3)
+    np.testing.assert_allclose(res.advantages, [-1 / (1 + 1e-4), 0, 1 / (1 + 1e-4), 0, 0, 0], rtol=1e-6)
+    assert tracker.history == {"a": [1.0, 3.0], "b": []}

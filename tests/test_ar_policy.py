@@ -149,6 +149,17 @@ def test_same_seed_per_group_identical_tokens_identical_images(tiny_path):
     assert not np.array_equal(r.images[0], r.images[2])
 
 
+def test_seeds_per_group_not_per_process(tiny_path):
+    """Another process's copies of the same groups (first_copy) get the same decoder noise but other tokens."""
+    policy = make_policy(tiny_path)
+    mine = policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=7, first_group=4, first_copy=0)
+    other = policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=7, first_group=4, first_copy=2)
+    assert torch.equal(mine.extras["decode_seeds"], other.extras["decode_seeds"])
+    assert not torch.equal(mine.extras["tokens"], other.extras["tokens"])
+    later = policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=7, first_group=6, first_copy=0)
+    assert set(later.extras["decode_seeds"].tolist()).isdisjoint(mine.extras["decode_seeds"].tolist())
+
+
 def test_update_moves_log_probs_and_kl(tiny_path):
     policy = make_policy(tiny_path)
     r = policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=6)

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(args, **kw):
     # faulthandler: a process killed by a signal (an abort in the distributed runtime) prints its Python stacks
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep the caller's too
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, **kw)
     fatal = proc.stderr.find("Fatal Python error")
     stacks = proc.stderr[fatal: fatal + 4000] + "\n[...]\n" if fatal >= 0 else ""
@@ -62,6 +63,25 @@ def test_two_processes_match_one_process_on_the_same_data(tiny_model_path, tmp_p
     assert diff < 1e-5 * scale, (diff, scale)
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+
+
+def test_two_processes_sample_the_rollout_of_one_process(tiny_model_path, tmp_path):
+    """Seeds per group and copy (tandem.core.seeds), not per process: copies of a prompt on different processes share
+    the SDE window, the conditions' AR tokens and (same_noise_in_group) the starting noise, and the two processes
+    together sample exactly what one process holding all 4 copies samples."""
+    run([sys.executable, "tests/dist_rollout.py", str(tiny_model_path), str(tmp_path / "one.safetensors")])
+    run(torchrun("tests/dist_rollout.py", str(tiny_model_path), str(tmp_path / "two.safetensors")))
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    # one process: [group 0 copies 0-3, group 1 copies 0-3]; two: [rank 0: g0 c0-1, g1 c0-1, rank 1: g0 c2-3, g1 c2-3]
+    order = torch.tensor([(c // 2) * 4 + g * 2 + c % 2 for g in range(2) for c in range(4)])
+    for key in ("timesteps", "full_tokens", "group_ids"):
+        assert torch.equal(two[key][order], one[key]), key
+    for key in ("latents", "next_latents", "old_log_probs", "advantages"):
+        torch.testing.assert_close(two[key][order], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert len(set(one["timesteps"][:, 0].tolist())) == 1  # one window for the rollout call
+    for rows in (two["latents"][:, 0].view(2, 2, 2, -1), one["latents"][:, 0].view(2, 4, -1)):  # same start per group
+        torch.testing.assert_close(rows, rows[..., :1, :].expand_as(rows), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(one["next_latents"][0], one["next_latents"][1])  # copies still differ (their SDE noise)
 
 
 def test_training_job_on_two_processes(tiny_model_path, tmp_path):
@@ -113,7 +133,8 @@ def test_fsdp_job_checkpoints_full_weights_and_resumes_exactly(tiny_model_path, 
     adam = torch.load(step_4 / "decoder.optimizer.pt", weights_only=True)["state"]
     assert adam.keys() == weights.keys() and all(adam[k]["exp_avg"].shape == weights[k].shape for k in adam)
     ema = load_file(str(step_4 / "decoder.ema.safetensors"))
-    assert [ema[f"ema.{i}"].shape for i in range(len(ema))] == [p.shape for p in params.values()]
+    assert [ema[f"ema.{i}"].shape for i in range(len(ema) - 1)] == [p.shape for p in params.values()]
+    assert int(ema["steps"]) == 4
 
 
 def test_bad_strategy_is_a_one_line_config_error():

@@ -70,7 +70,7 @@ def test_noise_zero_rollout_is_the_ode_render(tiny_model_path):
     cfg.grpo.mini_batch_size = 8
     policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
     batch = policy.rollout(["a cat"], [{}], group_size=2, seed=4)
-    seeds = [4 * 7919 + i for i in range(2)]
+    seeds = batch.extras["noise_seeds"].tolist()
     expected = render_tokens(policy.adapter, batch.extras["cond"]["full_tokens"], batch.prompts, 6, 1.5, seeds)
     assert np.array_equal(batch.images, expected)
 

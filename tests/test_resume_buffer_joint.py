@@ -171,3 +171,19 @@ def test_checkpoint_of_another_config_refused_and_nothing_overwritten(tiny_model
     line = one_error_line(cli(*common, "max_steps=4"))  # no resume: refuses to write over the run
     assert "resume=auto" in line
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_restores_the_per_prompt_reward_histories(tiny_model_path, tmp_path):
+    """grpo.per_prompt_stat_tracking: the histories are in state.json, so a run resumed from step 2 computes the
+    same advantages at steps 3-4 as the straight run (two prompts, so every rollout sees both again)."""
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("a red apple\na blue sky\n")
+    overrides = ["max_steps=4", "logging.checkpoint_every=2", f"data.prompts={prompts}", "grpo.per_prompt_stat_tracking=true",
+                 "grpo.stat_tracking_min_count=4", "grpo.adv_clip_max=100"]
+    straight = train(cfg_for("decoder", tiny_model_path, tmp_path / "straight", *overrides), "decoder")
+    state = json.loads((straight / "checkpoints" / "step_2" / "state.json").read_text())
+    assert sorted(state["stat_trackers"]["decoder"]) == ["a blue sky", "a red apple"]
+    assert all(len(h) == 4 for h in state["stat_trackers"]["decoder"].values())  # one rollout batch: 4 copies each
+    resumed = train(cfg_for("decoder", tiny_model_path, tmp_path / "resumed", *overrides,
+                            f"resume={straight / 'checkpoints' / 'step_2'}"), "decoder")
+    assert [stable(r) for r in rows(resumed)] == [stable(r) for r in rows(straight)[2:]]

@@ -196,3 +196,45 @@ def test_bad_arguments_teach():
         sde_step(v, x, 0.6, 0.4, 1.5, kind="cps")
     with pytest.raises(ValueError, match="noise_level=-0.1"):
         sde_step(v, x, 0.6, 0.4, -0.1)
+
+
+@pytest.mark.parametrize("sigma,sigma_next", [(0.9, 0.853), (0.5, 0.417), (0.4, 0.131)])
+def test_kl_forms_exact_is_flow_grpo_over_abs_dt(sigma, sigma_next):
+    """flow_grpo's kl_loss divides ||mean - mean_ref||^2 by 2 std_dev_t^2 with std_dev_t = s (what its
+    sde_step_with_logprob returns), the exact KL by 2 (s sqrt(-dt))^2: their ratio is 1/|dt| for Flow-SDE, 1 for CPS."""
+    from tandem.policies.sde import step_kl
+
+    v, x = _inputs()
+    v_ref = v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+    for kind in KINDS:
+        _, _, mean, std = sde_step(v, x, sigma, sigma_next, 0.7, kind=kind)
+        _, _, ref, _ = sde_step(v_ref, x, sigma, sigma_next, 0.7, kind=kind)
+        exact = step_kl(mean, ref, std, sigma, sigma_next, kind, "exact")
+        flow = step_kl(mean, ref, std, sigma, sigma_next, kind, "flow_grpo")
+        # flow_grpo's formula, written from train_sd3.py: s = a sqrt(sigma / (1 - sigma)) for sde, sigma' sin(a pi/2) for cps
+        s = 0.7 * math.sqrt(sigma / (1 - sigma)) if kind == "sde" else sigma_next * math.sin(0.7 * math.pi / 2)
+        upstream = ((mean.double() - ref.double()) ** 2).mean(dim=(1, 2, 3)) / (2 * s**2)
+        torch.testing.assert_close(flow.double(), upstream, rtol=1e-5, atol=0)
+        ratio = 1 / (sigma - sigma_next) if kind == "sde" else 1.0
+        torch.testing.assert_close(exact.double() / flow.double(), torch.full((3,), ratio, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("sigma,sigma_next", [(0.75, 0.5), (0.3, 0.1)])
+def test_cps_flow_grpo_log_prob_is_minus_squared_error(sigma, sigma_next):
+    """Upstream flow_grpo's CPS log-prob: mean over dims of -(x' - mean)^2; its log-ratios are the exact ones
+    times 2 std^2."""
+    v, x = _inputs()
+    g = torch.Generator().manual_seed(5)
+    x_next, exact, mean, std = sde_step(v, x, sigma, sigma_next, 0.7, generator=g, kind="cps")
+    _, upstream, mean2, _ = sde_step(v, x, sigma, sigma_next, 0.7, prev_sample=x_next, kind="cps", cps_log_prob="flow_grpo")
+    torch.testing.assert_close(mean2, mean)
+    torch.testing.assert_close(upstream.double(), -((x_next.double() - mean.double()) ** 2).mean(dim=(1, 2, 3)))
+    v2 = v + 0.05
+    _, exact2, _, _ = sde_step(v2, x, sigma, sigma_next, 0.7, prev_sample=x_next, kind="cps")
+    _, upstream2, _, _ = sde_step(v2, x, sigma, sigma_next, 0.7, prev_sample=x_next, kind="cps", cps_log_prob="flow_grpo")
+    s2 = (sigma_next * math.sin(0.7 * math.pi / 2)) ** 2
+    torch.testing.assert_close((exact2 - exact).double(), (upstream2 - upstream).double() / (2 * s2), rtol=1e-4, atol=1e-6)
+    # the Flow-SDE kind ignores the option (flow_grpo uses the exact density there too)
+    _, sde_a, _, _ = sde_step(v, x, sigma, sigma_next, 0.7, prev_sample=x_next, kind="sde")
+    _, sde_b, _, _ = sde_step(v, x, sigma, sigma_next, 0.7, prev_sample=x_next, kind="sde", cps_log_prob="flow_grpo")
+    assert torch.equal(sde_a, sde_b)

@@ -1,0 +1,188 @@
+"""Bad input files are one line (ConfigError), images are converted faithfully and say so (issue 13)."""
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tandem.core.data import load_image, load_prompts
+from tandem.core.errors import ConfigError
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def one_line(proc, code=2):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------ prompt files and references
+def test_non_utf8_prompt_file_is_one_line(tmp_path):
+    bad = tmp_path / "p.txt"
+    bad.write_bytes("un caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_prompts(str(bad))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_reference_outside_the_prompt_folder_is_refused_unless_allowed(tmp_path, where):
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(secret)
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    ref = "../secret.png" if where == "parent" else str(secret)
+    (folder / "p.jsonl").write_text(json.dumps({"prompt": "x", "reference": ref}) + "\n")
+    with pytest.raises(ConfigError, match="data.allowed_roots"):
+        load_prompts(str(folder / "p.jsonl"))
+    records = load_prompts(str(folder / "p.jsonl"), allowed_roots=[str(tmp_path)])
+    assert records[0].metadata["reference"][0, 0].tolist() == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ images
+def png_bytes(array, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_grey_keeps_its_level(tmp_path, caplog):
+    path = tmp_path / "grey16.png"
+    path.write_bytes(png_bytes(np.full((4, 4), 32896, np.uint16)))  # 32896 / 257 = 128: mid-grey
+    with caplog.at_level("INFO", logger="tandem.data"):
+        image = load_image(path)
+    assert image.shape == (4, 4, 3) and image.dtype == np.uint8 and (image == 128).all()
+    assert "16-bit" in caplog.text
+
+
+def test_alpha_is_composited_on_white_and_logged(tmp_path, caplog):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 255  # red ...
+    rgba[0, 0, 3], rgba[0, 1, 3], rgba[1, :, 3] = 255, 0, 128  # opaque, transparent, half
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(rgba, "RGBA"))
+    with caplog.at_level("WARNING", logger="tandem.data"):
+        image = load_image(path)
+    assert image[0, 0].tolist() == [255, 0, 0] and image[0, 1].tolist() == [255, 255, 255]
+    assert image[1, 0, 0] == 255 and abs(int(image[1, 0, 1]) - 127) <= 1
+    assert "alpha channel composited on white" in caplog.text
+
+
+def test_grayscale_conversion_is_logged(tmp_path, caplog):
+    path = tmp_path / "g.png"
+    path.write_bytes(png_bytes(np.full((2, 2), 77, np.uint8)))
+    with caplog.at_level("INFO", logger="tandem.data"):
+        assert (load_image(path) == 77).all()
+    assert "grayscale" in caplog.text
+
+
+def bomb_png(width, height) -> bytes:
+    """A valid 1x1 grey PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    raw = png_bytes(np.zeros((1, 1), np.uint8))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[8 + 25:]
+
+
+def test_decompression_bomb_in_score_is_one_line(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    line = one_line(cli("score", "--reward", "color", "--images", str(images), "--prompts", str(tmp_path / "p.txt")))
+    assert "bomb.png" in line and "decompression bomb" in line
+
+
+# ------------------------------------------------------------------ output_dir, report
+def test_output_dir_that_is_a_file_is_one_line_before_models_load(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    line = one_line(cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={target}",
+                        f"model.path={tmp_path / 'no-model-needed'}"))
+    assert "output_dir" in line and "is a file" in line
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path):
+    line = one_line(cli("train", "decoder", "--config", "configs/demo/decoder.yaml", "output_dir=/proc/tandem-run",
+                        f"model.path={tmp_path / 'no-model-needed'}"))
+    assert "output_dir /proc/tandem-run is not writable" in line
+
+
+def write_run(folder, metrics_lines, eval_meta=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text("output_dir: x\n")
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics_lines))
+    if eval_meta is not None:
+        (folder / "eval").mkdir()
+        stats = {"n": "<b>2</b>", "words": 2, "word_accuracy": 0.5, "one_minus_ned": 0.5, "ned": 0.5}
+        (folder / "eval" / "text_eval.json").write_text(json.dumps(
+            {"meta": eval_meta, "per_language": {"<i>en</i>": stats}, "overall": stats}))
+    return folder
+
+
+def test_report_on_a_metrics_line_without_step_is_one_line(tmp_path):
+    run = write_run(tmp_path / "run", ['{"step": 1, "reward/mean": 0.1}', '{"reward/mean": 0.2}'])
+    line = one_line(cli("report", str(run)))
+    assert "metrics.jsonl:2" in line and "'step'" in line
+    assert not (run / "report.html").exists()
+
+
+def test_report_escapes_everything(tmp_path):
+    from tandem.rl.report import write_report
+
+    script = "<script>alert(1)</script>"
+    meta = {"checkpoint": script, "prompts": script, "height": script, "width": 64, "num_steps": script, "seed": script}
+    run = write_run(tmp_path / "run", ['{"step": 1, "reward/mean": 0.1, "time/' + script + '": 1.0}'], eval_meta=meta)
+    page = write_report(str(run)).read_text()
+    assert "<script>" not in page and "<b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;" in page
+
+
+# ------------------------------------------------------------------ buffer shards
+def shard(folder, header=None, raw_header=None, tensors=None):
+    from tandem.rl.buffer import FORMAT, VERSION
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {"format": FORMAT, "version": VERSION, "height": 64, "width": 64, "payload": ["full_tokens"],
+            "rewards": {}, "prompts": ["a", "b"], "metadata": [{}, {}]}
+    base.update(header or {})
+    tensors = tensors if tensors is not None else {"full_tokens": torch.zeros(2, 4, dtype=torch.int64)}
+    save_file(tensors, str(folder / "shard_000000.safetensors"),
+              metadata={"tandem_buffer": raw_header if raw_header is not None else json.dumps(base)})
+    return folder
+
+
+@pytest.mark.parametrize("case, kwargs, message", [
+    ("bad json", {"raw_header": "{not json"}, "not valid JSON"),
+    ("missing keys", {"header": {"prompts": None}}, "must be lists"),
+    ("no prompts key", {"raw_header": json.dumps({"format": "tandem-buffer", "version": 1})}, "header lacks"),
+    ("short rows", {"tensors": {"full_tokens": torch.zeros(1, 4, dtype=torch.int64)}}, "must hold 2 rows"),
+    ("negative ids", {"tensors": {"full_tokens": -torch.ones(2, 4, dtype=torch.int64)}}, "non-negative ids"),
+    ("missing tensor", {"tensors": {"other": torch.zeros(2, 4, dtype=torch.int64)}}, "'full_tokens' named in its header is missing"),
+])
+def test_malformed_buffer_shards_are_one_line(tmp_path, case, kwargs, message):
+    from tandem.rl.buffer import load_buffer_records
+
+    folder = shard(tmp_path / "run" / "buffer", **kwargs)
+    with pytest.raises(ConfigError, match=message):
+        load_buffer_records(str(folder.parent), 64, 64)
+
+
+def test_buffer_reference_path_is_confined_to_the_run(tmp_path):
+    from tandem.rl.buffer import load_buffer_records
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "outside.png")
+    folder = shard(tmp_path / "run" / "buffer", header={"metadata": [{"reference_path": str(tmp_path / "outside.png")}, {}]})
+    with pytest.raises(ConfigError, match="data.allowed_roots"):
+        load_buffer_records(str(folder.parent), 64, 64)
+    assert load_buffer_records(str(folder.parent), 64, 64, allowed_roots=[str(tmp_path)])[0].metadata["reference"].shape == (64, 64, 3)

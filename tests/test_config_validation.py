@@ -1,0 +1,50 @@
+"""Settings that cannot train, or that would fail late, are one-line config errors (exit 2) before anything loads."""
+
+import pytest
+
+from tandem.rl.cli import main
+
+DECODER = ["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run"]
+AR = ["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run"]
+
+
+@pytest.mark.parametrize("args, key", [
+    (DECODER + ["decoder.noise_level=0"], "decoder.noise_level"),
+    (DECODER + ["decoder.sde_type=cps", "decoder.noise_level=1.5"], "decoder.noise_level"),
+    (DECODER + ["optim.learning_rate=0"], "optim.learning_rate"),
+    (DECODER + ["optim.learning_rate=-1e-4"], "optim.learning_rate"),
+    (AR + ["ar.temperature=0"], "ar.temperature"),
+    (AR + ["ar.top_p=0"], "ar.top_p"),
+    (AR + ["ar.top_p=1.5"], "ar.top_p"),
+    (AR + ["ar.top_k=-1"], "ar.top_k"),
+    (DECODER + ["decoder.ema_decay=1.0"], "decoder.ema_decay"),
+    (DECODER + ["decoder.ema_decay=-0.1"], "decoder.ema_decay"),
+    (DECODER + ["optim.lora.r=0"], "optim.lora.r"),
+    (DECODER + ["optim.max_grad_norm=-1"], "optim.max_grad_norm"),
+    (DECODER + ["eval.num_prompts=-1"], "eval.num_prompts"),
+    (DECODER + ["decoder.eval_num_steps=0"], "decoder.eval_num_steps"),
+    (DECODER + ["seed=-1"], "seed"),
+    (DECODER + ["model.device=banana"], "model.device"),
+    (DECODER + ["rewards=[{name: color, max_restarts: -2}]"], "rewards[0].max_restarts"),
+    (DECODER + ["rewards=[{name: color, weight: .nan}]"], "rewards[0].weight"),
+    (DECODER + ["rewards=[{name: color, weight: .inf}]"], "rewards[0].weight"),
+    (DECODER + ["rewards=[{name: color, batch_size: -1}]"], "rewards[0].batch_size"),
+    (DECODER + ["decoder.kl_form=k3"], "decoder.kl_form"),
+    (DECODER + ["decoder.ema_update_interval=0"], "decoder.ema_update_interval"),
+    (["sample", "--config", "configs/demo/sample.yaml", "--num-prompts", "0"], "--num-prompts"),
+    (["eval", "--config", "configs/demo/sample.yaml", "--batch-size", "0"], "--batch-size"),
+])
+def test_bad_setting_is_one_line_exit_2(args, key, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and key in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args", [
+    DECODER + ["decoder.sde_type=cps", "decoder.noise_level=1.0"],
+    DECODER + ["optim.max_grad_norm=0"],
+    DECODER + ["model.device=cuda:1", "eval.num_prompts=0", "decoder.ema_decay=0"],
+    AR + ["decoder.noise_level=0", "ar.top_p=1", "ar.top_k=0"],  # the AR stage's frozen decoder renders by ODE
+])
+def test_edge_values_stay_valid(args, capsys):
+    assert main(args) == 0, capsys.readouterr().err

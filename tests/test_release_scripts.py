@@ -1,0 +1,61 @@
+"""The release-size tooling: make_release_pipeline's processor bounds, bench_end_to_end's split and overrides.
+
+These are the parts of ``scripts/make_release_pipeline.py`` and ``scripts/bench_end_to_end.py`` that run without
+a GPU; the release-size runs themselves are in docs/benchmarks.md.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import bench_end_to_end as e2e  # noqa: E402
+import make_release_pipeline as mrp  # noqa: E402
+
+
+def grid_of(image_processor, size: int):
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8))
+    return image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
+
+
+def test_reference_image_keeps_its_size():
+    """A 1024^2 reference must give the 32x32 grid of the decoder's prior tokens; the class default gives 31x31."""
+    from transformers import GlmImageImageProcessor
+
+    default = GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1)
+    assert grid_of(default, 1024) == [1, 31, 31]  # the H200 failure: 961 tokens for a 32x32 grid
+    assert grid_of(mrp.build_image_processor(), 1024) == [1, 32, 32]
+    assert grid_of(mrp.build_image_processor(tiny=True), 64) == [1, 2, 2]
+
+
+def test_summarise_splits_each_rollout_batch():
+    metrics = [
+        {"rollout": 0, "phase": "ar", "time/rollout_s": 60.0, "time/reward_s": 1.0, "time/train_s": 3.0, "cost/elapsed_s": 80.0},
+        {"rollout": 0, "phase": "ar", "time/rollout_s": 0.0, "time/reward_s": 0.0, "time/train_s": 2.0, "cost/elapsed_s": 82.0},
+        {"rollout": 1, "phase": "ar", "time/rollout_s": 40.0, "time/reward_s": 0.5, "time/train_s": 3.0, "cost/elapsed_s": 127.0},
+        {"rollout": 1, "phase": "ar", "time/rollout_s": 0.0, "time/reward_s": 0.0, "time/train_s": 1.5, "cost/elapsed_s": 128.5},
+    ]
+    row = e2e.summarise(metrics, samples=8, gpus=1, decode_s=[20.0, 10.0])
+    first, second = row["batches"]
+    assert first["wall_s"] == 82.0 and first["other_s"] == pytest.approx(82 - 60 - 1 - 5)
+    assert second["wall_s"] == pytest.approx(46.5) and second["decode_s"] == 10.0
+    assert row["s_per_rl_step"] == pytest.approx(46.5)  # steady: the batches after the first
+    assert row["gpu_s_per_sample"] == pytest.approx(46.5 / 8)
+    assert row["train_frac"] == pytest.approx(4.5 / 46.5) and row["decode_frac"] == pytest.approx(10 / 46.5)
+    assert row["optimizer_steps"] == 4 and row["step1"]["phase"] == "ar"
+
+
+def test_reward_override_is_a_list_of_entries(tmp_path):
+    text = e2e.reward_entries(tmp_path, tiny=False, with_ocr=True, with_hands=True, stage="decoder")
+    rewards = OmegaConf.to_container(OmegaConf.from_dotlist([text]))["rewards"]
+    assert [r["name"] for r in rewards] == ["lpips", "aesthetic", "ocr", "hands"]
+    assert rewards[0]["args"]["backbone_weights"] == f"{tmp_path}/alexnet.safetensors"
+    assert rewards[1]["num_gpus"] == 0.1
+    ar = OmegaConf.to_container(OmegaConf.from_dotlist([e2e.reward_entries(tmp_path, True, False, False, "ar")]))["rewards"]
+    assert [r["name"] for r in ar] == ["aesthetic", "vlm"] and ar[0]["args"]["model_name"] == "ViT-B-32"
