@@ -54,7 +54,7 @@ def test_mixed_rollout_ode_steps_are_dpm_solver_steps(tiny_model_path):
     batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=5)
     timesteps, sigmas = policy.schedule()
     cond = batch.extras["cond"]
-    x = policy.adapter.initial_noise([5 * 7919 + i for i in range(2)])
+    x = policy.adapter.initial_noise(batch.extras["noise_seeds"].tolist())
     history = None
     with torch.no_grad():
         for i, t in enumerate(timesteps):
