@@ -465,8 +465,9 @@ def validate(job: JobConfig, stage: str) -> None:
         _rule(len(job.rewards) >= 1, "rewards", "a training job needs at least one reward entry")
     if stage in ("decoder", "joint"):
         _rule(d.num_steps >= 2, "decoder.num_steps", f"must be >= 2 (the last step is never trained), got {d.num_steps}")
-        _rule(d.noise_level > 0, "decoder.noise_level",
-              f"must be > 0 to train (0 is the deterministic ODE: every log-prob is 0, no gradient), got {d.noise_level}")
+        _rule(d.noise_level > 0 or not OBJECTIVES.get(g.objective).uses_old_log_probs, "decoder.noise_level",
+              f"must be > 0 to train with grpo.objective={g.objective} (0 is the deterministic ODE: every log-prob "
+              f"is 0, no gradient), got {d.noise_level}")
         _rule(d.sde_type != "cps" or d.noise_level <= 1, "decoder.noise_level",
               f"must be <= 1 with decoder.sde_type=cps (s = sigma' sin(a pi / 2)), got {d.noise_level}")
         if d.sde_window_size > 0:
