@@ -44,11 +44,16 @@ def _visual_tensors(state: dict) -> dict:
 class AestheticReward:
     """LAION aesthetic predictor: CLIP ViT-L/14 image embedding -> MLP head (weights from local paths)."""
 
+    @staticmethod
+    def check_args(clip_weights: str = None, head_weights: str = None, random_init: bool = False, **_) -> dict:
+        """The weight files as {arg: Path} (none with random_init); RewardConfigError naming a missing one."""
+        if random_init:
+            return {}
+        return {key: require_path("aesthetic", key, value) for key, value in (("clip_weights", clip_weights), ("head_weights", head_weights))}
+
     def __init__(self, clip_weights: str = None, head_weights: str = None, model_name: str = "ViT-L-14", random_init: bool = False, device: str = "auto"):
-        states = None
-        if not random_init:
-            paths = {key: require_path("aesthetic", key, value) for key, value in (("clip_weights", clip_weights), ("head_weights", head_weights))}
-            states = {key: load_state_dict("aesthetic", key, path) for key, path in paths.items()}
+        paths = self.check_args(clip_weights, head_weights, random_init)
+        states = {key: load_state_dict("aesthetic", key, path) for key, path in paths.items()} or None
         import open_clip
 
         if model_name not in open_clip.list_models():

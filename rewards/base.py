@@ -15,12 +15,25 @@ A reward is found by
   entry's ``args`` and then called), or
 * an installed plugin: the entry-point group ``tandem.rewards`` maps a name to ``"package.module:attr"``.
 
-A reward function with ``args`` may carry a ``check_args(**args)`` attribute that raises ValueError for bad
-values; it runs when the reward is built, so a bad ``args`` is one config error before training, never a
-reward that silently scores NaN.
-
 A *groupwise* reward (e.g. a pairwise win rate) is called once per prompt group instead of once per batch; it
 declares itself with ``register(name, groupwise=True)`` or a ``groupwise = True`` attribute.
+
+Optional hooks a reward may offer:
+
+* ``check_args(**args)`` (an attribute of a function, a static or class method of a class): cheap checks of
+  its ``args`` — values in range, weight paths exist — raising ValueError or RewardConfigError; run when a
+  job starts and by ``--dry-run``, before any model loads (``check_entries``), so a bad ``args`` is one config
+  error before training, never a reward that silently scores NaN;
+* returning ``ScoresWithInfo(scores, info)``: one dict of readable details per sample (OCR: the text it
+  read), shown by ``tandem score``.
+
+An entry with ``style: trl`` holds a TRL-style reward function ``fn(prompts, completions, **kwargs)`` (TRL
+``GRPOTrainer``'s contract): ``completions`` are the images as PIL images, and every metadata key arrives as
+a keyword argument holding one value per sample (None where a sample lacks it), like TRL's dataset columns.
+
+A fresh process (a Ray reward actor) finds the code of an entry by importing the module that defines it
+(``code_locations``), with that module's folder on ``sys.path``: a reward registered in the user's own
+module works on the Ray backend as it does in-process.
 """
 
 from __future__ import annotations
@@ -28,9 +41,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import sys
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,7 +57,9 @@ logger = logging.getLogger("tandem.rewards")
 
 ENTRY_POINT_GROUP = "tandem.rewards"
 # Modules holding the built-in rewards; each registers itself on import (their heavy imports are lazy).
-BUILTIN_MODULES = tuple(f"tandem.rewards.{m}" for m in ("simple", "ocr", "hands", "aesthetic", "vlm", "lpips", "edit"))
+BUILTIN_MODULES = tuple(f"tandem.rewards.{m}" for m in ("simple", "ocr", "hands", "aesthetic", "vlm", "lpips", "pickscore", "clip_similarity", "edit"))
+# Reward-function calling conventions of a config entry (``rewards[].style``).
+STYLES = ("tandem", "trl")
 
 
 class RewardConfigError(ConfigError):
@@ -106,7 +123,7 @@ def _import_path(path: str) -> RewardSpec:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardConfigError(f"reward fn '{path}': cannot import module '{module_name}' ({e}); check the rewards[].fn path and PYTHONPATH") from None
+        raise RewardConfigError(f"reward fn '{path}': cannot import module '{module_name}' ({e}); the working directory and PYTHONPATH are searched") from None
     target = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -168,6 +185,15 @@ def to_scores(raw: Any, n: int, name: str) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+class ScoresWithInfo(list):
+    """A reward's B scores (floats or None) with ``info``: one dict of readable details per sample (e.g. the
+    text OCR read), which ``tandem score`` prints next to the score. Behaves as the plain list of scores."""
+
+    def __init__(self, scores: Sequence[Optional[float]], info: Sequence[dict]):
+        super().__init__(scores)
+        self.info = [dict(d) for d in info]
+
+
 @dataclass
 class Reward:
     """A ready reward: ``reward(images, prompts, metadata)`` -> float64 (B,) with NaN for no score."""
@@ -176,8 +202,34 @@ class Reward:
     fn: Callable
     groupwise: bool
 
+    def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> Tuple[np.ndarray, List[dict]]:
+        """(float64 (B,) scores, B info dicts — empty unless the reward returned ScoresWithInfo)."""
+        raw = self.fn(images, list(prompts), list(metadata))
+        info = list(getattr(raw, "info", None) or [{} for _ in prompts])
+        if len(info) != len(prompts):
+            raise RewardError(f"reward '{self.name}' returned {len(info)} info dicts for a batch of {len(prompts)}")
+        return to_scores(raw, len(prompts), self.name), info
+
     def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> np.ndarray:
-        return to_scores(self.fn(images, list(prompts), list(metadata)), len(prompts), self.name)
+        return self.score(images, prompts, metadata)[0]
+
+
+def trl_style(fn: Callable) -> Callable:
+    """Wrap a TRL-style reward ``fn(prompts, completions, **kwargs)`` into tandem's (images, prompts, metadata).
+
+    completions = the B images as PIL images; kwargs = {metadata key: [value of sample i or None]} over the
+    union of the batch's metadata keys (keys named like the call's own arguments are left out).
+    """
+
+    def call(images: np.ndarray, prompts: List[str], metadata: List[dict]):
+        from PIL import Image
+
+        keys = sorted({k for m in metadata for k in m} - {"prompts", "completions"})
+        columns = {k: [m.get(k) for m in metadata] for k in keys}
+        return fn(prompts=list(prompts), completions=[Image.fromarray(np.asarray(img)) for img in images], **columns)
+
+    call.groupwise = bool(getattr(fn, "groupwise", False))
+    return call
 
 
 def entry_label(entry: RewardEntry) -> str:
@@ -227,22 +279,82 @@ def build_reward(entry: RewardEntry, label: Optional[str] = None) -> Reward:
         raise RewardConfigError("a rewards[] entry needs 'name' (a registered reward) or 'fn' ('package.module:attr')")
     spec = resolve(entry.fn or entry.name)
     fn = _instantiate(spec, dict(entry.args or {}), label)
+    if entry.style == "trl":
+        fn = trl_style(fn)
     groupwise = spec.groupwise or bool(getattr(fn, "groupwise", False))
     return Reward(label, fn, groupwise)
 
 
-def check_entries(entries: Sequence[RewardEntry]) -> None:
-    """Find the reward of every entry (and check a function's args; classes are not built here): unknown names,
-    bad import paths and bad args fail fast, before any model is loaded. RewardConfigError names rewards[i]."""
+def check_entries(entries: Sequence[RewardEntry], key: str = "rewards") -> None:
+    """Find the reward of every entry and check its args without loading anything: a function's args against
+    its signature and its ``check_args``; a class's ``check_args`` (weight paths exist). Unknown names, bad
+    import paths, bad args and missing weight paths fail fast, before any model is loaded. RewardConfigError
+    names the entry as ``<key>[i]``."""
     for i, entry in enumerate(entries):
         if entry.name is None and entry.fn is None:
-            raise RewardConfigError(f"rewards[{i}] needs 'name' (a registered reward) or 'fn' ('package.module:attr')")
+            raise RewardConfigError(f"{key}[{i}] needs 'name' (a registered reward) or 'fn' ('package.module:attr')")
+        if entry.style not in STYLES:
+            raise RewardConfigError(f"{key}[{i}].style is {entry.style!r}; allowed: {', '.join(STYLES)}")
         try:
             spec = resolve(entry.fn or entry.name)
-            if not inspect.isclass(spec.target):  # a function's args are cheap to check; a class is built later
-                _instantiate(spec, dict(entry.args or {}), entry_label(entry))
+            args = dict(entry.args or {})
+            if not inspect.isclass(spec.target):  # a function's args are cheap to check
+                _instantiate(spec, args, entry_label(entry))
+            elif hasattr(spec.target, "check_args"):  # a class is built later; its cheap checks run now
+                spec.target.check_args(**args)
         except RewardConfigError as e:
-            raise RewardConfigError(f"rewards[{i}]: {e}") from None
+            raise RewardConfigError(f"{key}[{i}]: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise RewardConfigError(f"{key}[{i}]: bad args for reward '{entry_label(entry)}': {e}") from None
+
+
+def import_reward_modules(modules: Sequence[str]) -> None:
+    """Import the config's ``reward_modules`` so that the rewards they ``@register`` are found by name."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise RewardConfigError(f"reward_modules: cannot import '{name}' ({e}); the working directory and PYTHONPATH are searched") from None
+
+
+def module_root(module_name: str) -> Optional[str]:
+    """The sys.path folder that ``import module_name`` found it in (None for a module without a file)."""
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve().parent
+    depth = module_name.count(".") + (Path(file).name == "__init__.py")
+    for _ in range(depth):
+        path = path.parent
+    return str(path)
+
+
+def code_locations(entry: RewardEntry, label: str) -> List[Tuple[Optional[str], str]]:
+    """[(sys.path folder, module)] a fresh process imports to find this entry's reward: the module that
+    defines (and registers) it. RewardConfigError for a reward defined in ``__main__`` (a script being run),
+    which no other process can import."""
+    target = resolve(entry.fn or entry.name).target
+    module = getattr(target, "__module__", None) or ""
+    if module == "__main__":
+        raise RewardConfigError(
+            f"reward '{label}' is defined in the script being run (__main__), which reward actors cannot import; "
+            "move it into a module next to the script and import it from there, or set reward_host.backend=local"
+        )
+    if not module or module.startswith("tandem."):
+        return []
+    return [(module_root(module), module)]
+
+
+def import_code(locations: Sequence[Tuple[Optional[str], str]]) -> None:
+    """In a fresh process: put each folder on sys.path and import each module (see ``code_locations``)."""
+    for root, module in locations:
+        if root and root not in sys.path:
+            sys.path.insert(0, root)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise RewardConfigError(f"the reward actor cannot import '{module}' ({e}); is {root} visible to every Ray node?") from None
 
 
 def unique_labels(entries: Sequence[RewardEntry]) -> List[str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from tandem.rewards.base import list_rewards, resolve
+from tandem.rewards.base import check_entries, list_rewards, resolve
 from tandem.rewards.client import RewardClient
 from tandem.core.errors import ConfigError
 from tandem.rewards.config import RewardEntry, RewardHostConfig
@@ -55,9 +55,8 @@ def _pair(files: Dict[str, Path], records: List[PromptRecord], images_dir: str, 
     return [(name, path, r) for (name, path), r in zip(files.items(), records)]
 
 
-def _entry(spec: str) -> RewardEntry:
-    resolve(spec)  # unknown name or bad import path: fail before anything starts
-    return RewardEntry(fn=spec) if ":" in spec else RewardEntry(name=spec)
+def _entry(spec: str, args: Dict) -> RewardEntry:
+    return RewardEntry(fn=spec, args=args) if ":" in spec else RewardEntry(name=spec, args=args)
 
 
 def _json_score(value: float):
@@ -75,15 +74,19 @@ def _attach_sources(pairs: List[tuple], sources_dir: str) -> None:
 
 
 def cmd_score(reward_specs: List[str], images_dir: str, prompts_file: str, backend: str = "local",
-              sources_dir: str | None = None) -> int:
-    """Score every image of ``images_dir`` with the rewards; print one JSON object per image on stdout.
+              reward_args: Optional[List[Dict]] = None, sources_dir: Optional[str] = None) -> int:
+    """Score every image of ``images_dir`` with the rewards; print one JSON object per image on stdout:
+    {"image", "prompt", <reward>: score or null, "<reward>/<detail>": ... (a reward's info, e.g. "ocr/read")}.
 
-    Prompt file: .txt (one prompt per line, in sorted image-name order) or .jsonl ({"prompt", "text"?,
-    "reference"? (a path), "image"? (a file name in images_dir)}). ``sources_dir``: edited images' source
-    images, matched by file name, handed to the rewards as ``reference`` (replacing the file's). Images of
-    different sizes are scored in separate batches. Bad input raises ConfigError (one line).
+    ``reward_args[i]`` are the args of ``reward_specs[i]`` (missing = none). Prompt file: .txt (one prompt per
+    line, in sorted image-name order) or .jsonl ({"prompt", "text"?, "reference"? (a path), "image"? (a file
+    name in images_dir)}). ``sources_dir``: edited images' source images, matched by file name, handed to the
+    rewards as ``reference`` (replacing the file's). Images of different sizes are scored in separate batches.
+    Bad input raises ConfigError (one line).
     """
-    entries = [_entry(spec) for spec in reward_specs]
+    reward_args = list(reward_args or [])
+    entries = [_entry(spec, reward_args[i] if i < len(reward_args) else {}) for i, spec in enumerate(reward_specs)]
+    check_entries(entries, key="--reward")  # unknown name, bad import path, missing weights: before anything starts
     pairs = _pair(_image_files(images_dir), load_prompts(prompts_file), images_dir, prompts_file)
     if sources_dir is not None:
         _attach_sources(pairs, sources_dir)
@@ -101,7 +104,10 @@ def cmd_score(reward_specs: List[str], images_dir: str, prompts_file: str, backe
         for idx, future in futures:
             scores = future.result()
             for k, i in enumerate(idx):
-                rows[i] = {name: _json_score(float(scores[name][k])) for name in scores.names}
+                rows[i] = {}
+                for name in scores.names:
+                    rows[i][name] = _json_score(float(scores[name][k]))
+                    rows[i].update({f"{name}/{key}": value for key, value in scores.info[name][k].items()})
     for i, (name, _, record) in enumerate(pairs):
         print(json.dumps({"image": name, "prompt": record.prompt, **rows[i]}, ensure_ascii=False))
     return 0

@@ -13,16 +13,16 @@ GPU boxes without Ray). Both give the same RewardScores for the same rewards.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from tandem.rewards.base import RewardConfigError, build_reward, check_entries, unique_labels
-from tandem.rewards.scoring import log_warnings, score_shard
+from tandem.rewards.scoring import FailureGuard, ShardScores, log_warnings, score_shard
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 
-Collect = Callable[[], Dict[str, np.ndarray]]
+Collect = Callable[[], Dict[str, ShardScores]]
 
 
 @dataclass
@@ -30,12 +30,28 @@ class RewardScores:
     """Scores of one batch.
 
     scores:  {reward name: float64 (B,)}, NaN = no score for that sample;
-    weights: {reward name: weight from the config entry}.
+    weights: {reward name: weight from the config entry};
+    failed:  {reward name: bool (B,)}, True where the reward raised (scored NaN); empty = none failed;
+    errors:  {reward name: first error "Type: message" of the batch, or None};
+    info:    {reward name: B dicts of readable details (e.g. OCR's read text), {} where none}.
     Names are the entries' ``name`` (or the attribute name of ``fn``), de-duplicated as ocr, ocr_2, ...
     """
 
     scores: Dict[str, np.ndarray]
     weights: Dict[str, float]
+    failed: Dict[str, np.ndarray] = field(default_factory=dict)
+    errors: Dict[str, Optional[str]] = field(default_factory=dict)
+    info: Dict[str, List[dict]] = field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: Sequence["RewardScores"]) -> "RewardScores":
+        """The scores of consecutive sub-batches as one batch."""
+        def cat(attr):
+            return {n: np.concatenate([getattr(p, attr)[n] for p in parts]) for n in getattr(parts[0], attr)}
+
+        return RewardScores(cat("scores"), dict(parts[0].weights), cat("failed"),
+                            {n: next((p.errors[n] for p in parts if p.errors.get(n)), None) for n in parts[0].errors},
+                            {n: [d for p in parts for d in p.info[n]] for n in parts[0].info})
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.scores[name]
@@ -54,7 +70,10 @@ class ScoreFuture:
 
     def result(self) -> RewardScores:
         if self._result is None:
-            self._result = RewardScores(self._collect(), dict(self._weights))
+            shards = self._collect()
+            self._result = RewardScores({n: s.scores for n, s in shards.items()}, dict(self._weights),
+                                        {n: s.failed for n, s in shards.items()}, {n: s.error for n, s in shards.items()},
+                                        {n: s.info for n, s in shards.items()})
             self._collect = None  # lets the batch's objects in the Ray object store go
         return self._result
 
@@ -71,13 +90,12 @@ class LocalBackend:
     def start(self) -> None:
         self.rewards = [build_reward(e, label) for e, label in zip(self.entries, self.labels)]
 
-    def _score(self, images, prompts, metadata, group_ids) -> Dict[str, np.ndarray]:
+    def _score(self, images, prompts, metadata, group_ids) -> Dict[str, ShardScores]:
         everything = np.arange(len(prompts))
         out = {}
         for reward, entry in zip(self.rewards, self.entries):
-            shard = score_shard(reward, images, prompts, metadata, group_ids, everything, entry.batch_size)
-            log_warnings(shard)
-            out[reward.name] = shard.scores
+            out[reward.name] = score_shard(reward, images, prompts, metadata, group_ids, everything, entry.batch_size)
+            log_warnings(out[reward.name])
         return out
 
     def submit(self, images, prompts, metadata, group_ids) -> Collect:
@@ -131,6 +149,7 @@ class RewardClient:
         self.names = unique_labels(self.entries)
         self.weights = {name: float(e.weight) for name, e in zip(self.names, self.entries)}
         self._backend = BACKENDS[host.backend](self.entries, self.names, host)
+        self._guard = FailureGuard(host.max_failed_frac, host.max_failed_rollouts)
         self._started = False
 
     def start(self) -> "RewardClient":
@@ -170,3 +189,8 @@ class RewardClient:
             raise RuntimeError("RewardClient.score() before start(): use `with RewardClient(...) as client:`")
         prompts, metadata, group_ids = _check_batch(images, prompts, metadata, group_ids)
         return ScoreFuture(self._backend.submit(images, prompts, metadata, group_ids), self.weights)
+
+    def check_failures(self, rollout: RewardScores) -> None:
+        """Count one rollout's failures; RewardError naming the reward once one has raised on more than
+        ``reward_host.max_failed_frac`` of the samples in ``reward_host.max_failed_rollouts`` rollouts in a row."""
+        self._guard.observe(rollout.failed, rollout.errors)

@@ -16,6 +16,9 @@ class RewardEntry:
     weight: float = 1.0
     # Keyword arguments for the reward (class constructor / factory).
     args: Dict[str, Any] = field(default_factory=dict)
+    # Calling convention of the reward: "tandem" (images, prompts, metadata) or "trl" (TRL GRPOTrainer's
+    # fn(prompts, completions, **kwargs): completions = PIL images, kwargs = metadata columns).
+    style: str = "tandem"
     # CPUs per reward actor (fractional is fine).
     num_cpus: float = 0.25
     # GPUs per reward actor (fractional is fine).
@@ -44,3 +47,7 @@ class RewardHostConfig:
     # Score each sub-batch of a rollout while the next sub-batch rolls out (sub-batches are minibatches of
     # whole groups, so what is trained stays on-policy); false = score after the whole rollout.
     async_scoring: bool = True
+    # Stop the job when a reward raises on more than this share of a rollout's samples (scored NaN) ...
+    max_failed_frac: float = 0.5
+    # ... in this many consecutive rollouts (None = no score, returned on purpose, never counts as a failure).
+    max_failed_rollouts: int = 3

@@ -40,7 +40,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from tandem.rewards.base import RewardConfigError, RewardError, build_reward, logger
+from tandem.rewards.base import RewardConfigError, RewardError, build_reward, code_locations, import_code, logger
 from tandem.rewards.scoring import ShardScores, log_warnings, score_shard, split_shards
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 
@@ -49,11 +49,16 @@ CLUSTERING_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for multi-n
 
 @ray.remote
 class RewardActor:
-    """Builds one reward entry in its own process and scores shards of batches with it."""
+    """Builds one reward entry in its own process and scores shards of batches with it.
 
-    def __init__(self, entry: RewardEntry, label: str):
+    ``code``: [(sys.path folder, module)] to import first — the user module that defines (and registers) the
+    reward, which this fresh process has never imported (``rewards.base.code_locations``).
+    """
+
+    def __init__(self, entry: RewardEntry, label: str, code: List[Tuple[Optional[str], str]]):
         self.reward, self.error = None, None
         try:
+            import_code(code)
             self.reward = build_reward(entry, label)
         except RewardConfigError as e:  # reported by describe(): a config error must not crash-loop the actor
             self.error = str(e)
@@ -99,8 +104,9 @@ class Cluster:
                 raise RewardConfigError(f"cannot join the Ray cluster at {address} ({type(e).__name__}: {first}); "
                                         "check reward_host.address / $RAY_ADDRESS") from None
         else:
-            sweep_temp_dirs()
-            self.temp_dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-")  # mode 0700
+            root = temp_root()
+            sweep_temp_dirs(root)
+            self.temp_dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=root)  # mode 0700
             self._private_token()
             self._loopback_only()
             num_cpus = None if self.host.num_cpus is None else max(1, math.ceil(self.host.num_cpus))
@@ -108,7 +114,7 @@ class Cluster:
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",  # kept as given: clustering is off (above)
-                _temp_dir=os.path.join(self.temp_dir, "ray"),  # Ray opens it to all; its 0700 parent does not
+                _temp_dir=os.path.join(self.temp_dir, "r"),  # Ray opens it to all; its 0700 parent does not
                 log_to_driver=False,
             )
         self.connected = True
@@ -168,10 +174,16 @@ def _set_env(values: dict) -> None:
             os.environ[key] = value
 
 
-def sweep_temp_dirs(root: Optional[str] = None) -> List[str]:
-    """Remove this user's ``tandem-ray-<pid>-*`` folders whose job is gone (killed before it could clean up);
-    returns the removed paths."""
-    root = root or tempfile.gettempdir()
+def temp_root() -> str:
+    """The system temp folder, or /tmp when it is too long for Ray's socket paths (AF_UNIX: 107 bytes, and
+    Ray adds ~80 characters below it)."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= 20 else "/tmp"
+
+
+def sweep_temp_dirs(root: str) -> List[str]:
+    """Remove this user's ``tandem-ray-<pid>-*`` folders in ``root`` whose job is gone (killed before it could
+    clean up); returns the removed paths."""
     removed = []
     for name in os.listdir(root):
         if not name.startswith(Cluster.PREFIX):
@@ -251,8 +263,8 @@ class _Call:
 class _Replica:
     """One actor slot of an entry and its calls in flight (in submission order)."""
 
-    def __init__(self, entry: RewardEntry, label: str, start_timeout_s: float):
-        self.entry, self.label, self.start_timeout_s = entry, label, start_timeout_s
+    def __init__(self, entry: RewardEntry, label: str, code: List[Tuple[Optional[str], str]], start_timeout_s: float):
+        self.entry, self.label, self.code, self.start_timeout_s = entry, label, code, start_timeout_s
         self.pending: Deque[_Call] = deque()
         self.broken: Optional[RewardError] = None
         self.actor = self._spawn()
@@ -263,7 +275,7 @@ class _Replica:
             num_gpus=self.entry.num_gpus,
             max_restarts=self.entry.max_restarts,
             max_task_retries=self.entry.max_restarts,
-        ).remote(self.entry, self.label)
+        ).remote(self.entry, self.label, self.code)
 
     def ready(self) -> bool:
         """Wait until the reward is built (at most ``start_timeout_s``); RewardConfigError if it cannot be;
@@ -337,7 +349,8 @@ class _EntryHost:
 
     def __init__(self, entry: RewardEntry, label: str, start_timeout_s: float):
         self.entry, self.label = entry, label
-        self.replicas = [_Replica(entry, label, start_timeout_s) for _ in range(entry.replicas)]
+        code = code_locations(entry, label)
+        self.replicas = [_Replica(entry, label, code, start_timeout_s) for _ in range(entry.replicas)]
         self.groupwise = False
 
     def ready(self) -> None:
@@ -347,12 +360,9 @@ class _EntryHost:
         shards = split_shards(len(group_ids), group_ids, self.groupwise, len(self.replicas))
         return [(rep, rep.submit(images_ref, batch_ref, idx, self.entry.batch_size), idx) for rep, idx in zip(self.replicas, shards)]
 
-    def collect(self, calls, n: int) -> np.ndarray:
-        out = np.full(n, np.nan)
-        for replica, call, idx in calls:
-            shard = replica.result(call)
-            log_warnings(shard)
-            out[idx] = shard.scores
+    def collect(self, calls, n: int) -> ShardScores:
+        out = ShardScores.merge([(idx, replica.result(call)) for replica, call, idx in calls], n)
+        log_warnings(out)
         return out
 
 

@@ -51,12 +51,17 @@ def _backbone_tensors(net_module, torchvision_state: dict) -> dict:
 class LpipsReward:
     """-LPIPS(image, metadata["reference"]); None without a reference (lpips package, local backbone weights)."""
 
+    @staticmethod
+    def check_args(backbone_weights: Optional[str] = None, random_backbone: bool = False, **_):
+        """The backbone weights file as a Path (None with random_backbone); RewardConfigError if missing."""
+        return None if random_backbone else require_path("lpips", "backbone_weights", backbone_weights)
+
     def __init__(self, backbone_weights: Optional[str] = None, net: str = "alex", random_backbone: bool = False, device: str = "auto"):
         if net not in NETS:
             raise RewardConfigError(f"reward 'lpips': args.net is {net!r}; allowed: {', '.join(NETS)}")
         state = None
         if not random_backbone:
-            state = load_state_dict("lpips", "backbone_weights", require_path("lpips", "backbone_weights", backbone_weights))
+            state = load_state_dict("lpips", "backbone_weights", self.check_args(backbone_weights))
         import lpips
         import torch
 

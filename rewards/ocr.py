@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from tandem.rewards.base import RewardConfigError, register
+from tandem.rewards.base import RewardConfigError, ScoresWithInfo, register
 
 QUOTES = re.compile(r"\"([^\"]+)\"|“([^”]+)”|‘([^’]+)’|「([^」]+)」|『([^』]+)』|(?<!\w)'([^']+)'(?!\w)")
 _WHITESPACE = re.compile(r"\s+")
@@ -129,9 +129,13 @@ class OcrReward:
             raise RewardConfigError(f"reward 'ocr': args.engine is {engine!r}; allowed: {', '.join(ENGINES)}")
         self.read = ENGINES[engine](dict(engine_args))
 
-    def __call__(self, images: np.ndarray, prompts: List[str], metadata: List[dict]) -> List[Optional[float]]:
+    def __call__(self, images: np.ndarray, prompts: List[str], metadata: List[dict]) -> ScoresWithInfo:
+        """Scores, with info {"read": text read, "target": target text} per sample (``tandem score`` shows it)."""
         out: List[Optional[float]] = []
+        info: List[dict] = []
         for image, prompt, meta in zip(images, prompts, metadata):
             target = target_text(prompt, meta)
-            out.append(None if target is None else text_score(self.read(image), target))
-        return out
+            read = None if target is None else self.read(image)
+            out.append(None if target is None else text_score(read, target))
+            info.append({"read": read, "target": target})
+        return ScoresWithInfo(out, info)

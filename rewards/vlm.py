@@ -8,21 +8,27 @@ the single-token spellings of "yes" ("yes", "Yes", with or without a leading spa
 Batches are padded on the right and read at each row's last real token, so a sample scores the same alone or
 in any batch.
 
+``args.mode: geneval`` asks, instead of that one question, the yes/no questions of the sample's GenEval
+metadata (``rewards/geneval.py``: objects, counts, colours, positions) and scores the mean probability of the
+passing answers, mean_q P(answer_q), with P(no) = 1 - P(yes); a sample without GenEval metadata scores None.
+
 The model is loaded with ``AutoProcessor`` / ``AutoModelForImageTextToText`` from the local folder
 ``args.model_path`` (``local_files_only``: nothing is downloaded).
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 from tandem.rewards.base import RewardConfigError, register
+from tandem.rewards.geneval import geneval_questions
 from tandem.rewards.loading import require_path, torch_device
 
 QUESTION = "Does this image show: {prompt}? Answer yes or no."
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODES = ("prompt", "geneval")
 
 
 def single_token_ids(tokenizer, words: Sequence[str]) -> List[int]:
@@ -40,8 +46,16 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> List[int]:
 class VlmReward:
     """VLM consistency: P(yes) that a local transformers VLM gives to "Does this image show: <prompt>?"."""
 
-    def __init__(self, model_path: str = None, question: str = QUESTION, dtype: str = "auto", device: str = "auto"):
-        path = require_path("vlm", "model_path", model_path, kind="dir")
+    @staticmethod
+    def check_args(model_path: str = None, **_):
+        """The model folder as a Path; RewardConfigError if it is missing."""
+        return require_path("vlm", "model_path", model_path, kind="dir")
+
+    def __init__(self, model_path: str = None, question: str = QUESTION, dtype: str = "auto", device: str = "auto", mode: str = "prompt"):
+        path = self.check_args(model_path)
+        if mode not in MODES:
+            raise RewardConfigError(f"reward 'vlm': args.mode is {mode!r}; allowed: {', '.join(MODES)}")
+        self.mode = mode
         if dtype not in DTYPES:
             raise RewardConfigError(f"reward 'vlm': args.dtype is {dtype!r}; allowed: {', '.join(DTYPES)}")
         if "{prompt}" not in question:
@@ -67,17 +81,18 @@ class VlmReward:
         self.question, self.device = question, torch_device(device)
         self.model = model.to(self.device).eval()
 
-    def _text(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question.format(prompt=prompt)}]}]
+    def _text(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def __call__(self, images: np.ndarray, prompts: List[str], metadata: List[dict]) -> List[float]:
+    def p_yes(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> np.ndarray:
+        """P(yes) per (image, question) pair, float64 (N,)."""
         import torch
         from PIL import Image
 
         batch = self.processor(
             images=[Image.fromarray(np.asarray(img)) for img in images],
-            text=[self._text(p) for p in prompts],
+            text=[self._text(q) for q in questions],
             return_tensors="pt",
             padding=True,
         ).to(self.device)
@@ -86,6 +101,17 @@ class VlmReward:
         with torch.inference_mode():
             logits = self.model(**batch).logits
         last = batch["attention_mask"].sum(dim=1) - 1
-        final = logits[torch.arange(len(prompts), device=logits.device), last].float()
+        final = logits[torch.arange(len(questions), device=logits.device), last].float()
         margin = torch.logsumexp(final[:, self.yes_ids], dim=-1) - torch.logsumexp(final[:, self.no_ids], dim=-1)
-        return torch.sigmoid(margin).cpu().tolist()
+        return torch.sigmoid(margin).double().cpu().numpy()
+
+    def __call__(self, images: np.ndarray, prompts: List[str], metadata: List[dict]) -> List[Optional[float]]:
+        if self.mode == "prompt":
+            return self.p_yes(list(images), [self.question.format(prompt=p) for p in prompts]).tolist()
+        asked = [(i, q, yes) for i, m in enumerate(metadata) for q, yes in geneval_questions(m)]
+        if not asked:
+            return [None] * len(prompts)
+        p = self.p_yes([images[i] for i, _, _ in asked], [q for _, q, _ in asked])
+        passed = np.where([yes for _, _, yes in asked], p, 1.0 - p)
+        owner = np.array([i for i, _, _ in asked])
+        return [float(passed[owner == i].mean()) if (owner == i).any() else None for i in range(len(prompts))]

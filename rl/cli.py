@@ -2,7 +2,7 @@
 
     tandem train ar|decoder|joint --config FILE [key.sub=value ...] [--dry-run]
     tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR] [--num-prompts N]
-    tandem score --reward NAME_OR_PATH [--reward ...] --images DIR --prompts FILE [--sources DIR] [--backend local|ray]
+    tandem score --reward NAME_OR_PATH [--args JSON] [--reward ...] --images DIR --prompts FILE [--sources DIR] [--backend local|ray]
     tandem rewards
     tandem eval --config FILE [--checkpoint DIR] [--prompts FILE] [--batch-size N] [key.sub=value ...]
     tandem report RUN_DIR
@@ -16,6 +16,8 @@ a checkpoint and exit 130.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import List, Optional
 
@@ -52,6 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--sources", default=None, help="folder of the edits' source images (same file names), "
                        "handed to the rewards as 'reference' (e.g. source_structure, lpips)")
     score.add_argument("--backend", choices=["local", "ray"], default="local")
+    score.add_argument("--args", action="append", default=[], metavar="JSON",
+                       help="JSON object of args for the --reward at the same position, e.g. '{\"clip_weights\": \"...\"}'")
 
     sub.add_parser("rewards", help="list registered rewards")
 
@@ -69,10 +73,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     cfg = load_config(args.config, args.overrides, stage=args.stage)
+    from tandem.rl.session import check_rewards, train, train_joint
+
     if args.dry_run:
+        check_rewards(cfg)  # reward names, import paths and weight paths, without loading anything
         print(to_yaml(cfg), end="")
         return 0
-    from tandem.rl.session import train, train_joint
 
     configure_torch(cfg)
     if cfg.distributed.launcher == "ray_train":
@@ -98,7 +104,19 @@ def _sample(args) -> int:
 def _score(args) -> int:
     from tandem.rewards.cli import cmd_score
 
-    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend, sources_dir=args.sources)
+    if len(args.args) > len(args.reward):
+        raise ConfigError(f"score: {len(args.args)} --args for {len(args.reward)} --reward; give one --args per --reward, in order")
+    reward_args = []
+    for text in args.args:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"score: --args {text!r} is not JSON ({e.msg}); give an object like '{{\"key\": 1}}'") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"score: --args {text!r} must be a JSON object of the reward's args")
+        reward_args.append(value)
+    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend, reward_args=reward_args,
+                     sources_dir=args.sources)
 
 
 def _rewards(args) -> int:
@@ -132,6 +150,8 @@ COMMANDS = {"train": _train, "sample": _sample, "score": _score, "rewards": _rew
 
 def main(argv: Optional[List[str]] = None) -> int:
     configure_environment()
+    if os.getcwd() not in sys.path:  # user reward modules next to the config import like `trl grpo`'s
+        sys.path.insert(0, os.getcwd())
     try:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -273,7 +273,7 @@ class DistributedConfig:
 
 @dataclass
 class LoggingConfig:
-    # Write an image grid to samples/ every N steps (and at the last step); 0 = never.
+    # Write an image grid to samples/ before training (step 0), every N steps and at the last step; 0 = never.
     sample_every: int = 10
     # Save a checkpoint every N steps (and at the last step); 0 = only at the end.
     checkpoint_every: int = 0
@@ -299,6 +299,9 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Reward entries (see RewardEntry); the combined reward is their weighted aggregate.
     rewards: List[RewardEntry] = field(default_factory=list)
+    # Python modules imported before rewards are looked up (here and in every reward actor), so that the
+    # rewards they @register are found by name; the working directory is on sys.path.
+    reward_modules: List[str] = field(default_factory=list)
     reward_host: RewardHostConfig = field(default_factory=RewardHostConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -498,6 +501,9 @@ def validate(job: JobConfig, stage: str) -> None:
         _rule(math.isfinite(r.weight), f"rewards[{i}].weight", f"must be a finite number, got {r.weight}")
         _rule(r.max_restarts >= -1, f"rewards[{i}].max_restarts", f"must be >= -1 (-1 = restart forever), got {r.max_restarts}")
         _rule(r.batch_size >= 0, f"rewards[{i}].batch_size", f"must be >= 0 (0 = the whole batch), got {r.batch_size}")
+    h = job.reward_host
+    _rule(0 <= h.max_failed_frac < 1, "reward_host.max_failed_frac", f"must be in [0, 1), got {h.max_failed_frac}")
+    _rule(h.max_failed_rollouts >= 1, "reward_host.max_failed_rollouts", f"must be >= 1, got {h.max_failed_rollouts}")
 
 
 def phase_config(job: JobConfig, phase: str) -> JobConfig:

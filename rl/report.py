@@ -1,8 +1,8 @@
 """``tandem report RUN_DIR``: one self-contained HTML page of a run, ``RUN_DIR/report.html``.
 
 Sections, top to bottom: the reward curve (``RunDir.plot_rewards``, also saved as ``reward_curve.png``), the
-training diagnostics ``kl``, ``ratio/mean``, ``clipfrac`` (those logged) and every ``eval/*`` metric against
-the step; the latest sample grids of ``samples/`` with their step; a table of the first and last value (and
+training diagnostics ``loss``, ``grad_norm``, ``kl``, ``ratio/mean``, ``clipfrac`` (those logged) and every ``eval/*`` metric against
+the step (integer steps; a joint run's AR and decoder phases shaded); the latest sample grids of ``samples/`` with their step; a table of the first and last value (and
 min / max) of the key metrics; the text-rendering eval of ``eval/text_eval.json`` if ``tandem eval`` wrote one;
 the resolved ``config.yaml``. Every image is embedded as a base64 PNG data URI, so the page can be mailed or
 archived alone.
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from tandem.rl.config import ConfigError
-from tandem.rl.run_dir import RunDir
+from tandem.rl.run_dir import RunDir, style_step_axis
 
-DIAGNOSTICS = ("kl", "ratio/mean", "clipfrac")
+DIAGNOSTICS = ("loss", "grad_norm", "kl", "ratio/mean", "clipfrac")
 KEY_METRICS = ("reward/mean", "reward/std", "advantage/zero_std_frac", "ratio/mean", "clipfrac", "approx_kl", "kl", "loss", "grad_norm")
 LATEST_GRIDS = 4
 GRID_UPSCALE_MAX = 560
@@ -95,6 +95,7 @@ def _panels(rows: Sequence[Dict], keys: Sequence[str]) -> bytes:
         steps, values = _series(rows, key)
         ax.plot(steps, values, marker="o" if len(steps) <= 20 else None, ms=3, lw=1.5)
         ax.set_title(key, fontsize=10)
+        style_step_axis(ax, rows)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     fig.supxlabel("optimizer step", fontsize=9)
@@ -111,7 +112,7 @@ def _plots(run: RunDir, rows: List[Dict]) -> str:
     parts = [_img(run.plot_rewards().read_bytes(), "plot-rewards", alt="reward curve")]
     diagnostics = [k for k in DIAGNOSTICS if _series(rows, k)[0]]
     if diagnostics:
-        parts.append(_img(_panels(rows, diagnostics), "plot-diagnostics", alt="kl, ratio, clipfrac"))
+        parts.append(_img(_panels(rows, diagnostics), "plot-diagnostics", alt=", ".join(diagnostics)))
     evals = sorted({k for r in rows for k in r if k.startswith("eval/") and isinstance(r[k], (int, float))})
     if evals:
         parts.append(_img(_panels(rows, evals), "plot-eval", alt="eval metrics"))

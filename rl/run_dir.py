@@ -16,6 +16,10 @@ from tandem.rl.config import JobConfig, to_yaml
 
 
 CAPTION_FONTS = ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+CAPTION_SIZE = 11
+CAPTION_LINES = 4  # at most; the last shown line ends with an ellipsis when the caption is longer
+MIN_TILE = 128  # tiles narrower than this are enlarged (nearest neighbour) so that captions have room
+PHASE_COLORS = {"ar": "#4c72b0", "decoder": "#dd8452"}
 
 
 def _caption_font():
@@ -23,26 +27,85 @@ def _caption_font():
 
     for path in CAPTION_FONTS:  # a CJK-capable font when installed (make installs it), else PIL's default
         if os.path.isfile(path):
-            return ImageFont.truetype(path, 10)
-    return ImageFont.load_default()
+            return ImageFont.truetype(path, CAPTION_SIZE)
+    return ImageFont.load_default(size=CAPTION_SIZE)
+
+
+def wrap_caption(text: str, font, width: int, max_lines: int = CAPTION_LINES) -> List[str]:
+    """Greedy wrap of ``text`` into lines at most ``width`` px wide in ``font``: a line breaks at its last space
+    when a word would overflow, else between any two characters (CJK text has no spaces); past ``max_lines``
+    the last line ends with an ellipsis."""
+    lines, line = [], ""
+    for ch in " ".join(text.split()):
+        if not line or font.getlength(line + ch) <= width:
+            line += ch
+            continue
+        cut = line.rfind(" ")
+        if ch != " " and cut > 0:  # carry the partial word to the next line
+            lines.append(line[:cut])
+            line = line[cut + 1:] + ch
+        else:
+            lines.append(line.rstrip())
+            line = "" if ch == " " else ch
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last + "…"]
+    return lines
 
 
 def image_grid(images: np.ndarray, captions: Optional[Sequence[str]] = None, cols: Optional[int] = None):
-    """(N, H, W, 3) uint8 -> one PIL image, ``cols`` per row, with a caption strip under each tile."""
+    """(N, H, W, 3) uint8 -> one PIL image, ``cols`` per row, each tile with its caption wrapped under it.
+
+    Tiles narrower than MIN_TILE px are enlarged by an integer factor (nearest neighbour); each caption is
+    wrapped to its tile's width (``wrap_caption``), so it never runs into the next tile.
+    """
     from PIL import Image, ImageDraw
 
     n, h, w, _ = images.shape
+    k = max(1, -(-MIN_TILE // w)) if captions else 1
+    h, w = h * k, w * k
     cols = cols or min(n, 8)
     rows = math.ceil(n / cols)
-    cap_h = 14 if captions else 0
+    font = _caption_font()
+    wrapped = [wrap_caption(c, font, w - 4) for c in captions] if captions else []
+    line_h = CAPTION_SIZE + 3
+    cap_h = (max(map(len, wrapped), default=0) * line_h + 4) if captions else 0
     grid = Image.new("RGB", (cols * w, rows * (h + cap_h)), "white")
-    draw, font = ImageDraw.Draw(grid), _caption_font()
+    draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
         x, y = (i % cols) * w, (i // cols) * (h + cap_h)
-        grid.paste(Image.fromarray(im), (x, y))
-        if captions:
-            draw.text((x + 2, y + h + 1), captions[i][: max(4, w // 6)], fill="black", font=font)
+        grid.paste(Image.fromarray(im).resize((w, h), Image.NEAREST), (x, y))
+        for j, line in enumerate(wrapped[i] if captions else []):
+            draw.text((x + 2, y + h + 2 + j * line_h), line, fill="black", font=font)
     return grid
+
+
+def phase_spans(rows: Sequence[Dict]) -> List[tuple]:
+    """[(phase, first step, last step)] of consecutive rows with the same ``phase``; [] for a one-phase run."""
+    spans: List[list] = []
+    for r in rows:
+        phase = r.get("phase")
+        if spans and spans[-1][0] == phase:
+            spans[-1][2] = r["step"]
+        else:
+            spans.append([phase, r["step"], r["step"]])
+    return [tuple(s) for s in spans] if len({s[0] for s in spans}) > 1 else []
+
+
+def style_step_axis(ax, rows: Sequence[Dict]) -> None:
+    """Integer optimizer steps on the x axis, and a shaded band per AR / decoder phase of a joint run."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    labelled = set()
+    for phase, first, last in phase_spans(rows):
+        ax.axvspan(first - 0.5, last + 0.5, color=PHASE_COLORS.get(phase, "#999999"), alpha=0.12, lw=0,
+                   label=None if phase in labelled else f"{phase} phase")
+        labelled.add(phase)
 
 
 class RunDir:
@@ -138,6 +201,7 @@ class RunDir:
         ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
         for key in sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/mean")} - {"reward/mean"}):
             ax.plot(steps, [r.get(key, np.nan) for r in rows], label=key, lw=1)
+        style_step_axis(ax, rows)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("reward")
         ax.legend(fontsize=7)

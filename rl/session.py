@@ -68,13 +68,21 @@ def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
     return load_prompts(cfg.data.prompts, size, cfg.data.allowed_roots)
 
 
-def check_inputs(cfg: JobConfig, stage: str) -> None:
-    """Unknown rewards or bad reward args, an unreachable reward_host.address, an output_dir that cannot be
-    written or resumed, bad prompt files and bad buffers fail here, before any model is loaded."""
-    from tandem.rewards.base import check_entries
+def check_rewards(cfg: JobConfig) -> None:
+    """Import ``reward_modules``, then find every reward entry and check its args and weight paths
+    (``--dry-run`` too)."""
+    from tandem.rewards.base import check_entries, import_reward_modules
 
+    import_reward_modules(cfg.reward_modules)
     check_entries(cfg.rewards)
-    check_entries(cfg.eval.rewards)
+    check_entries(cfg.eval.rewards, key="eval.rewards")
+
+
+def check_inputs(cfg: JobConfig, stage: str) -> None:
+    """Unknown rewards, bad reward args or missing reward weights, an unreachable reward_host.address, an
+    output_dir that cannot be written or resumed, bad prompt files and bad buffers fail here, before any model
+    is loaded."""
+    check_rewards(cfg)
     if cfg.reward_host.backend == "ray" and cfg.reward_host.address:
         from tandem.rewards.host import check_reachable
 
@@ -138,6 +146,22 @@ class StopSignals:
         self._previous = {}
 
 
+GRID_PROMPTS = 4  # tiles per sample grid
+
+
+def distinct_prompts(records: List[PromptRecord], n: int) -> List[PromptRecord]:
+    """The first ``n`` records with distinct prompts (a joint run's decoder records repeat each prompt once
+    per group copy)."""
+    seen, out = set(), []
+    for r in records:
+        if r.prompt not in seen:
+            seen.add(r.prompt)
+            out.append(r)
+            if len(out) == n:
+                break
+    return out
+
+
 class Hooks:
     """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
 
@@ -162,13 +186,21 @@ class Hooks:
             self.progress.set_postfix(phase=trainer.stage, reward=f"{metrics['reward/mean']:.3f}",
                                       kl=f"{metrics['kl']:.2e}")
         if step == self.cfg.max_steps or (every.sample_every and step % every.sample_every == 0):
-            grid = trainer.records[: min(len(trainer.records), 4)]
-            prompts = [r.prompt for r in grid]
-            images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
-            if layout.is_main:
-                self.run.save_grid(f"step_{step:06d}", images, prompts)
-                self.run.plot_rewards()
+            self.sample_grid(trainer)
         self.stop_if_requested(trainer)
+
+    def sample_grid(self, trainer: StageTrainer) -> None:
+        """samples/step_N.png: the trainer's first GRID_PROMPTS distinct prompts at the current step (step 0 =
+        before training), with the reward curve redrawn."""
+        step, layout = trainer.state.step, trainer.layout
+        if not (layout.is_main or layout.sharded):
+            return
+        grid = distinct_prompts(trainer.records, GRID_PROMPTS)
+        prompts = [r.prompt for r in grid]
+        images = trainer.policy.sample(prompts, [r.metadata for r in grid], seed=self.cfg.seed)
+        if layout.is_main:
+            self.run.save_grid(f"step_{step:06d}", images, prompts)
+            self.run.plot_rewards()
 
     def _evaluate(self, trainer: StageTrainer, step: int, metrics: Dict) -> None:
         """The periodic eval; one that fails is logged (one line) and training goes on."""
@@ -344,6 +376,8 @@ def train(cfg: JobConfig, stage: str) -> Path:
     with RunSession(cfg) as session:
         trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), records)
         hooks = session.start()
+        if session.state.step == 0 and cfg.logging.sample_every:
+            hooks.sample_grid(trainer)  # step 0: what training starts from
         while session.state.step < cfg.max_steps:
             trainer.train_rollout(cfg.max_steps, hooks)
     return session.run.path
@@ -367,6 +401,8 @@ def train_joint(cfg: JobConfig) -> Path:
         accelerator = _accelerator(cfg, policies["ar"])
         ar, decoder = (session.trainer(s, phases[s], policies[s], accelerator, prompts) for s in ("ar", "decoder"))
         hooks = session.start()
+        if session.state.step == 0 and cfg.logging.sample_every:
+            hooks.sample_grid(ar)  # step 0: what training starts from
         state, j = session.state, cfg.joint
         while state.step < cfg.max_steps:
             for trainer, steps in ((ar, j.ar_steps_per_phase), (decoder, j.decoder_steps_per_phase)):

@@ -176,7 +176,8 @@ class StageTrainer:
         t1 = time.perf_counter()
         parts = [f.result() for f in futures]
         reward_s += time.perf_counter() - t1
-        local = RewardScores({n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores}, parts[0].weights)
+        local = RewardScores.concat(parts)
+        self.rewards.check_failures(local)  # a reward that keeps raising stops the job (reward_host.max_failed_*)
         scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
         if layout.is_main:
             warn_unscored(scores)

@@ -87,6 +87,18 @@ class NotCallable:
     """A class whose instances have no __call__."""
 
 
+def buggy(images, prompts, metadata):
+    """Raises on every call (a broken reward must stop the job, not train on NaN)."""
+    raise ZeroDivisionError("buggy reward")
+
+
+def trl_red_plus_text(prompts, completions, text=None, **kwargs):
+    """TRL-style (prompts, completions, **kwargs): mean red of each PIL completion in [0, 1], plus 1 when the
+    sample's "text" column is set; kwargs must not carry tandem's own arguments."""
+    assert not {"images", "metadata"} & set(kwargs), kwargs
+    return [np.asarray(c)[..., 0].mean() / 255.0 + (t is not None) for c, t in zip(completions, text or [None] * len(prompts))]
+
+
 class ShortAfter:
     """Scores 1.0 for its first args.good_calls calls, then returns one score too few (a RewardError)."""
 

@@ -65,9 +65,12 @@ def test_sample_command_writes_a_grid(tiny_model_path, tmp_path):
     assert (tmp_path / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("stage", ["ar", "decoder"])
-def test_real_weight_configs_validate(stage):
-    proc = tandem("train", stage, "--config", f"configs/glm_image/{stage}.yaml", "--dry-run",
-                  "data.prompts=data/demo_prompts.jsonl")
+@pytest.mark.parametrize("stage, first_weights", [("ar", "reward 'aesthetic' needs args.clip_weights"),
+                                                  ("decoder", "reward 'lpips' needs args.backbone_weights")])
+def test_real_weight_configs_validate(stage, first_weights):
+    config = ["train", stage, "--config", f"configs/glm_image/{stage}.yaml", "--dry-run", "data.prompts=data/demo_prompts.jsonl"]
+    proc = tandem(*config, "rewards=[{name: ocr}]")
     assert proc.returncode == 0, proc.stderr
     assert "lora:\n    enabled: true" in proc.stdout
+    proc = tandem(*config)  # the dry run checks reward weight paths: the release weights are not on this machine
+    assert proc.returncode == 2 and first_weights in proc.stderr, proc.stderr

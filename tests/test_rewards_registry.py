@@ -38,7 +38,7 @@ def test_register_refuses_duplicates_and_keeps_groupwise():
     spec = resolve("test-only-pairwise")
     assert spec.groupwise and spec.doc == "Pairwise test reward."
     assert build_reward(RewardEntry(name="test-only-pairwise")).groupwise
-    with pytest.raises(ValueError, match="'brightness' is already registered by rewards.simple.brightness"):
+    with pytest.raises(ValueError, match="'brightness' is already registered by tandem.rewards.simple.brightness"):
         register("brightness")(pairwise)
 
 

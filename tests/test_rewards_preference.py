@@ -1,0 +1,142 @@
+"""The rewards flow_grpo users expect, on random-init tiny copies of their real architectures built offline and
+loaded from disk the way the real weights are: PickScore (transformers CLIPModel), HPSv2 and CLIPScore
+(open_clip), and GenEval-style questions through the `vlm` reward (conftest ``tiny_vlm``)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tandem.rewards.base import RewardConfigError
+from tandem.rewards.clip_similarity import ClipScoreReward, HpsV2Reward
+from tandem.rewards.geneval import geneval_questions
+from tandem.rewards.pickscore import PickScoreReward
+from tandem.rewards.vlm import VlmReward
+from tandem.rl.cli import main
+
+PROMPTS = ["a red apple on a wooden table", "a cat", "a sign that says OPEN above a shop door"]
+
+
+def images(n=3):
+    return np.random.default_rng(0).integers(0, 256, size=(n, 40, 48, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_pickscore(tmp_path_factory):
+    """A tiny random-init transformers CLIPModel + CLIPProcessor (BPE tokenizer trained here), save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(PROMPTS * 10, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>", "<|startoftext|>", "<|endoftext|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    special = {k: getattr(tokenizer, f"{k}_id") for k in ("eos_token", "pad_token", "bos_token")}
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=77, **{f"{k}_id": v for k, v in special.items()}),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    folder = tmp_path_factory.mktemp("tiny_pickscore")
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_pickscore_is_the_scaled_cosine_of_clip_and_batch_independent(tiny_pickscore):
+    reward = PickScoreReward(model_path=str(tiny_pickscore), device="cpu")
+    scores = reward(images(), PROMPTS, [{}] * 3)
+    alone = [reward(images()[i:i + 1], [PROMPTS[i]], [{}])[0] for i in range(3)]
+    np.testing.assert_allclose(scores, alone, atol=1e-5)
+    # the same number through CLIPModel's own forward: logits_per_image = exp(logit_scale) * cos
+    inputs = reward.processor(text=PROMPTS, images=[Image.fromarray(x) for x in images()], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        logits = reward.model(**inputs).logits_per_image
+    np.testing.assert_allclose(scores, torch.diagonal(logits).numpy(), rtol=1e-5, atol=1e-5)
+
+
+TINY_OPEN_CLIP = {  # open_clip's own tokenizer (49408 ids) runs on it
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """(name of a tiny open_clip architecture registered here, its random state dict saved as HPSv2 ships
+    its checkpoint: {"state_dict": ...} in a torch file)."""
+    import open_clip
+
+    name = "tandem-tiny-hps"
+    config = tmp_path_factory.mktemp("open_clip_hps") / f"{name}.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(1)
+    model = open_clip.create_model(name, pretrained=None)
+    path = config.parent / "HPS_tiny_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return name, path, model.eval()
+
+
+@pytest.mark.parametrize("cls, expected", [(HpsV2Reward, lambda c: c), (ClipScoreReward, lambda c: 2.5 * np.maximum(c, 0))],
+                         ids=["hpsv2", "clipscore"])
+def test_open_clip_rewards_load_local_weights_and_match_the_model(tiny_open_clip, cls, expected):
+    import open_clip
+
+    name, path, model = tiny_open_clip
+    reward = cls(weights=str(path), model_name=name, device="cpu")
+    scores = np.array(reward(images(), PROMPTS, [{}] * 3))
+    _, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    x = torch.stack([preprocess(Image.fromarray(img)) for img in images()])
+    with torch.inference_mode():
+        img, txt, _ = model(x, open_clip.get_tokenizer(name)(PROMPTS))[:3]
+    np.testing.assert_allclose(scores, expected(torch.diagonal(img @ txt.T).numpy()), rtol=1e-5, atol=1e-6)
+    assert cls(random_init=True, model_name=name, device="cpu")(images(1), PROMPTS[:1], [{}])[0] is not None
+
+
+@pytest.mark.parametrize("reward, arg", [("pickscore", "model_path"), ("hpsv2", "weights"), ("clipscore", "weights")])
+def test_missing_weights_are_one_config_line_exit_2(reward, arg, tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "p.txt").write_text("x\n")
+    code = main(["score", "--reward", reward, "--args", json.dumps({arg: str(tmp_path / "nowhere")}),
+                 "--images", str(tmp_path), "--prompts", str(tmp_path / "p.txt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"reward '{reward}' needs args.{arg}" in err[0], err
+    with pytest.raises(RewardConfigError, match=f"needs args.{arg}"):
+        {"pickscore": PickScoreReward, "hpsv2": HpsV2Reward, "clipscore": ClipScoreReward}[reward]()
+
+
+GENEVAL = [
+    {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}], "prompt": "a photo of two clocks"},
+    {"tag": "position", "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+     "prompt": "a photo of a dog right of a teddy bear"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "pink"}], "prompt": "a photo of a pink car"},
+]
+
+
+def test_geneval_questions():
+    assert geneval_questions(GENEVAL[0]) == [("Are there at least 2 clock in the image?", True), ("Are there at least 3 clock in the image?", False)]
+    assert geneval_questions(GENEVAL[1]) == [("Is there a teddy bear in the image?", True), ("Is there a dog in the image?", True),
+                                             ("Is the dog right of the teddy bear?", True)]
+    assert geneval_questions(GENEVAL[2]) == [("Is there a car in the image?", True), ("Is the car pink?", True)]
+    assert geneval_questions({}) == []
+
+
+def test_vlm_geneval_mode_scores_the_mean_probability_of_the_passing_answers(tiny_vlm):
+    reward = VlmReward(model_path=str(tiny_vlm), device="cpu", mode="geneval")
+    metadata = [{k: v for k, v in m.items() if k != "prompt"} for m in GENEVAL] + [{}]
+    imgs = images(4)
+    scores = reward(imgs, [m["prompt"] for m in GENEVAL] + ["no metadata"], metadata)
+    assert scores[3] is None
+    for i in range(3):
+        questions = geneval_questions(metadata[i])
+        p = reward.p_yes([imgs[i]] * len(questions), [q for q, _ in questions])
+        assert scores[i] == pytest.approx(np.mean([pi if yes else 1 - pi for pi, (_, yes) in zip(p, questions)]), abs=1e-6)
+    with pytest.raises(RewardConfigError, match="args.mode is 'vqa'"):
+        VlmReward(model_path=str(tiny_vlm), mode="vqa")
