@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# What a seed is for: part of the derivation, so that no two uses share a stream.
-WINDOW, CONDITIONS, NOISE, SDE, TOKENS, DECODE = range(6)
+# What a seed is for: part of the derivation, so that no two uses share a stream. OBJECTIVE: an objective's own
+# per-copy draws after the rollout (DiffusionNFT's forward-process timesteps and noise).
+WINDOW, CONDITIONS, NOISE, SDE, TOKENS, DECODE, OBJECTIVE = range(7)
 
 
 def derive_seed(*parts: int) -> int:

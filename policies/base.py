@@ -17,6 +17,7 @@ class TrainedComponent:
     layers injected in place) that require grad — one naming for the optimizer, checkpoints and sampling."""
 
     trained_module: torch.nn.Module
+    global_step: int = 0  # optimizer steps taken so far in the job, set by the trainer before each rollout
 
     def trainable_named_parameters(self) -> List[Tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.trained_module.named_parameters() if p.requires_grad]

@@ -1,11 +1,13 @@
 """The flow (decoder) policy: flow-GRPO over any flow-matching denoiser, through a family's ``FlowAdapter``.
 
 Actions are denoising steps. A rollout integrates the release schedule from noise; steps inside the SDE window
-(``decoder.sde_window_size`` consecutive steps placed in ``decoder.sde_window_range``, or the first
-``timestep_fraction`` of the steps) are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other
-steps are deterministic Euler (ODE) steps; the last step is never trained (Flow-GRPO, Liu et al. 2025;
-MixGRPO's ODE/SDE mixing). Training replays each trained step from the stored latents — one step per forward
-pass (``unit_chunks``), so memory does not grow with the number of trained steps.
+are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other steps are deterministic ODE steps
+(Euler, or DPM-Solver++(2M) with ``decoder.ode_solver: dpm2m``, ``policies.ode_solvers``); the last step is never
+trained (Flow-GRPO, Liu et al. 2025; MixGRPO's ODE/SDE mixing, Li et al. 2025, arXiv:2507.21802). The window is
+``decoder.sde_window_size`` consecutive steps inside ``decoder.sde_window_range``: placed at random per rollout
+call (``sde_window_schedule: random``), or sliding with training (``sliding``, MixGRPO's progressive schedule,
+``sliding_window_start``) — or the first ``timestep_fraction`` of the steps. Training replays each trained step
+from the stored latents — one step per forward pass (``unit_chunks``), so memory does not grow with steps.
 
 KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2)
 (``decoder.kl_form: exact``), or flow_grpo's ``kl_loss``, which is that times |dt| for Flow-SDE
@@ -15,6 +17,10 @@ when training all weights.
 Seeds (``tandem.core.seeds``): the SDE window and the conditions are drawn per rollout call, the starting noise
 per copy (per group with ``decoder.same_noise_in_group``) and the SDE noise per copy, all from the rollout seed
 and the global group and copy indices — so the processes of a data-parallel job sample what one process would.
+
+Objectives other than the clipped surrogate use the rest of a rollout's ``extras`` (``x0``: final clean latents,
+``cond``: the conditions, ``old_means``: the step means the rollout sampled from, ``sample_seeds``: one seed per
+copy for the objective's own draws) through ``velocity``, ``step_moments``, ``kl_to_reference`` and ``schedule``.
 """
 
 from __future__ import annotations
@@ -28,18 +34,34 @@ import torch
 
 from tandem.policies.base import TrainedComponent
 from tandem.policies.lora import apply_lora
+from tandem.policies.ode_solvers import dpm2m_step
 from tandem.policies.render import ode_sample
 from tandem.policies.sde import ode_step, sde_step, step_kl
 from tandem.policies.ema import EMA
-from tandem.core.seeds import CONDITIONS, NOISE, SDE, WINDOW, RolloutSeeds
+from tandem.core.seeds import CONDITIONS, NOISE, OBJECTIVE, SDE, WINDOW, RolloutSeeds
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 
-def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator) -> List[int]:
-    """Indices of the SDE (trained) steps of one rollout batch; never the last step."""
+def sliding_window_start(lo: int, hi: int, size: int, stride: int, interval: int, step: int) -> int:
+    """First step of MixGRPO's sliding SDE window at global optimizer step ``step`` (Li et al. 2025,
+    arXiv:2507.21802, §3.2, progressive strategy): it starts at ``lo`` and moves ``stride`` steps towards lower noise
+    every ``interval`` optimizer steps, then stays at the last place that fits, ``hi - size``::
+
+        start(step) = min(lo + stride * floor(step / interval), hi - size)
+
+    A function of the global step only, so a resumed run continues the same schedule."""
+    return min(lo + stride * (step // interval), hi - size)
+
+
+def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator, step: int = 0) -> List[int]:
+    """Indices of the SDE (trained) steps of one rollout call at global optimizer step ``step``; never the last."""
     if cfg.sde_window_size > 0:
         lo, hi = cfg.sde_window_range
-        start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
+        if cfg.sde_window_schedule == "sliding":
+            start = sliding_window_start(lo, hi, cfg.sde_window_size, cfg.sde_window_stride,
+                                         cfg.sde_window_shift_interval, step)
+        else:
+            start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
         return list(range(start, start + cfg.sde_window_size))
     count = max(1, int(round(cfg.timestep_fraction * (num_steps - 1))))
     return list(range(count))
@@ -79,8 +101,10 @@ class FlowPolicy(TrainedComponent):
     def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
                 first_group: int = 0, first_copy: int = 0) -> Rollout:
         """Sample ``group_size`` images per prompt (copies adjacent). ``extras`` (batch first): latents,
-        next_latents (B, K, C, h, w) before/after each trained step; timesteps, sigmas, next_sigmas (B, K);
-        noise_seeds (B,) the starting-noise seeds; cond, the adapter's condition tensors. No grad.
+        next_latents, old_means (B, K, C, h, w) before/after each trained step and the mean it was sampled from;
+        timesteps, sigmas, next_sigmas (B, K); x0 (B, C, h, w) the final latents; noise_seeds (B,) the
+        starting-noise seeds; sample_seeds (B,) per-copy seeds for the objective; cond, the adapter's condition
+        tensors. No grad.
 
         ``seed`` is the rollout batch's seed, ``first_group`` the global index of the first prompt's group and
         ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``)."""
@@ -94,20 +118,25 @@ class FlowPolicy(TrainedComponent):
                        for g, c in zip(group_ids, copies)]
         x = self.adapter.initial_noise(noise_seeds)
         timesteps, sigmas = self.adapter.schedule(self.d.num_steps)
-        train_steps = trained_step_indices(self.d, self.d.num_steps, rng)
+        train_steps = trained_step_indices(self.d, self.d.num_steps, rng, self.global_step)
         gen = [torch.Generator(device="cpu").manual_seed(seeds.copy(SDE, g, c)) for g, c in zip(group_ids, copies)]
 
         chunks = self._rollout_chunks(len(group_ids))
-        before, after, logps = [], [], []
+        before, after, means, logps = [], [], [], []
+        history = None  # (x0_hat, sigma) of the previous ODE step, for dpm2m
         for i, t in enumerate(timesteps):
             v = torch.cat([self.adapter.velocity(self.model, x[c], t, _rows(cond, c), self.d.guidance_scale)
                            for c in chunks])
             if i in train_steps:
-                x_next, logp, _, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
-                                              kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
+                x_next, logp, mean, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
+                                                 kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
                 before.append(x)
                 after.append(x_next)
+                means.append(mean)
                 logps.append(logp)
+                history = None
+            elif self.d.ode_solver == "dpm2m":
+                x_next, history = dpm2m_step(v, x, sigmas[i], sigmas[i + 1], history)
             else:
                 x_next = ode_step(v, x, sigmas[i], sigmas[i + 1])
             x = x_next
@@ -117,10 +146,13 @@ class FlowPolicy(TrainedComponent):
             images=self.adapter.decode(x), prompts=repeat_for_groups(prompts, group_size),
             metadata=repeat_for_groups(metadata, group_size), group_ids=group_ids,
             old_log_probs=torch.stack(logps, dim=1), mask=torch.ones(b, k, device=x.device),
-            extras=dict(latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1), cond=cond,
+            extras=dict(latents=torch.stack(before, dim=1), next_latents=torch.stack(after, dim=1),
+                        old_means=torch.stack(means, dim=1), x0=x, cond=cond,
                         timesteps=timesteps[idx].expand(b, k), sigmas=sigmas[idx].expand(b, k),
                         next_sigmas=sigmas[idx + 1].expand(b, k),
-                        noise_seeds=torch.tensor(noise_seeds, dtype=torch.int64)),
+                        noise_seeds=torch.tensor(noise_seeds, dtype=torch.int64),
+                        sample_seeds=torch.tensor([seeds.copy(OBJECTIVE, g, c) for g, c in zip(group_ids, copies)],
+                                                  dtype=torch.int64)),
         )
 
     def _rollout_chunks(self, batch: int) -> List[slice]:
@@ -138,17 +170,39 @@ class FlowPolicy(TrainedComponent):
         return sde_step(v, e["latents"][:, k], e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.noise_level,
                         prev_sample=e["next_latents"][:, k], kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
 
+    def step_moments(self, batch: Rollout, k: int):
+        """Trained step ``k`` under the current weights (with grad): log_prob (B,), mean (B, C, h, w), std
+        (B, 1, 1, 1) of the step Gaussian that the stored ``next_latents`` are scored under."""
+        _, logp, mean, std = self._step_mean(self.model, batch, k)
+        return logp, mean, std
+
+    def kl_to_reference(self, batch: Rollout, k: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """(B, 1) KL term of step ``k``'s Gaussian (``mean``, ``std``) against the reference model's
+        (``decoder.kl_form``, ``policies.sde.step_kl``)."""
+        with torch.no_grad(), self._reference() as ref:
+            _, _, ref_mean, _ = self._step_mean(ref, batch, k)
+        e = batch.extras
+        return step_kl(mean, ref_mean, std, e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.sde_type,
+                       self.d.kl_form)[:, None]
+
     def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
         k = chunk.start
-        _, logp, mean, std = self._step_mean(self.model, batch, k)
-        kl = None
-        if with_kl:
+        logp, mean, std = self.step_moments(batch, k)
+        return LogProbs(logp[:, None], self.kl_to_reference(batch, k, mean, std) if with_kl else None)
+
+    def velocity(self, batch: Rollout, latents: torch.Tensor, t: torch.Tensor, grad: bool,
+                 reference: bool = False) -> torch.Tensor:
+        """(B, C, h, w) float32 velocity at (``latents``, ``t`` (B,)) under ``batch``'s conditions, without CFG
+        (guidance 1), of the current weights (with grad when ``grad``) or of the reference model (no grad)."""
+        if reference:
             with torch.no_grad(), self._reference() as ref:
-                _, _, ref_mean, _ = self._step_mean(ref, batch, k)
-            e = batch.extras
-            kl = step_kl(mean, ref_mean, std, e["sigmas"][:, k], e["next_sigmas"][:, k], self.d.sde_type,
-                         self.d.kl_form)[:, None]
-        return LogProbs(logp[:, None], kl)
+                return self.adapter.velocity(ref, latents, t, batch.extras["cond"], 1.0)
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return self.adapter.velocity(self.model, latents, t, batch.extras["cond"], 1.0)
+
+    def schedule(self):
+        """Timesteps (S,) and sigmas (S+1,) of the training rollouts (``decoder.num_steps``)."""
+        return self.adapter.schedule(self.d.num_steps)
 
     @contextlib.contextmanager
     def _reference(self):

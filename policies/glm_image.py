@@ -12,6 +12,10 @@ a new adapter with the same methods. Conventions (GLM-Image release; diffusers `
 * CFG: v = v_u + g (v_c - v_u); the unconditional branch drops the prior tokens (``prior_token_drop=True``,
   a **bool** tensor) and uses the glyph embedding of ``""``; two calls as in the pipeline, or one doubled batch
   (``decoder.cfg_batch``).
+* Editing (``GlmImagePipeline(image=...)``): the source image's VAE latents (``latent_dist.mode()``, normalised)
+  and its upsampled VQ prior ids go once through the transformer at timestep 0 with no text, writing every
+  layer's keys/values into a ``GlmImageKVCache``; each denoising call's conditional branch then attends to them
+  ("read"), the unconditional one does not ("skip").
 """
 
 from __future__ import annotations
@@ -93,6 +97,25 @@ class GlmImageAdapter:
         )
         return {k: v.to(self.device) for k, v in inputs.items()}
 
+    @torch.no_grad()
+    def edit_tokens(self, prompts: Sequence[str], images: np.ndarray, height: int, width: int, seed: int) -> torch.Tensor:
+        """Full-grid ids (P, th*tw) the AR model writes for edit instructions ``prompts`` on source ``images``
+        (P, H, W, 3) uint8: the chat template's image item puts each source's image tokens before the text (as
+        ``GlmImagePipeline.generate_prior_tokens(image=...)`` builds it); for an edit the model writes the target
+        grid only. Sampled with the model's generation config, ``torch.manual_seed(seed)`` as the pipeline does.
+        (The pipeline's own image path is not used: in diffusers 0.42.1 it concatenates the vision features that
+        ``get_image_tokens`` expects per image.)"""
+        from PIL import Image
+
+        messages = [[{"role": "user", "content": [{"type": "image", "image": Image.fromarray(np.asarray(im))},
+                                                  {"type": "text", "text": p}]}] for p, im in zip(prompts, images)]
+        inputs = self.processor.apply_chat_template(messages, tokenize=True, padding=len(prompts) > 1, target_h=height,
+                                                    target_w=width, return_dict=True, return_tensors="pt").to(self.device)
+        num = self.grids(height, width).num_full
+        torch.manual_seed(seed)
+        out = self.pipe.vision_language_encoder.generate(**inputs, max_new_tokens=num + 1, do_sample=True)
+        return out[:, inputs["input_ids"].shape[1]:][:, :num]
+
     def reference_tokens(self, images: np.ndarray) -> torch.Tensor:
         """VQ tokens of reference images (B, H, W, 3) uint8 -> full-grid ids (B, th*tw) via ``get_image_tokens``."""
         from PIL import Image
@@ -135,8 +158,39 @@ class GlmImageAdapter:
     def latent_shape(self, batch: int, height: int, width: int):
         return (batch, self.pipe.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
+    @torch.no_grad()
+    def source_latents(self, images: np.ndarray) -> torch.Tensor:
+        """Source images (B, H, W, 3) uint8 -> normalised VAE latents (B, C, H/8, W/8) float32, as the pipeline
+        encodes condition images (``retrieve_latents(..., sample_mode="argmax")``, (z - mean) / std)."""
+        vae = self.pipe.vae
+        pixels = torch.as_tensor(images, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        z = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+        c = vae.config.latent_channels
+        mean = torch.tensor(vae.config.latents_mean, device=self.device).view(1, c, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=self.device).view(1, c, 1, 1)
+        return (z - mean) / std
+
+    def source_kv_cache(self, transformer, source_latents: torch.Tensor, source_prior: torch.Tensor, text_dim: int):
+        """A ``GlmImageKVCache`` written by ``transformer`` from the source latents (B, C, h, w) and their prior ids
+        (B, h*w/4), one row per sample (grad flows through it when enabled)."""
+        from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+        b, dtype = source_latents.shape[0], transformer.dtype
+        cache = GlmImageKVCache(num_layers=self.pipe.transformer.config.num_layers)
+        cache.set_mode("write")
+        height, width = (d * self.vae_scale for d in source_latents.shape[-2:])
+        transformer(
+            hidden_states=source_latents.to(dtype), encoder_hidden_states=torch.zeros(b, 0, text_dim, dtype=dtype,
+                                                                                        device=self.device),
+            prior_token_id=source_prior, prior_token_drop=torch.zeros_like(source_prior, dtype=torch.bool),
+            timestep=torch.zeros(b, device=self.device),
+            target_size=torch.tensor([[height, width]], dtype=dtype, device=self.device).repeat(b, 1),
+            crop_coords=torch.zeros((b, 2), dtype=dtype, device=self.device), kv_caches=cache, return_dict=False,
+        )
+        return cache
+
     def velocity(self, transformer, latents, t, prior, glyph, neg_glyph, guidance_scale: float, height: int, width: int,
-                 batch_cfg: bool = False):
+                 batch_cfg: bool = False, source=None):
         """Model velocity at timestep ``t`` (fp32), with CFG when ``guidance_scale > 1``: v = v_u + g (v_c - v_u).
 
         By default the conditional and unconditional branches are two calls, as in ``GlmImagePipeline``, which
@@ -145,30 +199,39 @@ class GlmImageAdapter:
         glyph lengths within one batch (the transformer takes no glyph mask), so the unconditional branch sees
         zero glyph tokens it does not see in the release's two-call CFG. Rollout and training recompute use
         the same layout either way.
+
+        ``source``: (source latents, source prior ids) of an edit (module docstring); needs two-call CFG.
         """
         keep = torch.zeros_like(prior, dtype=torch.bool)
+        cache = None if source is None else self.source_kv_cache(transformer, *source, glyph.shape[-1])
+        if cache is not None:
+            cache.set_mode("read")
         if guidance_scale <= 1.0:
-            return self._transformer(transformer, latents, t, prior, glyph, keep, height, width)
-        if batch_cfg:
+            return self._transformer(transformer, latents, t, prior, glyph, keep, height, width, cache)
+        if batch_cfg and cache is None:
             glyph, neg_glyph = _left_pad_to_same_length(glyph, neg_glyph)
             t2 = t.repeat(2) if t.dim() else t  # training passes one timestep per sample
             both = self._transformer(transformer, torch.cat([latents, latents]), t2, torch.cat([prior, prior]),
                                      torch.cat([glyph, neg_glyph]), torch.cat([keep, ~keep]), height, width)
             v, v_u = both.chunk(2)
         else:
-            v = self._transformer(transformer, latents, t, prior, glyph, keep, height, width)
-            v_u = self._transformer(transformer, latents, t, prior, neg_glyph, ~keep, height, width)
+            v = self._transformer(transformer, latents, t, prior, glyph, keep, height, width, cache)
+            if cache is not None:
+                cache.set_mode("skip")
+            v_u = self._transformer(transformer, latents, t, prior, neg_glyph, ~keep, height, width, cache)
         return v_u + guidance_scale * (v - v_u)
 
-    def _transformer(self, transformer, latents, t, prior, glyph, prior_drop, height: int, width: int) -> torch.Tensor:
-        """One transformer call (fp32 output); ``prior_drop`` (bool, like ``prior``) drops the prior tokens."""
+    def _transformer(self, transformer, latents, t, prior, glyph, prior_drop, height: int, width: int,
+                     kv_caches=None) -> torch.Tensor:
+        """One transformer call (fp32 output); ``prior_drop`` (bool, like ``prior``) drops the prior tokens;
+        ``kv_caches`` an edit's source cache in its read/skip mode."""
         b = latents.shape[0]
         dtype = transformer.dtype
         return transformer(
             hidden_states=latents.to(dtype), encoder_hidden_states=glyph, prior_token_id=prior,
             prior_token_drop=prior_drop, timestep=(t.expand(b) - 1).to(self.device),
             target_size=torch.tensor([[height, width]], dtype=dtype, device=self.device).repeat(b, 1),
-            crop_coords=torch.zeros((b, 2), dtype=dtype, device=self.device), return_dict=False,
+            crop_coords=torch.zeros((b, 2), dtype=dtype, device=self.device), return_dict=False, kv_caches=kv_caches,
         )[0].float()
 
     @torch.no_grad()

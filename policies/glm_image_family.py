@@ -4,6 +4,11 @@ Decoder conditions (``GlmFlowAdapter.conditions``) are the full-grid AR tokens o
 ``metadata["full_tokens"]`` when an AR run's buffer or a joint job's AR phase supplied them, else by
 ``decoder.condition_source``: the reference image's own VQ tokens ("reference") or a rollout of the frozen AR
 model ("ar"); plus the glyph embeddings of the quoted text (and of ``""`` for CFG's negative branch).
+
+Editing (``decoder.edit``): ``metadata["reference"]`` is the source image; with ``condition_source: ar`` the frozen
+AR model writes the target tokens from the source's image tokens and the instruction (``GlmImageAdapter.edit_tokens``),
+and the source's VAE latents and VQ prior ids join the conditions (``source_latents``, ``source_prior``) and reach every velocity call through the transformer's
+KV cache, as ``GlmImagePipeline(image=...)`` conditions the decoder (``GlmImageAdapter.source_kv_cache``).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ class GlmFlowAdapter:
         height, width: image size in pixels.
         condition_source: where prompts without ``full_tokens`` get theirs: "ar" | "reference" | "buffer".
         batch_cfg: both CFG branches in one call of 2B (``decoder.cfg_batch``).
+        edit: the records' ``reference`` images are sources to edit (``decoder.edit``).
     """
 
-    def __init__(self, pipe, height: int, width: int, condition_source: str = "ar", batch_cfg: bool = False):
+    def __init__(self, pipe, height: int, width: int, condition_source: str = "ar", batch_cfg: bool = False,
+                 edit: bool = False):
         self.pipe, self.layout = pipe, GlmImageAdapter(pipe)
         self.height, self.width = height, width
-        self.condition_source, self.batch_cfg = condition_source, batch_cfg
+        self.condition_source, self.batch_cfg, self.edit = condition_source, batch_cfg, edit
         self.grids = self.layout.grids(height, width)
         self.denoiser = pipe.transformer
 
@@ -55,6 +62,8 @@ class GlmFlowAdapter:
             if missing:
                 raise ConfigError(f"decoder.condition_source=reference needs a 'reference' image for prompt {missing[0]!r}")
             return self.layout.reference_tokens(np.stack([m["reference"] for m in metadata]))
+        if self.edit:
+            return self.layout.edit_tokens(prompts, self._sources(prompts, metadata), self.height, self.width, seed)
         gen = torch.Generator().manual_seed(seed)
         up, _, _ = self.pipe.generate_prior_tokens(prompt=list(prompts), height=self.height, width=self.width,
                                                    device=self.device, generator=gen)
@@ -62,7 +71,28 @@ class GlmFlowAdapter:
         return up.view(len(prompts), 2 * g.th, 2 * g.tw)[:, ::2, ::2].reshape(len(prompts), -1)
 
     def conditions(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> Dict[str, torch.Tensor]:
-        return self.token_conditions(self.full_tokens(prompts, metadata, seed), prompts, with_negative=True)
+        cond = self.token_conditions(self.full_tokens(prompts, metadata, seed), prompts, with_negative=True)
+        if self.edit:
+            cond.update(self.source_conditions(prompts, metadata))
+        return cond
+
+    @torch.no_grad()
+    def source_conditions(self, prompts: Sequence[str], metadata: Sequence[dict]) -> Dict[str, torch.Tensor]:
+        """source_latents (P, C, h, w) and source_prior (P, 4*th*tw) of each record's source image."""
+        images = self._sources(prompts, metadata)
+        prior = self.layout.upsample_prior(self.layout.reference_tokens(images), self.grids)
+        return {"source_latents": self.layout.source_latents(images), "source_prior": prior}
+
+    def _sources(self, prompts: Sequence[str], metadata: Sequence[dict]) -> np.ndarray:
+        """(P, H, W, 3) uint8 source images of an edit job; ConfigError naming the prompt without one."""
+        missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
+        if missing:
+            raise ConfigError(f"decoder.edit needs a source image ('reference' in the prompt file) for prompt {missing[0]!r}")
+        images = np.stack([m["reference"] for m in metadata])
+        if images.shape[1:3] != (self.height, self.width):
+            raise ConfigError(f"decoder.edit: source images are {images.shape[1]}x{images.shape[2]}, the job makes "
+                              f"{self.height}x{self.width} images; load them at data.height x data.width")
+        return images
 
     def token_conditions(self, full_tokens: torch.Tensor, prompts: Sequence[str], with_negative: bool) -> Dict[str, torch.Tensor]:
         """prior (B, 4*th*tw) upsampled ids, glyph (B, T, D), neg_glyph (B, T', D) (CFG), full_tokens (B, th*tw)."""
@@ -80,8 +110,9 @@ class GlmFlowAdapter:
         return seeded_noise(self.layout.latent_shape(1, self.height, self.width)[1:], seeds, self.device)
 
     def velocity(self, model, latents, t, cond: Dict[str, torch.Tensor], guidance_scale: float) -> torch.Tensor:
+        source = (cond["source_latents"], cond["source_prior"]) if "source_latents" in cond else None
         return self.layout.velocity(model, latents, t, cond["prior"], cond["glyph"], cond.get("neg_glyph"),
-                                    guidance_scale, self.height, self.width, self.batch_cfg)
+                                    guidance_scale, self.height, self.width, self.batch_cfg, source)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return self.layout.decode(latents)
@@ -107,7 +138,8 @@ def pipeline_images(pipe, prompts: List[str], cfg, seed: int) -> np.ndarray:
 def _flow_policy(pipe, cfg):
     from tandem.policies.flow import FlowPolicy
 
-    adapter = GlmFlowAdapter(pipe, cfg.data.height, cfg.data.width, cfg.decoder.condition_source, cfg.decoder.cfg_batch)
+    adapter = GlmFlowAdapter(pipe, cfg.data.height, cfg.data.width, cfg.decoder.condition_source, cfg.decoder.cfg_batch,
+                             cfg.decoder.edit)
     return FlowPolicy(adapter, cfg)
 
 

@@ -25,11 +25,12 @@ IMAGE_START = CODEBOOK  # <|dit_token_128|> = bos of the image segment (release:
 IMAGE_END = CODEBOOK + 1  # <|dit_token_129|> = eos (release: 16385)
 VISION_VOCAB = CODEBOOK + 4  # lm_head width (release: 16512)
 LATENT_CHANNELS = 4
-TINY_VERSION = 4  # bump when the tiny models change, so cached folders are rebuilt
+TINY_VERSION = 5  # bump when the tiny models change, so cached folders are rebuilt
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% elif item['type'] == 'image' %}<|image|>{% endif %}"
+    "{% endfor %}{% endfor %}"
 )
 _TOKENIZER_CORPUS = [
     "a red apple on a wooden table", "a cat sitting in the sun", 'a sign that says "OPEN"',

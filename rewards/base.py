@@ -57,7 +57,7 @@ logger = logging.getLogger("tandem.rewards")
 
 ENTRY_POINT_GROUP = "tandem.rewards"
 # Modules holding the built-in rewards; each registers itself on import (their heavy imports are lazy).
-BUILTIN_MODULES = tuple(f"tandem.rewards.{m}" for m in ("simple", "ocr", "hands", "aesthetic", "vlm", "lpips", "pickscore", "clip_similarity"))
+BUILTIN_MODULES = tuple(f"tandem.rewards.{m}" for m in ("simple", "ocr", "hands", "aesthetic", "vlm", "lpips", "pickscore", "clip_similarity", "edit"))
 # Reward-function calling conventions of a config entry (``rewards[].style``).
 STYLES = ("tandem", "trl")
 

@@ -63,20 +63,33 @@ def _json_score(value: float):
     return None if math.isnan(value) else value
 
 
+def _attach_sources(pairs: List[tuple], sources_dir: str) -> None:
+    """Set each record's ``reference`` to the image of the same file name in ``sources_dir`` (edit sources)."""
+    sources = _image_files(sources_dir)
+    missing = [name for name, _, _ in pairs if name not in sources]
+    if missing:
+        raise ConfigError(f"--sources {sources_dir} has no source image named {missing[0]} (one per scored image, same file name)")
+    for name, _, record in pairs:
+        record.metadata["reference"] = load_image(sources[name])
+
+
 def cmd_score(reward_specs: List[str], images_dir: str, prompts_file: str, backend: str = "local",
-              reward_args: Optional[List[Dict]] = None) -> int:
+              reward_args: Optional[List[Dict]] = None, sources_dir: Optional[str] = None) -> int:
     """Score every image of ``images_dir`` with the rewards; print one JSON object per image on stdout:
     {"image", "prompt", <reward>: score or null, "<reward>/<detail>": ... (a reward's info, e.g. "ocr/read")}.
 
     ``reward_args[i]`` are the args of ``reward_specs[i]`` (missing = none). Prompt file: .txt (one prompt per
     line, in sorted image-name order) or .jsonl ({"prompt", "text"?, "reference"? (a path), "image"? (a file
-    name in images_dir)}). Images of different sizes are scored in separate batches. Bad input raises
-    ConfigError (one line).
+    name in images_dir)}). ``sources_dir``: edited images' source images, matched by file name, handed to the
+    rewards as ``reference`` (replacing the file's). Images of different sizes are scored in separate batches.
+    Bad input raises ConfigError (one line).
     """
     reward_args = list(reward_args or [])
     entries = [_entry(spec, reward_args[i] if i < len(reward_args) else {}) for i, spec in enumerate(reward_specs)]
     check_entries(entries, key="--reward")  # unknown name, bad import path, missing weights: before anything starts
     pairs = _pair(_image_files(images_dir), load_prompts(prompts_file), images_dir, prompts_file)
+    if sources_dir is not None:
+        _attach_sources(pairs, sources_dir)
     images = [load_image(path) for _, path, _ in pairs]
     by_shape: Dict[tuple, List[int]] = {}
     for i, image in enumerate(images):

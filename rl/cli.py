@@ -2,7 +2,7 @@
 
     tandem train ar|decoder|joint --config FILE [key.sub=value ...] [--dry-run]
     tandem sample --config FILE [key.sub=value ...] [--checkpoint DIR [--ema]] [--num-prompts N]
-    tandem score --reward NAME_OR_PATH [--args JSON] [--reward ...] --images DIR --prompts FILE [--backend local|ray]
+    tandem score --reward NAME_OR_PATH [--args JSON] [--reward ...] --images DIR --prompts FILE [--sources DIR] [--backend local|ray]
     tandem rewards
     tandem eval --config FILE [--checkpoint DIR [--ema]] [--prompts FILE] [--batch-size N] [key.sub=value ...]
     tandem export RUN/checkpoints/step_N OUT [--ema] [--config FILE]
@@ -60,6 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reward", action="append", required=True, help="registered name or pkg.module:attr")
     score.add_argument("--images", required=True, help="folder of .png/.jpg images")
     score.add_argument("--prompts", required=True, help=".txt or .jsonl prompt file, one entry per image")
+    score.add_argument("--sources", default=None, help="folder of the edits' source images (same file names), "
+                       "handed to the rewards as 'reference' (e.g. source_structure, lpips)")
     score.add_argument("--backend", choices=["local", "ray"], default="local")
     score.add_argument("--args", action="append", default=[], metavar="JSON",
                        help="JSON object of args for the --reward at the same position, e.g. '{\"clip_weights\": \"...\"}'")
@@ -130,7 +132,8 @@ def _score(args) -> int:
         if not isinstance(value, dict):
             raise ConfigError(f"score: --args {text!r} must be a JSON object of the reward's args")
         reward_args.append(value)
-    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend, reward_args=reward_args)
+    return cmd_score(args.reward, args.images, args.prompts, backend=args.backend, reward_args=reward_args,
+                     sources_dir=args.sources)
 
 
 def _rewards(args) -> int:

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tandem.core.errors import ConfigError
 from tandem.policies.families import family_names
 from tandem.policies.lora import LoraSettings
+from tandem.policies.ode_solvers import SOLVERS as ODE_SOLVERS
 from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, KINDS as SDE_KINDS
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rl.advantages import AGGREGATIONS, SCALES
@@ -112,8 +113,17 @@ class DecoderConfig:
     kl_form: str = "exact"
     # Number of consecutive SDE steps inside the window (0 = use timestep_fraction instead).
     sde_window_size: int = 2
-    # [lo, hi) step indices inside which the SDE window is placed, randomly per rollout batch.
+    # [lo, hi) step indices inside which the SDE window is placed (randomly per rollout batch, or sliding).
     sde_window_range: List[int] = field(default_factory=lambda: [0, 5])
+    # Where the window sits: "random" (anywhere in the range, per rollout batch) or "sliding" (MixGRPO: starts at lo
+    # and moves sde_window_stride steps every sde_window_shift_interval optimizer steps, a function of the step).
+    sde_window_schedule: str = "random"
+    # With sde_window_schedule "sliding": steps the window moves each time (MixGRPO stride s).
+    sde_window_stride: int = 1
+    # With sde_window_schedule "sliding": optimizer steps between two moves (MixGRPO shift interval tau).
+    sde_window_shift_interval: int = 10
+    # Solver of the ODE steps outside the SDE window: "euler" or "dpm2m" (DPM-Solver++(2M), MixGRPO-Flash).
+    ode_solver: str = "euler"
     # With sde_window_size 0: fraction of the (non-final) steps that are SDE steps and trained.
     timestep_fraction: float = 1.0
     # All copies of one prompt start from the same initial noise.
@@ -125,6 +135,9 @@ class DecoderConfig:
     # With condition_source "buffer": an AR run directory (or its buffer/ folder); its records replace
     # data.prompts.
     buffer_dir: Optional[str] = None
+    # Image editing: each record's `reference` image is the source to edit; the decoder attends to its latents and
+    # prior tokens through the transformer's KV cache, as GlmImagePipeline(image=...) does (two-call CFG only).
+    edit: bool = False
     # EMA decay of trained weights used for eval/sample grids, in [0, 1); 0 disables EMA.
     ema_decay: float = 0.0
     # EMA warm-up of flow_grpo (its EMAModuleWrapper): decay_t = min((1 + t) / (10 + t), ema_decay) at the t-th
@@ -161,6 +174,14 @@ class GRPOConfig:
     objective: str = "clipped_surrogate"
     # grpo | bnpo | dr_grpo | dapo (TRL semantics of how token losses are averaged).
     loss_type: str = "grpo"
+    # Importance ratio per "token" (GRPO) or one per "sequence", exp(mean_u(logp - old_logp)) (GSPO, Zheng et al.
+    # 2025; TRL `importance_sampling_level`); "sequence" needs the ar stage (decoder steps train one per pass).
+    importance_sampling_level: str = "token"
+    # objective diffusion_nft: guidance strength beta of the implicit policies v+ = (1-b) v_old + b v,
+    # v- = (1+b) v_old - b v (DiffusionNFT, Zheng et al. 2025; its configs use 0.1 to 1).
+    nft_beta: float = 1.0
+    # objective diffusion_nft: forward-process timesteps trained per sample (drawn from the rollout schedule).
+    nft_num_timesteps: int = 2
     # group | batch | none: the std that advantages are divided by (TRL `scale_rewards`). Like TRL 1.16 it applies
     # to sum_then_normalize only: normalize_then_sum always divides each reward by its group std.
     scale_rewards: str = "group"
@@ -429,6 +450,9 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, list(AGGREGATIONS))
     _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
     _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
+    _choice("decoder.sde_window_schedule", d.sde_window_schedule, ("random", "sliding"))
+    _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS)
+    _choice("grpo.importance_sampling_level", g.importance_sampling_level, ("token", "sequence"))
     _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
     if d.condition_source == "buffer":
         _rule(d.buffer_dir is not None and os.path.isdir(d.buffer_dir), "decoder.buffer_dir",
@@ -484,11 +508,14 @@ def validate(job: JobConfig, stage: str) -> None:
         if stage != "joint":  # a joint job resolves the clip ranges per phase (phase_config)
             _rule(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon", "clip ranges must be > 0")
         _rule(g.beta >= 0, "grpo.beta", "must be >= 0")
+        _rule(g.importance_sampling_level == "token" or stage == "ar", "grpo.importance_sampling_level",
+              "'sequence' (GSPO) needs the whole sequence in one pass: use it with `tandem train ar`")
         _rule(len(job.rewards) >= 1, "rewards", "a training job needs at least one reward entry")
     if stage in ("decoder", "joint"):
         _rule(d.num_steps >= 2, "decoder.num_steps", f"must be >= 2 (the last step is never trained), got {d.num_steps}")
-        _rule(d.noise_level > 0, "decoder.noise_level",
-              f"must be > 0 to train (0 is the deterministic ODE: every log-prob is 0, no gradient), got {d.noise_level}")
+        _rule(d.noise_level > 0 or not OBJECTIVES.get(g.objective).uses_old_log_probs, "decoder.noise_level",
+              f"must be > 0 to train with grpo.objective={g.objective} (0 is the deterministic ODE: every log-prob "
+              f"is 0, no gradient), got {d.noise_level}")
         _rule(d.sde_type != "cps" or d.noise_level <= 1, "decoder.noise_level",
               f"must be <= 1 with decoder.sde_type=cps (s = sigma' sin(a pi / 2)), got {d.noise_level}")
         if d.sde_window_size > 0:
@@ -500,6 +527,18 @@ def validate(job: JobConfig, stage: str) -> None:
                   f"last of decoder.num_steps={d.num_steps} steps (the last step is never trained)")
         else:
             _rule(0 < d.timestep_fraction <= 1, "decoder.timestep_fraction", "must be in (0, 1]")
+        _rule(not d.edit or job.model.family == "glm_image", "decoder.edit",
+              f"image editing is built for model.family glm_image, not {job.model.family!r}")
+        _rule(not (d.edit and d.cfg_batch), "decoder.cfg_batch", "decoder.edit runs CFG as two calls (only the "
+              "conditional branch reads the source's KV cache): set decoder.cfg_batch=false")
+        _rule(d.sde_window_stride >= 1 and d.sde_window_shift_interval >= 1, "decoder.sde_window_stride",
+              "sde_window_stride and sde_window_shift_interval must be >= 1")
+        if g.objective == "diffusion_nft":
+            _rule(1 <= g.nft_num_timesteps <= d.num_steps, "grpo.nft_num_timesteps",
+                  f"must be in [1, decoder.num_steps={d.num_steps}], got {g.nft_num_timesteps}")
+            _rule(g.nft_beta > 0, "grpo.nft_beta", f"must be > 0, got {g.nft_beta}")
+            _rule(g.adv_clip_max is not None and g.adv_clip_max > 0, "grpo.adv_clip_max",
+                  "diffusion_nft maps advantages to r = 1/2 + clip(A / adv_clip_max, -1, 1) / 2: set it > 0 (e.g. 5)")
     for i, r in enumerate(list(job.rewards) + list(job.eval.rewards)):
         _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
         _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")

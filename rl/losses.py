@@ -6,7 +6,10 @@ per-unit loss is PPO's clipped surrogate plus an optional KL penalty (TRL ``GRPO
 
     ℓ = −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A) + β·kl
 
-``ε_high ≠ ε_low`` is DAPO's clip-higher. ``kl`` is supplied by the policy: ``tandem.policies.kl.k3_kl`` for the AR stage,
+``ε_high ≠ ε_low`` is DAPO's clip-higher. With ``importance_sampling_level="sequence"`` (GSPO, Zheng et al. 2025,
+"Group Sequence Policy Optimization", arXiv:2507.18071, eq. 7; TRL ``importance_sampling_level``) every unit of a
+sequence takes the sequence's ratio ``s = exp(Σ_u m·(logp − old_logp) / Σ_u m)``, and the clip acts on ``s``.
+``kl`` is supplied by the policy: ``tandem.policies.kl.k3_kl`` for the AR stage,
 ``policies.sde.step_kl`` per trained step for the flow stage (``decoder.kl_form``).
 
 How the (B, U) losses become one scalar is the ``loss_type``, a registry of reductions (add one with
@@ -91,6 +94,7 @@ def policy_loss(
     beta: float = 0.0,
     max_units: int | None = None,
     is_weights: torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss (formula and reductions in the module docstring).
 
@@ -107,6 +111,8 @@ def policy_loss(
         is_weights: (B, U) truncated importance weights of the rollout/training mismatch,
             w = min(π_old / π_sampler, cap) (verl's rollout correction); they scale each unit's surrogate term
             (not the KL), detached. None = 1.
+        importance_sampling_level: "token" (one ratio per unit) or "sequence" (GSPO: the mask-weighted mean
+            log-ratio of each sequence, for all its units).
 
     Returns:
         loss: scalar tensor, differentiable w.r.t. ``logp`` (and ``kl``).
@@ -132,6 +138,10 @@ def policy_loss(
     mask = mask.detach().float()
 
     log_ratio = logp - old_logp
+    if importance_sampling_level == "sequence":
+        log_ratio = _weighted_mean((log_ratio * mask).sum(-1, keepdim=True), mask.sum(-1, keepdim=True)).expand_as(logp)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"policy_loss: importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_unit = -torch.min(ratio * adv, clipped * adv)
@@ -161,3 +171,37 @@ def policy_loss(
             "loss": loss.item(),
         }
     return loss, metrics
+
+
+def ratio_norm_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
+                         std: torch.Tensor) -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio of one flow step (Wang et al. 2025, "GRPO-Guard: Mitigating Implicit
+    Over-Optimization in Flow Matching via Regulated Clipping", arXiv:2510.22319, RatioNorm; as verl-omni's
+    ``grpo_guard`` loss writes it).
+
+    With the stored sample x' ~ N(μ_old, std²) and the mean-per-element Gaussian log-density of ``policies.sde``,
+    log r = logp − old_logp has expectation −b, b = mean((μ_θ − μ_old)²)/(2·std²) (a left shift: the mean ratio
+    sits below 1), and a spread ∝ 1/std that differs from step to step. RatioNorm removes both::
+
+        log r̃ = (logp − old_logp + b) · std
+
+    Shapes: logp, old_logp (B, 1); mean, old_mean (B, ...); std (B, 1, ..., 1). Returns (B, 1), with grad.
+    """
+    dims = tuple(range(1, mean.ndim))
+    std = std.float().reshape(std.shape[0], 1)
+    b = ((mean.float() - old_mean.float()) ** 2).mean(dim=dims)[:, None] / (2 * std**2)
+    return (logp.float() - old_logp.float() + b) * std
+
+
+def guard_step_weights(sigmas: torch.Tensor, next_sigmas: torch.Tensor) -> torch.Tensor:
+    """GRPO-Guard's gradient reweighting of the trained steps (arXiv:2510.22319): step k's loss is scaled by
+    1/|dt_k| = 1/(σ_k − σ'_k), which evens out the policy-gradient magnitude over noise levels; here the weights
+    are divided by their mean over the K trained steps so that the overall scale (and the learning rate) stays
+    that of flow-GRPO::
+
+        w_k = (1/dt_k) / mean_j(1/dt_j)
+
+    Shapes: sigmas, next_sigmas (B, K) of the trained steps. Returns (B, K) float32.
+    """
+    inv_dt = 1.0 / (sigmas.float() - next_sigmas.float())
+    return inv_dt / inv_dt.mean(dim=1, keepdim=True)

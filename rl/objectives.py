@@ -2,27 +2,38 @@
 
 An objective turns one chunk of a minibatch into a scalar loss and its metrics; the update step
 (``tandem.rl.trainer.update_on_minibatch``) backpropagates each chunk's loss weighted by its share of the
-units, so an objective never sees the optimizer, the accelerator or the processes. Register a new one with
-``@OBJECTIVES.register("name")`` on a class with ``stages`` and ``loss(policy, batch, chunk, grpo)`` (made anew for each update); config
-validation reads the registry, so its name is at once a valid ``grpo.objective``.
+units, so an objective never sees the optimizer, the accelerator or the processes. Before that, right after
+each rollout and with the weights that sampled it, ``prepare(policy, batch, grpo)`` may add what the objective
+needs to the batch (no grad). Register a new one with ``@OBJECTIVES.register("name")`` on a class with
+``stages``, ``uses_old_log_probs``, ``prepare`` and ``loss(policy, batch, chunk, grpo)`` (made anew for each
+use); config validation reads the registry, so its name is at once a valid ``grpo.objective``.
+
+Registered: ``clipped_surrogate`` (GRPO / Flow-GRPO, both stages; GSPO with ``grpo.importance_sampling_level:
+sequence``), ``grpo_guard`` (Flow-GRPO with GRPO-Guard's ratio normalisation and step reweighting, decoder) and
+``diffusion_nft`` (DiffusionNFT on the forward process, decoder).
 
 Metrics named ``*/min`` and ``*/max`` are merged over chunks by min and max, all others by the chunks' share.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, Protocol, Tuple
 
 import torch
 
 from tandem.core.registry import Registry
 from tandem.core.types import Rollout
-from tandem.rl.losses import policy_loss
+from tandem.rl.losses import get_loss_type, guard_step_weights, policy_loss, ratio_norm_log_ratio
+from tandem.rl.nft import nft_loss, optimality_probability
 
 
 class Objective(Protocol):
     stages: Tuple[str, ...]  # the policy stages it can train
     uses_old_log_probs: bool  # whether its loss reads Rollout.old_log_probs (then grpo.old_log_probs applies)
+
+    def prepare(self, policy, batch: Rollout, grpo) -> Rollout:
+        """``batch`` with what ``loss`` needs added, computed right after the rollout (no grad)."""
 
     def loss(self, policy, batch: Rollout, chunk: slice, grpo) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Scalar loss of ``batch``'s units in ``chunk`` (with grad) and float metrics; ``grpo`` is the config section."""
@@ -40,15 +51,99 @@ class ClippedSurrogate:
 
     uses_old_log_probs = True
 
+    def prepare(self, policy, batch: Rollout, grpo) -> Rollout:
+        return batch
+
     def loss(self, policy, batch: Rollout, chunk: slice, grpo) -> Tuple[torch.Tensor, Dict[str, float]]:
         out = policy.log_probs(batch, chunk, with_kl=grpo.beta > 0)
+        return policy_loss(out.log_probs, batch.old_log_probs[:, chunk], batch.advantages, batch.mask[:, chunk],
+                           epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high, loss_type=grpo.loss_type,
+                           kl=out.kl, beta=grpo.beta, is_weights=rollout_is_weights(batch, chunk, grpo),
+                           importance_sampling_level=grpo.importance_sampling_level)
+
+
+def rollout_is_weights(batch: Rollout, chunk: slice, grpo):
+    """(B, u) truncated IS weights min(π_old / π_sampler, ``grpo.rollout_is_cap``) of the units in ``chunk`` when
+    the old log-probs were recomputed (``grpo.old_log_probs``), else None."""
+    if grpo.rollout_is_cap is None or batch.behaviour_log_probs is None:
+        return None
+    old = batch.old_log_probs[:, chunk]
+    return torch.exp(old - batch.behaviour_log_probs[:, chunk].to(old.device)).clamp(max=grpo.rollout_is_cap)
+
+
+@OBJECTIVES.register("grpo_guard")
+class GrpoGuard:
+    """Flow-GRPO's clipped surrogate on GRPO-Guard's normalised ratio r̃ = exp((logp − old_logp + b)·std), each
+    step's loss weighted by w_k ∝ 1/dt_k (``tandem.rl.losses.ratio_norm_log_ratio``, ``guard_step_weights``;
+    Wang et al. 2025, arXiv:2510.22319). The decoder's unit chunks are single steps, so the chunk's loss is
+    scaled by its step's weight (the same for every sample: the window is shared by the rollout batch)."""
+
+    stages = ("decoder",)
+    uses_old_log_probs = True
+
+    def prepare(self, policy, batch: Rollout, grpo) -> Rollout:
+        return batch
+
+    def loss(self, policy, batch: Rollout, chunk: slice, grpo) -> Tuple[torch.Tensor, Dict[str, float]]:
+        k, e = chunk.start, batch.extras
+        logp, mean, std = policy.step_moments(batch, k)
         old = batch.old_log_probs[:, chunk]
-        weights = None
-        if grpo.rollout_is_cap is not None and batch.behaviour_log_probs is not None:
-            weights = torch.exp(old - batch.behaviour_log_probs[:, chunk].to(old.device)).clamp(max=grpo.rollout_is_cap)
-        return policy_loss(out.log_probs, old, batch.advantages, batch.mask[:, chunk], epsilon_low=grpo.epsilon,
-                           epsilon_high=grpo.epsilon_high, loss_type=grpo.loss_type, kl=out.kl, beta=grpo.beta,
-                           is_weights=weights)
+        log_ratio = ratio_norm_log_ratio(logp[:, None], old, mean, e["old_means"][:, k], std)
+        kl = policy.kl_to_reference(batch, k, mean, std) if grpo.beta > 0 else None
+        loss, metrics = policy_loss(old.float() + log_ratio, old, batch.advantages, batch.mask[:, chunk],
+                                    epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high,
+                                    loss_type=grpo.loss_type, kl=kl, beta=grpo.beta,
+                                    is_weights=rollout_is_weights(batch, chunk, grpo))
+        weight = guard_step_weights(e["sigmas"], e["next_sigmas"])[:, k].mean()
+        metrics["guard/step_weight"] = float(weight)
+        return loss * weight, metrics
+
+
+@OBJECTIVES.register("diffusion_nft")
+class DiffusionNFT:
+    """DiffusionNFT (``tandem.rl.nft``): flow matching on the forward process of the rollout's clean samples,
+    steered by the implicit positive/negative policies. Units are ``grpo.nft_num_timesteps`` forward-process
+    timesteps per sample (one per pass); no log-probs, any rollout solver, no CFG in training.
+
+    ``prepare`` draws each sample's timesteps (from the rollout schedule, without repeats) and noise from its
+    ``sample_seeds`` entry (``tandem.core.seeds``: the same draws however the job is split over processes), and stores x_σ, σ's timestep, the target ε − x₀ and the old velocity v_old — computed there,
+    by the weights that sampled the rollout. ``grpo.beta`` > 0 adds β·mean((v_θ − v_ref)²) per unit (the
+    reference implementation's KL term)."""
+
+    stages = ("decoder",)
+    uses_old_log_probs = False
+
+    @torch.no_grad()
+    def prepare(self, policy, batch: Rollout, grpo) -> Rollout:
+        x0 = batch.extras["x0"].float()
+        b, k = x0.shape[0], grpo.nft_num_timesteps
+        timesteps, sigmas = policy.schedule()
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in batch.extras["sample_seeds"]]
+        idx = torch.stack([torch.randperm(len(timesteps), generator=g)[:k] for g in gens]).to(sigmas.device)
+        noise = torch.stack([torch.randn((k, *x0.shape[1:]), generator=g) for g in gens]).to(x0.device)
+        sigma = sigmas[idx].view(b, k, *[1] * (x0.ndim - 1))
+        xt = (1 - sigma) * x0[:, None] + sigma * noise
+        t = timesteps[idx]
+        v_old = torch.stack([policy.velocity(batch, xt[:, j], t[:, j], grad=False) for j in range(k)], dim=1)
+        extras = dict(batch.extras, nft_xt=xt, nft_t=t, nft_target=noise - x0[:, None], nft_v_old=v_old)
+        ones = torch.ones(b, k, device=batch.mask.device)
+        return replace(batch, old_log_probs=torch.zeros_like(ones), mask=ones, extras=extras)
+
+    def loss(self, policy, batch: Rollout, chunk: slice, grpo) -> Tuple[torch.Tensor, Dict[str, float]]:
+        k, e = chunk.start, batch.extras
+        v = policy.velocity(batch, e["nft_xt"][:, k], e["nft_t"][:, k], grad=True)
+        r = optimality_probability(batch.advantages, grpo.adv_clip_max)
+        per_unit = nft_loss(v, e["nft_v_old"][:, k], e["nft_target"][:, k], r, grpo.nft_beta)[:, None]
+        kl = torch.zeros_like(per_unit)
+        if grpo.beta > 0:
+            v_ref = policy.velocity(batch, e["nft_xt"][:, k], e["nft_t"][:, k], grad=False, reference=True)
+            kl = (v.float() - v_ref.float()).pow(2).mean(dim=tuple(range(1, v.ndim)))[:, None]
+        mask = batch.mask[:, chunk].float()
+        loss = get_loss_type(grpo.loss_type)(per_unit + grpo.beta * kl, mask, per_unit.shape[1])
+        with torch.no_grad():
+            deviation = (v.float() - e["nft_v_old"][:, k].float()).pow(2).mean()
+        return loss, {"loss": loss.item(), "kl": kl.mean().item(), "nft/r_mean": r.mean().item(),
+                      "nft/old_deviation": deviation.item()}
 
 
 def merge_chunk_metrics(parts) -> Dict[str, float]:

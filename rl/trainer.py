@@ -4,7 +4,8 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
 
 1. sample prompts — ``grpo.prompts_per_step`` prompts from the seeded prompt sampler;
 2. rollout + score — the policy samples ``grpo.num_generations`` copies of each prompt (copies adjacent),
-   in sub-batches of whole groups the size of a minibatch; each sub-batch's images go once into the Ray
+   in sub-batches of whole groups the size of a minibatch, and the objective ``prepare``s each sub-batch with
+   the same weights (``tandem.rl.objectives``); each sub-batch's images go once into the Ray
    object store and are scored while the next sub-batch rolls out (``reward_host.async_scoring``). Every
    sub-batch is sampled by the current weights, so what is trained stays on-policy;
 3. advantages — A = (R - mean_group) / (std + 1e-4) over the whole batch, NaN-safe, optionally clipped;
@@ -170,6 +171,8 @@ class StageTrainer:
         g, cfg, layout = self.cfg.grpo, self.cfg, self.layout
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
         seed = derive_seed(cfg.seed, self.state.rollouts)  # the same on every process (tandem.core.seeds)
+        objective = OBJECTIVES.get(g.objective)()
+        self.policy.global_step = self.state.step  # step-scheduled sampling (a sliding SDE window) follows it
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
         for part in self._sub_batches(chosen):  # 2. rollout + score, overlapped
             first_group = sum(len(s) for s in subs) // self.copies
@@ -177,6 +180,7 @@ class StageTrainer:
             with self.accelerator.autocast():
                 sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies, seed=seed,
                                           first_group=first_group, first_copy=layout.rank * self.copies)
+                sub = objective.prepare(self.policy, sub, g)
             rollout_s += time.perf_counter() - t0
             sub.group_ids = sub.group_ids + first_group
             t1 = time.perf_counter()

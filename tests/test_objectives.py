@@ -59,6 +59,9 @@ def squared_theta():
         uses_old_log_probs = False
         calls = []
 
+        def prepare(self, policy, batch, grpo):
+            return batch
+
         def loss(self, policy, batch, chunk, grpo):
             SquaredTheta.calls.append((chunk.start, chunk.stop))
             return policy.theta ** 2 + 1.0, {"loss": 1.0, "x/min": float(chunk.start), "x/max": float(chunk.stop)}

@@ -1,0 +1,122 @@
+"""Issue 16 objectives and options on the tiny GLM-Image models (real classes, CPU): the sliding SDE window and
+DPM-Solver++(2M) rollouts (first ratio 1, only in-window steps trained), GRPO-Guard's first ratio, DiffusionNFT's
+prepare + loss against its closed form, GSPO on the AR policy."""
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.policies.glm_image import load_pipeline
+from tandem.policies.ode_solvers import dpm2m_step
+from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults
+from tandem.rl.nft import nft_loss, optimality_probability
+from tandem.rl.objectives import OBJECTIVES
+from tandem.rl.session import build_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS, META = ["a red apple", 'a sign "OPEN"'], [{}, {}]
+
+
+def decoder_policy(path, objective="clipped_surrogate", **decoder):
+    cfg = JobConfig(output_dir="unused")
+    cfg.model.path, cfg.model.device = str(path), "cpu"
+    apply_stage_defaults(cfg, "decoder")
+    cfg.decoder = DecoderConfig(num_steps=6, **decoder)
+    cfg.grpo.mini_batch_size, cfg.grpo.objective = 4, objective
+    return build_policy("decoder", cfg, load_pipeline(str(path), device="cpu")), cfg
+
+
+def with_advantages(batch):
+    batch.advantages = torch.linspace(-1.5, 1.5, len(batch))
+    return batch
+
+
+@pytest.mark.parametrize("objective", ["clipped_surrogate", "grpo_guard"])
+def test_sliding_window_dpm_rollout_trains_the_window_only_and_first_ratio_is_one(tiny_model_path, objective):
+    policy, cfg = decoder_policy(tiny_model_path, objective, guidance_scale=1.5, sde_window_size=2,
+                                 sde_window_range=[0, 5], sde_window_schedule="sliding", sde_window_stride=1,
+                                 sde_window_shift_interval=4, ode_solver="dpm2m")
+    policy.global_step = 9  # start = min(0 + 1 * floor(9 / 4), 5 - 2) = 2
+    batch = with_advantages(policy.rollout(PROMPTS, META, group_size=4, seed=3))
+    _, sigmas = policy.schedule()
+    assert torch.equal(batch.extras["sigmas"][0], sigmas[2:4]) and len(policy.unit_chunks(batch)) == 2
+    obj = OBJECTIVES.get(objective)()
+    batch = obj.prepare(policy, batch, cfg.grpo)
+    for chunk in policy.unit_chunks(batch):
+        _, metrics = obj.loss(policy, batch.select(torch.arange(4)), chunk, cfg.grpo)
+        assert abs(metrics["ratio/max"] - 1) < 1e-5 and abs(metrics["ratio/min"] - 1) < 1e-5
+
+
+def test_mixed_rollout_ode_steps_are_dpm_solver_steps(tiny_model_path):
+    """noise 0 everywhere: the rollout's last image is the DPM-Solver++(2M) integration, its window steps Euler."""
+    policy, _ = decoder_policy(tiny_model_path, guidance_scale=1.0, noise_level=0.0, sde_window_size=1,
+                               sde_window_range=[2, 3], ode_solver="dpm2m")
+    batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=5)
+    timesteps, sigmas = policy.schedule()
+    cond = batch.extras["cond"]
+    x = policy.adapter.initial_noise(batch.extras["noise_seeds"].tolist())
+    history = None
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            v = policy.adapter.velocity(policy.model, x, t, cond, 1.0)
+            if i == 2:
+                x, history = x + (sigmas[i + 1] - sigmas[i]) * v, None
+            else:
+                x, history = dpm2m_step(v, x, sigmas[i], sigmas[i + 1], history)
+    assert torch.allclose(batch.extras["x0"], x, atol=1e-5)
+
+
+def test_nft_prepare_and_loss_match_the_closed_form(tiny_model_path):
+    policy, cfg = decoder_policy(tiny_model_path, "diffusion_nft", guidance_scale=1.0, noise_level=0.0,
+                                 sde_window_size=1, sde_window_range=[0, 1])
+    cfg.grpo.nft_num_timesteps, cfg.grpo.nft_beta, cfg.grpo.adv_clip_max = 3, 0.5, 1.0
+    obj = OBJECTIVES.get("diffusion_nft")()
+    batch = with_advantages(obj.prepare(policy, policy.rollout(PROMPTS, META, group_size=4, seed=2), cfg.grpo))
+    e = batch.extras
+    assert batch.old_log_probs.shape == batch.mask.shape == (8, 3) and len(policy.unit_chunks(batch)) == 3
+    timesteps, sigmas = policy.schedule()
+    for j in range(3):  # x_σ on the forward process of the rollout's clean sample, target ε − x₀
+        s = sigmas[(timesteps[:, None] == e["nft_t"][:, j]).float().argmax(0)].view(-1, 1, 1, 1)
+        eps = e["nft_target"][:, j] + e["x0"]
+        assert torch.allclose(e["nft_xt"][:, j], (1 - s) * e["x0"] + s * eps, atol=1e-5)
+    mb = batch.select(torch.arange(4))
+    loss, metrics = obj.loss(policy, mb, slice(1, 2), cfg.grpo)
+    v = policy.adapter.velocity(policy.model, mb.extras["nft_xt"][:, 1], mb.extras["nft_t"][:, 1], mb.extras["cond"], 1.0)
+    assert torch.allclose(v, mb.extras["nft_v_old"][:, 1], atol=1e-5)  # the rollout weights are the old policy
+    want = nft_loss(v, v, mb.extras["nft_target"][:, 1], optimality_probability(mb.advantages, 1.0), 0.5).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+
+
+def test_gspo_on_the_ar_policy_first_ratio_is_one(tiny_path):
+    cfg = JobConfig(output_dir="unused")
+    cfg.model.path, cfg.model.device = tiny_path, "cpu"
+    apply_stage_defaults(cfg, "ar")
+    cfg.grpo.importance_sampling_level = "sequence"
+    policy = build_policy("ar", cfg, load_pipeline(tiny_path, device="cpu"))
+    batch = with_advantages(policy.rollout(PROMPTS, META, group_size=2, seed=1))
+    obj = OBJECTIVES.get("clipped_surrogate")()
+    loss, metrics = obj.loss(policy, batch, policy.unit_chunks(batch)[0], cfg.grpo)
+    assert abs(metrics["ratio/max"] - 1) < 1e-5 and abs(metrics["ratio/min"] - 1) < 1e-5
+    assert loss.item() == pytest.approx(-batch.advantages.mean().item(), abs=1e-5)
+
+
+@pytest.mark.slow  # short end-to-end runs
+@pytest.mark.parametrize("stage, overrides", [
+    ("decoder", ["grpo.objective=grpo_guard", "decoder.sde_window_schedule=sliding",
+                 "decoder.sde_window_shift_interval=1", "decoder.ode_solver=dpm2m"]),
+    ("ar", ["grpo.importance_sampling_level=sequence"]),
+], ids=["guard-mixgrpo", "gspo"])
+def test_options_run_from_the_demo_configs(tiny_model_path, tmp_path, stage, overrides):
+    from tandem.rl.config import load_config
+    from tandem.rl.session import train
+    import json
+
+    cfg = load_config(f"configs/demo/{stage}.yaml", [f"output_dir={tmp_path / stage}", f"model.path={tiny_model_path}",
+                                                      "max_steps=4", "logging.sample_every=0", "logging.progress=false",
+                                                      "reward_host.backend=local", *overrides], stage=stage)
+    rows = [json.loads(line) for line in (train(cfg, stage) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(abs(r["ratio/mean"] - 1) < 1e-5 for r in rows if r["time/rollout_s"] > 0)  # first step on-policy
+    assert all(np.isfinite(r["loss"]) for r in rows)

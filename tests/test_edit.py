@@ -1,0 +1,144 @@
+"""Image editing on the tiny GLM-Image models: the decoder conditioned on a source image through the transformer's
+KV cache (as GlmImagePipeline(image=...) does), the source_structure reward, `tandem score --sources`, and a short
+training run of configs/demo/edit.yaml."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.core.data import load_prompts
+from tandem.core.errors import ConfigError
+from tandem.policies.glm_image import load_pipeline
+from tandem.rewards.edit import source_structure
+from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults, load_config
+from tandem.rl.session import build_policy, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return load_prompts("data/demo_edit_prompts.jsonl", image_size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_path):
+    cfg = JobConfig(output_dir="unused")
+    cfg.model.path, cfg.model.device = tiny_path, "cpu"
+    apply_stage_defaults(cfg, "decoder")
+    cfg.decoder = DecoderConfig(num_steps=6, edit=True, condition_source="reference", guidance_scale=1.5)
+    cfg.grpo.mini_batch_size = 4
+    return build_policy("decoder", cfg, load_pipeline(tiny_path, device="cpu"))
+
+
+def test_edit_velocity_follows_the_pipelines_cache_protocol(policy, records):
+    """Batched source write == GlmImagePipeline's per-sample write loop (kv_caches.next_sample()), then the
+    conditional branch reads the cache and the unconditional one skips it."""
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    adapter, tr = policy.adapter, policy.model
+    cond = adapter.conditions([r.prompt for r in records[:2]], [r.metadata for r in records[:2]], seed=0)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([700.0])
+    got = adapter.velocity(tr, x, t, cond, 1.5)
+
+    cache = GlmImageKVCache(num_layers=tr.config.num_layers)
+    cache.set_mode("write")
+    for i in range(2):  # pipeline step 6: one transformer call per sample's condition image, at timestep 0
+        tr(hidden_states=cond["source_latents"][i:i + 1], encoder_hidden_states=torch.zeros(1, 0, cond["glyph"].shape[-1]),
+           prior_token_id=cond["source_prior"][i:i + 1], prior_token_drop=torch.zeros(1, 16, dtype=torch.bool),
+           timestep=torch.zeros(1), target_size=torch.tensor([[64.0, 64.0]]), crop_coords=torch.zeros(1, 2), kv_caches=cache)
+        cache.next_sample()
+    layout, keep = adapter.layout, torch.zeros_like(cond["prior"], dtype=torch.bool)
+    cache.set_mode("read")
+    v_c = layout._transformer(tr, x, t, cond["prior"], cond["glyph"], keep, 64, 64, cache)
+    cache.set_mode("skip")
+    v_u = layout._transformer(tr, x, t, cond["prior"], cond["neg_glyph"], ~keep, 64, 64, cache)
+    assert torch.allclose(got, v_u + 1.5 * (v_c - v_u), atol=1e-5)
+    plain = {k: v for k, v in cond.items() if not k.startswith("source")}
+    assert not torch.allclose(got, adapter.velocity(tr, x, t, plain, 1.5), atol=1e-4)  # the source matters
+
+
+def test_edit_rollout_is_on_policy_and_needs_sources(policy, records):
+    batch = policy.rollout([r.prompt for r in records[:2]], [r.metadata for r in records[:2]], group_size=4, seed=1)
+    assert batch.extras["cond"]["source_latents"].shape == (8, 4, 8, 8)
+    for chunk in policy.unit_chunks(batch):
+        out = policy.log_probs(batch.select(torch.arange(4, 8)), chunk, with_kl=False)
+        assert (out.log_probs - batch.old_log_probs[4:, chunk]).abs().max().item() < 1e-5
+    with pytest.raises(ConfigError, match="decoder.edit needs a source image"):
+        policy.adapter.source_conditions(["no source"], [{}])
+
+
+def test_frozen_ar_writes_edit_tokens_from_the_source(tiny_path, records):
+    """condition_source ar + edit: the AR model reads the source's image tokens (chat-template image item) and
+    writes the target grid; same seed, same tokens; another source, other tokens."""
+    from tandem.policies.glm_image_family import GlmFlowAdapter
+
+    adapter = GlmFlowAdapter(load_pipeline(tiny_path, device="cpu"), 64, 64, condition_source="ar", edit=True)
+    meta = [r.metadata for r in records]
+    tokens = adapter.full_tokens(["make it red"] * 4, meta, seed=3)
+    assert tokens.shape == (4, adapter.grids.num_full) and int(tokens.max()) < 128
+    assert torch.equal(tokens, adapter.full_tokens(["make it red"] * 4, meta, seed=3))
+    differs = [not torch.equal(adapter.full_tokens(["make it red"], [meta[0]], seed=s),
+                               adapter.full_tokens(["make it red"], [meta[1]], seed=s)) for s in range(6)]
+    assert any(differs)  # the near-uniform tiny model often samples the same ids from either source
+
+
+def test_edit_with_batched_cfg_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="decoder.cfg_batch"):
+        load_config("configs/demo/edit.yaml", ["decoder.cfg_batch=true", f"output_dir={tmp_path}"], stage="decoder")
+
+
+def _ssim_one_window(x, y):
+    """Wang et al. 2004 eq. 13 on one 7x7 window (population statistics)."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = x.mean(), y.mean()
+    cov = ((x - mx) * (y - my)).mean()
+    return (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (x.var() + y.var() + c2))
+
+
+def test_source_structure_reward():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, (2, 7, 7, 3), dtype=np.uint8)
+    luma = np.array([0.299, 0.587, 0.114])
+    got = source_structure(a[None], ["p"], [{"reference": b}])[0]
+    assert got == pytest.approx(_ssim_one_window(a @ luma, b @ luma), rel=1e-9)
+    src = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    edited = src.copy()
+    edited[8:16, 8:16] = 255 - edited[8:16, 8:16]  # changed inside [0.25, 0.25, 0.5, 0.5]
+    whole, kept, none = source_structure(np.stack([edited] * 3), ["p"] * 3, [
+        {"reference": src}, {"reference": src, "edit_region": [0.25, 0.25, 0.5, 0.5]}, {}])
+    assert whole < 0.9 and kept == pytest.approx(1.0) and none is None
+
+
+def test_score_cli_takes_a_source_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from tandem.rewards.cli import cmd_score
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "src").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.open("data/edit/blue_circle.png").save(tmp_path / "src" / name)
+    Image.open("data/edit/blue_circle.png").save(tmp_path / "out" / "a.png")
+    Image.open("data/edit/green_square.png").save(tmp_path / "out" / "b.png")
+    (tmp_path / "p.txt").write_text("keep it\nchange it\n")
+    assert cmd_score(["source_structure"], str(tmp_path / "out"), str(tmp_path / "p.txt"), sources_dir=str(tmp_path / "src")) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["source_structure"] == pytest.approx(1.0) and rows[1]["source_structure"] < 0.9
+    (tmp_path / "src" / "b.png").unlink()
+    with pytest.raises(ConfigError, match="no source image named b.png"):
+        cmd_score(["source_structure"], str(tmp_path / "out"), str(tmp_path / "p.txt"), sources_dir=str(tmp_path / "src"))
+
+
+@pytest.mark.slow  # an end-to-end run (4 steps)
+def test_edit_demo_trains(tiny_model_path, tmp_path):
+    cfg = load_config("configs/demo/edit.yaml", [f"output_dir={tmp_path / 'edit'}", f"model.path={tiny_model_path}",
+                                                 "max_steps=4", "logging.sample_every=0", "reward_host.backend=local"],
+                      stage="decoder")
+    run = train(cfg, "decoder")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["reward/source_structure/mean"]) and r["grad_norm"] > 0 for r in rows)
+    assert (run / "checkpoints" / "step_4" / "decoder.trained.safetensors").is_file()

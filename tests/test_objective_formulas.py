@@ -1,0 +1,138 @@
+"""Issue 16 formulas on fixed tensors, each against a direct re-implementation of the paper's equation:
+DiffusionNFT's loss, GRPO-Guard's ratio normalisation and step weights, GSPO's sequence ratio, MixGRPO's sliding
+window and the DPM-Solver++(2M) ODE step (against diffusers' scheduler, same sigmas)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.policies.flow import sliding_window_start, trained_step_indices
+from tandem.policies.ode_solvers import dpm2m_step
+from tandem.policies.sde import ode_step, sde_step
+from tandem.rl.config import DecoderConfig
+from tandem.rl.losses import guard_step_weights, policy_loss, ratio_norm_log_ratio
+from tandem.rl.nft import nft_loss, optimality_probability
+
+
+def _t(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------ DiffusionNFT
+def test_nft_loss_is_its_closed_form():
+    v, v_old, target = _t(3, 2, 4, 4, seed=1), _t(3, 2, 4, 4, seed=2), _t(3, 2, 4, 4, seed=3)
+    adv = torch.tensor([2.5, -7.0, 0.0])
+    r = optimality_probability(adv, 5.0)
+    assert r.tolist() == [0.75, 0.0, 0.5]
+    beta = 0.3
+    got = nft_loss(v.float(), v_old.float(), target.float(), r, beta)
+    for i in range(3):  # paper eq.: r‖v⁺ − v‖² + (1 − r)‖v⁻ − v‖², v± from v_old and v_θ; divided by β
+        pos = beta * v[i] + (1 - beta) * v_old[i]
+        neg = (1 + beta) * v_old[i] - beta * v[i]
+        want = (r[i].item() * ((pos - target[i]) ** 2).mean() + (1 - r[i].item()) * ((neg - target[i]) ** 2).mean()) / beta
+        assert got[i].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_nft_gradient_at_the_old_policy_pulls_positives_and_pushes_negatives():
+    v_old, target = _t(2, 8, seed=4).float(), _t(2, 8, seed=5).float()
+    v = v_old.clone().requires_grad_(True)
+    r = torch.tensor([1.0, 0.0])
+    nft_loss(v, v_old, target, r, beta=0.7).sum().backward()
+    # d/dv at v = v_old: 2(2r − 1)(v_old − target)/numel, whatever β
+    want = 2 * (2 * r[:, None] - 1) * (v_old - target) / 8
+    assert torch.allclose(v.grad, want, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ GRPO-Guard
+def test_ratio_norm_against_its_formula_and_one_on_policy():
+    mean, old_mean = _t(4, 2, 3, 3, seed=6).float(), _t(4, 2, 3, 3, seed=7).float()
+    std = torch.tensor([0.3, 0.1, 0.05, 0.2]).view(4, 1, 1, 1)
+    logp, old = _t(4, 1, seed=8).float(), _t(4, 1, seed=9).float()
+    got = ratio_norm_log_ratio(logp, old, mean, old_mean, std)
+    for i in range(4):
+        s = std[i].item()
+        b = ((mean[i] - old_mean[i]) ** 2).mean().item() / (2 * s * s)
+        assert got[i, 0].item() == pytest.approx((logp[i, 0].item() - old[i, 0].item() + b) * s, rel=1e-5)
+    assert torch.equal(ratio_norm_log_ratio(old, old, old_mean, old_mean, std), torch.zeros(4, 1))
+
+
+def test_ratio_norm_centres_the_ratio_of_sde_samples():
+    """x' ~ N(μ_old, std²): the raw log-ratio averages −b (ratio below 1), the normalised one averages 0."""
+    v, x = _t(1, 4, 8, 8, seed=10).float().repeat(512, 1, 1, 1), _t(1, 4, 8, 8, seed=11).float().repeat(512, 1, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    x_next, old, old_mean, std = sde_step(v, x, 0.6, 0.5, 0.7, generator=gen)
+    _, logp, mean, _ = sde_step(v + 1.0, x, 0.6, 0.5, 0.7, prev_sample=x_next)
+    raw = (logp - old)[:, None]
+    norm = ratio_norm_log_ratio(logp[:, None], old[:, None], mean, old_mean, std)
+    assert raw.mean().item() < -3 * raw.std().item() / math.sqrt(512)
+    assert abs(norm.mean().item()) < 3 * norm.std().item() / math.sqrt(512)
+
+
+def test_guard_step_weights():
+    sig = torch.tensor([[1.0, 0.8, 0.5]]).repeat(2, 1)
+    nxt = torch.tensor([[0.8, 0.5, 0.45]]).repeat(2, 1)
+    inv = torch.tensor([1 / 0.2, 1 / 0.3, 1 / 0.05])
+    assert torch.allclose(guard_step_weights(sig, nxt), (inv / inv.mean()).expand(2, 3))
+
+
+# ------------------------------------------------------------------------------------------------ GSPO
+def test_gspo_sequence_ratio_and_clip():
+    logp, old = _t(3, 5, seed=12).float() * 0.2, _t(3, 5, seed=13).float() * 0.2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0.5, 1, 1, 1, 0]], dtype=torch.float32)
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    eps = 0.05
+    loss, m = policy_loss(logp, old, adv, mask, epsilon_low=eps, epsilon_high=eps, loss_type="grpo",
+                          importance_sampling_level="sequence")
+    # GSPO eq. 7: s_i = exp(mean over the sequence's tokens of log π/π_old); per-sequence clipped surrogate
+    want = []
+    for i in range(3):
+        s = math.exp(float(((logp[i] - old[i]) * mask[i]).sum() / mask[i].sum()))
+        a = adv[i].item()
+        want.append(-min(s * a, min(max(s, 1 - eps), 1 + eps) * a))
+    assert loss.item() == pytest.approx(float(np.mean(want)), rel=1e-5)
+    token, _ = policy_loss(logp, old, adv, mask, epsilon_low=eps, epsilon_high=eps, loss_type="grpo")
+    assert token.item() != pytest.approx(loss.item(), rel=1e-3)
+    same, _ = policy_loss(old, old, adv, mask, epsilon_low=eps, epsilon_high=eps, loss_type="grpo",
+                          importance_sampling_level="sequence")
+    assert same.item() == pytest.approx(-float((adv).mean()), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ MixGRPO
+def test_sliding_window_schedule():
+    starts = [sliding_window_start(1, 7, 2, stride=2, interval=3, step=s) for s in range(12)]
+    assert starts == [1, 1, 1, 3, 3, 3, 5, 5, 5, 5, 5, 5]
+    cfg = DecoderConfig(num_steps=8, sde_window_size=2, sde_window_range=[1, 7], sde_window_schedule="sliding",
+                        sde_window_stride=2, sde_window_shift_interval=3)
+    rngs = [np.random.default_rng(s) for s in range(3)]  # the rollout seed plays no part: a function of the step
+    assert {tuple(trained_step_indices(cfg, 8, r, step=4)) for r in rngs} == {(3, 4)}
+
+
+def _dpm_scheduler(num_steps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2,
+                                        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        lower_order_final=True, final_sigmas_type="zero")
+    sched.set_timesteps(num_steps)
+    return sched
+
+
+def test_dpm2m_equals_diffusers_dpm_solver_on_the_same_sigmas():
+    sched = _dpm_scheduler(8)
+    sigmas = sched.sigmas.float()
+    x_ref = x = _t(2, 4, 8, 8, seed=14).float()
+    history = None
+    w = _t(2, 4, 8, 8, seed=15).float()
+    for i, t in enumerate(sched.timesteps):
+        v_ref, v = torch.tanh(x_ref + w) * (1 + i), torch.tanh(x + w) * (1 + i)  # a state-dependent "model"
+        x_ref = sched.step(v_ref, t, x_ref, return_dict=False)[0]
+        x, history = dpm2m_step(v, x, sigmas[i], sigmas[i + 1], history)
+        assert torch.allclose(x, x_ref, atol=1e-5, rtol=1e-5), i
+
+
+def test_first_order_dpm_step_is_the_euler_step():
+    v, x = _t(2, 3, seed=16).float(), _t(2, 3, seed=17).float()
+    first, _ = dpm2m_step(v, x, 0.7, 0.4, None)
+    assert torch.allclose(first, ode_step(v, x, 0.7, 0.4), atol=1e-6)
