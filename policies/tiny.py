@@ -27,35 +27,38 @@ VISION_VOCAB = CODEBOOK + 4  # lm_head width (release: 16512)
 LATENT_CHANNELS = 4
 TINY_VERSION = 5  # bump when the tiny models change, so cached folders are rebuilt
 
-_CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (
     "{% for message in messages %}{% for item in message['content'] %}"
     "{% if item['type'] == 'text' %}{{ item['text'] }}{% elif item['type'] == 'image' %}<|image|>{% endif %}"
     "{% endfor %}{% endfor %}"
 )
-_TOKENIZER_CORPUS = [
+TOKENIZER_CORPUS = [
     "a red apple on a wooden table", "a cat sitting in the sun", 'a sign that says "OPEN"',
     "a poster with the words 'HELLO WORLD'", "一只猫 在 阳光 下", "写着「你好」的招牌", "0 1 2 3 4 5 6 7 8 9 16",
     "blue sky, green grass, a white house", "a photo of a dog", "the quick brown fox jumps over the lazy dog",
 ]
 
 
-def _build_tokenizer():
+def build_glm_tokenizer(vision_vocab: int = VISION_VOCAB, start: int = IMAGE_START, end: int = IMAGE_END,
+                        corpus=TOKENIZER_CORPUS):
+    """A byte-level BPE trained here on ``corpus`` and wrapped for ``GlmImageProcessor``: special ids
+    0..vision_vocab-1 are ``<|dit_token_i|>``, then <sop> <eop> <|image|> and the pad token; bos/eos are the
+    image start/end markers; left padding (docs/glm_image_facts.md, "Tokenizer and processor")."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vision_tokens = [f"<|dit_token_{i}|>" for i in range(VISION_VOCAB)]
-    specials = vision_tokens + ["<sop>", "<eop>", "<|image|>", "<|endoftext|>"]
+    specials = [f"<|dit_token_{i}|>" for i in range(vision_vocab)] + ["<sop>", "<eop>", "<|image|>", "<|endoftext|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=len(specials) + 400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    tok.train_from_iterator(list(corpus), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=f"<|dit_token_{IMAGE_START}|>",
-        eos_token=f"<|dit_token_{IMAGE_END}|>",
+        bos_token=f"<|dit_token_{start}|>",
+        eos_token=f"<|dit_token_{end}|>",
         pad_token="<|endoftext|>",
         padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
@@ -132,10 +135,10 @@ def build_tiny_glm_image(path: str | os.PathLike, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_glm_tokenizer()
     processor = GlmImageProcessor(
         image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
-        tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE,
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
     )
     pipe = GlmImagePipeline(processor=processor, vision_language_encoder=_build_ar(tokenizer), **_build_decoder_parts())
     tmp = path.with_name(path.name + ".partial")

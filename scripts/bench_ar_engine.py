@@ -41,6 +41,7 @@ import bench_ar_rollout as R  # noqa: E402  (model, tokenizer, policy and timing
 
 import torch  # noqa: E402
 
+from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
 from tandem.policies.ar_engine import StaticCacheSampler  # noqa: E402
 from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
 
@@ -100,9 +101,9 @@ def main() -> None:
     from transformers import GlmImageImageProcessor, GlmImageProcessor
 
     torch.manual_seed(0)
-    tokenizer = R.build_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1)
+    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, R.CORPUS)
     processor = GlmImageProcessor(image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
-                                  tokenizer=tokenizer, chat_template=R.CHAT_TEMPLATE)
+                                  tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     model, build_s = C.timed(lambda: R.build_model(tokenizer, ids, args.tiny, device, dtype), device)
     wb = R.decode_weight_bytes(model)
     roofline_s = wb["decode_weight_bytes"] / C.HBM_BYTES_PER_S

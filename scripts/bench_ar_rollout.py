@@ -58,6 +58,7 @@ import torch  # noqa: E402
 from tandem.policies.ar import ARPolicy  # noqa: E402
 from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
 from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
+from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
 from tandem.rl.config import JobConfig, LoraSettings  # noqa: E402
 
 PROMPTS = [
@@ -71,37 +72,12 @@ PROMPTS = [
     "a bowl of ramen with chopsticks, top view, studio photo",
 ]
 CORPUS = PROMPTS + ["一只猫 在 阳光 下", "写着「你好」的招牌", "0 1 2 3 4 5 6 7 8 9 16 32"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
-)
 RELEASE = dict(codebook=16384, vision_vocab=16512)  # start marker = codebook, end marker = codebook + 1
 TINY = dict(codebook=128, vision_vocab=132)
 ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
 
 
 # ------------------------------------------------------------------------------------------------ building
-def build_tokenizer(vision_vocab: int, start: int, end: int):
-    """Byte-level BPE; special ids 0..vision_vocab-1 are ``<|dit_token_i|>``, then <sop> <eop> <|image|> pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [f"<|dit_token_{i}|>" for i in range(vision_vocab)] + ["<sop>", "<eop>", "<|image|>", "<|endoftext|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=f"<|dit_token_{start}|>", eos_token=f"<|dit_token_{end}|>",
-        pad_token="<|endoftext|>", padding_side="left",
-        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
-    )
-    assert tokenizer.convert_tokens_to_ids(f"<|dit_token_{start}|>") == start
-    return tokenizer
-
-
 def build_model(tokenizer, ids: Dict[str, int], tiny: bool, device: torch.device, dtype: torch.dtype):
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
@@ -245,7 +221,7 @@ def main() -> None:
     from transformers import GlmImageImageProcessor, GlmImageProcessor
 
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1)
+    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, CORPUS)
     processor = GlmImageProcessor(
         image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,

@@ -12,7 +12,7 @@ What is built (a ``GlmImagePipeline`` of the real classes, all random init, weig
 * a 1-layer ``T5EncoderModel`` glyph encoder with ``d_model`` = the transformer's ``text_embed_dim`` (1472);
 * the tiny processor and AR model of ``policies.tiny`` (the AR model never runs, see below).
 
-**Prior tokens are random.** ``FlowPolicy.conditions`` (a frozen AR rollout or reference VQ tokens) is replaced
+**Prior tokens are random.** ``GlmFlowAdapter.full_tokens`` (a frozen AR rollout or reference VQ tokens) is replaced
 by ``random_conditions``: uniform random codebook ids, (P, th*tw). The decoder's cost does not depend on the
 ids; the AR rollout is benchmarked by ``scripts/bench_ar_rollout.py``.
 
@@ -62,6 +62,8 @@ import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
 import torch  # noqa: E402
 
 from tandem.policies.flow import FlowPolicy  # noqa: E402
+from tandem.policies.glm_image_family import GlmFlowAdapter  # noqa: E402
+from tandem.rl.session import build_policy  # noqa: E402
 from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
 from tandem.rl.trainer import update_on_minibatch  # noqa: E402
 
@@ -87,13 +89,13 @@ def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
     from transformers import ByT5Tokenizer, GlmImageImageProcessor, GlmImageProcessor, T5Config, T5EncoderModel
 
-    from tandem.policies.tiny import _CHAT_TEMPLATE, _build_ar, _build_tokenizer
+    from tandem.policies.tiny import CHAT_TEMPLATE, _build_ar, build_glm_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_glm_tokenizer()
     processor = GlmImageProcessor(
         image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
-        tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE,
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
     )
     ar = _build_ar(tokenizer)  # tiny, never run: the prior tokens are random (random_conditions)
     with C.default_device(device):  # random init directly on the GPU (fp32), then cast
@@ -122,15 +124,14 @@ def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool):
     return pipe
 
 
-def random_conditions(policy: FlowPolicy, prompts, metadata, seed: int) -> torch.Tensor:
-    """Stand-in for ``FlowPolicy.conditions``: (P, th*tw) uniform random prior codebook ids (no AR rollout)."""
-    grids = policy.adapter.grids(policy.height, policy.width)
-    codes = policy.pipe.transformer.config.prior_vq_quantizer_codebook_size
+def random_full_tokens(adapter: GlmFlowAdapter, prompts, metadata, seed: int) -> torch.Tensor:
+    """Stand-in for ``GlmFlowAdapter.full_tokens``: (P, th*tw) uniform random prior codebook ids (no AR rollout)."""
+    codes = adapter.pipe.transformer.config.prior_vq_quantizer_codebook_size
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, codes, (len(prompts), grids.num_full), generator=gen).to(policy.adapter.device)
+    return torch.randint(0, codes, (len(prompts), adapter.grids.num_full), generator=gen).to(adapter.device)
 
 
-FlowPolicy.conditions = torch.no_grad()(random_conditions)  # explicit: the benchmark never runs the AR model
+GlmFlowAdapter.full_tokens = torch.no_grad()(random_full_tokens)  # explicit: the benchmark never runs the AR model
 
 
 def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool, compile_blocks: bool = False,
@@ -156,12 +157,12 @@ def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool, comp
 def make_policy(pipe, cfg: JobConfig) -> FlowPolicy:
     base = pipe.transformer
     base.disable_gradient_checkpointing()  # FlowPolicy enables it when the config asks
-    return FlowPolicy(pipe, cfg)
+    return build_policy("decoder", cfg, pipe)
 
 
 def release_policy(policy: FlowPolicy) -> None:
     """Give the base transformer back as it was: LoRA layers removed, frozen, no checkpointing."""
-    pipe = policy.pipe
+    pipe = policy.adapter.pipe
     if policy.cfg.optim.lora.enabled:
         pipe.transformer = policy.model.unload()
     pipe.transformer.requires_grad_(False).eval()
@@ -237,20 +238,20 @@ def timed_decode(policy: FlowPolicy, device, log: List[float]):
 
 def rollout_flops(policy: FlowPolicy, device, batch: int) -> int:
     """FLOPs of one rollout's transformer calls: one chunk's CFG velocity counted, times steps x chunks."""
-    a, d = policy.adapter, policy.d
+    a, d = policy.adapter.layout, policy.d
     chunks = policy._rollout_chunks(batch)
     total = 0
     for c in {chunks[0].stop - chunks[0].start, chunks[-1].stop - chunks[-1].start}:
         n = sum(1 for s in chunks if s.stop - s.start == c)
-        x = torch.randn(a.latent_shape(c, policy.height, policy.width), device=device)
-        grids = a.grids(policy.height, policy.width)
-        prior = a.upsample_prior(random_conditions(policy, [""] * c, None, 0), grids)
+        x = torch.randn(a.latent_shape(c, policy.adapter.height, policy.adapter.width), device=device)
+        grids = a.grids(policy.adapter.height, policy.adapter.width)
+        prior = a.upsample_prior(random_full_tokens(policy.adapter, [""] * c, None, 0), grids)
         glyph = a.glyph_embeds(PROMPTS[:c])
         neg = a.glyph_embeds([""] * c)
-        t, _ = a.schedule(d.num_steps, policy.height, policy.width)
+        t, _ = a.schedule(d.num_steps, policy.adapter.height, policy.adapter.width)
         with torch.no_grad():
             _, f = C.count_flops(lambda: a.velocity(policy.model, x, t[0], prior, glyph, neg, d.guidance_scale,
-                                                    policy.height, policy.width))
+                                                    policy.adapter.height, policy.adapter.width))
         total += f * n * d.num_steps
     return total
 
@@ -279,7 +280,7 @@ def bench_rollout(policy: FlowPolicy, device, prompts: int, group: int, reps: in
         times.append(s)
     t = C.median(times)
     dec = C.median(decode_s)
-    row = dict(mode=label, size=policy.height, batch=batch, chunk=policy.cfg.grpo.mini_batch_size,
+    row = dict(mode=label, size=policy.adapter.height, batch=batch, chunk=policy.cfg.grpo.mini_batch_size,
                num_steps=d.num_steps, cfg=d.guidance_scale, seconds=t, seconds_min=min(times), reps=reps,
                images_per_s=batch / t, vae_decode_s=dec, images_per_s_no_vae=batch / (t - dec),
                flops=flops, mfu=C.mfu(flops, t, device), mfu_transformer=C.mfu(flops, t - dec, device),
@@ -300,9 +301,9 @@ def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: 
 
     cfg = copy.deepcopy(policy.cfg)
     cfg.grpo.mini_batch_size = mb
-    transformer = policy.pipe.transformer
+    transformer = policy.adapter.pipe.transformer
     params = policy.trainable_parameters()
-    row: Dict[str, object] = dict(mode=label, size=policy.height, minibatch=mb, trained_steps=rollout.old_log_probs.shape[1],
+    row: Dict[str, object] = dict(mode=label, size=policy.adapter.height, minibatch=mb, trained_steps=rollout.old_log_probs.shape[1],
                                   cfg=policy.d.guidance_scale, gc=gc, trainable_params=sum(p.numel() for p in params))
     accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=0.0)
@@ -399,7 +400,7 @@ def main() -> None:
         setup=dict(transformer_params=n_params, transformer_config=dict(pipe.transformer.config), dtype=args.dtype,
                    tiny=args.tiny, num_steps=args.num_steps, guidance_scale=1.5, sde_window_size=2, lora_rank=32,
                    lora_targets=["to_q", "to_k", "to_v", "to_out.0"], optimizer="AdamW (torch default impl)",
-                   prior_tokens="uniform random codebook ids (FlowPolicy.conditions replaced)",
+                   prior_tokens="uniform random codebook ids (GlmFlowAdapter.full_tokens replaced)",
                    glyph_tokens="64 conditional / 2 unconditional", vae="AutoencoderKL 4x32 channels (not measured)",
                    build_s=build_s),
     ))

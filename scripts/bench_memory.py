@@ -41,9 +41,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
+from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
 from tandem.policies.ar import ARPolicy  # noqa: E402
 from tandem.policies.ar_engine import StaticCacheSampler  # noqa: E402
-from tandem.policies.flow import FlowPolicy  # noqa: E402
 from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
 from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
 from tandem.rl.trainer import update_on_minibatch  # noqa: E402
@@ -126,10 +126,10 @@ def build_ar_policy(pipe, device, dtype, tiny: bool) -> Tuple[ARPolicy, JobConfi
     from transformers import GlmImageImageProcessor, GlmImageProcessor
 
     ids = R.TINY if tiny else R.RELEASE
-    tokenizer = R.build_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1)
+    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, R.CORPUS)
     pipe.processor = GlmImageProcessor(image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1,
                                                                               merge_size=1),
-                                       tokenizer=tokenizer, chat_template=R.CHAT_TEMPLATE)
+                                       tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     pipe.vision_language_encoder = R.build_model(tokenizer, ids, tiny, device, dtype)
     cfg = stage_config("ar", 64 if tiny else 1024)
     return ARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=StaticCacheSampler(use_cuda_graph=True)), cfg

@@ -39,17 +39,10 @@ from pathlib import Path
 
 import torch
 
+from tandem.policies.tiny import CHAT_TEMPLATE, TOKENIZER_CORPUS, build_glm_tokenizer
+
 CODEBOOK, VISION_VOCAB = 16384, 16512  # release: start marker = 16384, end marker = 16385
 ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
-)
-CORPUS = [
-    "a red apple on a wooden table", "a cat sitting in the sun", 'a sign that says "OPEN"',
-    "a poster with the words 'HELLO WORLD'", "一只猫 在 阳光 下", "写着「你好」的招牌", "0 1 2 3 4 5 6 7 8 9 16 32 64",
-    "blue sky, green grass, a white house", "a photo of a dog", "the quick brown fox jumps over the lazy dog",
-]
 PROMPTS = [
     ("a storefront sign that reads \"FRESH BREAD\" above a bakery window", "FRESH BREAD"),
     ("a red apple on a wooden table", None),
@@ -60,25 +53,6 @@ PROMPTS = [
     ("a cat sleeping in the sun, soft light", None),
     ("a chalkboard menu listing \"TOMATO SOUP\"", "TOMATO SOUP"),
 ]
-
-
-def build_tokenizer(codebook: int, vision_vocab: int):
-    """Byte-level BPE; ids 0..vision_vocab-1 are ``<|dit_token_i|>``, then <sop> <eop> <|image|> pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [f"<|dit_token_{i}|>" for i in range(vision_vocab)] + ["<sop>", "<eop>", "<|image|>", "<|endoftext|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=f"<|dit_token_{codebook}|>", eos_token=f"<|dit_token_{codebook + 1}|>",
-        pad_token="<|endoftext|>", padding_side="left",
-        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
-    )
 
 
 def build_ar(tokenizer, codebook: int, vision_vocab: int, tiny: bool):
@@ -152,7 +126,7 @@ def build_processor(codebook: int, vision_vocab: int, tiny: bool = False):
     from transformers import GlmImageProcessor
 
     return GlmImageProcessor(image_processor=build_image_processor(tiny),
-                             tokenizer=build_tokenizer(codebook, vision_vocab), chat_template=CHAT_TEMPLATE)
+                             tokenizer=build_glm_tokenizer(vision_vocab, codebook, codebook + 1), chat_template=CHAT_TEMPLATE)
 
 
 def build_image_processor(tiny: bool = False):
@@ -202,7 +176,7 @@ def build_vlm(folder: Path, device: str, tiny: bool) -> int:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-    corpus = ["user assistant Does this image show: a red cat on a blue mat? Answer yes or no. Yes No"] * 20 + CORPUS
+    corpus = ["user assistant Does this image show: a red cat on a blue mat? Answer yes or no. Yes No"] * 20 + TOKENIZER_CORPUS
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<pad>", "<s>", "</s>", "<image>"]))

@@ -26,6 +26,7 @@ import bench_ar_rollout as R  # noqa: E402
 
 import torch  # noqa: E402
 
+from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
 from tandem.policies.ar_engine import StaticCacheSampler, _Parts, _StaticKV, decode_attention  # noqa: E402
 from tandem.policies.ar_sampler import LogitsProcessing  # noqa: E402
 
@@ -69,7 +70,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ids = R.TINY if args.tiny else R.RELEASE
-    tokenizer = R.build_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1)
+    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, R.CORPUS)
     model = R.build_model(tokenizer, ids, args.tiny, device, dtype)
     wb = R.decode_weight_bytes(model)
     res = C.Results(args.out, dict(benchmark="ar_decode_profile", command=" ".join(["python"] + sys.argv),
