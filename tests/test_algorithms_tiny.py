@@ -13,7 +13,7 @@ from tandem.rl.nft import nft_loss, optimality_probability
 from tandem.rl.objectives import OBJECTIVES
 from tandem.rl.session import build_policy
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny pipelines and jobs
 PROMPTS, META = ["a red apple", 'a sign "OPEN"'], [{}, {}]
 
 

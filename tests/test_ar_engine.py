@@ -24,7 +24,7 @@ PROCESSINGS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny AR models
 
 
 @pytest.fixture(scope="module")

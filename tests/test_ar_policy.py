@@ -16,7 +16,7 @@ from tandem.rl.config import ConfigError, JobConfig
 PROMPTS = ["a cat", 'a sign that says "OPEN" on a wooden table']  # different lengths -> left padding
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny AR models
 
 
 def make_policy(path, lora=True, sampler=None, **ar):

@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from tandem.core.data import load_image, load_prompts
 from tandem.core.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # CLI subprocesses and jobs
+
 
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=300)

@@ -16,6 +16,8 @@ from tandem.rl.run_dir import RunDir
 from tandem.rl.session import build_policy
 from tandem.rl.trainer import build_optimizer
 
+pytestmark = pytest.mark.slow  # jobs and tiny pipelines
+
 COMPONENTS = get_family("glm_image").components
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "demo_prompts.jsonl"
 

@@ -7,6 +7,8 @@ import pytest
 
 from tandem.rl.config import ConfigError, load_config
 
+pytestmark = pytest.mark.slow  # CLI subprocesses
+
 
 def tandem(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=timeout)

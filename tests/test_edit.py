@@ -15,7 +15,7 @@ from tandem.rewards.edit import source_structure
 from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults, load_config
 from tandem.rl.session import build_policy, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny pipelines and jobs
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tandem.rewards.ocr import OcrReward
 from tandem.rl.eval import language, score_text_rendering, target_words, words_found
 
+pytestmark = pytest.mark.slow  # CLI subprocesses and OCR
+
 DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 

@@ -12,6 +12,8 @@ from tandem.rl.session import build_policy
 from tandem.policies.glm_image import load_pipeline
 from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults
 
+pytestmark = pytest.mark.slow  # tiny pipelines
+
 
 def make_cfg(path, **decoder):
     cfg = JobConfig(output_dir="unused")

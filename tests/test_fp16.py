@@ -18,6 +18,8 @@ from tandem.rl.run_state import RunState
 from tandem.rl.session import build_policy
 from tandem.rl.trainer import StageTrainer, update_on_minibatch
 
+pytestmark = pytest.mark.slow  # tiny-model updates
+
 
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():

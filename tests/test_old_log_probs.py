@@ -10,6 +10,8 @@ from tandem.rl.losses import policy_loss
 from tandem.rl.session import train
 from tandem.rl.trainer import recomputes_old_log_probs
 
+pytestmark = pytest.mark.slow  # tiny-model jobs
+
 
 def test_truncated_is_weights_scale_the_surrogate_per_unit():
     g = torch.Generator().manual_seed(0)

@@ -11,6 +11,8 @@ from tandem.rl.config import SCHEDULERS, TRACKERS, JobConfig, apply_stage_defaul
 from tandem.rl.session import build_policy
 from tandem.rl.trainer import build_optimizer, update_on_minibatch
 
+pytestmark = pytest.mark.slow  # tiny-model updates
+
 
 @pytest.fixture(scope="module")
 def decoder(tiny_path, one_thread):

@@ -12,6 +12,8 @@ from tandem.core.errors import ConfigError
 from tandem.rl.config import load_config
 from tandem.rl.paths import shipped
 
+pytestmark = pytest.mark.slow  # builds a wheel
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

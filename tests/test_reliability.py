@@ -10,6 +10,8 @@ from tandem.core.errors import ConfigError
 from tandem.rl.config import load_config
 from tandem.rl.session import train
 
+pytestmark = pytest.mark.slow  # jobs and signals
+
 
 def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

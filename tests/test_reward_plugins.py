@@ -16,6 +16,8 @@ from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rewards.scoring import FailureGuard
 from tandem.rl.cli import main
 
+pytestmark = pytest.mark.slow  # Ray clusters and jobs
+
 RAY = RewardHostConfig(backend="ray")
 LOCAL = RewardHostConfig(backend="local")
 BACKENDS = [pytest.param(RAY, id="ray", marks=pytest.mark.slow), pytest.param(LOCAL, id="local")]  # slow: a Ray cluster

@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 from tandem.rewards.aesthetic import AestheticReward
 from tandem.rewards.base import RewardConfigError
 
+pytestmark = pytest.mark.slow  # a tiny CLIP
+
 @pytest.fixture(scope="module")
 def random_reward(tiny_clip):
     torch.manual_seed(0)

@@ -13,6 +13,8 @@ from PIL import Image
 from tandem.rewards.cli import cmd_rewards, cmd_score
 from tandem.rl.config import ConfigError
 
+pytestmark = pytest.mark.slow  # CLI subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

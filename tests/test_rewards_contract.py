@@ -9,6 +9,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tandem.rewards.base import BUILTIN_MODULES, build_reward, list_rewards, resolve
 from tandem.rl.config import RewardEntry
 
+pytestmark = pytest.mark.slow  # reward models
+
 
 def builtin_names():
     return {name for name, _ in list_rewards() if resolve(name).target.__module__ in BUILTIN_MODULES}

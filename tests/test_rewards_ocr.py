@@ -10,6 +10,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tandem.rewards.base import RewardConfigError
 from tandem.rewards.ocr import OcrReward, levenshtein, target_text, text_score
 
+pytestmark = pytest.mark.slow  # real OCR models
+
 DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 

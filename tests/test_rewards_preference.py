@@ -16,6 +16,8 @@ from tandem.rewards.pickscore import PickScoreReward
 from tandem.rewards.vlm import VlmReward
 from tandem.rl.cli import main
 
+pytestmark = pytest.mark.slow  # tiny CLIP models
+
 PROMPTS = ["a red apple on a wooden table", "a cat", "a sign that says OPEN above a shop door"]
 
 

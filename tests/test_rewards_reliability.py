@@ -15,6 +15,8 @@ from tandem.rewards.base import RewardConfigError, build_reward, check_entries
 from tandem.rewards.client import RewardClient
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 
+pytestmark = pytest.mark.slow  # Ray clusters
+
 
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=300)

@@ -8,6 +8,8 @@ import torch
 from tandem.rewards.base import RewardConfigError
 from tandem.rewards.vlm import VlmReward
 
+pytestmark = pytest.mark.slow  # a tiny VLM
+
 
 def images(n: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(n, 48, 40, 3), dtype=np.uint8)

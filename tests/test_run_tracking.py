@@ -8,6 +8,8 @@ import pytest
 from tandem.rl.config import load_config
 from tandem.rl.session import train
 
+pytestmark = pytest.mark.slow  # jobs
+
 SETTINGS = ["max_steps=4", "logging.progress=false", "reward_host.backend=local", "logging.sample_every=2",
             "logging.report_to=[tensorboard]", "optim.lr_scheduler=linear", "optim.warmup_steps=2",
             "optim.learning_rate=0.01", "grpo.mini_batch_size=4", "optim.gradient_accumulation_steps=2",

@@ -14,6 +14,8 @@ from tandem.policies.sde import ode_step, sde_step
 from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults, load_config
 from tandem.rl.session import build_policy
 
+pytestmark = pytest.mark.slow  # tiny SD3 pipelines
+
 PROMPTS = ["a red apple", 'a sign that says "OPEN"']
 
 

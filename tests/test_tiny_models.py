@@ -11,6 +11,8 @@ from tandem.policies.glm_image_family import GlmFlowAdapter, pipeline_images, re
 from tandem.policies.tiny import CODEBOOK, build_tiny_glm_image
 from tandem.rl.config import ConfigError, JobConfig
 
+pytestmark = pytest.mark.slow  # tiny pipelines
+
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_path):

@@ -11,6 +11,8 @@ from tandem.rl.advantages import AGGREGATIONS, SCALES
 from tandem.rl.config import STAGE_DEFAULTS, GRPOConfig, JobConfig, apply_stage_defaults
 from tandem.rl.losses import LOSS_TYPES
 
+pytestmark = pytest.mark.slow  # imports trl and builds its config
+
 KNOBS = ("num_generations", "epsilon", "epsilon_high", "beta", "loss_type", "scale_rewards",
          "multi_objective_aggregation", "num_iterations")
 CHOICES = {"loss_type": sorted(LOSS_TYPES), "scale_rewards": list(SCALES), "multi_objective_aggregation": list(AGGREGATIONS)}
