@@ -1,5 +1,7 @@
 """Shared fixtures. The tiny GLM-Image models are built once per test session and loaded from disk."""
 
+import json
+
 import pytest
 import torch
 
@@ -131,3 +133,55 @@ def tiny_vlm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llava")
     _build_tiny_llava(folder)
     return folder
+
+
+TINY_CLIP_CORPUS = ["a red apple on a wooden table", "a cat", "a sign that says OPEN above a shop door"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pickscore(tmp_path_factory):
+    """A tiny random-init transformers CLIPModel + CLIPProcessor (BPE tokenizer trained here), save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TINY_CLIP_CORPUS * 10, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>", "<|startoftext|>", "<|endoftext|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    special = {k: getattr(tokenizer, f"{k}_id") for k in ("eos_token", "pad_token", "bos_token")}
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=77, **{f"{k}_id": v for k, v in special.items()}),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    folder = tmp_path_factory.mktemp("tiny_pickscore")
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+TINY_OPEN_CLIP = {  # open_clip's own tokenizer (49408 ids) runs on it
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """(name of a tiny open_clip architecture registered here, its random state dict saved as HPSv2 ships
+    its checkpoint: {"state_dict": ...} in a torch file)."""
+    import open_clip
+
+    name = "tandem-tiny-hps"
+    config = tmp_path_factory.mktemp("open_clip_hps") / f"{name}.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(1)
+    model = open_clip.create_model(name, pretrained=None)
+    path = config.parent / "HPS_tiny_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return name, path, model.eval()

@@ -38,7 +38,7 @@ def main(model_dir: str, out: str) -> None:
     policy = build_policy("decoder", cfg)
     records = [PromptRecord("a red apple", {}), PromptRecord('a sign "OPEN"', {})]
     with RewardClient(cfg.rewards, cfg.reward_host) as rewards:
-        trainer = StageTrainer("decoder", cfg, policy, rewards, None, accelerator, RunState(), records)
+        trainer = StageTrainer("decoder", cfg, policy, rewards, None, accelerator, RunState(), records, cfg.max_steps)
         trainer.rollout_and_score()  # a second rollout batch: its seed differs from the first's
         subs = trainer.rollout_and_score().subs
     e = {k: torch.cat([s.extras[k] for s in subs]) for k in ("latents", "next_latents", "timesteps")}

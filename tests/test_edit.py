@@ -141,4 +141,4 @@ def test_edit_demo_trains(tiny_model_path, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["reward/source_structure/mean"]) and r["grad_norm"] > 0 for r in rows)
-    assert (run / "checkpoints" / "step_4" / "decoder.trained.safetensors").is_file()
+    assert (run / "checkpoints" / "step_4" / "transformer").is_dir()  # the trained component, in its library format

@@ -21,14 +21,14 @@ def flow_grpo_ema(thetas, decay, interval, warmup):
 def test_ema_follows_flow_grpo_warmup_and_interval(warmup, interval):
     thetas = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(12)]
     param = torch.nn.Parameter(thetas[0].clone())
-    ema = EMA([param], decay=0.9, warmup=warmup, interval=interval)
+    ema = EMA([("w", param)], decay=0.9, warmup=warmup, interval=interval)
     for theta in thetas[1:]:
         param.data.copy_(theta)
         ema.update([param])
     torch.testing.assert_close(ema.shadow[0], flow_grpo_ema(thetas, 0.9, interval, warmup), rtol=1e-6, atol=1e-7)
 
-    resumed = EMA([param], decay=0.9, warmup=warmup, interval=interval)  # a checkpoint restores the step count
-    resumed.load_state_dict(ema.state_dict())
+    resumed = EMA([("w", param)], decay=0.9, warmup=warmup, interval=interval)  # a checkpoint restores the step count
+    resumed.load_state_dict(ema.state_dict(), steps=ema.steps)
     for e in (ema, resumed):
         e.update([param])
     assert resumed.steps == ema.steps == 12 and torch.equal(resumed.shadow[0], ema.shadow[0])

@@ -60,7 +60,8 @@ def one_step(setup, accelerator, advantages=None):
     with torch.no_grad():
         for n, p in policy.trainable_named_parameters():
             p.copy_(start[n])
-    trainer = StageTrainer("decoder", cfg, policy, None, None, accelerator, RunState(), [PromptRecord("a", {})])
+    trainer = StageTrainer("decoder", cfg, policy, None, None, accelerator, RunState(), [PromptRecord("a", {})],
+                           cfg.max_steps)
     if advantages is not None:
         batch = batch.select(torch.arange(len(batch)))
         batch.advantages = advantages

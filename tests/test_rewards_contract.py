@@ -17,7 +17,7 @@ def builtin_names():
 
 
 @pytest.fixture(scope="module")
-def cases(tiny_clip, tiny_vlm):
+def cases(tiny_clip, tiny_vlm, tiny_pickscore, tiny_open_clip):
     """Built-in name -> args that build it offline (random init where the real weights are needed)."""
     return {
         "jpeg_compressibility": {},
@@ -28,6 +28,10 @@ def cases(tiny_clip, tiny_vlm):
         "lpips": {"random_backbone": True, "device": "cpu"},
         "aesthetic": {"random_init": True, "model_name": tiny_clip, "device": "cpu"},
         "vlm": {"model_path": str(tiny_vlm), "device": "cpu"},
+        "pickscore": {"model_path": str(tiny_pickscore), "device": "cpu"},
+        "hpsv2": {"weights": str(tiny_open_clip[1]), "model_name": tiny_open_clip[0], "device": "cpu"},
+        "clipscore": {"weights": str(tiny_open_clip[1]), "model_name": tiny_open_clip[0], "device": "cpu"},
+        "source_structure": {},
     }
 
 
@@ -46,7 +50,8 @@ def test_every_builtin_has_a_case(cases):
     assert builtin_names() == set(cases)
 
 
-@pytest.mark.parametrize("name", ["jpeg_compressibility", "brightness", "color", "ocr", "hands", "lpips", "aesthetic", "vlm"])
+@pytest.mark.parametrize("name", ["jpeg_compressibility", "brightness", "color", "ocr", "hands", "lpips", "aesthetic", "vlm",
+                                  "pickscore", "hpsv2", "clipscore", "source_structure"])
 def test_builtin_contract(cases, name):
     reward = build_reward(RewardEntry(name=name, args=cases[name]))
     images, prompts, metadata = batch()

@@ -25,31 +25,6 @@ def images(n=3):
     return np.random.default_rng(0).integers(0, 256, size=(n, 40, 48, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def tiny_pickscore(tmp_path_factory):
-    """A tiny random-init transformers CLIPModel + CLIPProcessor (BPE tokenizer trained here), save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(PROMPTS * 10, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>", "<|startoftext|>", "<|endoftext|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    special = {k: getattr(tokenizer, f"{k}_id") for k in ("eos_token", "pad_token", "bos_token")}
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, max_position_embeddings=77, **{f"{k}_id": v for k, v in special.items()}),
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("tiny_pickscore")
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def test_pickscore_is_the_scaled_cosine_of_clip_and_batch_independent(tiny_pickscore):
     reward = PickScoreReward(model_path=str(tiny_pickscore), device="cpu")
     scores = reward(images(), PROMPTS, [{}] * 3)
@@ -60,30 +35,6 @@ def test_pickscore_is_the_scaled_cosine_of_clip_and_batch_independent(tiny_picks
     with torch.inference_mode():
         logits = reward.model(**inputs).logits_per_image
     np.testing.assert_allclose(scores, torch.diagonal(logits).numpy(), rtol=1e-5, atol=1e-5)
-
-
-TINY_OPEN_CLIP = {  # open_clip's own tokenizer (49408 ids) runs on it
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_open_clip(tmp_path_factory):
-    """(name of a tiny open_clip architecture registered here, its random state dict saved as HPSv2 ships
-    its checkpoint: {"state_dict": ...} in a torch file)."""
-    import open_clip
-
-    name = "tandem-tiny-hps"
-    config = tmp_path_factory.mktemp("open_clip_hps") / f"{name}.json"
-    config.write_text(json.dumps(TINY_OPEN_CLIP))
-    open_clip.add_model_config(config)
-    torch.manual_seed(1)
-    model = open_clip.create_model(name, pretrained=None)
-    path = config.parent / "HPS_tiny_compressed.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return name, path, model.eval()
 
 
 @pytest.mark.parametrize("cls, expected", [(HpsV2Reward, lambda c: c), (ClipScoreReward, lambda c: 2.5 * np.maximum(c, 0))],

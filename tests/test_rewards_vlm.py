@@ -30,7 +30,7 @@ def test_score_is_the_yes_no_softmax_of_the_next_token(tiny_vlm):
     score = reward(images(1), ["a red cat"], [{}])[0]
     from PIL import Image
 
-    inputs = reward.processor(images=[Image.fromarray(images(1)[0])], text=[reward._text("a red cat")], return_tensors="pt")
+    inputs = reward.processor(images=[Image.fromarray(images(1)[0])], text=[reward._text(reward.question.format(prompt="a red cat"))], return_tensors="pt")
     with torch.inference_mode():
         last = reward.model(**inputs).logits[0, -1]
     yes, no = torch.logsumexp(last[reward.yes_ids], 0), torch.logsumexp(last[reward.no_ids], 0)

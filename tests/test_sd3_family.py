@@ -140,7 +140,7 @@ def test_noise_zero_rollout_is_the_pipeline_output(pipe, sd3_path):
         batch = policy.rollout(PROMPTS[:1], [{}], group_size=2, seed=4)
     finally:
         pipe.transformer.requires_grad_(False)
-    noise = policy.adapter.initial_noise([4 * 7919 + 0, 4 * 7919 + 1])
+    noise = policy.adapter.initial_noise([int(s) for s in batch.extras["noise_seeds"]])  # the rollout's own seeds
     out = pipe(prompt=PROMPTS[:1] * 2, height=64, width=64, num_inference_steps=6, guidance_scale=3.0,
                latents=noise, output_type="np").images
     assert np.abs(batch.images.astype(int) - (np.asarray(out) * 255).round()).max() <= 1
