@@ -26,9 +26,11 @@ passes of the transformer (trained units per sample x trained samples). The gain
 seed is noisy: read the table as a rough comparison, not a ranking.
 
 ``--release-shape``: the pipeline is random-init at the release's shapes (``scripts/make_release_pipeline.py``:
-the ~7B DiT and the ~10B AR model that writes the prior tokens, saved once to ``--model-dir``), in bf16, LoRA
-rank 32, at ``--size`` px; the rest (prompts, seeds, batch, steps) as above. Use a cheap reward (``color`` or
-``jpeg_compressibility``).
+the ~7B DiT and the ~10B AR model, saved once to ``--model-dir``), in bf16, LoRA rank 32, at ``--size`` px; the
+rest (seeds, batch, steps) as above. The prior tokens then come from source images
+(``data/demo_edit_prompts.jsonl``, ``decoder.condition_source: reference``: the AR model's VQ tokenizer) instead
+of a 10B AR rollout per batch, which would cost the same in every job and hide the decoder's differences. Use a
+cheap reward (``color`` or ``jpeg_compressibility``). The JSON file is rewritten after each job.
 """
 
 from __future__ import annotations
@@ -61,14 +63,17 @@ REWARDS = {
 def overrides(args, name: str, out: Path, model_path: str) -> List[str]:
     items = [f"output_dir={out / name}", f"max_steps={args.steps}", f"seed={args.seed}", f"model.path={model_path}",
              f"model.device={args.device}", "logging.progress=false", "logging.sample_every=0",
-             f"data.prompts={REPO / 'data' / 'demo_prompts.jsonl'}", f"data.height={args.size}", f"data.width={args.size}",
-             REWARDS[args.reward]]
+             f"data.height={args.size}", f"data.width={args.size}", REWARDS[args.reward]]
     items += ALGORITHMS[name][1]
     if name == "mixgrpo":
         items.append(f"decoder.sde_window_shift_interval={max(1, args.steps // 6)}")
     if args.release_shape:
         items += ["model.dtype=bfloat16", "model.create_tiny_if_missing=false", "optim.lora.enabled=true",
-                  "optim.lora.r=32", "optim.lora.alpha=32", "optim.learning_rate=1e-4", "decoder.ema_decay=0"]
+                  "optim.lora.r=32", "optim.lora.alpha=32", "optim.learning_rate=1e-4", "optim.gradient_checkpointing=true",
+                  "decoder.ema_decay=0",
+                  f"data.prompts={REPO / 'data' / 'demo_edit_prompts.jsonl'}", "decoder.condition_source=reference"]
+    else:
+        items.append(f"data.prompts={REPO / 'data' / 'demo_prompts.jsonl'}")
     return items
 
 
@@ -142,10 +147,10 @@ def main() -> int:
             run = train(cfg, "decoder")
             results[name] = summarise(run, cfg, time.process_time() - c0, args.device)
             print(f"{name}: {results[name]}", flush=True)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(table(results, args.device))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0
 
 
