@@ -6,7 +6,8 @@ the rollout batch (the same on every process: all processes draw the same prompt
 sample within its group over all processes (process r holds copies r·n … r·n + n − 1 of every group, n =
 num_generations / processes). Whatever a group shares (its SDE window, its starting noise with
 ``same_noise_in_group``, the frozen decoder's noise for AR-stage rewards) is seeded from (seed, G); whatever
-differs between copies (their noise) from (seed, G, C). So N processes sample the same rollout as one process
+differs between copies (their noise, their AR tokens) from (seed, G, C), and every sampler draws each copy from
+its own seeded stream (never one stream over the batch). So N processes sample the same rollout as one process
 holding all the copies.
 """
 
@@ -47,7 +48,3 @@ class RolloutSeeds:
     def copy(self, purpose: int, g: int, c: int) -> int:
         """The seed of local copy ``c`` of local group ``g`` (distinct for every sample of the rollout batch)."""
         return derive_seed(self.seed, purpose, self.first_group + g, self.first_copy + c)
-
-    def process(self, purpose: int) -> int:
-        """One seed for this process's copies of this call's groups together (distinct per process)."""
-        return derive_seed(self.seed, purpose, self.first_group, self.first_copy)

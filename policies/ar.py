@@ -159,9 +159,9 @@ class ARPolicy(TrainedComponent):
     def num_units(self) -> int:
         return self.num_preview + self.num_full
 
-    def _sample_tokens(self, prompts: Sequence[str], seed: int):
+    def _sample_tokens(self, prompts: Sequence[str], seeds: Sequence[int]):
         inputs = self.adapter.ar_inputs(prompts, self.height, self.width)
-        out: SampledTokens = self.sampler(self.model, prompt_inputs(inputs), self.num_units, self.processing, seed)
+        out: SampledTokens = self.sampler(self.model, prompt_inputs(inputs), self.num_units, self.processing, seeds)
         return inputs, out
 
     def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
@@ -180,8 +180,10 @@ class ARPolicy(TrainedComponent):
             and, unbatched, num_preview and full_grid (th, tw).
 
         Seeds (``tandem.core.seeds``; ``seed`` is the rollout batch's, ``first_group`` the global index of the
-        first prompt's group, ``first_copy`` this call's first copy within each group): the tokens from one seed
-        per process's call, the decoder noise from one seed per group, the same on every process.
+        first prompt's group, ``first_copy`` this call's first copy within each group): each copy's tokens from its
+        own seed (seed, group, copy) — the sampler draws every row from its own stream
+        (``policies.ar_sampler.SeededDraws``), so a copy's tokens do not depend on the process that holds it or on
+        the other rows of the batch — and the decoder noise from one seed per group, the same on every process.
         """
         seeds = RolloutSeeds(seed, first_group, first_copy)
         # 1. groups: copies of a prompt are adjacent
@@ -189,8 +191,9 @@ class ARPolicy(TrainedComponent):
         prompts_rep = repeat_for_groups(list(prompts), group_size)
         meta_rep = repeat_for_groups(list(metadata), group_size)
         group_ids = group_ids_for(n, group_size)
-        # 2. tokens with the sampler's log-probs and positions
-        inputs, out = self._sample_tokens(prompts_rep, seeds.process(TOKENS))
+        # 2. tokens with the sampler's log-probs and positions, one seed per copy
+        token_seeds = [seeds.copy(TOKENS, g, i % group_size) for i, g in enumerate(group_ids)]
+        inputs, out = self._sample_tokens(prompts_rep, token_seeds)
         full_tokens = out.tokens[:, self.num_preview:]
         # 3. images: one decoder seed per group, so reward differences within a group come from the tokens only
         decode_seeds = [seeds.group(DECODE, g) for g in group_ids]
@@ -210,8 +213,10 @@ class ARPolicy(TrainedComponent):
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> np.ndarray:
-        """(N, H, W, 3) uint8 images at eval settings: the same sampler, one sample per prompt."""
-        _, out = self._sample_tokens(list(prompts), seed)
+        """(N, H, W, 3) uint8 images at eval settings: the same sampler, one sample per prompt (prompt i is group i,
+        copy 0 of ``seed``)."""
+        seeds = RolloutSeeds(seed)
+        _, out = self._sample_tokens(list(prompts), [seeds.copy(TOKENS, i, 0) for i in range(len(prompts))])
         return self._render(out.tokens[:, self.num_preview:], list(prompts), [seed * 1000 + i for i in range(len(prompts))])
 
     # ------------------------------------------------------------------------------------------ learning

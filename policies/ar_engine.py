@@ -9,11 +9,12 @@ training recompute is unchanged when it is swapped in (``ar.sampler: engine``). 
 2. a static KV cache (B, kv_heads, S, head_dim) per layer, S = L + U − 1 rounded up, and a (B, S) mask of the
    slots that hold a real token;
 3. prefill over the prompt with the model's own modules (peft's LoRA layers run as in training);
-4. decode: per step, suppress → temperature → top-k → top-p on the float32 raw logits, one
-   ``torch.multinomial`` draw under ``fork_rng`` + ``manual_seed(seed)`` (the same random stream as
-   ``generate``), the stored log-prob is ``log_softmax(scores)`` at the token; the next step attends to the
-   cache through ``static_decode_attention`` (K/V read once per kv head), eagerly or as one captured CUDA graph
-   (``use_cuda_graph``; call ``reset()`` after re-allocating parameters or toggling adapters).
+4. decode: per step, suppress → temperature → top-k → top-p on the float32 raw logits and one draw per row
+   from the row's own seed (``SeededDraws``, the same step as ``GenerateSampler``'s: equal scores give equal
+   tokens; the global RNG is not used), the stored log-prob is ``log_softmax(scores)`` at the token; the next
+   step attends to the cache through ``static_decode_attention`` (K/V read once per kv head), eagerly or as one
+   captured CUDA graph (``use_cuda_graph``; call ``reset()`` after re-allocating parameters or toggling
+   adapters). The draw runs eagerly between steps, outside the graph.
 
 The design, the numerics against ``generate`` and the CUDA-graph rules are in docs/ar_engine.md.
 """
@@ -28,7 +29,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from tandem.policies.ar_sampler import LogitsProcessing, SampledTokens
+from tandem.policies.ar_sampler import LogitsProcessing, SampledTokens, SeededDraws
 
 logger = logging.getLogger(__name__)
 
@@ -331,20 +332,18 @@ class StaticCacheSampler:
     # ------------------------------------------------------------------------------------------ the loop
     @torch.no_grad()
     def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
-                 seed: int) -> SampledTokens:
+                 seeds: Sequence[int]) -> SampledTokens:
         self._check_inputs(model, inputs, num_tokens, processing)
         parts = _Parts.of(model)
         device = inputs["input_ids"].device
+        draws = SeededDraws(processing, seeds, num_tokens, inputs["input_ids"].shape[0], device)
         graph_on = self.use_cuda_graph and device.type == "cuda"
         ppos, dpos, position_ids = self._positions(model, inputs, num_tokens)  # 1. positions
         ids, cache, valid, graph = self._cache(model, parts, inputs, ppos, num_tokens, graph_on)  # 2. cache, mask
-        fork_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices, device_type=device.type if fork_devices else "cuda"):
-            torch.manual_seed(seed)
-            logits = self._prefill(parts, ids[0], ids[1], cache, valid)  # 3. prefill
-            with decode_attention(parts):  # 4. decode (a graph replay needs none; the eager step does)
-                tokens, log_probs, raw = self._decode(parts, logits, dpos, num_tokens, processing, cache, valid, graph,
-                                                      ids[0].shape[1])
+        logits = self._prefill(parts, ids[0], ids[1], cache, valid)  # 3. prefill
+        with decode_attention(parts):  # 4. decode (a graph replay needs none; the eager step does)
+            tokens, log_probs, raw = self._decode(parts, logits, dpos, num_tokens, draws, cache, valid, graph,
+                                                  ids[0].shape[1])
         return SampledTokens(tokens=tokens, log_probs=log_probs, position_ids=position_ids, raw_logits=raw)
 
     def _check_inputs(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing) -> None:
@@ -402,12 +401,11 @@ class StaticCacheSampler:
         return parts.forward(ids, pos, parts.attn_mask(allowed[:, None], parts.lm_head.weight.dtype), cache)
 
     def _decode(self, parts: _Parts, logits: torch.Tensor, dpos: torch.Tensor, num_tokens: int,
-                processing: LogitsProcessing, cache: _StaticKV, valid: torch.Tensor, graph, lp: int):
-        """Sample ``num_tokens`` tokens: process the raw logits, draw, store log_softmax(scores) at the token, and
-        run the next step (graph replay or eager) on slot L + t. Returns tokens, log-probs (B, U) and the raw
-        logits (B, U, V) when ``keep_raw_logits``."""
+                draws: SeededDraws, cache: _StaticKV, valid: torch.Tensor, graph, lp: int):
+        """Sample ``num_tokens`` tokens: process the raw logits and draw (``draws``), store log_softmax(scores) at
+        the token, and run the next step (graph replay or eager) on slot L + t. Returns tokens, log-probs (B, U)
+        and the raw logits (B, U, V) when ``keep_raw_logits``."""
         b, device = logits.shape[0], logits.device
-        procs = processing.processors(device)
         tokens = torch.empty(b, num_tokens, dtype=torch.long, device=device)
         log_probs = torch.empty(b, num_tokens, dtype=torch.float32, device=device)
         raw_out = None
@@ -417,10 +415,7 @@ class StaticCacheSampler:
                 if raw_out is None:
                     raw_out = torch.empty(b, num_tokens, raw.shape[-1], dtype=torch.float32, device=device)
                 raw_out[:, t] = raw
-            scores = raw
-            for proc in procs:
-                scores = proc(None, scores)
-            tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            scores, tok = draws(raw)
             tokens[:, t] = tok
             log_probs[:, t] = torch.log_softmax(scores, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
             if t == num_tokens - 1:

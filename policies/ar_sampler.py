@@ -16,9 +16,15 @@ touching the policy or the trainer:
   (suppress: the same ``torch.where`` with the id mask built once), so the recompute is bit-identical to what
   ``generate`` sampled from (docs/glm_image_facts.md, "Exact AR log-probs").
 
-* ``TokenSampler`` — the decode loop: prompt batch in, ``SampledTokens`` out (tokens, the processed
-  log-probs of the sampled tokens, and the 3-D MRoPE positions every fed token used). ``GenerateSampler`` is
-  the reference implementation over ``model.generate``.
+* ``SeededDraws`` — the sampling step, one seed per row (a copy of a prompt): row i's token at step t is drawn
+  from softmax(z_t) by inversion with the uniform u_{i,t} of its own stream (``row_uniforms``). A row's tokens
+  therefore depend on its prompt and its seed only — not on which other rows share the batch, their order, the
+  process that holds it or the device — so N processes holding a group's copies sample what one process holding
+  them all samples (the seeds come from ``tandem.core.seeds``: rollout seed, group, copy).
+
+* ``TokenSampler`` — the decode loop: prompt batch and one seed per row in, ``SampledTokens`` out (tokens, the
+  processed log-probs of the sampled tokens, and the 3-D MRoPE positions every fed token used).
+  ``GenerateSampler`` is the reference implementation over ``model.generate``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence
 
 import torch
 
-__all__ = ["LogitsProcessing", "SampledTokens", "TokenSampler", "GenerateSampler", "capture_rope_positions"]
+__all__ = ["LogitsProcessing", "SeededDraws", "SampledTokens", "TokenSampler", "GenerateSampler", "capture_rope_positions",
+           "inverse_cdf", "row_uniforms"]
 
 
 # --------------------------------------------------------------------------------------------------- processing
@@ -49,11 +56,6 @@ class LogitsProcessing:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p} (1.0 disables nucleus sampling)")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k} (0 disables top-k)")
-
-    def generation_kwargs(self) -> dict:
-        """The ``GenerationConfig`` fields that make ``generate`` apply exactly this processing."""
-        return dict(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                    suppress_tokens=list(self.suppress_ids) or None)
 
     def processors(self, device: torch.device) -> list:
         from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -118,6 +120,68 @@ class _SuppressIds:
         return torch.where(self.mask, -float("inf"), scores)
 
 
+# --------------------------------------------------------------------------------------------------- draws
+def row_uniforms(seeds: Sequence[int], num_tokens: int, device: torch.device) -> torch.Tensor:
+    """(B, U) float64 uniforms in [0, 1): row i is ``torch.rand(U)`` of ``torch.Generator().manual_seed(seeds[i])``
+    on the CPU, so it depends on that seed only (not on the batch, the process or the device)."""
+    rows = [torch.rand(num_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+def inverse_cdf(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) ids drawn from softmax(``scores``) (B, V) by inversion with uniforms ``u`` (B,):
+
+        a = min{ j : F_j > u · F_V },   F = cumsum(softmax(scores)) in float64.
+
+    Exact sampling for u ~ U[0, 1); a token of probability 0 (−inf score) is never drawn (F_j = F_{j−1}). If
+    u · F_V rounds up to F_V, the last token of positive probability is taken (``argmax`` of F: its first maximum).
+    """
+    cdf = torch.softmax(scores, dim=-1, dtype=torch.float64).cumsum(-1)
+    first_above = (cdf <= u.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]).sum(-1)
+    return torch.minimum(first_above, cdf.argmax(-1))
+
+
+class SeededDraws:
+    """The sampling step of a decode loop with one seed per row: ``draws(raw)`` → (scores, tokens).
+
+    At step t, for raw logits ℓ_t (B, V): z_t = LogitsProcessing(ℓ_t) (float32, processors built once), and row i
+    draws a_{i,t} = inverse_cdf(z_{i,t}, u_{i,t}) with u = ``row_uniforms(seeds, U)``. The stored log-prob is
+    ``log_softmax(z_t)[a_t]``, as before: only the source of randomness is per row.
+    """
+
+    def __init__(self, processing: LogitsProcessing, seeds: Sequence[int], num_tokens: int, batch: int,
+                 device: torch.device):
+        if len(seeds) != batch:
+            raise ValueError(f"one seed per prompt row: got {len(seeds)} seeds for a batch of {batch}")
+        self.procs = processing.processors(device)
+        self.uniforms = row_uniforms(seeds, num_tokens, device)
+        self.t = 0
+
+    def __call__(self, raw: torch.Tensor):
+        """Processed scores (B, V) float32 and sampled ids (B,) of the next step for raw logits ``raw`` (B, V)."""
+        scores = raw.float()
+        for proc in self.procs:
+            scores = proc(None, scores)
+        tokens = inverse_cdf(scores, self.uniforms[:, self.t])
+        self.t += 1
+        return scores, tokens
+
+
+class _DrawInGenerate:
+    """A ``generate`` logits processor that makes the choice itself: it draws with ``SeededDraws``, keeps the
+    processed scores, and returns scores that are 0 at the drawn token and −inf elsewhere, so greedy decoding
+    (``do_sample=False``: argmax, no RNG) takes exactly that token."""
+
+    def __init__(self, draws: SeededDraws):
+        self.draws = draws
+        self.scores: List[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        processed, tokens = self.draws(scores)
+        self.scores.append(processed)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+
+
 # --------------------------------------------------------------------------------------------------- sampler
 @dataclass
 class SampledTokens:
@@ -138,10 +202,11 @@ class SampledTokens:
 
 
 class TokenSampler(Protocol):
-    """A decode loop: ``inputs`` are the processor outputs (input_ids, attention_mask, image_grid_thw, …)."""
+    """A decode loop: ``inputs`` are the processor outputs (input_ids, attention_mask, image_grid_thw, …) of B
+    prompt rows; ``seeds`` one seed per row (``SeededDraws``): a row's tokens depend on its prompt and seed only."""
 
     def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
-                 seed: int) -> SampledTokens: ...
+                 seeds: Sequence[int]) -> SampledTokens: ...
 
 
 @contextmanager
@@ -168,12 +233,13 @@ def capture_rope_positions(model) -> Iterator[List[torch.Tensor]]:
 class GenerateSampler:
     """``TokenSampler`` over transformers' ``generate`` (dynamic KV cache): the reference implementation.
 
-    Seeded with ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (``generate`` takes no generator,
-    as ``GlmImagePipeline`` notes), so the caller's global RNG is left untouched. Log-probs come from
-    ``output_scores`` (the processed scores ``generate`` sampled from); positions from a hook on the rotary
-    embedding. On its first call (``check_processing``) it also verifies that ``LogitsProcessing`` applied to
-    the raw logits reproduces those scores — a model ``generation_config`` that adds a processor (repetition
-    penalty, min-p, …) would silently break the on-policy ratio otherwise.
+    ``generate`` runs greedy (``do_sample=False``) with one extra logits processor that draws each row's token
+    with ``SeededDraws`` (its own seed, not the global RNG, which is left untouched) and hands back a one-hot
+    choice, so ``generate`` keeps only the KV cache, the positions and the stopping. Log-probs come from the
+    processed scores that processor drew from; positions from a hook on the rotary embedding. On its first call
+    (``check_processing``) it also verifies that ``LogitsProcessing`` applied to the raw logits reproduces those
+    scores — a model ``generation_config`` that adds a processor of its own (repetition penalty, …) would
+    silently break the on-policy ratio otherwise.
     """
 
     def __init__(self, keep_raw_logits: bool = False, check_processing: bool = True):
@@ -182,29 +248,27 @@ class GenerateSampler:
 
     @torch.no_grad()
     def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
-                 seed: int) -> SampledTokens:
-        from transformers import GenerationConfig
+                 seeds: Sequence[int]) -> SampledTokens:
+        from transformers import GenerationConfig, LogitsProcessorList
 
         gen = model.generation_config
         check = self.check_processing
-        config = GenerationConfig(
-            **processing.generation_kwargs(), max_new_tokens=num_tokens, min_new_tokens=num_tokens, num_beams=1,
+        config = GenerationConfig(  # greedy; temperature/top-k/top-p at transformers' greedy defaults, so the
+            # model's own sampling settings are neither inherited nor warned about (``draw`` applies ``processing``)
+            do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+            max_new_tokens=num_tokens, min_new_tokens=num_tokens, num_beams=1,
             eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id, bos_token_id=gen.bos_token_id,
-            use_cache=True, return_dict_in_generate=True, output_scores=True,
-            output_logits=self.keep_raw_logits or check,
+            use_cache=True, return_dict_in_generate=True, output_logits=self.keep_raw_logits or check,
         )
-        device = inputs["input_ids"].device
-        fork_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices, device_type=device.type if fork_devices else "cuda"):
-            torch.manual_seed(seed)
-            with capture_rope_positions(model) as positions:
-                out = model.generate(**inputs, generation_config=config)
-        prompt_len = inputs["input_ids"].shape[1]
-        tokens = out.sequences[:, prompt_len:]
+        input_ids = inputs["input_ids"]
+        draw = _DrawInGenerate(SeededDraws(processing, seeds, num_tokens, input_ids.shape[0], input_ids.device))
+        with capture_rope_positions(model) as positions:
+            out = model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([draw]))
+        tokens = out.sequences[:, input_ids.shape[1]:]
         if tokens.shape[1] != num_tokens:
             raise RuntimeError(f"generate returned {tokens.shape[1]} tokens, expected {num_tokens}; an end marker "
                                f"was sampled early — add it to the suppressed ids")
-        scores = torch.stack(out.scores, dim=1)  # (B, U, V) processed, fp32
+        scores = torch.stack(draw.scores, dim=1)  # (B, U, V) processed, fp32
         log_probs = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         raw = torch.stack(out.logits, dim=1) if out.logits is not None else None
         if check:
@@ -223,7 +287,8 @@ def _check_same_processing(ours: torch.Tensor, theirs: torch.Tensor, tol: float 
     differently for the stacked (B*U, V) recompute than for generate's per-step (B, V), moving a few tokens in or
     out of the nucleus, and fp32 values differ by rounding. Those are tolerated: at most ``max_support_mismatch``
     of the entries may differ in being kept, and the values kept by both must agree within ``tol``. A real
-    extra processor (repetition penalty, min-p, typical-p) moves many values or many tokens and is caught.
+    extra processor (repetition penalty, no-repeat n-grams, bad words) moves many values or many tokens and is
+    caught. (Sampling-only warpers of the model's config — min-p, typical-p — never run: ``generate`` is greedy.)
     """
     kept_ours, kept_theirs = torch.isfinite(ours), torch.isfinite(theirs)
     mismatch = (kept_ours != kept_theirs).float().mean().item()
@@ -232,7 +297,7 @@ def _check_same_processing(ours: torch.Tensor, theirs: torch.Tensor, tol: float 
         raise RuntimeError(
             "generate applied logits processing that LogitsProcessing (suppress → temperature → top-k → top-p) "
             "does not reproduce; the stored log-probs would not be those of the training recompute. Remove the "
-            "extra sampling options (repetition_penalty, min_p, typical_p, …) from the model's generation_config.json"
+            "extra options (repetition_penalty, no_repeat_ngram_size, bad_words_ids, …) from the model's generation_config.json"
         )
 
 

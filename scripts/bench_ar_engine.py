@@ -23,7 +23,7 @@ Rows (batch 32 unless ``--batches``):
 
 Checks written beside the timings (``checks``): the graph path's tokens equal the eager engine's under one
 seed (same kernels: bit-identical in any dtype); token agreement with ``GenerateSampler`` under the same seed
-(identical RNG stream, but bf16 rounding of a differently-shaped attention lets paths diverge after a while);
+(the same per-row draws, but bf16 rounding of a differently-shaped attention lets paths diverge after a while);
 and |Δ log-prob| between each sampler's stored log-probs and ``ARPolicy``'s teacher-forced recompute
 (no grad), i.e. how far the first-iteration ratio is from 1 in bf16.
 """
@@ -50,7 +50,7 @@ def run_fn(policy, sampler, inputs, keep: Dict[int, object]):
     """``bench_ar_rollout.sampler_fn`` with a chosen sampler; keeps the last output per token count."""
 
     def run(n: int, seed: int):
-        out = sampler(policy.model, inputs, n, policy.processing, seed)
+        out = sampler(policy.model, inputs, n, policy.processing, R.row_seeds(seed, inputs["input_ids"].shape[0]))
         assert out.tokens.shape[1] == n
         keep[n] = out
         return out
@@ -153,14 +153,14 @@ def main() -> None:
     # (docs/bench/ar_rollout_order_h200.json)
     inputs = inputs_for(big)
     _, warm_s = C.timed(lambda: GenerateSampler(check_processing=False)(policy.model, inputs, args.warmup_tokens,
-                                                                         policy.processing, 0), device)
+                                                                         policy.processing, R.row_seeds(0, big)), device)
     res.set("device_warmup", dict(tokens=args.warmup_tokens, batch=big, seconds=warm_s))
     # GenerateSampler's first-call check (LogitsProcessing on the stacked (B·U, V) raw logits == generate's
     # per-step scores, bit for bit) is recorded, not enforced: on the H200 in bf16 it raised at batch 32
     # (docs/bench/ar_engine_h200.json, first run), most likely a nucleus-boundary difference of the batched
     # recompute (CUDA sort/cumsum over a different shape, ties among bf16 logits).
     try:
-        GenerateSampler(check_processing=True)(policy.model, inputs, 16, policy.processing, 1)
+        GenerateSampler(check_processing=True)(policy.model, inputs, 16, policy.processing, R.row_seeds(1, big))
         res.set("generate_sampler_processing_check", "passed (batch %d, 16 tokens)" % big)
     except RuntimeError as e:
         res.set("generate_sampler_processing_check", f"raised: {str(e)[:200]}")
@@ -190,7 +190,8 @@ def main() -> None:
             g, e, h = (outs.get((k, big)) for k in ("engine_graph", "engine_eager", "generate_sampler"))
             if g and g[1] is not None:
                 inputs = g[0]
-                eager64 = StaticCacheSampler(pad_prompt_to=64)(policy.model, inputs, n, policy.processing, 100)
+                eager64 = StaticCacheSampler(pad_prompt_to=64)(policy.model, inputs, n, policy.processing,
+                                                                R.row_seeds(100, big))
                 checks["graph_vs_eager_engine_padded"] = agreement(g[1], eager64)
                 checks["graph_vs_eager_engine_padded"]["max_abs_logp"] = float((g[1].log_probs - eager64.log_probs).abs().max())
                 checks["recompute_gap_engine_graph"] = recompute_gap(policy, inputs, g[1])

@@ -21,7 +21,7 @@ batch 32, ~30-40 prompt tokens each, left padded), target 1024² (16x16 preview 
 
 * ``hf_generate``: ``model.generate(**inputs, generation_config=...)`` directly (dynamic KV cache);
 * ``tandem_sampler``: ``policies.ar_sampler.GenerateSampler`` as ``ARPolicy.rollout`` calls it —
-  ``policy.sampler(policy.model, prompt_inputs(inputs), N, policy.processing, seed)`` on an ``ARPolicy`` built
+  ``policy.sampler(policy.model, prompt_inputs(inputs), N, policy.processing, row_seeds(seed, B))`` on an ``ARPolicy`` built
   over the model (full fine-tuning setup; the decoder rendering is not run). It adds ``output_scores``, the
   log-prob gather and the MRoPE-position hook to ``generate``;
 * ``hf_generate_static``: ``generate`` with ``cache_implementation="static"`` (transformers then compiles the
@@ -55,6 +55,7 @@ import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
 
 import torch  # noqa: E402
 
+from tandem.core.seeds import derive_seed  # noqa: E402
 from tandem.policies.ar import ARPolicy  # noqa: E402
 from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
 from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
@@ -160,9 +161,14 @@ def hf_generate_fn(model, inputs, static: bool, scores: bool = False):
     return run
 
 
+def row_seeds(seed: int, batch: int) -> List[int]:
+    """One sampler seed per prompt row of a timed call (``TokenSampler`` takes a seed per row)."""
+    return [derive_seed(seed, i) for i in range(batch)]
+
+
 def sampler_fn(policy: ARPolicy, inputs):
     def run(n: int, seed: int):
-        out = policy.sampler(policy.model, inputs, n, policy.processing, seed)
+        out = policy.sampler(policy.model, inputs, n, policy.processing, row_seeds(seed, inputs["input_ids"].shape[0]))
         assert out.tokens.shape[1] == n
         return out
 

@@ -7,8 +7,8 @@ The release-size AR model of ``scripts/bench_ar_rollout.py`` (random init, bf16)
 whole 1024² image (prompt padded to 64 + 1279 decode slots = 1344), all slots valid. Measured:
 
 1. ``graph``: replays of the captured decode step alone (eager and ``compile=True`` step), ms each;
-2. ``sampling``: the eager work between replays (``LogitsProcessing`` of the release sampler, softmax,
-   multinomial, log-softmax gather) on (32, 16512) logits, ms each;
+2. ``sampling``: the eager work between replays (``LogitsProcessing`` of the release sampler, the per-row
+   inverse-CDF draw, log-softmax gather) on (32, 16512) logits, ms each;
 3. ``kernels``: ``torch.profiler`` over eager (uncaptured) decode steps, device time summed per kernel name, the
    top ``--top`` — what the graph replays.
 """
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
 from tandem.policies.ar_engine import StaticCacheSampler, _Parts, _StaticKV, decode_attention  # noqa: E402
-from tandem.policies.ar_sampler import LogitsProcessing  # noqa: E402
+from tandem.policies.ar_sampler import LogitsProcessing, inverse_cdf  # noqa: E402
 
 
 def per_call_ms(fn, device, reps: int) -> float:
@@ -104,13 +104,14 @@ def main() -> None:
         suppress = tuple(range(ids["codebook"], ids["vision_vocab"]))
         procs = LogitsProcessing(suppress, temperature=0.9, top_k=0, top_p=0.75).processors(device)
         logits = torch.randn(b, ids["vision_vocab"], device=device)
+        u = torch.rand(b, dtype=torch.float64, device=device)  # the step's per-row uniforms (SeededDraws)
 
         def sample():
             scores = logits
             for proc in procs:
                 scores = proc(None, scores)
-            t = torch.multinomial(torch.softmax(scores, -1), 1)
-            return torch.log_softmax(scores, -1).gather(-1, t)
+            t = inverse_cdf(scores, u)
+            return torch.log_softmax(scores, -1).gather(-1, t[:, None])
 
         res.set("sampling_ms", per_call_ms(sample, device, args.reps))
         res.set("kernels_sampling", kernel_table(sample, device, steps=5, top=10))

@@ -1,5 +1,5 @@
 """StaticCacheSampler (policies/ar_engine.py) on a tiny random-init GLM-Image (real classes, CPU, fp32): the same
-tokens, log-probs and MRoPE positions as GenerateSampler under a seed; log-probs equal to an independent
+tokens, log-probs and MRoPE positions as GenerateSampler under the same row seeds; log-probs equal to an independent
 teacher-forced recompute; ARPolicy's first ratio is 1 with it; decode-position rule incl. source images."""
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def adapter(pipe):
     return GlmImageAdapter(pipe)
 
 
+def seeds(seed, rows=len(PROMPTS)):
+    """One sampler seed per prompt row."""
+    return [seed * 100 + i for i in range(rows)]
+
+
 def inputs_for(adapter, prompts=PROMPTS, size=(64, 64)):
     g = adapter.grids(*size)
     return prompt_inputs(adapter.ar_inputs(list(prompts), *size)), g.num_preview + g.num_full
@@ -65,11 +70,11 @@ def test_same_tokens_log_probs_positions_as_generate(pipe, adapter, name):
     inputs, u = inputs_for(adapter)
     assert (inputs["attention_mask"] == 0).any()  # different prompt lengths: left padding exercised
     for seed in (0, 11):
-        ref = GenerateSampler(keep_raw_logits=True)(model, inputs, u, processing, seed)
-        out = StaticCacheSampler(keep_raw_logits=True)(model, inputs, u, processing, seed)
+        ref = GenerateSampler(keep_raw_logits=True)(model, inputs, u, processing, seeds(seed))
+        out = StaticCacheSampler(keep_raw_logits=True)(model, inputs, u, processing, seeds(seed))
         assert out.tokens.shape == out.log_probs.shape == (4, u) and out.tokens.dtype == torch.int64
         assert out.position_ids.shape == (4, 3, inputs["input_ids"].shape[1] + u - 1)
-        assert torch.equal(out.tokens, ref.tokens)  # same RNG stream (fork_rng + manual_seed + multinomial)
+        assert torch.equal(out.tokens, ref.tokens)  # the same draw per row (SeededDraws)
         torch.testing.assert_close(out.log_probs, ref.log_probs, atol=1e-5, rtol=0)
         assert torch.equal(out.position_ids, ref.position_ids)
         torch.testing.assert_close(out.raw_logits, ref.raw_logits, atol=1e-5, rtol=0)
@@ -78,12 +83,32 @@ def test_same_tokens_log_probs_positions_as_generate(pipe, adapter, name):
     assert not torch.equal(out.tokens[0], out.tokens[1])
 
 
+@pytest.mark.parametrize("make", [GenerateSampler, StaticCacheSampler], ids=["generate", "engine"])
+def test_row_tokens_depend_on_its_prompt_and_seed_only(pipe, adapter, make):
+    """Each row draws from its own seeded stream: its tokens are the same in a batch of 4, in the batch reversed
+    (other neighbours, padding and rank in the batch) and alone, so processes holding different copies of a group
+    sample what one process holding them all samples."""
+    model, processing = pipe.vision_language_encoder, PROCESSINGS["release"]
+    inputs, u = inputs_for(adapter)
+    batch = make()(model, inputs, u, processing, seeds(7))
+    rev = [3, 2, 1, 0]
+    reversed_inputs, _ = inputs_for(adapter, [PROMPTS[i] for i in rev])
+    out = make()(model, reversed_inputs, u, processing, [seeds(7)[i] for i in rev])
+    assert torch.equal(out.tokens, batch.tokens[rev])
+    torch.testing.assert_close(out.log_probs, batch.log_probs[rev], atol=1e-5, rtol=0)
+    for i in (1, 2):  # the short prompt (padded in the batch) and the long one
+        alone_inputs, _ = inputs_for(adapter, [PROMPTS[i]])
+        alone = make()(model, alone_inputs, u, processing, [seeds(7)[i]])
+        assert torch.equal(alone.tokens[0], batch.tokens[i]), i
+        torch.testing.assert_close(alone.log_probs[0], batch.log_probs[i], atol=1e-5, rtol=0)
+
+
 def test_log_probs_equal_teacher_forced_recompute(pipe, adapter):
     """Independent of generate: one uncached forward over prompt + tokens with the engine's positions, the
     processing re-implemented by hand."""
     model, processing = pipe.vision_language_encoder, PROCESSINGS["all"]
     inputs, u = inputs_for(adapter)
-    out = StaticCacheSampler()(model, inputs, u, processing, seed=3)
+    out = StaticCacheSampler()(model, inputs, u, processing, seeds(3))
     b = out.tokens.shape[0]
     ids = torch.cat([inputs["input_ids"], out.tokens[:, :-1]], 1)
     mask = torch.cat([inputs["attention_mask"], torch.ones(b, u - 1, dtype=torch.long)], 1)
@@ -100,8 +125,8 @@ def test_positions_follow_grid_rule_for_non_square_sizes(pipe, adapter, size):
     model, processing = pipe.vision_language_encoder, PROCESSINGS["top_k"]
     inputs, u = inputs_for(adapter, PROMPTS[1:3], size)
     g = adapter.grids(*size)
-    out = StaticCacheSampler()(model, inputs, u, processing, seed=1)
-    ref = GenerateSampler()(model, inputs, u, processing, seed=1)
+    out = StaticCacheSampler()(model, inputs, u, processing, seeds(1, 2))
+    ref = GenerateSampler()(model, inputs, u, processing, seeds(1, 2))
     assert torch.equal(out.position_ids, ref.position_ids) and torch.equal(out.tokens, ref.tokens)
     mask, L = inputs["attention_mask"], inputs["input_ids"].shape[1]
     for i in range(2):
@@ -163,9 +188,9 @@ def test_internal_padding_and_graph_flag_on_cpu(pipe, adapter):
     graph flag is ignored on CPU."""
     model, processing = pipe.vision_language_encoder, PROCESSINGS["release"]
     inputs, u = inputs_for(adapter)
-    base = StaticCacheSampler()(model, inputs, u, processing, seed=5)
+    base = StaticCacheSampler()(model, inputs, u, processing, seeds(5))
     for sampler in (StaticCacheSampler(pad_prompt_to=16), StaticCacheSampler(use_cuda_graph=True)):
-        out = sampler(model, inputs, u, processing, seed=5)
+        out = sampler(model, inputs, u, processing, seeds(5))
         assert torch.equal(out.tokens, base.tokens) and torch.equal(out.position_ids, base.position_ids)
         torch.testing.assert_close(out.log_probs, base.log_probs, atol=1e-5, rtol=0)
 
@@ -176,12 +201,12 @@ def test_seeded_and_caller_rng_untouched(pipe, adapter):
     sampler = StaticCacheSampler()
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = sampler(model, inputs, 20, processing, seed=9)
+    a = sampler(model, inputs, 20, processing, seeds(9))
     assert torch.equal(torch.get_rng_state(), state)
-    b = sampler(model, inputs, 20, processing, seed=9)
-    c = sampler(model, inputs, 20, processing, seed=10)
+    b = sampler(model, inputs, 20, processing, seeds(9))
+    c = sampler(model, inputs, 20, processing, seeds(10))
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
-    one = sampler(model, inputs, 1, processing, seed=9)  # prefill only
+    one = sampler(model, inputs, 1, processing, seeds(9))  # prefill only
     assert torch.equal(one.tokens, a.tokens[:, :1]) and one.position_ids.shape[-1] == inputs["input_ids"].shape[1]
 
 
@@ -192,8 +217,8 @@ def test_eager_attention_implementation(tiny_path, adapter):
     assert model.model.language_model.config._attn_implementation == "eager"
     inputs, u = inputs_for(adapter)
     processing = PROCESSINGS["all"]
-    out = StaticCacheSampler()(model, inputs, u, processing, seed=2)
-    ref = GenerateSampler()(model, inputs, u, processing, seed=2)
+    out = StaticCacheSampler()(model, inputs, u, processing, seeds(2))
+    ref = GenerateSampler()(model, inputs, u, processing, seeds(2))
     assert torch.equal(out.tokens, ref.tokens)
     torch.testing.assert_close(out.log_probs, ref.log_probs, atol=1e-5, rtol=0)
 
@@ -202,14 +227,16 @@ def test_errors(pipe, adapter):
     model = pipe.vision_language_encoder
     inputs, u = inputs_for(adapter)
     with pytest.raises(ValueError, match="end marker"):
-        StaticCacheSampler()(model, inputs, u, LogitsProcessing(suppress_ids=(IMAGE_START,)), seed=0)
+        StaticCacheSampler()(model, inputs, u, LogitsProcessing(suppress_ids=(IMAGE_START,)), seeds(0))
     right = dict(inputs, attention_mask=inputs["attention_mask"].flip(1))
     with pytest.raises(ValueError, match="left-padded"):
-        StaticCacheSampler()(model, right, u, PROCESSINGS["release"], seed=0)
+        StaticCacheSampler()(model, right, u, PROCESSINGS["release"], seeds(0))
+    with pytest.raises(ValueError, match="one seed per prompt row"):
+        StaticCacheSampler()(model, inputs, u, PROCESSINGS["release"], seeds(0, 3))
     with pytest.raises(ValueError, match="num_tokens"):
-        StaticCacheSampler()(model, inputs, 0, PROCESSINGS["release"], seed=0)
+        StaticCacheSampler()(model, inputs, 0, PROCESSINGS["release"], seeds(0))
     with pytest.raises(ValueError, match="decode positions"):
-        StaticCacheSampler()(model, inputs, u + 3, PROCESSINGS["release"], seed=0)  # u + 2 feed the end marker
+        StaticCacheSampler()(model, inputs, u + 3, PROCESSINGS["release"], seeds(0))  # u + 2 feed the end marker
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -219,10 +246,10 @@ def test_cuda_graph_matches_eager_loop(tiny_path, adapter):
     ad = GlmImageAdapter(pipe)
     inputs, u = inputs_for(ad)
     processing = PROCESSINGS["all"]
-    eager = StaticCacheSampler(pad_prompt_to=64)(model, inputs, u, processing, seed=4)
+    eager = StaticCacheSampler(pad_prompt_to=64)(model, inputs, u, processing, seeds(4))
     graph = StaticCacheSampler(use_cuda_graph=True)
     for _ in range(2):  # second call replays the kept graph
-        out = graph(model, inputs, u, processing, seed=4)
+        out = graph(model, inputs, u, processing, seeds(4))
         assert torch.equal(out.tokens, eager.tokens)
         torch.testing.assert_close(out.log_probs, eager.log_probs, atol=1e-6, rtol=0)
         assert torch.equal(out.position_ids, eager.position_ids)
@@ -234,10 +261,10 @@ def test_compiled_decode_step_matches_eager(pipe, adapter):
     model = pipe.vision_language_encoder
     inputs, u = inputs_for(adapter)
     processing = PROCESSINGS["release"]
-    eager = StaticCacheSampler()(model, inputs, u, processing, seed=11)
+    eager = StaticCacheSampler()(model, inputs, u, processing, seeds(11))
     compiled = StaticCacheSampler(compile=True)
     for _ in range(2):
-        out = compiled(model, inputs, u, processing, seed=11)
+        out = compiled(model, inputs, u, processing, seeds(11))
         assert torch.equal(out.tokens, eager.tokens)
         torch.testing.assert_close(out.log_probs, eager.log_probs, atol=1e-5, rtol=0)
 
@@ -247,7 +274,7 @@ def test_cuda_graph_of_compiled_step_matches_eager_loop(tiny_path):
     pipe = load_pipeline(tiny_path, device="cuda")
     inputs, u = inputs_for(GlmImageAdapter(pipe))
     processing = PROCESSINGS["all"]
-    eager = StaticCacheSampler(pad_prompt_to=64)(pipe.vision_language_encoder, inputs, u, processing, seed=4)
-    out = StaticCacheSampler(use_cuda_graph=True, compile=True)(pipe.vision_language_encoder, inputs, u, processing, seed=4)
+    eager = StaticCacheSampler(pad_prompt_to=64)(pipe.vision_language_encoder, inputs, u, processing, seeds(4))
+    out = StaticCacheSampler(use_cuda_graph=True, compile=True)(pipe.vision_language_encoder, inputs, u, processing, seeds(4))
     assert torch.equal(out.tokens, eager.tokens)
     torch.testing.assert_close(out.log_probs, eager.log_probs, atol=1e-5, rtol=0)

@@ -160,6 +160,19 @@ def test_seeds_per_group_not_per_process(tiny_path):
     assert set(later.extras["decode_seeds"].tolist()).isdisjoint(mine.extras["decode_seeds"].tolist())
 
 
+def test_copies_split_over_calls_sample_what_one_call_samples(tiny_path):
+    """Two processes each holding 2 of a group's 4 copies (first_copy 0 and 2) sample the tokens, log-probs and
+    decoder seeds one call holding all 4 samples: every copy draws from its own seed (seed, group, copy)."""
+    policy = make_policy(tiny_path)
+    whole = policy.rollout(PROMPTS, [{}, {}], group_size=4, seed=7, first_group=3)
+    halves = [policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=7, first_group=3, first_copy=c) for c in (0, 2)]
+    # whole: [g0 c0-3, g1 c0-3]; halves concatenated: [g0 c0-1, g1 c0-1, g0 c2-3, g1 c2-3]
+    order = torch.tensor([(c // 2) * 4 + g * 2 + c % 2 for g in range(2) for c in range(4)])
+    for key in ("tokens", "decode_seeds"):
+        assert torch.equal(torch.cat([h.extras[key] for h in halves])[order], whole.extras[key]), key
+    torch.testing.assert_close(torch.cat([h.old_log_probs for h in halves])[order], whole.old_log_probs, atol=1e-5, rtol=0)
+
+
 def test_update_moves_log_probs_and_kl(tiny_path):
     policy = make_policy(tiny_path)
     r = policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=6)
