@@ -1,12 +1,14 @@
-"""One decoder rollout batch through ``StageTrainer.rollout_and_score``, in 1 or 2 processes (tests/test_distributed.py).
+"""One rollout batch of a stage through ``StageTrainer.rollout_and_score``, in 1 or 2 processes
+(tests/test_distributed.py).
 
-2 prompts x 4 copies, ``same_noise_in_group``; with 2 processes each rolls out 2 copies of each prompt. Rank 0
-writes every process's samples (rank order): latents around the trained steps (the first from the starting noise
-by ODE steps), the
-window's timesteps, the conditions' AR tokens, old log-probs and advantages.
+2 prompts x 4 copies; with 2 processes each rolls out 2 copies of each prompt. Rank 0 writes every process's
+samples (rank order): old log-probs, advantages and group ids, and per stage
+* decoder (``same_noise_in_group``): latents around the trained steps (the first from the starting noise by ODE
+  steps), the window's timesteps, the conditions' AR tokens;
+* ar: the sampled tokens and the seeds of the frozen decoder that renders them for the rewards.
 
-    python tests/dist_rollout.py MODEL_DIR OUT.safetensors
-    torchrun --nproc_per_node 2 tests/dist_rollout.py MODEL_DIR OUT.safetensors
+    python tests/dist_rollout.py STAGE MODEL_DIR OUT.safetensors
+    torchrun --nproc_per_node 2 tests/dist_rollout.py STAGE MODEL_DIR OUT.safetensors
 """
 
 import sys
@@ -25,25 +27,28 @@ from tandem.rl.session import build_policy
 from tandem.rl.trainer import StageTrainer
 
 
-def main(model_dir: str, out: str) -> None:
+def main(stage: str, model_dir: str, out: str) -> None:
     torch.manual_seed(0)
     cfg = JobConfig(output_dir="unused", seed=5)
     cfg.model.path = model_dir
-    apply_stage_defaults(cfg, "decoder")
+    apply_stage_defaults(cfg, stage)
     cfg.decoder.num_steps, cfg.decoder.same_noise_in_group = 6, True
     cfg.grpo.num_generations, cfg.grpo.prompts_per_step, cfg.grpo.mini_batch_size = 4, 2, 8
     cfg.rewards, cfg.reward_host.backend = [RewardEntry(name="brightness")], "local"
     accelerator = Accelerator(cpu=True)
     layout = layout_of(accelerator, cfg)
-    policy = build_policy("decoder", cfg)
+    policy = build_policy(stage, cfg)
     records = [PromptRecord("a red apple", {}), PromptRecord('a sign "OPEN"', {})]
     with RewardClient(cfg.rewards, cfg.reward_host) as rewards:
-        trainer = StageTrainer("decoder", cfg, policy, rewards, None, accelerator, RunState(), records, cfg.max_steps)
+        trainer = StageTrainer(stage, cfg, policy, rewards, None, accelerator, RunState(), records, cfg.max_steps)
         trainer.rollout_and_score()  # a second rollout batch: its seed differs from the first's
         subs = trainer.rollout_and_score().subs
-    e = {k: torch.cat([s.extras[k] for s in subs]) for k in ("latents", "next_latents", "timesteps")}
-    mine = dict(e, full_tokens=torch.cat([s.extras["cond"]["full_tokens"] for s in subs]),
-                old_log_probs=torch.cat([s.old_log_probs for s in subs]), advantages=torch.cat([s.advantages for s in subs]),
+    if stage == "decoder":
+        mine = {k: torch.cat([s.extras[k] for s in subs]) for k in ("latents", "next_latents", "timesteps")}
+        mine["full_tokens"] = torch.cat([s.extras["cond"]["full_tokens"] for s in subs])
+    else:
+        mine = {k: torch.cat([s.extras[k] for s in subs]) for k in ("tokens", "decode_seeds")}
+    mine.update(old_log_probs=torch.cat([s.old_log_probs for s in subs]), advantages=torch.cat([s.advantages for s in subs]),
                 group_ids=torch.cat([torch.as_tensor(s.group_ids) for s in subs]))
     parts = [mine]
     if layout.world > 1:
@@ -55,4 +60,4 @@ def main(model_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

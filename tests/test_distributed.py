@@ -65,23 +65,45 @@ def test_two_processes_match_one_process_on_the_same_data(tiny_model_path, tmp_p
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
 
 
+# one process: [group 0 copies 0-3, group 1 copies 0-3]; two: [rank 0: g0 c0-1, g1 c0-1, rank 1: g0 c2-3, g1 c2-3]
+ORDER = torch.tensor([(c // 2) * 4 + g * 2 + c % 2 for g in range(2) for c in range(4)])
+
+
+def rollouts_on_one_and_two_processes(stage, model_path, tmp_path):
+    """tests/dist_rollout.py's samples from 1 process and from 2 (gloo), the latter in the former's row order."""
+    run([sys.executable, "tests/dist_rollout.py", stage, str(model_path), str(tmp_path / "one.safetensors")])
+    run(torchrun("tests/dist_rollout.py", stage, str(model_path), str(tmp_path / "two.safetensors")))
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    return one, {k: v[ORDER] for k, v in two.items()}
+
+
 def test_two_processes_sample_the_rollout_of_one_process(tiny_model_path, tmp_path):
     """Seeds per group and copy (tandem.core.seeds), not per process: copies of a prompt on different processes share
     the SDE window, the conditions' AR tokens and (same_noise_in_group) the starting noise, and the two processes
     together sample exactly what one process holding all 4 copies samples."""
-    run([sys.executable, "tests/dist_rollout.py", str(tiny_model_path), str(tmp_path / "one.safetensors")])
-    run(torchrun("tests/dist_rollout.py", str(tiny_model_path), str(tmp_path / "two.safetensors")))
-    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
-    # one process: [group 0 copies 0-3, group 1 copies 0-3]; two: [rank 0: g0 c0-1, g1 c0-1, rank 1: g0 c2-3, g1 c2-3]
-    order = torch.tensor([(c // 2) * 4 + g * 2 + c % 2 for g in range(2) for c in range(4)])
+    one, two = rollouts_on_one_and_two_processes("decoder", tiny_model_path, tmp_path)
     for key in ("timesteps", "full_tokens", "group_ids"):
-        assert torch.equal(two[key][order], one[key]), key
+        assert torch.equal(two[key], one[key]), key
     for key in ("latents", "next_latents", "old_log_probs", "advantages"):
-        torch.testing.assert_close(two[key][order], one[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     assert len(set(one["timesteps"][:, 0].tolist())) == 1  # one window for the rollout call
-    for rows in (two["latents"][:, 0].view(2, 2, 2, -1), one["latents"][:, 0].view(2, 4, -1)):  # same start per group
-        torch.testing.assert_close(rows, rows[..., :1, :].expand_as(rows), rtol=1e-4, atol=1e-5)
+    rows = one["latents"][:, 0].view(2, 4, -1)  # the same starting noise per group
+    torch.testing.assert_close(rows, rows[:, :1].expand_as(rows), rtol=1e-4, atol=1e-5)
     assert not torch.equal(one["next_latents"][0], one["next_latents"][1])  # copies still differ (their SDE noise)
+
+
+def test_two_processes_sample_the_ar_rollout_of_one_process(tiny_model_path, tmp_path):
+    """The AR stage: each copy's tokens come from its own seed (rollout seed, group, copy) and its own stream
+    (policies.ar_sampler.SeededDraws), the frozen decoder that renders them for the rewards from one seed per
+    group; so the two processes sample exactly the tokens, log-probs and rewards of one process."""
+    one, two = rollouts_on_one_and_two_processes("ar", tiny_model_path, tmp_path)
+    for key in ("tokens", "decode_seeds", "group_ids"):
+        assert torch.equal(two[key], one[key]), key
+    for key in ("old_log_probs", "advantages"):
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    seeds = one["decode_seeds"].view(2, 4)
+    assert (seeds == seeds[:, :1]).all() and seeds[0, 0] != seeds[1, 0]  # one decoder seed per group
+    assert not torch.equal(one["tokens"][0], one["tokens"][1])  # the copies of a group still differ
 
 
 def test_training_job_on_two_processes(tiny_model_path, tmp_path):
