@@ -297,7 +297,8 @@ def _check_same_processing(ours: torch.Tensor, theirs: torch.Tensor, tol: float 
         raise RuntimeError(
             "generate applied logits processing that LogitsProcessing (suppress → temperature → top-k → top-p) "
             "does not reproduce; the stored log-probs would not be those of the training recompute. Remove the "
-            "extra options (repetition_penalty, no_repeat_ngram_size, bad_words_ids, …) from the model's generation_config.json"
+            "extra options (repetition_penalty, no_repeat_ngram_size, bad_words_ids, …) from the model's "
+            "generation_config.json"
         )
 
 
