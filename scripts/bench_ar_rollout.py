@@ -21,9 +21,11 @@ batch 32, ~30-40 prompt tokens each, left padded), target 1024² (16x16 preview 
 
 * ``hf_generate``: ``model.generate(**inputs, generation_config=...)`` directly (dynamic KV cache);
 * ``tandem_sampler``: ``policies.ar_sampler.GenerateSampler`` as ``ARPolicy.rollout`` calls it —
-  ``policy.sampler(policy.model, prompt_inputs(inputs), N, policy.processing, row_seeds(seed, B))`` on an ``ARPolicy`` built
-  over the model (full fine-tuning setup; the decoder rendering is not run). It adds ``output_scores``, the
-  log-prob gather and the MRoPE-position hook to ``generate``;
+  ``policy.sampler(policy.model, prompt_inputs(inputs), N, policy.processing, row_seeds(seed, B))`` on an
+  ``ARPolicy`` built over the model (full fine-tuning setup; the decoder rendering is not run). It adds the
+  per-row seeded draw (a logits processor; generate itself runs greedy), the log-prob gather and the
+  MRoPE-position hook to ``generate`` (the timings in docs/benchmarks.md predate the per-row draw, when it
+  added ``output_scores`` to a sampling ``generate``);
 * ``hf_generate_static``: ``generate`` with ``cache_implementation="static"`` (transformers then compiles the
   decode forward itself: ``CompileConfig`` default, inductor, mode reduce-overhead);
 * ``tandem_sampler_lora`` (``--lora-row``): the sampler on an ``ARPolicy`` with LoRA rank 32 on
@@ -139,7 +141,7 @@ def kv_bytes(model, batch: int, context: float) -> float:
 # ------------------------------------------------------------------------------------------------ measuring
 def hf_generate_fn(model, inputs, static: bool, scores: bool = False):
     """``model.generate`` with the release sampler; ``scores``: also ``return_dict_in_generate`` and
-    ``output_scores`` (what ``GenerateSampler`` asks for, without its position hook and log-prob gather)."""
+    ``output_scores`` (what ``GenerateSampler`` asked for before its per-row seeded draw)."""
     from transformers import GenerationConfig
 
     gen = model.generation_config
