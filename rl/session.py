@@ -65,10 +65,20 @@ def load_checked(cfg: JobConfig, stage: str, records: List[PromptRecord]):
 
 
 def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
+    """The stage's prompt records; an editing stage (``ar.edit`` / ``decoder.edit``) refuses, with one line, a
+    record that has no source image."""
     size = (cfg.data.height, cfg.data.width)
     if stage == "decoder" and cfg.decoder.condition_source == "buffer":
-        return load_buffer_records(cfg.decoder.buffer_dir, *size, allowed_roots=cfg.data.allowed_roots)
-    return load_prompts(cfg.data.prompts, size, cfg.data.allowed_roots)
+        source = f"the buffer in {cfg.decoder.buffer_dir}"
+        records = load_buffer_records(cfg.decoder.buffer_dir, *size, allowed_roots=cfg.data.allowed_roots)
+    else:
+        source, records = cfg.data.prompts, load_prompts(cfg.data.prompts, size, cfg.data.allowed_roots)
+    key = "ar.edit" if stage == "ar" and cfg.ar.edit else "decoder.edit" if stage == "decoder" and cfg.decoder.edit else None
+    missing = [r.prompt for r in records if "reference" not in r.metadata]
+    if key and missing:
+        raise ConfigError(f"{key}: the prompt {missing[0]!r} in {source} has no source image; give every record a "
+                          f"'reference' (an image path), or set {key}=false")
+    return records
 
 
 def check_rewards(cfg: JobConfig) -> None:
