@@ -18,7 +18,7 @@ from tandem.policies.ar import ARPolicy
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
 from tandem.rl.config import JobConfig, apply_stage_defaults, load_config
-from tandem.rl.session import train, training_records
+from tandem.rl.session import load_checked, train, training_records
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny AR models and jobs
 
@@ -105,7 +105,8 @@ def test_rewards_see_edits_rendered_with_the_source(policy, batch, tiny_path):
     assert np.abs(batch.images.astype(int) - plain.astype(int)).max() > 0
 
 
-def test_records_without_a_source_are_refused(policy, tmp_path):
+def test_records_without_a_source_are_refused(policy, records, tiny_path, tmp_path):
+    """At rollout, and before any model loads: in the training prompts, and in the eval prompts when eval runs."""
     with pytest.raises(ConfigError, match="ar.edit needs a source image"):
         policy.rollout(["make it red"], [{}], group_size=2, seed=0)
     (tmp_path / "p.jsonl").write_text('{"prompt": "make it red"}\n')
@@ -114,6 +115,11 @@ def test_records_without_a_source_are_refused(policy, tmp_path):
     with pytest.raises(ConfigError, match="ar.edit: the prompt 'make it red' .* has no source image") as e:
         training_records(cfg, "ar")
     assert "\n" not in str(e.value)
+    cfg = load_config("configs/demo/edit_ar.yaml", [f"output_dir={tmp_path / 'run'}", f"model.path={tiny_path}",
+                                                    f"data.eval_prompts={tmp_path / 'p.jsonl'}", "logging.eval_every=5"],
+                      stage="ar")
+    with pytest.raises(ConfigError, match="ar.edit: the prompt 'make it red' .* has no source image"):
+        load_checked(cfg, "ar", records)
 
 
 @pytest.mark.parametrize("override, stage, key", [
@@ -140,3 +146,19 @@ def test_edit_ar_job_trains(tiny_model_path, tmp_path):
     assert abs(rows[0]["ratio/mean"] - 1) < 1e-5 and abs(rows[0]["kl"]) < 1e-6
     assert all(np.isfinite(r["reward/source_structure/mean"]) and r["grad_norm"] > 0 for r in rows)
     assert any((run / "checkpoints" / "step_2" / "vision_language_encoder").glob("*.safetensors"))
+
+
+def test_joint_edit_job_trains_both_stages(tiny_model_path, tmp_path):
+    """`train joint` with ar.edit and decoder.edit: an AR phase on edits, then a decoder phase on its tokens with the
+    same sources; each phase's first step is on-policy."""
+    from tandem.rl.session import train_joint
+
+    cfg = load_config("configs/demo/edit_ar.yaml", [
+        f"output_dir={tmp_path / 'joint'}", f"model.path={tiny_model_path}", "decoder.edit=true", "max_steps=4",
+        "joint.ar_steps_per_phase=2", "joint.decoder_steps_per_phase=2", "decoder.num_steps=4",
+        "decoder.sde_window_range=[0,2]", "logging.sample_every=0", "reward_host.backend=local"], stage="joint")
+    run = train_joint(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["ar", "ar", "decoder", "decoder"]
+    assert abs(rows[0]["ratio/mean"] - 1) < 1e-5 and abs(rows[2]["ratio/mean"] - 1) < 1e-5
+    assert all(np.isfinite(r["reward/source_structure/mean"]) for r in rows)
