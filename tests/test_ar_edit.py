@@ -122,18 +122,6 @@ def test_records_without_a_source_are_refused(policy, records, tiny_path, tmp_pa
         load_checked(cfg, "ar", records)
 
 
-@pytest.mark.parametrize("override, stage, key", [
-    ("ar.sampler=engine", "ar", "ar.sampler"),
-    ("decoder.edit=false", "joint", "decoder.edit"),
-])
-def test_bad_edit_configs_are_one_line_errors(tmp_path, override, stage, key):
-    with pytest.raises(ConfigError, match=key) as e:
-        load_config("configs/demo/edit_ar.yaml", [override, f"output_dir={tmp_path}"], stage=stage)
-    assert "\n" not in str(e.value)
-    if key == "ar.sampler":
-        assert "ar.sampler=generate" in str(e.value)
-
-
 def test_edit_ar_job_trains(tiny_model_path, tmp_path):
     """Two optimizer steps of configs/demo/edit_ar.yaml (one rollout): the first is exactly on-policy, the weights
     move, and the edit rewards are scored."""

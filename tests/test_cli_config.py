@@ -34,7 +34,6 @@ def test_dry_run_prints_the_resolved_config():
         (["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run", "ar.sampler=vllm"], "ar.sampler"),
         (["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run", "ar.sampler=engine", "distributed.strategy=fsdp"],
          "ar.sampler"),
-        (["train", "ar", "--config", "configs/demo/edit_ar.yaml", "--dry-run", "ar.sampler=engine"], "ar.sampler=generate"),
         (["train", "sideways", "--config", "configs/demo/ar.yaml"], "sideways"),
         (["sample", "--config", "configs/demo/sample.yaml", "model.path=/nonexistent", "model.create_tiny_if_missing=false"], "model.path"),
     ],
