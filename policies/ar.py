@@ -21,6 +21,18 @@ is scored the same way, and the per-token KL is k3 (``tandem.policies.kl.k3_kl``
 the sampler), never letting the model derive them (wrong from the 3rd generated token on) and never touching
 the model's cached rope state (docs/glm_image_facts.md, "Exact AR log-probs").
 
+**Editing** (``ar.edit``). Each record's ``reference`` image is the source, and the AR stage is conditioned on it
+the way ``GlmImagePipeline(image=...)`` conditions its AR model (``GlmImageAdapter.edit_inputs``): the chat
+template's image item puts the source's ``<|image|>`` placeholders before the instruction, the processor adds
+``pixel_values`` and the grids (source, target), and the model replaces the placeholders by the source's VQ tokens
+(vision tower + VQ codebook, frozen: the ids are discrete, so no gradient reaches them) and writes the target's
+full grid only (U = th·tw, no preview grid). The rollout stores ``pixel_values`` (B, n, C·p²), the grids and
+``images_per_sample`` with the tokens, and the training forward feeds them again, with the MRoPE positions the
+image-conditioned prefill used (the source's tokens at 2-D positions), so the recompute is the sampler's forward
+and the first on-policy ratio is 1. The frozen decoder renders the tokens with the decoder stage's edit
+conditioning (the source's latents and prior tokens through its KV cache), so edit rewards (``source_structure``,
+``lpips``) judge real edits. ``ar.sampler: engine`` takes no image inputs (refused by the config).
+
 **LoRA targets are per stage.** ``optim.lora.target_modules`` names modules of the trained model; the schema
 default names the decoder's (``to_q``…). The AR policy reads that exact default as "stage default" and uses
 ``AR_LORA_TARGETS`` (the attention projections of the GLM text layers); set it explicitly in an AR YAML
@@ -96,8 +108,11 @@ class ARPolicy(TrainedComponent):
         self.sampler: TokenSampler = sampler or self._sampler(cfg)
         self.height, self.width = cfg.data.height, cfg.data.width
         self.grids = adapter.grids(self.height, self.width)
-        self.decoder = GlmFlowAdapter(pipe, self.height, self.width)  # the frozen decoder that renders the tokens
-        self.num_preview, self.num_full = self.grids.num_preview, self.grids.num_full
+        self.edit = cfg.ar.edit
+        # the frozen decoder that renders the tokens (for an edit, conditioned on the source as the decoder stage is)
+        self.decoder = GlmFlowAdapter(pipe, self.height, self.width, edit=self.edit, edit_key="ar.edit")
+        self.num_preview = 0 if self.edit else self.grids.num_preview  # an edit writes the target's full grid only
+        self.num_full = self.grids.num_full
         self.processing = self._processing(cfg)
         self._peft = None
         self._ref_model = None
@@ -159,14 +174,20 @@ class ARPolicy(TrainedComponent):
     def num_units(self) -> int:
         return self.num_preview + self.num_full
 
-    def _sample_tokens(self, prompts: Sequence[str], seeds: Sequence[int]):
-        inputs = self.adapter.ar_inputs(prompts, self.height, self.width)
+    def _sample_tokens(self, prompts: Sequence[str], metadata: Sequence[dict], seeds: Sequence[int]):
+        if self.edit:
+            sources = self.decoder.sources(prompts, metadata)
+            inputs = self.adapter.edit_inputs(prompts, sources, self.height, self.width)
+        else:
+            inputs = self.adapter.ar_inputs(prompts, self.height, self.width)
         out: SampledTokens = self.sampler(self.model, prompt_inputs(inputs), self.num_units, self.processing, seeds)
         return inputs, out
 
-    def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+    def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict],
+                seeds: Sequence[int]) -> np.ndarray:
         ar = self.cfg.ar
-        return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds)
+        return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds,
+                             metadata=metadata)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
@@ -174,7 +195,9 @@ class ARPolicy(TrainedComponent):
         """Sample ``group_size`` token sequences per prompt (copies adjacent) and render them. No grad.
 
         Returns a ``Rollout`` with U = num_preview + num_full units; ``extras`` (batch first):
-            input_ids, attention_mask (B, L): the left-padded prompts; image_grid_thw (B, 2, 3) (full, preview);
+            input_ids, attention_mask (B, L): the left-padded prompts; image_grid_thw (B, 2, 3) (full, preview;
+            for an edit: source, full); for an edit also pixel_values (B, n, C·p²) the source's patches and
+            images_per_sample (B,);
             tokens (B, U); position_ids (B, 3, L + U − 1) MRoPE positions of prompt + tokens[:, :-1];
             full_tokens (B, th·tw) the decoder's condition; decode_seeds (B,) the decoder noise seeds;
             and, unbatched, num_preview and full_grid (th, tw).
@@ -193,11 +216,11 @@ class ARPolicy(TrainedComponent):
         group_ids = group_ids_for(n, group_size)
         # 2. tokens with the sampler's log-probs and positions, one seed per copy
         token_seeds = [seeds.copy(TOKENS, g, i % group_size) for i, g in enumerate(group_ids)]
-        inputs, out = self._sample_tokens(prompts_rep, token_seeds)
+        inputs, out = self._sample_tokens(prompts_rep, meta_rep, token_seeds)
         full_tokens = out.tokens[:, self.num_preview:]
         # 3. images: one decoder seed per group, so reward differences within a group come from the tokens only
         decode_seeds = [seeds.group(DECODE, g) for g in group_ids]
-        images = self._render(full_tokens, prompts_rep, decode_seeds)
+        images = self._render(full_tokens, prompts_rep, meta_rep, decode_seeds)
         # 4. per-segment loss weights
         b, u = out.tokens.shape
         mask = torch.full((b, u), float(self.cfg.ar.full_loss_weight), device=out.tokens.device)
@@ -208,6 +231,9 @@ class ARPolicy(TrainedComponent):
             full_tokens=full_tokens, decode_seeds=torch.tensor(decode_seeds, dtype=torch.int64),
             num_preview=self.num_preview, full_grid=(self.grids.th, self.grids.tw),
         )
+        if self.edit:  # batch first, like every extra (one source per sample, all of the job's size)
+            extras.update(pixel_values=inputs["pixel_values"].view(b, -1, inputs["pixel_values"].shape[-1]),
+                          images_per_sample=inputs["images_per_sample"])
         return Rollout(images=images, prompts=prompts_rep, metadata=meta_rep, group_ids=group_ids,
                        old_log_probs=out.log_probs.float(), mask=mask, extras=extras)
 
@@ -216,8 +242,9 @@ class ARPolicy(TrainedComponent):
         """(N, H, W, 3) uint8 images at eval settings: the same sampler, one sample per prompt (prompt i is group i,
         copy 0 of ``seed``)."""
         seeds = RolloutSeeds(seed)
-        _, out = self._sample_tokens(list(prompts), [seeds.copy(TOKENS, i, 0) for i in range(len(prompts))])
-        return self._render(out.tokens[:, self.num_preview:], list(prompts), [seed * 1000 + i for i in range(len(prompts))])
+        _, out = self._sample_tokens(list(prompts), list(metadata), [seeds.copy(TOKENS, i, 0) for i in range(len(prompts))])
+        return self._render(out.tokens[:, self.num_preview:], list(prompts), list(metadata),
+                            [seed * 1000 + i for i in range(len(prompts))])
 
     # ------------------------------------------------------------------------------------------ learning
     def unit_chunks(self, batch: Rollout) -> List[slice]:
@@ -225,7 +252,8 @@ class ARPolicy(TrainedComponent):
         return [slice(0, batch.old_log_probs.shape[1])]
 
     def _logits(self, model: torch.nn.Module, extras: dict) -> torch.Tensor:
-        """(B, U, V) float32 raw logits predicting each generated token, teacher-forced with generation's positions."""
+        """(B, U, V) float32 raw logits predicting each generated token, teacher-forced with generation's positions
+        (and, for an edit, the rollout's source images: the model turns them into the same image tokens)."""
         device = self.model.device
         tokens = extras["tokens"].to(device)
         b, u = tokens.shape
@@ -233,8 +261,13 @@ class ARPolicy(TrainedComponent):
         attention_mask = torch.cat([extras["attention_mask"].to(device),
                                     torch.ones(b, u - 1, dtype=extras["attention_mask"].dtype, device=device)], dim=1)
         position_ids = extras["position_ids"].to(device).permute(1, 0, 2)  # (3, B, L + U - 1)
+        images = {}
+        if "pixel_values" in extras:
+            images = dict(pixel_values=extras["pixel_values"].to(device).flatten(0, 1),
+                          image_grid_thw=extras["image_grid_thw"].to(device).flatten(0, 1),
+                          images_per_sample=extras["images_per_sample"].to(device))
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=u)
+                    logits_to_keep=u, **images)
         return out.logits.float()
 
     def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:

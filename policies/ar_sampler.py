@@ -303,6 +303,7 @@ def _check_same_processing(ours: torch.Tensor, theirs: torch.Tensor, tol: float 
 
 
 def prompt_inputs(inputs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The processor outputs ``generate`` takes (drops keys it does not)."""
-    keys = ("input_ids", "attention_mask", "image_grid_thw", "images_per_sample")
+    """The processor outputs ``generate`` takes (drops keys it does not); an edit's source images travel as
+    ``pixel_values`` (the model turns them into the image tokens that replace the prompt's placeholders)."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "images_per_sample")
     return {k: inputs[k] for k in keys if k in inputs}

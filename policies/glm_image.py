@@ -97,20 +97,28 @@ class GlmImageAdapter:
         )
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    @torch.no_grad()
-    def edit_tokens(self, prompts: Sequence[str], images: np.ndarray, height: int, width: int, seed: int) -> torch.Tensor:
-        """Full-grid ids (P, th*tw) the AR model writes for edit instructions ``prompts`` on source ``images``
-        (P, H, W, 3) uint8: the chat template's image item puts each source's image tokens before the text (as
-        ``GlmImagePipeline.generate_prior_tokens(image=...)`` builds it); for an edit the model writes the target
-        grid only. Sampled with the model's generation config, ``torch.manual_seed(seed)`` as the pipeline does.
-        (The pipeline's own image path is not used: in diffusers 0.42.1 it concatenates the vision features that
-        ``get_image_tokens`` expects per image.)"""
+    def edit_inputs(self, prompts: Sequence[str], images: np.ndarray, height: int, width: int) -> dict:
+        """Processor outputs (left padded) for edit instructions ``prompts`` on source ``images`` (P, H, W, 3) uint8,
+        as ``GlmImagePipeline.generate_prior_tokens(image=...)`` builds them: the chat template's image item puts
+        each source's image tokens before the text. Keys: input_ids, attention_mask (P, L); pixel_values
+        (P·n, C·p²) the sources' patches, packed; image_grid_thw (2P, 3) (source grid, target grid) per sample;
+        images_per_sample (P,) = 2. The target is the full grid only (no preview grid)."""
         from PIL import Image
 
         messages = [[{"role": "user", "content": [{"type": "image", "image": Image.fromarray(np.asarray(im))},
                                                   {"type": "text", "text": p}]}] for p, im in zip(prompts, images)]
         inputs = self.processor.apply_chat_template(messages, tokenize=True, padding=len(prompts) > 1, target_h=height,
-                                                    target_w=width, return_dict=True, return_tensors="pt").to(self.device)
+                                                    target_w=width, return_dict=True, return_tensors="pt")
+        return dict(inputs.to(self.device))
+
+    @torch.no_grad()
+    def edit_tokens(self, prompts: Sequence[str], images: np.ndarray, height: int, width: int, seed: int) -> torch.Tensor:
+        """Full-grid ids (P, th*tw) the AR model writes for edit instructions ``prompts`` on source ``images``
+        (P, H, W, 3) uint8 (``edit_inputs``); for an edit the model writes the target grid only. Sampled with the
+        model's generation config, ``torch.manual_seed(seed)`` as the pipeline does. (The pipeline's own image path
+        is not used: in diffusers 0.42.1 it concatenates the vision features that ``get_image_tokens`` expects per
+        image.)"""
+        inputs = self.edit_inputs(prompts, images, height, width)
         num = self.grids(height, width).num_full
         torch.manual_seed(seed)
         out = self.pipe.vision_language_encoder.generate(**inputs, max_new_tokens=num + 1, do_sample=True)

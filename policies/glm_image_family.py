@@ -13,7 +13,7 @@ KV cache, as ``GlmImagePipeline(image=...)`` conditions the decoder (``GlmImageA
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,13 +33,14 @@ class GlmFlowAdapter:
         condition_source: where prompts without ``full_tokens`` get theirs: "ar" | "reference" | "buffer".
         batch_cfg: both CFG branches in one call of 2B (``decoder.cfg_batch``).
         edit: the records' ``reference`` images are sources to edit (``decoder.edit``).
+        edit_key: the config key that asked for editing, named in the error for a record without a source.
     """
 
     def __init__(self, pipe, height: int, width: int, condition_source: str = "ar", batch_cfg: bool = False,
-                 edit: bool = False):
+                 edit: bool = False, edit_key: str = "decoder.edit"):
         self.pipe, self.layout = pipe, GlmImageAdapter(pipe)
         self.height, self.width = height, width
-        self.condition_source, self.batch_cfg, self.edit = condition_source, batch_cfg, edit
+        self.condition_source, self.batch_cfg, self.edit, self.edit_key = condition_source, batch_cfg, edit, edit_key
         self.grids = self.layout.grids(height, width)
         self.denoiser = pipe.transformer
 
@@ -63,7 +64,7 @@ class GlmFlowAdapter:
                 raise ConfigError(f"decoder.condition_source=reference needs a 'reference' image for prompt {missing[0]!r}")
             return self.layout.reference_tokens(np.stack([m["reference"] for m in metadata]))
         if self.edit:
-            return self.layout.edit_tokens(prompts, self._sources(prompts, metadata), self.height, self.width, seed)
+            return self.layout.edit_tokens(prompts, self.sources(prompts, metadata), self.height, self.width, seed)
         gen = torch.Generator().manual_seed(seed)
         up, _, _ = self.pipe.generate_prior_tokens(prompt=list(prompts), height=self.height, width=self.width,
                                                    device=self.device, generator=gen)
@@ -79,18 +80,19 @@ class GlmFlowAdapter:
     @torch.no_grad()
     def source_conditions(self, prompts: Sequence[str], metadata: Sequence[dict]) -> Dict[str, torch.Tensor]:
         """source_latents (P, C, h, w) and source_prior (P, 4*th*tw) of each record's source image."""
-        images = self._sources(prompts, metadata)
+        images = self.sources(prompts, metadata)
         prior = self.layout.upsample_prior(self.layout.reference_tokens(images), self.grids)
         return {"source_latents": self.layout.source_latents(images), "source_prior": prior}
 
-    def _sources(self, prompts: Sequence[str], metadata: Sequence[dict]) -> np.ndarray:
+    def sources(self, prompts: Sequence[str], metadata: Sequence[dict]) -> np.ndarray:
         """(P, H, W, 3) uint8 source images of an edit job; ConfigError naming the prompt without one."""
         missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
         if missing:
-            raise ConfigError(f"decoder.edit needs a source image ('reference' in the prompt file) for prompt {missing[0]!r}")
+            raise ConfigError(f"{self.edit_key} needs a source image ('reference' in the prompt file) for prompt "
+                              f"{missing[0]!r}")
         images = np.stack([m["reference"] for m in metadata])
         if images.shape[1:3] != (self.height, self.width):
-            raise ConfigError(f"decoder.edit: source images are {images.shape[1]}x{images.shape[2]}, the job makes "
+            raise ConfigError(f"{self.edit_key}: source images are {images.shape[1]}x{images.shape[2]}, the job makes "
                               f"{self.height}x{self.width} images; load them at data.height x data.width")
         return images
 
@@ -119,9 +121,14 @@ class GlmFlowAdapter:
 
 
 def render_tokens(adapter: GlmFlowAdapter, full_tokens: torch.Tensor, prompts: Sequence[str], num_steps: int,
-                  guidance_scale: float, seeds: Sequence[int], transformer=None) -> np.ndarray:
-    """Full-grid AR tokens (B, th*tw) -> uint8 images (B, H, W, 3) by Euler steps of the frozen (or given) DiT."""
+                  guidance_scale: float, seeds: Sequence[int], transformer=None,
+                  metadata: Optional[Sequence[dict]] = None) -> np.ndarray:
+    """Full-grid AR tokens (B, th*tw) -> uint8 images (B, H, W, 3) by Euler steps of the frozen (or given) DiT.
+    With an editing ``adapter`` the DiT also attends to each record's source (``metadata[i]["reference"]``) as the
+    decoder stage's edit path does (``GlmFlowAdapter.source_conditions``)."""
     cond = adapter.token_conditions(full_tokens, prompts, with_negative=guidance_scale > 1.0)
+    if adapter.edit:
+        cond.update(adapter.source_conditions(prompts, metadata if metadata is not None else [{}] * len(prompts)))
     return ode_sample(adapter, transformer or adapter.denoiser, cond, seeds, num_steps, guidance_scale)
 
 
@@ -158,10 +165,15 @@ def check_prompts(pipe, prompts: List[str], cfg, stage: str) -> None:
         return  # the AR model never reads these prompts (the decoder's glyph encoder truncates at 2048)
     adapter = GlmImageAdapter(pipe)
     context = pipe.vision_language_encoder.config.text_config.max_position_embeddings
-    grids = adapter.grids(cfg.data.height, cfg.data.width)
+    h, w = cfg.data.height, cfg.data.width
+    grids = adapter.grids(h, w)
     tokenizer = pipe.processor.tokenizer
-    layout = len(adapter.ar_inputs([""], cfg.data.height, cfg.data.width)["input_ids"][0])
-    budget = context - layout - grids.num_preview - grids.num_full - 1
+    if cfg.ar.edit if stage in ("ar", "joint") else cfg.decoder.edit:  # the source's image tokens, the target grid only
+        layout = len(adapter.edit_inputs([""], np.zeros((1, h, w, 3), np.uint8), h, w)["input_ids"][0])
+        budget = context - layout - grids.num_full - 1
+    else:
+        layout = len(adapter.ar_inputs([""], h, w)["input_ids"][0])
+        budget = context - layout - grids.num_preview - grids.num_full - 1
     longest = max(len(t) for t in tokenizer.get_vocab())
     for i, prompt in enumerate(dict.fromkeys(prompts)):
         n = budget + 1 if len(prompt) > max(budget, 0) * longest else len(tokenizer(prompt)["input_ids"])

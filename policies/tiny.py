@@ -25,11 +25,15 @@ IMAGE_START = CODEBOOK  # <|dit_token_128|> = bos of the image segment (release:
 IMAGE_END = CODEBOOK + 1  # <|dit_token_129|> = eos (release: 16385)
 VISION_VOCAB = CODEBOOK + 4  # lm_head width (release: 16512)
 LATENT_CHANNELS = 4
-TINY_VERSION = 5  # bump when the tiny models change, so cached folders are rebuilt
+TINY_VERSION = 6  # bump when the tiny models change, so cached folders are rebuilt
 
+# Text items as they are; an image item (an edit's source) as <image start><|image|><image end>, the markers that
+# GlmImageModel.get_rope_index looks for to give the source's tokens 2-D positions (without them they get text
+# positions and the source grid is taken for a grid still to generate).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}{% elif item['type'] == 'image' %}<|image|>{% endif %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% elif item['type'] == 'image' %}"
+    f"<|dit_token_{IMAGE_START}|><|image|><|dit_token_{IMAGE_END}|>{{% endif %}}"
     "{% endfor %}{% endfor %}"
 )
 TOKENIZER_CORPUS = [

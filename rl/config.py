@@ -87,6 +87,11 @@ class ARConfig:
     decode_steps: int = 8
     # CFG scale of that frozen decoder (release: 1.5; 1.0 turns CFG off).
     decode_guidance_scale: float = 1.5
+    # Image editing: each record's `reference` image is the source to edit. The AR model reads it as image tokens
+    # before the instruction (GlmImagePipeline(image=...)'s chat template) and writes the target's full grid only;
+    # training feeds the same source images; the frozen decoder renders with the source's latents and prior tokens
+    # (as decoder.edit does). Needs ar.sampler generate, and decoder.edit to match in `train joint`.
+    edit: bool = False
 
 
 @dataclass
@@ -471,6 +476,15 @@ def validate(job: JobConfig, stage: str) -> None:
         _choice("logging.report_to", tracker, TRACKERS)
     _choice("distributed.launcher", job.distributed.launcher, ("none", "ray_train"))
     _choice("distributed.strategy", job.distributed.strategy, ("ddp", "fsdp"))
+    if stage in ("ar", "joint") and job.ar.edit:
+        _rule(job.model.family == "glm_image", "ar.edit",
+              f"image editing is built for model.family glm_image, not {job.model.family!r}")
+        _rule(job.ar.sampler == "generate", "ar.sampler", "'engine' takes text-to-image prompts only (no source "
+              "images as pixel_values); with ar.edit use ar.sampler=generate")
+        _rule(stage != "joint" or d.edit, "decoder.edit", "a joint job with ar.edit edits in both stages: set "
+              "decoder.edit=true (or ar.edit=false)")
+    _rule(not (stage == "joint" and d.edit and not job.ar.edit), "ar.edit", "a joint job with decoder.edit edits "
+          "in both stages: set ar.edit=true (or decoder.edit=false)")
     _rule(not (stage in ("ar", "joint") and job.ar.sampler == "engine" and job.distributed.strategy == "fsdp"),
           "ar.sampler", "'engine' runs the layers outside the sharded root forward (and captures them in a CUDA "
           "graph); with distributed.strategy=fsdp use ar.sampler=generate")

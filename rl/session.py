@@ -59,16 +59,34 @@ def load_checked(cfg: JobConfig, stage: str, records: List[PromptRecord]):
         prompts = [r.prompt for r in records]
         if cfg.data.eval_prompts and cfg.logging.eval_every:
             size = (cfg.data.height, cfg.data.width)
-            prompts += [r.prompt for r in load_prompts(cfg.data.eval_prompts, size, cfg.data.allowed_roots)]
+            eval_records = load_prompts(cfg.data.eval_prompts, size, cfg.data.allowed_roots)
+            check_sources(cfg, stage, eval_records, cfg.data.eval_prompts)
+            prompts += [r.prompt for r in eval_records]
         family.check_prompts(pipe, prompts, cfg, stage)
     return pipe
 
 
+def check_sources(cfg: JobConfig, stage: str, records: List[PromptRecord], source: str) -> None:
+    """An editing stage (``ar.edit``; ``decoder.edit``) needs a source image (``reference``) in every record: one
+    line naming the first prompt without one."""
+    edits = {"ar": cfg.ar.edit, "decoder": cfg.decoder.edit, "joint": cfg.ar.edit}
+    key = ("decoder.edit" if stage == "decoder" else "ar.edit") if edits.get(stage) else None
+    missing = [r.prompt for r in records if "reference" not in r.metadata]
+    if key and missing:
+        raise ConfigError(f"{key}: the prompt {missing[0]!r} in {source} has no source image; give every record a "
+                          f"'reference' (an image path), or set {key}=false")
+
+
 def training_records(cfg: JobConfig, stage: str) -> List[PromptRecord]:
+    """The stage's prompt records (an editing stage checks their source images: ``check_sources``)."""
     size = (cfg.data.height, cfg.data.width)
     if stage == "decoder" and cfg.decoder.condition_source == "buffer":
-        return load_buffer_records(cfg.decoder.buffer_dir, *size, allowed_roots=cfg.data.allowed_roots)
-    return load_prompts(cfg.data.prompts, size, cfg.data.allowed_roots)
+        source = f"the buffer in {cfg.decoder.buffer_dir}"
+        records = load_buffer_records(cfg.decoder.buffer_dir, *size, allowed_roots=cfg.data.allowed_roots)
+    else:
+        source, records = cfg.data.prompts, load_prompts(cfg.data.prompts, size, cfg.data.allowed_roots)
+    check_sources(cfg, stage, records, source)
+    return records
 
 
 def check_rewards(cfg: JobConfig) -> None:

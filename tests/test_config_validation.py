@@ -6,6 +6,7 @@ from tandem.rl.cli import main
 
 DECODER = ["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run"]
 AR = ["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run"]
+EDIT_AR = ["--config", "configs/demo/edit_ar.yaml", "--dry-run"]
 
 
 @pytest.mark.parametrize("args, key", [
@@ -31,6 +32,9 @@ AR = ["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run"]
     (DECODER + ["rewards=[{name: color, batch_size: -1}]"], "rewards[0].batch_size"),
     (DECODER + ["decoder.kl_form=k3"], "decoder.kl_form"),
     (DECODER + ["decoder.ema_update_interval=0"], "decoder.ema_update_interval"),
+    (["train", "ar"] + EDIT_AR + ["ar.sampler=engine"], "ar.sampler=generate"),  # engine takes no pixel_values
+    (["train", "joint"] + EDIT_AR + ["decoder.edit=false"], "decoder.edit"),  # a joint job edits in both stages
+    (["train", "joint"] + EDIT_AR + ["ar.edit=false", "decoder.edit=true"], "ar.edit"),
     (["sample", "--config", "configs/demo/sample.yaml", "--num-prompts", "0"], "--num-prompts"),
     (["eval", "--config", "configs/demo/sample.yaml", "--batch-size", "0"], "--batch-size"),
 ])
@@ -45,6 +49,7 @@ def test_bad_setting_is_one_line_exit_2(args, key, capsys):
     DECODER + ["optim.max_grad_norm=0"],
     DECODER + ["model.device=cuda:1", "eval.num_prompts=0", "decoder.ema_decay=0"],
     AR + ["decoder.noise_level=0", "ar.top_p=1", "ar.top_k=0"],  # the AR stage's frozen decoder renders by ODE
+    ["train", "joint"] + EDIT_AR + ["decoder.edit=true"],
 ])
 def test_edge_values_stay_valid(args, capsys):
     assert main(args) == 0, capsys.readouterr().err
