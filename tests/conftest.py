@@ -57,6 +57,25 @@ def ray_cluster(plugin_path):
     cluster.stop()
 
 
+@pytest.fixture(autouse=True)
+def shared_ray_for_slow_tests(request):
+    """Slow tests run whole jobs in this process; they share ``ray_cluster`` instead of starting and stopping an
+    embedded cluster per job (about 6 s each here): a job reuses a running Ray and leaves it running. A test
+    marked ``own_ray`` (joining another address, the embedded start itself) gets this process without Ray; the
+    next slow test starts the shared cluster again."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import ray
+
+    cluster = request.getfixturevalue("ray_cluster")
+    if request.node.get_closest_marker("own_ray"):
+        cluster.stop()
+    elif not ray.is_initialized():
+        cluster.start()
+    yield
+
+
 # ------------------------------------------------------------------------ tiny reward models (random init)
 TINY_CLIP_CONFIG = {
     "embed_dim": 32,

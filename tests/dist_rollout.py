@@ -2,16 +2,17 @@
 (tests/test_distributed.py).
 
 2 prompts x 4 copies; with 2 processes each rolls out 2 copies of each prompt. Rank 0 writes every process's
-samples (rank order): old log-probs, advantages and group ids, and per stage
+samples (rank order) to OUT_DIR/STAGE.safetensors: old log-probs, advantages and group ids, and per stage
 * decoder (``same_noise_in_group``): latents around the trained steps (the first from the starting noise by ODE
   steps), the window's timesteps, the conditions' AR tokens;
 * ar: the sampled tokens and the seeds of the frozen decoder that renders them for the rewards.
 
-    python tests/dist_rollout.py STAGE MODEL_DIR OUT.safetensors
-    torchrun --nproc_per_node 2 tests/dist_rollout.py STAGE MODEL_DIR OUT.safetensors
+    python tests/dist_rollout.py MODEL_DIR OUT_DIR STAGE [STAGE ...]
+    torchrun --nproc_per_node 2 tests/dist_rollout.py MODEL_DIR OUT_DIR STAGE [STAGE ...]
 """
 
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +28,7 @@ from tandem.rl.session import build_policy
 from tandem.rl.trainer import StageTrainer
 
 
-def main(stage: str, model_dir: str, out: str) -> None:
+def rollout(accelerator, stage: str, model_dir: str, out: Path) -> None:
     torch.manual_seed(0)
     cfg = JobConfig(output_dir="unused", seed=5)
     cfg.model.path = model_dir
@@ -35,7 +36,6 @@ def main(stage: str, model_dir: str, out: str) -> None:
     cfg.decoder.num_steps, cfg.decoder.same_noise_in_group = 6, True
     cfg.grpo.num_generations, cfg.grpo.prompts_per_step, cfg.grpo.mini_batch_size = 4, 2, 8
     cfg.rewards, cfg.reward_host.backend = [RewardEntry(name="brightness")], "local"
-    accelerator = Accelerator(cpu=True)
     layout = layout_of(accelerator, cfg)
     policy = build_policy(stage, cfg)
     records = [PromptRecord("a red apple", {}), PromptRecord('a sign "OPEN"', {})]
@@ -55,9 +55,11 @@ def main(stage: str, model_dir: str, out: str) -> None:
         parts = [None] * layout.world
         torch.distributed.all_gather_object(parts, mine)
     if layout.is_main:
-        save_file({k: torch.cat([p[k] for p in parts]).contiguous() for k in mine}, out)
-    finish(accelerator)
+        save_file({k: torch.cat([p[k] for p in parts]).contiguous() for k in mine}, str(out))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    accelerator = Accelerator(cpu=True)
+    for stage in sys.argv[3:]:
+        rollout(accelerator, stage, sys.argv[1], Path(sys.argv[2]) / f"{stage}.safetensors")
+    finish(accelerator)

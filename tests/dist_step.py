@@ -3,14 +3,16 @@
 Every process builds the same rollout (same seed); with N processes each trains on its 1/N of the minibatch
 and gradients are averaged across processes — all-reduced (ddp) or reduce-scattered by FSDP2 (fsdp, the
 trained module sharded before the rollout, as the trainer does). Rank 0 writes the loss and the updated
-(whole) weights.
+(whole) weights of each case to OUT_DIR/CASE.safetensors. A case is STAGE-full|lora-ddp|fsdp; one launch runs
+several, each with a fresh policy, so the processes start (and import) once.
 
-    python tests/dist_step.py STAGE MODEL_DIR OUT.safetensors [--strategy fsdp] [--lora]     (one process)
-    torchrun --nproc_per_node 2 tests/dist_step.py STAGE MODEL_DIR OUT ...                    (two processes, gloo)
+    python tests/dist_step.py MODEL_DIR OUT_DIR CASE [CASE ...]                          (one process)
+    torchrun --nproc_per_node 2 tests/dist_step.py MODEL_DIR OUT_DIR CASE [CASE ...]     (two processes, gloo)
 """
 
-import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -24,7 +26,7 @@ from tandem.rl.session import build_policy
 from tandem.rl.trainer import update_on_minibatch
 
 
-def main(stage: str, model_dir: str, out: str, strategy: str, lora: bool) -> None:
+def step(accelerator, stage: str, model_dir: str, out: Path, strategy: str, lora: bool) -> None:
     torch.manual_seed(0)
     cfg = JobConfig(output_dir="unused")
     cfg.model.path, cfg.distributed.strategy, cfg.optim.lora.enabled = model_dir, strategy, lora
@@ -32,7 +34,6 @@ def main(stage: str, model_dir: str, out: str, strategy: str, lora: bool) -> Non
     cfg.decoder.num_steps, cfg.grpo.mini_batch_size, cfg.grpo.num_generations = 6, 8, 4
     cfg.grpo.beta = 0.1  # the KL term runs the reference: the LoRA-disabled model, or the frozen full copy
     cfg.optim.max_grad_norm = 0.05  # the clip is active: it must use the global gradient norm
-    accelerator = Accelerator(cpu=True)
     layout = layout_of(accelerator, cfg)
     policy = build_policy(stage, cfg)
     if layout.sharded:
@@ -48,16 +49,13 @@ def main(stage: str, model_dir: str, out: str, strategy: str, lora: bool) -> Non
     metrics = update_on_minibatch(policy, optimizer, batch.select(torch.arange(len(batch))[mine]), cfg, accelerator, layout)
     weights = {n: full_tensor(p.detach()).clone() for n, p in policy.trainable_named_parameters()}  # collective
     if layout.is_main:
-        save_file(weights, out, metadata={"metrics": json.dumps(metrics), "world": str(layout.world)})
-    finish(accelerator)
+        save_file(weights, str(out), metadata={"metrics": json.dumps(metrics), "world": str(layout.world)})
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["decoder", "ar"])
-    parser.add_argument("model_dir")
-    parser.add_argument("out")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
-    parser.add_argument("--lora", action="store_true")
-    args = parser.parse_args()
-    main(args.stage, args.model_dir, args.out, args.strategy, args.lora)
+    model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+    accelerator = Accelerator(cpu=True)
+    for case in sys.argv[3:]:
+        stage, tuning, strategy = case.split("-")
+        step(accelerator, stage, model_dir, out_dir / f"{case}.safetensors", strategy, tuning == "lora")
+    finish(accelerator)

@@ -44,18 +44,25 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["metrics"])
 
 
-@pytest.mark.parametrize("stage,lora,strategy", [
-    ("decoder", False, "ddp"),
-    ("decoder", False, "fsdp"), ("decoder", True, "fsdp"),  # full fine-tuning and LoRA (mixed requires_grad)
-    ("ar", False, "fsdp"), ("ar", True, "fsdp"),
-])
-def test_two_processes_match_one_process_on_the_same_data(tiny_model_path, tmp_path, stage, lora, strategy):
-    flags = ["--lora"] * lora
-    run([sys.executable, "tests/dist_step.py", stage, str(tiny_model_path), str(tmp_path / "one.safetensors"), *flags])
-    run(torchrun("tests/dist_step.py", stage, str(tiny_model_path), str(tmp_path / "two.safetensors"), *flags,
-                 "--strategy", strategy))
-    one, m1 = read(tmp_path / "one.safetensors")
-    two, m2 = read(tmp_path / "two.safetensors")
+CASES = ["decoder-full-ddp", "decoder-full-fsdp", "decoder-lora-fsdp",  # full fine-tuning and LoRA (mixed requires_grad)
+         "ar-full-fsdp", "ar-lora-fsdp"]
+
+
+@pytest.fixture(scope="module")
+def steps(tiny_model_path, tmp_path_factory):
+    """tests/dist_step.py's updates of every case: out/one/STAGE-TUNING-ddp (one process) and out/two/CASE (two)."""
+    out = tmp_path_factory.mktemp("dist_step")
+    (out / "one").mkdir(), (out / "two").mkdir()
+    one = sorted({case.rsplit("-", 1)[0] + "-ddp" for case in CASES})  # one process: nothing to shard
+    run([sys.executable, "tests/dist_step.py", str(tiny_model_path), str(out / "one"), *one])
+    run(torchrun("tests/dist_step.py", str(tiny_model_path), str(out / "two"), *CASES))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_match_one_process_on_the_same_data(steps, case):
+    one, m1 = read(steps / "one" / f"{case.rsplit('-', 1)[0]}-ddp.safetensors")
+    two, m2 = read(steps / "two" / f"{case}.safetensors")
     assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one)  # whole tensors, not shards
     # weights after one SGD step (lr 1) differ by the difference of the averaged gradients: float noise only
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
@@ -69,19 +76,26 @@ def test_two_processes_match_one_process_on_the_same_data(tiny_model_path, tmp_p
 ORDER = torch.tensor([(c // 2) * 4 + g * 2 + c % 2 for g in range(2) for c in range(4)])
 
 
-def rollouts_on_one_and_two_processes(stage, model_path, tmp_path):
-    """tests/dist_rollout.py's samples from 1 process and from 2 (gloo), the latter in the former's row order."""
-    run([sys.executable, "tests/dist_rollout.py", stage, str(model_path), str(tmp_path / "one.safetensors")])
-    run(torchrun("tests/dist_rollout.py", stage, str(model_path), str(tmp_path / "two.safetensors")))
-    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
-    return one, {k: v[ORDER] for k, v in two.items()}
+@pytest.fixture(scope="module")
+def rollouts(tiny_model_path, tmp_path_factory):
+    """tests/dist_rollout.py's samples of both stages from 1 process and from 2 (gloo), the latter in the former's
+    row order: {stage: (one, two)}."""
+    out = tmp_path_factory.mktemp("dist_rollout")
+    (out / "one").mkdir(), (out / "two").mkdir()
+    run([sys.executable, "tests/dist_rollout.py", str(tiny_model_path), str(out / "one"), "decoder", "ar"])
+    run(torchrun("tests/dist_rollout.py", str(tiny_model_path), str(out / "two"), "decoder", "ar"))
+    pairs = {}
+    for stage in ("decoder", "ar"):
+        one, two = (load_file(str(out / n / f"{stage}.safetensors")) for n in ("one", "two"))
+        pairs[stage] = one, {k: v[ORDER] for k, v in two.items()}
+    return pairs
 
 
-def test_two_processes_sample_the_rollout_of_one_process(tiny_model_path, tmp_path):
+def test_two_processes_sample_the_rollout_of_one_process(rollouts):
     """Seeds per group and copy (tandem.core.seeds), not per process: copies of a prompt on different processes share
     the SDE window, the conditions' AR tokens and (same_noise_in_group) the starting noise, and the two processes
     together sample exactly what one process holding all 4 copies samples."""
-    one, two = rollouts_on_one_and_two_processes("decoder", tiny_model_path, tmp_path)
+    one, two = rollouts["decoder"]
     for key in ("timesteps", "full_tokens", "group_ids"):
         assert torch.equal(two[key], one[key]), key
     for key in ("latents", "next_latents", "old_log_probs", "advantages"):
@@ -92,11 +106,11 @@ def test_two_processes_sample_the_rollout_of_one_process(tiny_model_path, tmp_pa
     assert not torch.equal(one["next_latents"][0], one["next_latents"][1])  # copies still differ (their SDE noise)
 
 
-def test_two_processes_sample_the_ar_rollout_of_one_process(tiny_model_path, tmp_path):
+def test_two_processes_sample_the_ar_rollout_of_one_process(rollouts):
     """The AR stage: each copy's tokens come from its own seed (rollout seed, group, copy) and its own stream
     (policies.ar_sampler.SeededDraws), the frozen decoder that renders them for the rewards from one seed per
     group; so the two processes sample exactly the tokens, log-probs and rewards of one process."""
-    one, two = rollouts_on_one_and_two_processes("ar", tiny_model_path, tmp_path)
+    one, two = rollouts["ar"]
     for key in ("tokens", "decode_seeds", "group_ids"):
         assert torch.equal(two[key], one[key]), key
     for key in ("old_log_probs", "advantages"):
