@@ -19,8 +19,10 @@ demo: $(STAMP)
 	$(VENV)/bin/tandem train ar --config configs/demo/ar.yaml
 	$(VENV)/bin/tandem train decoder --config configs/demo/decoder.yaml
 
+# Two pytest workers (pytest-xdist; a module's tests stay on one worker, so its fixtures are built once), one
+# intra-op thread each: the tests wait on subprocesses, Ray and Python more than on arithmetic.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 test-fast: PYTEST_ARGS := -m "not slow"
 test-fast: test

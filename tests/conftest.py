@@ -204,3 +204,9 @@ def tiny_open_clip(tmp_path_factory):
     path = config.parent / "HPS_tiny_compressed.pt"
     torch.save({"state_dict": model.state_dict()}, path)
     return name, path, model.eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort: modules keep their order): with two workers (`make test`) the long jobs
+    start early and the quick tests fill the end, so the workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -59,7 +59,7 @@ def test_decoder_job_trains_from_a_saved_ar_run(tiny_model_path, tmp_path):
 
 
 def test_sigkill_then_resume_continues_the_same_metric_stream(tiny_model_path, tmp_path):
-    overrides = ["max_steps=16", "logging.checkpoint_every=4"]
+    overrides = ["max_steps=8", "logging.checkpoint_every=2"]
     reference = train(cfg_for("decoder", tiny_model_path, tmp_path / "straight", *overrides), "decoder")
 
     killed = tmp_path / "killed"
@@ -68,12 +68,12 @@ def test_sigkill_then_resume_continues_the_same_metric_stream(tiny_model_path, t
             "reward_host.backend=local", "logging.sample_every=0", *overrides]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_4" / "state.json").is_file():
+    while not (killed / "checkpoints" / "step_2" / "state.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert rows(killed)[-1]["step"] < 16  # really interrupted
+    assert rows(killed)[-1]["step"] < 8  # really interrupted
 
     resumed = train(cfg_for("decoder", tiny_model_path, killed, *overrides, "resume=auto"), "decoder")
     assert [stable(r) for r in rows(resumed)] == [stable(r) for r in rows(reference)]
