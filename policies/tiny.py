@@ -69,27 +69,37 @@ def build_glm_tokenizer(vision_vocab: int = VISION_VOCAB, start: int = IMAGE_STA
     )
 
 
+# Shapes of the tiny AR model (policies/tiny.py and ``scripts/make_release_pipeline.py --tiny``); the VQ codebook
+# size and the vocabularies come from the caller.
+ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+TINY_AR_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+                    rope_parameters={**ROPE, "mrope_section": [2, 3, 3]})
+TINY_AR_VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16, spatial_merge_size=1)
+TINY_AR_VQ = dict(embed_dim=16, latent_channels=32)
+
+
+def sample_codebook_ids(model, tokenizer, codebook: int, vision_vocab: int) -> None:
+    """The generation config of a random-init AR model: only codebook ids (the image markers and the rest of the
+    vision vocabulary suppressed), the release sampler's temperature/top-p, the image segment's bos/eos."""
+    gen = model.generation_config
+    gen.suppress_tokens = list(range(codebook, vision_vocab))  # a random model must only emit codebook ids
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, 0.9, 0.75, 0
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = codebook + 1, tokenizer.pad_token_id, codebook
+
+
 def _build_ar(tokenizer):
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, vision_vocab_size=VISION_VOCAB, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=IMAGE_END, max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                         "mrope_section": [2, 3, 3]},
-    )
-    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16, spatial_merge_size=1)
-    vq = dict(embed_dim=16, num_embeddings=CODEBOOK, latent_channels=32)
+    text = dict(TINY_AR_TEXT, vocab_size=len(tokenizer), vision_vocab_size=VISION_VOCAB,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=IMAGE_END)
     config = GlmImageConfig(
-        text_config=text, vision_config=vision, vq_config=vq, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
-        image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
+        text_config=text, vision_config=TINY_AR_VISION, vq_config=dict(TINY_AR_VQ, num_embeddings=CODEBOOK),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"), image_start_token_id=IMAGE_START,
+        image_end_token_id=IMAGE_END,
     )
     model = GlmImageForConditionalGeneration(config).eval()
-    gen = model.generation_config
-    gen.suppress_tokens = list(range(CODEBOOK, VISION_VOCAB))  # a random model must only emit codebook ids
-    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, 0.9, 0.75, 0
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = IMAGE_END, tokenizer.pad_token_id, IMAGE_START
+    sample_codebook_ids(model, tokenizer, CODEBOOK, VISION_VOCAB)
     return model
 
 

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from tandem.policies.tiny import CHAT_TEMPLATE, TOKENIZER_CORPUS, build_glm_tokenizer
+from tandem.policies.tiny import (CHAT_TEMPLATE, ROPE, TINY_AR_TEXT, TINY_AR_VISION, TINY_AR_VQ, TOKENIZER_CORPUS,
+                                  build_glm_tokenizer, sample_codebook_ids)
 
 CODEBOOK, VISION_VOCAB = 16384, 16512  # release: start marker = 16384, end marker = 16385
-ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
 PROMPTS = [
     ("a storefront sign that reads \"FRESH BREAD\" above a bakery window", "FRESH BREAD"),
     ("a red apple on a wooden table", None),
@@ -64,19 +64,13 @@ def build_ar(tokenizer, codebook: int, vision_vocab: int, tiny: bool):
                 rope_parameters={**ROPE, "mrope_section": [8, 12, 12]})
     vision, vq = {}, {}
     if tiny:
-        text.update(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
-                    rope_parameters={**ROPE, "mrope_section": [2, 3, 3]})
-        vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=16, spatial_merge_size=1)
-        vq = dict(embed_dim=16, num_embeddings=codebook, latent_channels=32)
+        text.update(TINY_AR_TEXT, vocab_size=len(tokenizer))
+        vision, vq = TINY_AR_VISION, dict(TINY_AR_VQ, num_embeddings=codebook)
     config = GlmImageConfig(text_config=text, vision_config=vision, vq_config=vq,
                             image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
                             image_start_token_id=codebook, image_end_token_id=end)
     model = GlmImageForConditionalGeneration(config).eval()
-    gen = model.generation_config
-    gen.suppress_tokens = list(range(codebook, vision_vocab))  # a random model must only emit codebook ids
-    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, 0.9, 0.75, 0
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = end, tokenizer.pad_token_id, codebook
+    sample_codebook_ids(model, tokenizer, codebook, vision_vocab)
     return model
 
 
