@@ -21,6 +21,14 @@ def tiny_path(tiny_model_path):
 
 
 @pytest.fixture(scope="module")
+def edit_records():
+    """The edit demo's prompt records (data/demo_edit_prompts.jsonl), source images loaded at 64x64."""
+    from tandem.core.data import load_prompts
+
+    return load_prompts("data/demo_edit_prompts.jsonl", image_size=(64, 64))
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """The tiny models gain nothing from intra-op threads, and they thrash when other jobs share the CPU."""
     before = torch.get_num_threads()
@@ -205,8 +213,3 @@ def tiny_open_clip(tmp_path_factory):
     torch.save({"state_dict": model.state_dict()}, path)
     return name, path, model.eval()
 
-
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first (a stable sort: modules keep their order): with two workers (`make test`) the long jobs
-    start early and the quick tests fill the end, so the workers finish together."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

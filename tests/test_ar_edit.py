@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.core.data import load_prompts
 from tandem.core.errors import ConfigError
 from tandem.policies.ar import ARPolicy
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
@@ -21,11 +20,6 @@ from tandem.rl.config import JobConfig, apply_stage_defaults, load_config
 from tandem.rl.session import load_checked, train, training_records
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny AR models and jobs
-
-
-@pytest.fixture(scope="module")
-def records():
-    return load_prompts("data/demo_edit_prompts.jsonl", image_size=(64, 64))
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +34,9 @@ def policy(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def batch(policy, records):
-    return policy.rollout([r.prompt for r in records[:2]], [r.metadata for r in records[:2]], group_size=4, seed=1)
+def batch(policy, edit_records):
+    return policy.rollout([r.prompt for r in edit_records[:2]], [r.metadata for r in edit_records[:2]], group_size=4,
+                          seed=1)
 
 
 def test_first_step_is_on_policy_with_the_source_images(policy, batch):
@@ -78,12 +73,12 @@ def test_positions_are_those_of_the_image_conditioned_prompt(policy, batch):
     assert torch.equal(pos, torch.tensor([[b] * 4, [b, b, b + 1, b + 1], [b, b + 1, b, b + 1]]))
 
 
-def test_tokens_depend_on_the_source(policy, records):
+def test_tokens_depend_on_the_source(policy, edit_records):
     """Same instruction, same seed: the same source gives the same tokens, another source other tokens."""
     prompt = ["make it red"]
-    a = policy.rollout(prompt, [records[0].metadata], group_size=4, seed=5)
-    again = policy.rollout(prompt, [records[0].metadata], group_size=4, seed=5)
-    b = policy.rollout(prompt, [records[1].metadata], group_size=4, seed=5)
+    a = policy.rollout(prompt, [edit_records[0].metadata], group_size=4, seed=5)
+    again = policy.rollout(prompt, [edit_records[0].metadata], group_size=4, seed=5)
+    b = policy.rollout(prompt, [edit_records[1].metadata], group_size=4, seed=5)
     assert torch.equal(a.extras["tokens"], again.extras["tokens"])
     assert not torch.equal(a.extras["tokens"], b.extras["tokens"])
     assert not torch.allclose(a.old_log_probs, b.old_log_probs)
@@ -105,7 +100,7 @@ def test_rewards_see_edits_rendered_with_the_source(policy, batch, tiny_path):
     assert np.abs(batch.images.astype(int) - plain.astype(int)).max() > 0
 
 
-def test_records_without_a_source_are_refused(policy, records, tiny_path, tmp_path):
+def test_records_without_a_source_are_refused(policy, edit_records, tiny_path, tmp_path):
     """At rollout, and before any model loads: in the training prompts, and in the eval prompts when eval runs."""
     with pytest.raises(ConfigError, match="ar.edit needs a source image"):
         policy.rollout(["make it red"], [{}], group_size=2, seed=0)
@@ -119,7 +114,7 @@ def test_records_without_a_source_are_refused(policy, records, tiny_path, tmp_pa
                                                     f"data.eval_prompts={tmp_path / 'p.jsonl'}", "logging.eval_every=5"],
                       stage="ar")
     with pytest.raises(ConfigError, match="ar.edit: the prompt 'make it red' .* has no source image"):
-        load_checked(cfg, "ar", records)
+        load_checked(cfg, "ar", edit_records)
 
 
 def test_edit_ar_job_trains(tiny_model_path, tmp_path):

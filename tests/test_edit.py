@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.core.data import load_prompts
 from tandem.core.errors import ConfigError
 from tandem.policies.glm_image import load_pipeline
 from tandem.rewards.edit import source_structure
@@ -16,11 +15,6 @@ from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults, loa
 from tandem.rl.session import build_policy, train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny pipelines and jobs
-
-
-@pytest.fixture(scope="module")
-def records():
-    return load_prompts("data/demo_edit_prompts.jsonl", image_size=(64, 64))
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +27,13 @@ def policy(tiny_path):
     return build_policy("decoder", cfg, load_pipeline(tiny_path, device="cpu"))
 
 
-def test_edit_velocity_follows_the_pipelines_cache_protocol(policy, records):
+def test_edit_velocity_follows_the_pipelines_cache_protocol(policy, edit_records):
     """Batched source write == GlmImagePipeline's per-sample write loop (kv_caches.next_sample()), then the
     conditional branch reads the cache and the unconditional one skips it."""
     from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 
     adapter, tr = policy.adapter, policy.model
-    cond = adapter.conditions([r.prompt for r in records[:2]], [r.metadata for r in records[:2]], seed=0)
+    cond = adapter.conditions([r.prompt for r in edit_records[:2]], [r.metadata for r in edit_records[:2]], seed=0)
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([700.0])
     got = adapter.velocity(tr, x, t, cond, 1.5)
 
@@ -60,8 +54,9 @@ def test_edit_velocity_follows_the_pipelines_cache_protocol(policy, records):
     assert not torch.allclose(got, adapter.velocity(tr, x, t, plain, 1.5), atol=1e-4)  # the source matters
 
 
-def test_edit_rollout_is_on_policy_and_needs_sources(policy, records):
-    batch = policy.rollout([r.prompt for r in records[:2]], [r.metadata for r in records[:2]], group_size=4, seed=1)
+def test_edit_rollout_is_on_policy_and_needs_sources(policy, edit_records):
+    batch = policy.rollout([r.prompt for r in edit_records[:2]], [r.metadata for r in edit_records[:2]], group_size=4,
+                           seed=1)
     assert batch.extras["cond"]["source_latents"].shape == (8, 4, 8, 8)
     for chunk in policy.unit_chunks(batch):
         out = policy.log_probs(batch.select(torch.arange(4, 8)), chunk, with_kl=False)
@@ -70,13 +65,13 @@ def test_edit_rollout_is_on_policy_and_needs_sources(policy, records):
         policy.adapter.source_conditions(["no source"], [{}])
 
 
-def test_frozen_ar_writes_edit_tokens_from_the_source(tiny_path, records):
+def test_frozen_ar_writes_edit_tokens_from_the_source(tiny_path, edit_records):
     """condition_source ar + edit: the AR model reads the source's image tokens (chat-template image item) and
     writes the target grid; same seed, same tokens; another source, other tokens."""
     from tandem.policies.glm_image_family import GlmFlowAdapter
 
     adapter = GlmFlowAdapter(load_pipeline(tiny_path, device="cpu"), 64, 64, condition_source="ar", edit=True)
-    meta = [r.metadata for r in records]
+    meta = [r.metadata for r in edit_records]
     tokens = adapter.full_tokens(["make it red"] * 4, meta, seed=3)
     assert tokens.shape == (4, adapter.grids.num_full) and int(tokens.max()) < 128
     assert torch.equal(tokens, adapter.full_tokens(["make it red"] * 4, meta, seed=3))
