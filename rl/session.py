@@ -69,10 +69,9 @@ def load_checked(cfg: JobConfig, stage: str, records: List[PromptRecord]):
 def check_sources(cfg: JobConfig, stage: str, records: List[PromptRecord], source: str) -> None:
     """An editing stage (``ar.edit``; ``decoder.edit``) needs a source image (``reference``) in every record: one
     line naming the first prompt without one."""
-    edits = {"ar": cfg.ar.edit, "decoder": cfg.decoder.edit, "joint": cfg.ar.edit}
-    key = ("decoder.edit" if stage == "decoder" else "ar.edit") if edits.get(stage) else None
+    key, editing = ("decoder.edit", cfg.decoder.edit) if stage == "decoder" else ("ar.edit", cfg.ar.edit)
     missing = [r.prompt for r in records if "reference" not in r.metadata]
-    if key and missing:
+    if editing and missing:
         raise ConfigError(f"{key}: the prompt {missing[0]!r} in {source} has no source image; give every record a "
                           f"'reference' (an image path), or set {key}=false")
 
