@@ -3,8 +3,6 @@
 import io
 import json
 import struct
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -13,14 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.core.data import load_image, load_prompts
 from tandem.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # CLI subprocesses and jobs
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def one_line(proc, code=2):
@@ -101,7 +96,7 @@ def test_decompression_bomb_in_score_is_one_line(tmp_path):
     images.mkdir()
     (images / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
     (tmp_path / "p.txt").write_text("a prompt\n")
-    line = one_line(cli("score", "--reward", "color", "--images", str(images), "--prompts", str(tmp_path / "p.txt")))
+    line = one_line(tandem_cli("score", "--reward", "color", "--images", str(images), "--prompts", str(tmp_path / "p.txt")))
     assert "bomb.png" in line and "decompression bomb" in line
 
 
@@ -109,13 +104,13 @@ def test_decompression_bomb_in_score_is_one_line(tmp_path):
 def test_output_dir_that_is_a_file_is_one_line_before_models_load(tmp_path):
     target = tmp_path / "taken"
     target.write_text("not a folder")
-    line = one_line(cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={target}",
+    line = one_line(tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={target}",
                         f"model.path={tmp_path / 'no-model-needed'}"))
     assert "output_dir" in line and "is a file" in line
 
 
 def test_unwritable_output_dir_is_one_line(tmp_path):
-    line = one_line(cli("train", "decoder", "--config", "configs/demo/decoder.yaml", "output_dir=/proc/tandem-run",
+    line = one_line(tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", "output_dir=/proc/tandem-run",
                         f"model.path={tmp_path / 'no-model-needed'}"))
     assert "output_dir /proc/tandem-run is not writable" in line
 
@@ -134,7 +129,7 @@ def write_run(folder, metrics_lines, eval_meta=None):
 
 def test_report_on_a_metrics_line_without_step_is_one_line(tmp_path):
     run = write_run(tmp_path / "run", ['{"step": 1, "reward/mean": 0.1}', '{"reward/mean": 0.2}'])
-    line = one_line(cli("report", str(run)))
+    line = one_line(tandem_cli("report", str(run)))
     assert "metrics.jsonl:2" in line and "'step'" in line
     assert not (run / "report.html").exists()
 

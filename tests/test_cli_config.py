@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.rl.config import ConfigError, load_config
 
-pytestmark = pytest.mark.slow  # CLI subprocesses
+pytestmark = pytest.mark.slow  # CLI runs
 
 
 def tandem(*args, timeout=120):
@@ -20,6 +21,14 @@ def test_dry_run_prints_the_resolved_config():
     assert "beta: 0.02" in proc.stdout
     assert "epsilon_high: 0.2" in proc.stdout  # stage default resolved
     assert "num_generations: 8" in proc.stdout
+
+
+def test_a_mistake_is_one_stderr_line_from_the_real_process():
+    """The entry point's own process: nothing else (import warnings, logging set-up) reaches stderr. The other
+    user-mistake tests call the same ``main`` in the test process (tests/cli_run.py)."""
+    proc = tandem("train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", "grpo.beta=-1")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("tandem: error: ") and "grpo.beta" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -39,7 +48,7 @@ def test_dry_run_prints_the_resolved_config():
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, needle):
-    proc = tandem(*args)
+    proc = tandem_cli(*args)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -60,7 +69,7 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
 
 
 def test_sample_command_writes_a_grid(tiny_model_path, tmp_path):
-    proc = tandem("sample", "--config", "configs/demo/sample.yaml", f"model.path={tiny_model_path}",
+    proc = tandem_cli("sample", "--config", "configs/demo/sample.yaml", f"model.path={tiny_model_path}",
                   f"output_dir={tmp_path}", "--num-prompts", "2", "decoder.eval_num_steps=2")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "samples" / "sample.png").is_file()
@@ -71,8 +80,8 @@ def test_sample_command_writes_a_grid(tiny_model_path, tmp_path):
                                                   ("decoder", "reward 'lpips' needs args.backbone_weights")])
 def test_real_weight_configs_validate(stage, first_weights):
     config = ["train", stage, "--config", f"configs/glm_image/{stage}.yaml", "--dry-run", "data.prompts=data/demo_prompts.jsonl"]
-    proc = tandem(*config, "rewards=[{name: ocr}]")
+    proc = tandem_cli(*config, "rewards=[{name: ocr}]")
     assert proc.returncode == 0, proc.stderr
     assert "lora:\n    enabled: true" in proc.stdout
-    proc = tandem(*config)  # the dry run checks reward weight paths: the release weights are not on this machine
+    proc = tandem_cli(*config)  # the dry run checks reward weight paths: the release weights are not on this machine
     assert proc.returncode == 2 and first_weights in proc.stderr, proc.stderr

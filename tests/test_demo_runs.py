@@ -60,19 +60,21 @@ def test_demo_visibly_learns(tiny_model_path, tmp_path, stage):
     assert load_config(str(run / "config.yaml"), stage=stage) == cfg
 
 
-def test_nft_demo_reward_rises(tiny_model_path, tmp_path):
-    """configs/demo/decoder_nft.yaml (DiffusionNFT, ODE rollouts without CFG) raises the red reward (measured:
-    -0.570 -> -0.546 over 60 steps, first and last tenth)."""
+def test_nft_demo_config_trains(tiny_model_path, tmp_path):
+    """configs/demo/decoder_nft.yaml (DiffusionNFT, ODE rollouts without CFG), 4 steps: the first minibatch of each
+    rollout is trained at the rollout's weights (v = v_old), the second after one update (v != v_old). Its 60-step
+    learning run is the DiffusionNFT row of scripts/bench_algorithms.py (docs/benchmarks.md, "Algorithms"); the
+    decoder stage's learning test is the flow-GRPO demo above, and the NFT loss and its gradient's direction are
+    checked against their closed forms (tests/test_objective_formulas.py, tests/test_algorithms_tiny.py)."""
     cfg = load_config("configs/demo/decoder_nft.yaml", [f"output_dir={tmp_path / 'nft'}", f"model.path={tiny_model_path}",
-                                                        "logging.progress=false"], stage="decoder")
+                                                        "logging.progress=false", "max_steps=4"], stage="decoder")
     run = train(cfg, "decoder")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, cfg.max_steps + 1))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"loss", "kl", "nft/r_mean", "nft/old_deviation", "grad_norm"} <= r.keys() for r in rows)
-    tenth = len(rows) // 10
-    first = np.mean([r["reward/mean"] for r in rows[:tenth]])
-    last = np.mean([r["reward/mean"] for r in rows[-tenth:]])
-    assert last - first >= 0.01, (first, last)
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    deviation = [r["nft/old_deviation"] for r in rows]
+    assert deviation[0] < 1e-10 and deviation[2] < 1e-10 and deviation[1] > 1e-8 and deviation[3] > 1e-8, deviation
 
 
 @pytest.mark.parametrize("name, stage", [("edit", "decoder"), ("edit_ar", "ar")])

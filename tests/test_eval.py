@@ -2,13 +2,12 @@
 `tandem eval` end to end on the tiny GLM-Image models."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.rewards.ocr import OcrReward
 from tandem.rl.eval import language, score_text_rendering, target_words, words_found
 
@@ -38,10 +37,6 @@ def render(text: str, font_path: str) -> np.ndarray:
     font = ImageFont.truetype(font_path, 40)
     draw.multiline_text((256, 96), "\n".join(lines), fill=(25, 25, 35), font=font, anchor="mm", align="center", spacing=8)
     return np.asarray(im)
-
-
-def tandem(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_word_rule():
@@ -108,7 +103,7 @@ def test_eval_command_end_to_end(tiny_model_path, tmp_path):
         {"prompt": "写着「新年快乐」的红色海报"}, {"prompt": "a mug", "text": "GOOD MORNING"},
     ]))
     out = tmp_path / "run"
-    proc = tandem("eval", "--config", "configs/demo/sample.yaml", f"model.path={tiny_model_path}", f"output_dir={out}",
+    proc = tandem_cli("eval", "--config", "configs/demo/sample.yaml", f"model.path={tiny_model_path}", f"output_dir={out}",
                   "--prompts", str(prompts), "--batch-size", "3", "decoder.eval_num_steps=2")
     assert proc.returncode == 0, proc.stderr
     print("\n" + proc.stdout)
@@ -135,7 +130,7 @@ def test_eval_user_mistakes_exit_2(case, needle, tiny_model_path, tmp_path):
     extra = {"no_targets": ["--prompts", str(plain)], "missing_prompts": ["--prompts", "nope.jsonl"],
              "bad_checkpoint": ["--checkpoint", str(tmp_path)], "bad_batch": ["--batch-size", "0"]}[case]
     out = tmp_path / "run"
-    proc = tandem("eval", "--config", "configs/demo/sample.yaml", f"model.path={tiny_model_path}", f"output_dir={out}", *extra)
+    proc = tandem_cli("eval", "--config", "configs/demo/sample.yaml", f"model.path={tiny_model_path}", f"output_dir={out}", *extra)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Loading" not in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and needle in lines[0], proc.stderr

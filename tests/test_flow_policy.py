@@ -1,12 +1,11 @@
 """Flow policy over the tiny GlmImageTransformer2DModel: on-policy ratio, KL at init, SDE window rules."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.policies.flow import trained_step_indices
 from tandem.rl.session import build_policy
 from tandem.policies.glm_image import load_pipeline
@@ -109,11 +108,8 @@ def test_window_never_trains_the_last_step():
 )
 def test_bad_settings_exit_2_with_one_line(tmp_path, override, key):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
-         f"output_dir={out}", "reward_host.backend=local", override],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={out}",
+                      "reward_host.backend=local", override)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0], proc.stderr

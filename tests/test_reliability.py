@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from tandem.core.errors import ConfigError
 from tandem.rl.config import load_config

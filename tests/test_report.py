@@ -7,12 +7,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.rl.config import DataConfig, JobConfig, ModelConfig
 from tandem.rl.eval import save_results, score_text_rendering
 from tandem.rl.run_dir import RunDir
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.slow  # headless Chromium and end-to-end jobs
 
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 CHROMIUM = shutil.which("chromium")
-
-
-def tandem(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def _tiles(seed: int) -> np.ndarray:
@@ -66,7 +62,7 @@ def run_dir(tmp_path_factory):
     images = np.stack([_sign("OPEN LATE"), _sign("新年快乐")])
     result = score_text_rendering(images, ['a sign "OPEN LATE"', "写着「新年快乐」"], [None, None])
     save_results(path / "eval", result, images)
-    proc = tandem("report", str(path))
+    proc = tandem_cli("report", str(path))
     assert proc.returncode == 0, proc.stderr
     return path
 
@@ -96,7 +92,7 @@ def test_user_mistakes_exit_2_and_write_nothing(case, tmp_path):
         (folder / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n{"step": 2, "rew\n')
     if case == "bad_metrics":
         (folder / "config.yaml").write_text("output_dir: run\n")
-    proc = tandem("report", str(folder))
+    proc = tandem_cli("report", str(folder))
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert {"missing": "run directory not found", "not_a_run": "no config.yaml", "bad_metrics": "metrics.jsonl:2"}[case] in lines[0]

@@ -6,20 +6,16 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.core.errors import ConfigError
 from tandem.rewards.base import RewardConfigError, build_reward, check_entries
 from tandem.rewards.client import RewardClient
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 
 pytestmark = pytest.mark.slow  # Ray clusters
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "tandem.rl.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def error_lines(proc):
@@ -41,7 +37,7 @@ def test_reward_error_in_the_cli_is_one_line_naming_the_reward(tmp_path, plugin_
     for i in range(2):
         Image.new("RGB", (8, 8)).save(images / f"{i}.png")
     (tmp_path / "p.txt").write_text("a\nb\n")
-    proc = cli("score", "--reward", "tests.reward_plugins:one_short", "--images", str(images), "--prompts", str(tmp_path / "p.txt"))
+    proc = tandem_cli("score", "--reward", "tests.reward_plugins:one_short", "--images", str(images), "--prompts", str(tmp_path / "p.txt"))
     lines = error_lines(proc)
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "reward 'one_short' returned 1 scores for a batch of 2" in lines[0]
@@ -61,7 +57,7 @@ def test_a_prompt_longer_than_the_ar_context_is_one_line(tiny_model_path):
 
 
 def test_unreachable_reward_host_address_is_one_line_before_models_load(tmp_path):
-    proc = cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
+    proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
                f"model.path={tmp_path / 'no-model-needed'}", "reward_host.address=127.0.0.1:9")
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
