@@ -1,4 +1,4 @@
-"""Launching the multi-process test scripts (tests/dist_step.py, tests/dist_rollout.py, jobs under torchrun)."""
+"""Launching the multi-process test runs (tests/dist_cases.py, jobs under torchrun)."""
 
 import os
 import socket

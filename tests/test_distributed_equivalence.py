@@ -24,20 +24,22 @@ CASES = ["decoder-full-ddp", "decoder-full-fsdp", "decoder-lora-fsdp",  # full f
 
 
 @pytest.fixture(scope="module")
-def steps(tiny_model_path, tmp_path_factory):
-    """tests/dist_step.py's updates of every case: out/one/STAGE-TUNING-ddp (one process) and out/two/CASE (two)."""
-    out = tmp_path_factory.mktemp("dist_step")
+def launches(tiny_model_path, tmp_path_factory):
+    """tests/dist_cases.py run once in one process (out/one) and once in two (out/two): every update case (one
+    process runs STAGE-TUNING-ddp only: nothing to shard) and a rollout of each stage."""
+    out = tmp_path_factory.mktemp("dist_cases")
     (out / "one").mkdir(), (out / "two").mkdir()
-    one = sorted({case.rsplit("-", 1)[0] + "-ddp" for case in CASES})  # one process: nothing to shard
-    run([sys.executable, "tests/dist_step.py", str(tiny_model_path), str(out / "one"), *one])
-    run(torchrun("tests/dist_step.py", str(tiny_model_path), str(out / "two"), *CASES))
+    rollouts = ["rollout:decoder", "rollout:ar"]
+    one = sorted({"step:" + case.rsplit("-", 1)[0] + "-ddp" for case in CASES})
+    run([sys.executable, "tests/dist_cases.py", str(tiny_model_path), str(out / "one"), *one, *rollouts])
+    run(torchrun("tests/dist_cases.py", str(tiny_model_path), str(out / "two"), *[f"step:{c}" for c in CASES], *rollouts))
     return out
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_two_processes_match_one_process_on_the_same_data(steps, case):
-    one, m1 = read(steps / "one" / f"{case.rsplit('-', 1)[0]}-ddp.safetensors")
-    two, m2 = read(steps / "two" / f"{case}.safetensors")
+def test_two_processes_match_one_process_on_the_same_data(launches, case):
+    one, m1 = read(launches / "one" / f"step-{case.rsplit('-', 1)[0]}-ddp.safetensors")
+    two, m2 = read(launches / "two" / f"step-{case}.safetensors")
     assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one)  # whole tensors, not shards
     # weights after one SGD step (lr 1) differ by the difference of the averaged gradients: float noise only
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
@@ -52,16 +54,12 @@ ORDER = torch.tensor([(c // 2) * 4 + g * 2 + c % 2 for g in range(2) for c in ra
 
 
 @pytest.fixture(scope="module")
-def rollouts(tiny_model_path, tmp_path_factory):
-    """tests/dist_rollout.py's samples of both stages from 1 process and from 2 (gloo), the latter in the former's
-    row order: {stage: (one, two)}."""
-    out = tmp_path_factory.mktemp("dist_rollout")
-    (out / "one").mkdir(), (out / "two").mkdir()
-    run([sys.executable, "tests/dist_rollout.py", str(tiny_model_path), str(out / "one"), "decoder", "ar"])
-    run(torchrun("tests/dist_rollout.py", str(tiny_model_path), str(out / "two"), "decoder", "ar"))
+def rollouts(launches):
+    """The rollouts of both stages from 1 process and from 2 (gloo), the latter in the former's row order:
+    {stage: (one, two)}."""
     pairs = {}
     for stage in ("decoder", "ar"):
-        one, two = (load_file(str(out / n / f"{stage}.safetensors")) for n in ("one", "two"))
+        one, two = (load_file(str(launches / n / f"rollout-{stage}.safetensors")) for n in ("one", "two"))
         pairs[stage] = one, {k: v[ORDER] for k, v in two.items()}
     return pairs
 
