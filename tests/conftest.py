@@ -218,4 +218,3 @@ def tiny_open_clip(tmp_path_factory):
     path = config.parent / "HPS_tiny_compressed.pt"
     torch.save({"state_dict": model.state_dict()}, path)
     return name, path, model.eval()
-

@@ -1,6 +1,5 @@
 """Flow policy over the tiny GlmImageTransformer2DModel: on-policy ratio, KL at init, SDE window rules."""
 
-
 import numpy as np
 import pytest
 import torch
