@@ -8,8 +8,10 @@ the release layout, so ``configs/glm_image/*.yaml`` run unchanged with ``model.p
   defaults are the release AR (40-layer GLM-4-9B text decoder, 40-layer vision tower, VQ with 16384 codes,
   ~10.1B); only ``rope_parameters`` (partial rotary 0.5, mrope [8, 12, 12]) and the token ids are set.
 * ``transformer/``: ``GlmImageTransformer2DModel`` at the release shape (32 heads x 128, 30 layers, ~7B).
-* ``vae/``: ``AutoencoderKL`` with 16 latent channels, factor 8, blocks (128, 256, 512, 512) x 2 layers;
-  ``latents_mean``/``latents_std`` are placeholders (0 / 1): the release's values are not known here.
+* ``vae/``: ``AutoencoderKL`` at the release's inferred shape (CogView4-style: 16 latent channels, factor 8,
+  blocks (128, 512, 1024, 1024) x 3 layers), so rendering and edit-encoding cost what the release's do;
+  ``latents_mean``/``latents_std`` are placeholders (0 / 1): the release's values are not known here
+  (docs/glm_image_facts.md, "The release's own settings": which values are verified and which inferred).
 * ``text_encoder/`` + ``tokenizer/``: a ByT5-small-shaped ``T5EncoderModel`` (d_model 1472 = the DiT's
   ``text_embed_dim``, 12 layers, gated-gelu) and ``ByT5Tokenizer``.
 * ``processor/``: ``GlmImageProcessor`` with a byte-level BPE tokenizer trained here. Ids 0..16511 are the
@@ -89,7 +91,7 @@ def build_decoder_parts(codebook: int, tiny: bool) -> dict:
         dit = dict(num_attention_heads=32, attention_head_dim=128, num_layers=30, text_embed_dim=1472,
                    time_embed_dim=512, condition_dim=256)
         t5 = dict(d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_heads=6)  # ByT5-small
-        blocks, layers = (128, 256, 512, 512), 2
+        blocks, layers = (128, 512, 1024, 1024), 3  # CogView4's VAE shape (inferred)
     transformer = GlmImageTransformer2DModel(patch_size=2, in_channels=latent, out_channels=latent,
                                              prior_vq_quantizer_codebook_size=codebook, **dit).eval()
     glyph_tokenizer = ByT5Tokenizer()
