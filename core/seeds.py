@@ -4,11 +4,11 @@ job agree on everything a group shares.
 A rollout batch has one seed (``seed``, the same on every process). Group ``G`` is the global index of a prompt in
 the rollout batch (the same on every process: all processes draw the same prompts); copy ``C`` is the index of a
 sample within its group over all processes (process r holds copies r·n … r·n + n − 1 of every group, n =
-num_generations / processes). Whatever a group shares (its SDE window, its starting noise with
-``same_noise_in_group``, the frozen decoder's noise for AR-stage rewards) is seeded from (seed, G); whatever
-differs between copies (their noise, their AR tokens) from (seed, G, C), and every sampler draws each copy from
+num_generations / processes). The SDE window is shared by the whole batch (seeded from ``seed`` alone); whatever a
+group shares (its starting noise with ``same_noise_in_group``, the frozen decoder's noise for AR-stage rewards) is
+seeded from (seed, G); whatever differs between copies (their noise, their AR tokens) from (seed, G, C), and every sampler draws each copy from
 its own seeded stream (never one stream over the batch). So N processes sample the same rollout as one process
-holding all the copies.
+holding all the copies, and calls of any size (``grpo.rollout_batch_size``) sample what one call would.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ class RolloutSeeds:
     seed: int
     first_group: int = 0
     first_copy: int = 0
+
+    def batch(self, purpose: int) -> int:
+        """One seed for the whole rollout batch (the same for every call and every process)."""
+        return derive_seed(self.seed, purpose)
 
     def call(self, purpose: int) -> int:
         """One seed for this call's groups together (the same on every process)."""

@@ -257,10 +257,13 @@ class ARPolicy(TrainedComponent):
         device = self.model.device
         tokens = extras["tokens"].to(device)
         b, u = tokens.shape
-        input_ids = torch.cat([extras["input_ids"].to(device), tokens[:, :-1]], dim=1)
-        attention_mask = torch.cat([extras["attention_mask"].to(device),
-                                    torch.ones(b, u - 1, dtype=extras["attention_mask"].dtype, device=device)], dim=1)
-        position_ids = extras["position_ids"].to(device).permute(1, 0, 2)  # (3, B, L + U - 1)
+        # left pads that every row of this minibatch has (its prompts were padded with longer ones in the rollout
+        # call) are dropped: the forward's layout depends on the minibatch's own prompts, not the call's
+        lead = int(extras["attention_mask"].to(torch.bool).any(0).to(torch.int8).argmax())
+        prompt_mask = extras["attention_mask"][:, lead:].to(device)
+        input_ids = torch.cat([extras["input_ids"][:, lead:].to(device), tokens[:, :-1]], dim=1)
+        attention_mask = torch.cat([prompt_mask, torch.ones(b, u - 1, dtype=prompt_mask.dtype, device=device)], dim=1)
+        position_ids = extras["position_ids"][:, :, lead:].to(device).permute(1, 0, 2)  # (3, B, L' + U - 1)
         images = {}
         if "pixel_values" in extras:
             images = dict(pixel_values=extras["pixel_values"].to(device).flatten(0, 1),

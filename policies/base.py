@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -18,6 +18,8 @@ class TrainedComponent:
 
     trained_module: torch.nn.Module
     global_step: int = 0  # optimizer steps taken so far in the job, set by the trainer before each rollout
+    # samples per forward inside a rollout call (None: the whole call), set by the trainer (tandem.rl.rollout_batch)
+    rollout_chunk_size: Optional[int] = None
 
     def trainable_named_parameters(self) -> List[Tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.trained_module.named_parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other step
 (Euler, or DPM-Solver++(2M) with ``decoder.ode_solver: dpm2m``, ``policies.ode_solvers``); the last step is never
 trained (Flow-GRPO, Liu et al. 2025; MixGRPO's ODE/SDE mixing, Li et al. 2025, arXiv:2507.21802). The window is
 ``decoder.sde_window_size`` consecutive steps inside ``decoder.sde_window_range``: placed at random per rollout
-call (``sde_window_schedule: random``), or sliding with training (``sliding``, MixGRPO's progressive schedule,
+batch (``sde_window_schedule: random``), or sliding with training (``sliding``, MixGRPO's progressive schedule,
 ``sliding_window_start``) — or the first ``timestep_fraction`` of the steps. Training replays each trained step
 from the stored latents — one step per forward pass (``unit_chunks``), so memory does not grow with steps.
 
@@ -14,7 +14,7 @@ KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_th
 (``decoder.kl_form: flow_grpo``; ``policies.sde.step_kl``), against the LoRA-disabled model or a frozen copy
 when training all weights.
 
-Seeds (``tandem.core.seeds``): the SDE window and the conditions are drawn per rollout call, the starting noise
+Seeds (``tandem.core.seeds``): the SDE window is drawn per rollout batch, the conditions per rollout call, the starting noise
 per copy (per group with ``decoder.same_noise_in_group``) and the SDE noise per copy, all from the rollout seed
 and the global group and copy indices — so the processes of a data-parallel job sample what one process would.
 
@@ -109,7 +109,7 @@ class FlowPolicy(TrainedComponent):
         ``seed`` is the rollout batch's seed, ``first_group`` the global index of the first prompt's group and
         ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``)."""
         seeds = RolloutSeeds(seed, first_group, first_copy)
-        rng = np.random.default_rng(seeds.call(WINDOW))
+        rng = np.random.default_rng(seeds.batch(WINDOW))
         group_ids = group_ids_for(len(prompts), group_size)
         copies = [i % group_size for i in range(len(group_ids))]
         cond = {k: v.repeat_interleave(group_size, dim=0)
@@ -156,8 +156,9 @@ class FlowPolicy(TrainedComponent):
         )
 
     def _rollout_chunks(self, batch: int) -> List[slice]:
-        """The rollout runs the transformer in minibatch-sized chunks: the same batch layout as training."""
-        size = self.cfg.grpo.mini_batch_size
+        """The rollout's forward batches: ``rollout_chunk_size`` samples (set by the trainer: the minibatch under CPU
+        auto, i.e. the training layout; else the whole call, ``tandem.rl.rollout_batch``)."""
+        size = self.rollout_chunk_size or batch
         return [slice(s, min(s + size, batch)) for s in range(0, batch, size)]
 
     # ------------------------------------------------------------------ learning

@@ -169,6 +169,10 @@ class GRPOConfig:
     num_iterations: int = 1
     # Samples per minibatch in the update (one optimizer step per minibatch).
     mini_batch_size: int = 8
+    # Samples per rollout call, whole groups and whole minibatches (a multiple of num_generations and of
+    # mini_batch_size); 0 = auto: measured on a GPU (the largest call that fits the free memory, from the peak of a
+    # first one-group call), one minibatch on a CPU. What is sampled does not depend on it (tandem.rl.rollout_batch).
+    rollout_batch_size: int = 0
     # Lower clip range; null = stage default (ar: 0.2 like TRL, decoder: 1e-4 like flow_grpo).
     epsilon: Optional[float] = None
     # Upper clip range (DAPO clip-higher); null = same as epsilon.
@@ -515,6 +519,10 @@ def validate(job: JobConfig, stage: str) -> None:
         batch = g.prompts_per_step * g.num_generations
         _rule(1 <= g.mini_batch_size <= batch and batch % g.mini_batch_size == 0, "grpo.mini_batch_size",
               f"must divide the rollout batch prompts_per_step*num_generations = {batch}, got {g.mini_batch_size}")
+        unit = math.lcm(g.num_generations, g.mini_batch_size)
+        _rule(g.rollout_batch_size == 0 or (g.rollout_batch_size % unit == 0 and g.rollout_batch_size <= batch),
+              "grpo.rollout_batch_size", f"must be 0 (auto) or a multiple of lcm(num_generations, mini_batch_size) = "
+              f"{unit} up to the rollout batch {batch}, got {g.rollout_batch_size}")
         per_step = g.mini_batch_size * job.optim.gradient_accumulation_steps
         _rule(batch % per_step == 0, "optim.gradient_accumulation_steps",
               f"mini_batch_size * gradient_accumulation_steps = {per_step} samples per optimizer step must divide the "

@@ -4,16 +4,17 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
 
 1. sample prompts — ``grpo.prompts_per_step`` prompts from the seeded prompt sampler;
 2. rollout + score — the policy samples ``grpo.num_generations`` copies of each prompt (copies adjacent),
-   in sub-batches of whole groups the size of a minibatch, and the objective ``prepare``s each sub-batch with
-   the same weights (``tandem.rl.objectives``); each sub-batch's images go once into the Ray
-   object store and are scored while the next sub-batch rolls out (``reward_host.async_scoring``). Every
-   sub-batch is sampled by the current weights, so what is trained stays on-policy;
+   in calls of whole groups and whole minibatches (``grpo.rollout_batch_size``, ``tandem.rl.rollout_batch``), and
+   the objective ``prepare``s each call's sub-batch with the same weights (``tandem.rl.objectives``); each
+   sub-batch's images go once into the Ray object store and are scored while the next sub-batch rolls out
+   (``reward_host.async_scoring``). Every sub-batch is sampled by the current weights, so what is trained stays
+   on-policy;
 3. advantages — A = (R - mean_group) / (std + 1e-4) over the whole batch, NaN-safe, optionally clipped;
 4. hand-off — what conditions the next stage (the AR stage's token grids) is kept, and saved as buffer shards
    when ``buffer.save``; then, with ``grpo.old_log_probs`` recompute, the old log-probs are recomputed by a
    no-grad forward of the training layout (the sampler's are kept as the behaviour policy);
-5. update — ``grpo.num_iterations`` epochs over the minibatches (= the sub-batches, the rollout's batch
-   layout); one optimizer step per ``optim.gradient_accumulation_steps`` consecutive minibatches, then one step
+5. update — ``grpo.num_iterations`` epochs over the minibatches (consecutive ``grpo.mini_batch_size`` samples of
+   the rollout batch); one optimizer step per ``optim.gradient_accumulation_steps`` consecutive minibatches, then one step
    of the LR schedule; the chosen objective (``grpo.objective``) gives each of the policy's
    ``unit_chunks`` a loss, backpropagated one chunk at a time, weighted by its share of the units;
 6. log / sample grid / eval / checkpoint — the run session's hooks (``tandem.rl.session``).
@@ -42,16 +43,20 @@ from tandem.rl.config import JobConfig
 from tandem.rl.data import PromptSampler
 from tandem.rl.distributed import Layout, layout_of, shard
 from tandem.rl.objectives import OBJECTIVES, merge_chunk_metrics
+from tandem.rl.rollout_batch import RolloutBatching
 from tandem.rl.run_state import RunState
 from tandem.rl.stat_tracking import PerPromptStatTracker
 
 
-def recomputes_old_log_probs(cfg: JobConfig, stage: str) -> bool:
+def recomputes_old_log_probs(cfg: JobConfig, stage: str, rollout_layout_differs: bool = False) -> bool:
     """``grpo.old_log_probs``; "auto" recomputes where the rollout's numerics differ from the training forward's:
-    the AR stage outside float32 or through the static-cache engine, and any compiled forward."""
+    the AR stage outside float32 or through the static-cache engine, any compiled forward, and rollout forwards
+    of another batch size than the minibatch (``rollout_layout_differs``, ``tandem.rl.rollout_batch``)."""
     mode = cfg.grpo.old_log_probs
     if mode != "auto":
         return mode == "recompute"
+    if rollout_layout_differs:
+        return True
     if stage == "ar":
         return (cfg.model.dtype != "float32" or cfg.optim.mixed_precision != "no" or cfg.ar.sampler == "engine"
                 or cfg.ar.compile)
@@ -148,7 +153,9 @@ class StageTrainer:
         self.stat_tracker = (PerPromptStatTracker(g.stat_tracking_buffer_size, g.stat_tracking_min_count)
                              if g.per_prompt_stat_tracking else None)
         self.use_records(records, cfg.seed)
-        self.recompute = (recomputes_old_log_probs(cfg, stage)
+        self.batching = RolloutBatching(cfg.grpo.rollout_batch_size // self.layout.world, self.copies,
+                                        self.mini_batch, policy.device)
+        self.recompute = (recomputes_old_log_probs(cfg, stage, not self.batching.forwards_minibatches)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
         # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.
@@ -161,12 +168,6 @@ class StageTrainer:
         self.sampler = PromptSampler(records, seed, self.cfg.data.shuffle)
 
     # -------------------------------------------------------------------------------- phases 1-3
-    def _sub_batches(self, chosen: List[PromptRecord]) -> List[List[PromptRecord]]:
-        per_sub = self.mini_batch // self.copies if self.mini_batch % self.copies == 0 else 0
-        if per_sub == 0:  # minibatches split groups: one rollout call, scored after it
-            return [chosen]
-        return [chosen[i:i + per_sub] for i in range(0, len(chosen), per_sub)]
-
     def rollout_and_score(self) -> ScoredRollout:
         g, cfg, layout = self.cfg.grpo, self.cfg, self.layout
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
@@ -174,10 +175,13 @@ class StageTrainer:
         objective = OBJECTIVES.get(g.objective)()
         self.policy.global_step = self.state.step  # step-scheduled sampling (a sliding SDE window) follows it
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
-        for part in self._sub_batches(chosen):  # 2. rollout + score, overlapped
-            first_group = sum(len(s) for s in subs) // self.copies
+        total, first_group = len(chosen) * self.copies, 0
+        while first_group < len(chosen):  # 2. rollout + score, overlapped
+            samples = self.batching.next_call(total - first_group * self.copies)
+            part = chosen[first_group:first_group + samples // self.copies]
+            self.policy.rollout_chunk_size = self.batching.forward_chunk
             t0 = time.perf_counter()
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), self.batching.measuring(samples, total):
                 sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies, seed=seed,
                                           first_group=first_group, first_copy=layout.rank * self.copies)
                 sub = objective.prepare(self.policy, sub, g)
@@ -190,6 +194,7 @@ class StageTrainer:
             reward_s += time.perf_counter() - t1
             subs.append(sub)
             futures.append(future)
+            first_group += len(part)
         t1 = time.perf_counter()
         parts = [f.result() for f in futures]
         reward_s += time.perf_counter() - t1
