@@ -46,6 +46,9 @@ class ModelConfig:
     dtype: str = "float32"
     # Device: "auto" (cuda if available, else cpu), "cpu" or "cuda[:N]".
     device: str = "auto"
+    # Folder where torch.compile keeps its caches across launches (inductor + Triton), so a second launch of a
+    # compiled job starts warm; null = torch's defaults under /tmp (tandem.policies.compile_cache).
+    compile_cache_dir: Optional[str] = "~/.cache/tandem/torch_compile"
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from tandem.core.data import load_prompts
 from tandem.core.errors import ConfigError
 from tandem.core.types import PromptRecord
+from tandem.policies.compile_cache import use_compile_cache
 from tandem.policies.families import get_family
 from tandem.rl.buffer import load_buffer_records
 from tandem.rl.checkpoint import (config_fingerprint, find_resume_point, read_state, restore, save_checkpoint,
@@ -400,6 +401,7 @@ def _accelerator(cfg: JobConfig, policy):
 def train(cfg: JobConfig, stage: str) -> Path:
     """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
     check_inputs(cfg, stage)
+    use_compile_cache(cfg.model.compile_cache_dir)
     torch.manual_seed(cfg.seed)
     records = training_records(cfg, stage)
     pipe = load_checked(cfg, stage, records)
@@ -433,6 +435,7 @@ def train_joint(cfg: JobConfig) -> Path:
     the family's own source (for GLM-Image: the live frozen AR model).
     """
     check_inputs(cfg, "joint")
+    use_compile_cache(cfg.model.compile_cache_dir)
     torch.manual_seed(cfg.seed)
     prompts = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
     pipe = load_checked(cfg, "joint", prompts)
