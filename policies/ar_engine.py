@@ -273,10 +273,13 @@ class StaticCacheSampler:
             the 40 layers; compiles once per (batch, cache length) on the first call.
         compile_mode: ``torch.compile`` mode of that step: ``"default"`` or ``"max-autotune-no-cudagraphs"``
             (inductor benchmarks Triton GEMM templates against cuBLAS for each matmul shape; a slower first call).
+        cache_bucket: with the CUDA graph, the KV cache length is rounded up to a multiple of this, so prompts of
+            different lengths share one captured (and compiled) step per batch size: a new shape costs a capture
+            and, with ``compile``, a compilation, while masked slots cost only their K/V reads.
     """
 
     def __init__(self, use_cuda_graph: bool = False, pad_prompt_to: Optional[int] = None, keep_raw_logits: bool = False,
-                 graph_warmup: int = 2, compile: bool = False, compile_mode: str = "default"):
+                 graph_warmup: int = 2, compile: bool = False, compile_mode: str = "default", cache_bucket: int = 256):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.use_cuda_graph = use_cuda_graph
@@ -284,6 +287,7 @@ class StaticCacheSampler:
         self.pad_prompt_to = pad_prompt_to
         self.keep_raw_logits = keep_raw_logits
         self.graph_warmup = graph_warmup
+        self.cache_bucket = cache_bucket
         self._state: Optional[Tuple[tuple, _Graph]] = None
 
     def reset(self) -> None:
@@ -315,9 +319,11 @@ class StaticCacheSampler:
             pos = torch.cat([torch.ones(3, b, extra, dtype=pos.dtype, device=pos.device), pos], 2)  # pads: 1, as HF
         return ids, mask, pos, multiple
 
-    def _graph_for(self, model, parts: _Parts, b: int, lp: int, length: int, dtype, device) -> _Graph:
+    def _graph_for(self, model, parts: _Parts, b: int, length: int, dtype, device) -> _Graph:
+        """The captured decode step of batch ``b`` over a cache of ``length`` slots: one per (model, batch, cache
+        length), whatever the prompt length (prefill writes the prompt's slots outside the graph)."""
         fingerprint = hash(tuple(p.data_ptr() for p in model.parameters()))
-        key = (id(model), fingerprint, b, lp, length, dtype, device)
+        key = (id(model), fingerprint, b, length, dtype, device)
         if self._state is not None and self._state[0] == key:
             return self._state[1]
         self._state = None  # free the old cache and graph before allocating new ones
@@ -376,10 +382,11 @@ class StaticCacheSampler:
         ids, mask, pos, multiple = self._padded(inputs, ppos, graph_on, int(pad_id if pad_id is not None else 0))
         b, lp = ids.shape
         dtype, device = parts.lm_head.weight.dtype, ids.device
-        length = -(-(lp + num_tokens - 1) // multiple) * multiple  # slots past the last token stay masked
+        bucket = self.cache_bucket if graph_on else multiple
+        length = -(-(lp + num_tokens - 1) // bucket) * bucket  # slots past the last token stay masked
         graph = None
         if graph_on and num_tokens > 1:
-            graph = self._graph_for(model, parts, b, lp, length, dtype, device)
+            graph = self._graph_for(model, parts, b, length, dtype, device)
             cache, valid = graph.cache, graph.valid
         else:
             cache = _StaticKV(len(parts.layers), b, parts.num_kv_heads, length, parts.head_dim, dtype, device)

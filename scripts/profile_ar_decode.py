@@ -86,7 +86,7 @@ def main() -> None:
             sampler = StaticCacheSampler(use_cuda_graph=True, compile=compiled)
             label = "compiled" if compiled else "eager"
             if device.type == "cuda":
-                graph = sampler._graph_for(model, parts, b, lp, length, dtype, device)
+                graph = sampler._graph_for(model, parts, b, length, dtype, device)
                 graph.valid.fill_(True)
                 res.set(f"graph_ms_{label}", per_call_ms(lambda: graph(tok, pos, length - 1), device, args.reps))
                 cache, valid = graph.cache, graph.valid
