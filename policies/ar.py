@@ -113,6 +113,8 @@ class ARPolicy(TrainedComponent):
         self.decoder = GlmFlowAdapter(pipe, self.height, self.width, edit=self.edit, edit_key="ar.edit")
         self.num_preview = 0 if self.edit else self.grids.num_preview  # an edit writes the target's full grid only
         self.num_full = self.grids.num_full
+        if cfg.decoder.compile:  # the frozen decoder that renders the tokens (diffusers' regional compilation)
+            pipe.transformer.compile_repeated_blocks()
         self.processing = self._processing(cfg)
         self._peft = None
         self._ref_model = None

@@ -158,7 +158,8 @@ class DecoderConfig:
     # release's two-call CFG. Rollout, training and sample grids use the same layout.
     cfg_batch: bool = False
     # torch.compile the transformer's repeated blocks (diffusers regional compilation) for rollout and training;
-    # the first rollout and the first training step compile (forward, and forward+backward).
+    # the first rollout and the first training step compile (forward, and forward+backward). In an AR job it
+    # compiles the frozen decoder that renders the tokens for the rewards.
     compile: bool = False
 
 

@@ -2,9 +2,10 @@
 
 * ``TOKENIZERS_PARALLELISM``, transformers/diffusers verbosity, Ray usage stats off: quiet, fork-safe workers.
 * A stderr handler for tandem's own loggers (``tandem.*``) at ``--log-level`` (default info).
-* With ``decoder.compile``: the 30 DiT blocks share one code object and dynamo keeps one compiled variant per
-  input layout (grad and no-grad, glyph lengths, view inputs); a job meets about 9, and past dynamo's default
-  limit of 8 a variant silently runs eager, so the limit is raised to ``COMPILED_VARIANTS``. Inductor's coalesce
+* With ``decoder.compile`` or ``ar.compile``: the 30 DiT blocks share one code object and dynamo keeps one compiled
+  variant per input layout (grad and no-grad, glyph lengths, view inputs), and the AR engine's decode step one per
+  batch size and cache length; a job meets about 9, and past dynamo's default limit of 8 a variant silently runs
+  eager, so the limit is raised to ``COMPILED_VARIANTS``. Inductor's coalesce
   tiling analysis is turned off: torch 2.11's asserted on the blocks' backward on CUDA.
 """
 
@@ -40,7 +41,7 @@ def configure_logging(level: str = "info") -> None:
 
 def configure_torch(cfg) -> None:
     """torch settings a job's config asks for (``cfg``: the job config)."""
-    if cfg.decoder.compile:
+    if cfg.decoder.compile or cfg.ar.compile:
         import torch
         import torch._inductor.config as inductor
 
