@@ -133,7 +133,8 @@ class GlmImageAdapter:
         size = self.source_size(h, w)
         if size == (h, w):
             return images
-        return np.stack([np.asarray(Image.fromarray(np.asarray(im)).resize(size[::-1], Image.BICUBIC)) for im in images])
+        resized = [Image.fromarray(np.asarray(im)).resize(size[::-1], Image.BICUBIC) for im in images]
+        return np.stack([np.asarray(im) for im in resized])
 
     def edit_inputs(self, prompts: Sequence[str], images: np.ndarray, height: int, width: int) -> dict:
         """Processor outputs (left padded) for edit instructions ``prompts`` on source ``images`` (P, H, W, 3) uint8

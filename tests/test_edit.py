@@ -121,9 +121,9 @@ def test_reference_tokens_of_another_grid_are_one_clear_error(tiny_path, edit_re
     with pytest.raises(ConfigError, match=expected) as e:
         check_prompts(pipe, ["a dog"], cfg, "decoder")
     assert "\n" not in str(e.value)
-    big = np.zeros((1, 1024, 1024, 3), np.uint8)
+    adapter = GlmFlowAdapter(pipe, 1024, 1024, condition_source="reference")
     with pytest.raises(ConfigError, match=expected):
-        GlmFlowAdapter(pipe, 1024, 1024, condition_source="reference").full_tokens(["a dog"], [{"reference": big[0]}], 0)
+        adapter.full_tokens(["a dog"], [{"reference": np.zeros((1024, 1024, 3), np.uint8)}], 0)
     cfg.data.height = cfg.data.width = 64
     check_prompts(pipe, ["a dog"], cfg, "decoder")  # within the bounds: one token per 32 px
 
