@@ -5,7 +5,9 @@ then the full grid (the tokens the frozen decoder paints). Both segments are act
 (``ar.preview_loss_weight``, ``ar.full_loss_weight``) are folded into ``Rollout.mask``.
 
 **Which distribution the loss uses.** The sampler's: π(a | s) = softmax(topp(topk(suppress(ℓ)/T)))[a], with
-ℓ the raw logits of the model (``policies.ar_sampler.LogitsProcessing``). The rollout stores exactly this
+ℓ the raw logits of the model (``policies.ar_sampler.LogitsProcessing``) and suppress(ℓ) = −inf at the end marker
+(the grid has a fixed length) and, with ``ar.suppress_non_codebook``, at every non-codebook id (``suppressed_ids``;
+off by default, as in the release's sampler). The rollout stores exactly this
 log-prob of every sampled token (``old_log_probs``), so the on-policy ratio is that of the distribution that
 was sampled from (docs/design.md, section 4). The recompute (``log_probs``) applies the same processing to the current
 weights' logits, taking the top-k / nucleus support from those logits and always keeping the scored token:
@@ -88,6 +90,31 @@ def lora_target_regex(model: torch.nn.Module, names: Sequence[str]) -> str:
     return TEXT_LAYERS + r"(.*\.)?(" + "|".join(re.escape(t) for t in names) + r")"
 
 
+def suppressed_ids(model, non_codebook: bool) -> tuple:
+    """Ids the AR sampler never draws (sorted), for a ``GlmImageForConditionalGeneration`` ``model``:
+
+    * ``generation_config.suppress_tokens`` — what the model's own ``generate`` suppresses (none in the release);
+    * the end marker(s) — ``generation_config.eos_token_id`` and ``config.image_end_token_id``: the sampler writes
+      exactly U grid tokens, so an end marker is never a valid action. This is what transformers' ``generate``
+      does with ``min_new_tokens = U`` (``MinNewTokensLengthLogitsProcessor`` sets the eos logits to −inf), and it
+      is the release's distribution conditioned on a complete grid: the release pipeline
+      (``generate(max_new_tokens=U + 1)``) stops at an early end marker and then fails to reshape the grid;
+    * with ``non_codebook`` (``ar.suppress_non_codebook``), every id of the image lm_head past the VQ codebook,
+      [codebook size, vision_vocab_size): the start/end markers and the unused rest.
+
+    Without ``non_codebook`` this is the release's sampler (its ``generation_config.json``: temperature 0.9,
+    top-p 0.75, top-k = the whole lm_head, no suppress list): the other non-codebook ids stay in the softmax, the
+    nucleus and the stored log-probs (docs/glm_image_facts.md, "The release's sampler").
+    """
+    config, gen = model.config, model.generation_config
+    eos = gen.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = set(gen.suppress_tokens or []) | set(eos) | {config.image_end_token_id}
+    if non_codebook:
+        ids |= set(range(config.vq_config.num_embeddings, config.text_config.vision_vocab_size))
+    return tuple(sorted(ids))
+
+
 class ARPolicy(TrainedComponent):
     """GRPO policy over the AR stage of a GLM-Image pipeline (the ``Policy`` contract of ``policies.base``).
 
@@ -152,16 +179,27 @@ class ARPolicy(TrainedComponent):
         return GenerateSampler()
 
     def _processing(self, cfg) -> LogitsProcessing:
-        """Suppressed ids = ``generation_config.suppress_tokens`` ∪ every non-codebook id of the lm_head (start/end
-        markers: the decoder only takes codebook ids, and an end marker would stop the grid early)."""
-        config = self.model.config
-        codes, vocab = config.vq_config.num_embeddings, config.text_config.vision_vocab_size
-        suppress = sorted(set(self.model.generation_config.suppress_tokens or []) | set(range(codes, vocab)))
+        """The sampler's processing: ``ar.temperature``, ``ar.top_k``, ``ar.top_p`` after suppressing (−inf)
+        ``suppressed_ids(model, ar.suppress_non_codebook)``."""
+        suppress = suppressed_ids(self.model, cfg.ar.suppress_non_codebook)
         try:
-            return LogitsProcessing(suppress_ids=tuple(suppress), temperature=cfg.ar.temperature, top_k=cfg.ar.top_k,
+            return LogitsProcessing(suppress_ids=suppress, temperature=cfg.ar.temperature, top_k=cfg.ar.top_k,
                                     top_p=cfg.ar.top_p)
         except ValueError as e:
             raise ConfigError(f"config section 'ar': {e}") from None
+
+    def _check_codebook(self, full_tokens: torch.Tensor) -> None:
+        """ConfigError unless every full-grid id (B, th*tw) is a VQ code: the decoder paints codebook ids only (the
+        release pipeline fails on any other id: an IndexError in the DiT's prior embedding)."""
+        codes = self.model.config.vq_config.num_embeddings
+        bad = (full_tokens >= codes).nonzero()
+        if len(bad):
+            row, col = bad[0].tolist()
+            raise ConfigError(
+                f"ar.suppress_non_codebook=false: the AR model sampled id {int(full_tokens[row, col])} into the full "
+                f"grid of sample {row}, which is not a VQ code (the decoder paints codes 0..{codes - 1} only); set "
+                f"ar.suppress_non_codebook=true to keep the sampler on the codebook"
+            )
 
     # ------------------------------------------------------------------------------------------ acting
     @property
@@ -187,6 +225,7 @@ class ARPolicy(TrainedComponent):
 
     def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict],
                 seeds: Sequence[int]) -> np.ndarray:
+        self._check_codebook(full_tokens)
         ar = self.cfg.ar
         return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds,
                              metadata=metadata)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,14 +97,55 @@ class GlmImageAdapter:
         )
         return {k: v.to(self.device) for k, v in inputs.items()}
 
+    def vq_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """(gh, gw): the VQ token grid the image processor makes of a ``height`` x ``width`` image.
+
+        transformers' ``smart_resize`` with the processor's settings: scale the image into its side bounds
+        (√min_pixels .. √max_pixels; the release: up to 2048), halve it, round to a multiple of patch·merge; one
+        token per patch. Within the bounds that is one token per 32 px (the target grid's rule); a larger image
+        is shrunk to the bound."""
+        from transformers.models.glm_image.image_processing_glm_image import smart_resize
+
+        ip = self.processor.image_processor
+        h, w = smart_resize(height, width, ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+        return h // ip.patch_size, w // ip.patch_size
+
+    def source_size(self, height: int, width: int) -> Tuple[int, int]:
+        """(H', W') pixel size of a ``height`` x ``width`` source brought to the processor's bounds: its VQ grid
+        (``vq_grid``) times the pixels per VQ token on the DiT side, 2·vae_scale·patch (the prior ids are upsampled
+        2x nearest, one per DiT patch). A source of that size has as many DiT patches as upsampled prior ids, and
+        the processor keeps its grid as it is (the same grid again)."""
+        gh, gw = self.vq_grid(height, width)
+        px = 2 * self.vae_scale * self.patch
+        return gh * px, gw * px
+
+    def fit_sources(self, images: np.ndarray) -> np.ndarray:
+        """Source images (P, H, W, 3) uint8 resized (bicubic) to ``source_size``, or as they are when they fit.
+
+        Both paths of an edit must see the same source: the AR model reads its VQ tokens (the processor would
+        shrink a source past its bound on its own) and the DiT its VAE latents with the upsampled VQ ids (which
+        only floors the size to 16 px): resized here first, the two lengths agree (``GlmImagePipeline(image=...)``
+        fails on a source above the bound for this reason)."""
+        from PIL import Image
+
+        h, w = images.shape[1:3]
+        size = self.source_size(h, w)
+        if size == (h, w):
+            return images
+        resized = [Image.fromarray(np.asarray(im)).resize(size[::-1], Image.BICUBIC) for im in images]
+        return np.stack([np.asarray(im) for im in resized])
+
     def edit_inputs(self, prompts: Sequence[str], images: np.ndarray, height: int, width: int) -> dict:
-        """Processor outputs (left padded) for edit instructions ``prompts`` on source ``images`` (P, H, W, 3) uint8,
-        as ``GlmImagePipeline.generate_prior_tokens(image=...)`` builds them: the chat template's image item puts
+        """Processor outputs (left padded) for edit instructions ``prompts`` on source ``images`` (P, H, W, 3) uint8
+        (brought to the processor's bounds first: ``fit_sources``), as
+        ``GlmImagePipeline.generate_prior_tokens(image=...)`` builds them: the chat template's image item puts
         each source's image tokens before the text. Keys: input_ids, attention_mask (P, L); pixel_values
         (P·n, C·p²) the sources' patches, packed; image_grid_thw (2P, 3) (source grid, target grid) per sample;
         images_per_sample (P,) = 2. The target is the full grid only (no preview grid)."""
         from PIL import Image
 
+        images = self.fit_sources(np.asarray(images))
         messages = [[{"role": "user", "content": [{"type": "image", "image": Image.fromarray(np.asarray(im))},
                                                   {"type": "text", "text": p}]}] for p, im in zip(prompts, images)]
         inputs = self.processor.apply_chat_template(messages, tokenize=True, padding=len(prompts) > 1, target_h=height,
@@ -124,10 +165,25 @@ class GlmImageAdapter:
         out = self.pipe.vision_language_encoder.generate(**inputs, max_new_tokens=num + 1, do_sample=True)
         return out[:, inputs["input_ids"].shape[1]:][:, :num]
 
-    def reference_tokens(self, images: np.ndarray) -> torch.Tensor:
-        """VQ tokens of reference images (B, H, W, 3) uint8 -> full-grid ids (B, th*tw) via ``get_image_tokens``."""
+    def check_vq_grid(self, height: int, width: int, grid: Tuple[int, int], what: str) -> None:
+        """ConfigError naming ``what`` (the images' use) unless the processor makes the VQ grid ``grid`` = (gh, gw)
+        of a ``height`` x ``width`` image (``vq_grid``: an image past its bounds is rescaled)."""
+        got = self.vq_grid(height, width)
+        if got != tuple(grid):
+            ip = self.processor.image_processor
+            bounds = f"{round(ip.size['shortest_edge'] ** 0.5)}..{round(ip.size['longest_edge'] ** 0.5)}"
+            raise ConfigError(
+                f"{what}: the image processor turns {height}x{width} images into a {got[0]}x{got[1]} VQ grid (it "
+                f"rescales images into sides of {bounds} px), not the {grid[0]}x{grid[1]} grid needed here; set "
+                f"data.height/data.width so that the images fit those bounds"
+            )
+
+    def reference_tokens(self, images: np.ndarray, grid: Tuple[int, int], what: str) -> torch.Tensor:
+        """VQ tokens of reference images (B, H, W, 3) uint8 -> full-grid ids (B, gh*gw) via ``get_image_tokens``,
+        after ``check_vq_grid(H, W, grid, what)``: ``grid`` is the grid the caller needs."""
         from PIL import Image
 
+        self.check_vq_grid(images.shape[1], images.shape[2], grid, what)
         ar = self.pipe.vision_language_encoder
         pil = [Image.fromarray(im) for im in images]
         feats = self.processor.image_processor(images=pil, return_tensors="pt")

@@ -20,7 +20,7 @@ import torch
 
 from tandem.core.errors import ConfigError
 from tandem.policies.families import ModelFamily, register_family
-from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.glm_image import GlmImageAdapter, Grids, load_pipeline
 from tandem.policies.render import ode_sample, seeded_noise
 
 
@@ -58,17 +58,18 @@ class GlmFlowAdapter:
                 raise ConfigError(f"full_tokens of prompt {prompts[0]!r} do not fit a {self.height}x{self.width} "
                                   f"decoder ({self.grids.num_full} ids in [0, {codebook}) expected)")
             return tokens.long()
+        g = self.grids
         if self.condition_source == "reference":
             missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
             if missing:
                 raise ConfigError(f"decoder.condition_source=reference needs a 'reference' image for prompt {missing[0]!r}")
-            return self.layout.reference_tokens(np.stack([m["reference"] for m in metadata]))
+            return self.layout.reference_tokens(np.stack([m["reference"] for m in metadata]), (g.th, g.tw),
+                                                "decoder.condition_source=reference")
         if self.edit:
             return self.layout.edit_tokens(prompts, self.sources(prompts, metadata), self.height, self.width, seed)
         gen = torch.Generator().manual_seed(seed)
         up, _, _ = self.pipe.generate_prior_tokens(prompt=list(prompts), height=self.height, width=self.width,
                                                    device=self.device, generator=gen)
-        g = self.grids
         return up.view(len(prompts), 2 * g.th, 2 * g.tw)[:, ::2, ::2].reshape(len(prompts), -1)
 
     def conditions(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> Dict[str, torch.Tensor]:
@@ -79,13 +80,18 @@ class GlmFlowAdapter:
 
     @torch.no_grad()
     def source_conditions(self, prompts: Sequence[str], metadata: Sequence[dict]) -> Dict[str, torch.Tensor]:
-        """source_latents (P, C, h, w) and source_prior (P, 4*th*tw) of each record's source image."""
+        """source_latents (P, C, h, w) and source_prior (P, h*w/4 patches) of each record's source image, at the
+        size the processor's bounds give it (``sources``): (h, w) = 2x the source's VQ grid."""
         images = self.sources(prompts, metadata)
-        prior = self.layout.upsample_prior(self.layout.reference_tokens(images), self.grids)
+        gh, gw = (d // (2 * self.layout.vae_scale * self.layout.patch) for d in images.shape[1:3])
+        tokens = self.layout.reference_tokens(images, (gh, gw), f"{self.edit_key} source images")
+        prior = self.layout.upsample_prior(tokens, Grids(gh, gw, 0, 0))
         return {"source_latents": self.layout.source_latents(images), "source_prior": prior}
 
     def sources(self, prompts: Sequence[str], metadata: Sequence[dict]) -> np.ndarray:
-        """(P, H, W, 3) uint8 source images of an edit job; ConfigError naming the prompt without one."""
+        """(P, H', W', 3) uint8 source images of an edit job, brought to the image processor's bounds
+        (``GlmImageAdapter.fit_sources``: as they are unless a side is past them), so the AR model's source tokens
+        and the DiT's source latents and prior ids come from one image; ConfigError naming the prompt without one."""
         missing = [p for p, m in zip(prompts, metadata) if "reference" not in m]
         if missing:
             raise ConfigError(f"{self.edit_key} needs a source image ('reference' in the prompt file) for prompt "
@@ -94,7 +100,7 @@ class GlmFlowAdapter:
         if images.shape[1:3] != (self.height, self.width):
             raise ConfigError(f"{self.edit_key}: source images are {images.shape[1]}x{images.shape[2]}, the job makes "
                               f"{self.height}x{self.width} images; load them at data.height x data.width")
-        return images
+        return self.layout.fit_sources(images)
 
     def token_conditions(self, full_tokens: torch.Tensor, prompts: Sequence[str], with_negative: bool) -> Dict[str, torch.Tensor]:
         """prior (B, 4*th*tw) upsampled ids, glyph (B, T, D), neg_glyph (B, T', D) (CFG), full_tokens (B, th*tw)."""
@@ -156,14 +162,24 @@ def _ar_policy(pipe, cfg):
     return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
 
 
+def check_reference_grid(adapter: GlmImageAdapter, height: int, width: int) -> None:
+    """``decoder.condition_source: reference`` paints the reference images' own VQ tokens: ConfigError unless the
+    image processor makes the job's full grid of a ``height`` x ``width`` image (it rescales images past its
+    bounds: the release's up to 2048 px, the tiny model's class default about 1002)."""
+    g = adapter.grids(height, width)
+    adapter.check_vq_grid(height, width, (g.th, g.tw), "decoder.condition_source=reference")
+
+
 def check_prompts(pipe, prompts: List[str], cfg, stage: str) -> None:
     """Every prompt must fit the AR model's context (``text_config.max_position_embeddings``) together with its
     image-grid layout and the preview + full grids it generates; ConfigError naming the first that does not.
     A prompt longer than context x the longest token (in characters) cannot fit and is not tokenised at all (a
     megabyte prompt would take minutes and then hang the forward)."""
+    adapter = GlmImageAdapter(pipe)
+    if stage == "decoder" and cfg.decoder.condition_source == "reference":  # the reference images' VQ grid
+        check_reference_grid(adapter, cfg.data.height, cfg.data.width)
     if stage == "decoder" and cfg.decoder.condition_source != "ar":
         return  # the AR model never reads these prompts (the decoder's glyph encoder truncates at 2048)
-    adapter = GlmImageAdapter(pipe)
     context = pipe.vision_language_encoder.config.text_config.max_position_embeddings
     h, w = cfg.data.height, cfg.data.width
     grids = adapter.grids(h, w)

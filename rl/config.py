@@ -74,8 +74,13 @@ class ARConfig:
     temperature: float = 0.9
     # Nucleus top-p of the sampler (release: 0.75); 1.0 disables it.
     top_p: float = 0.75
-    # Top-k of the sampler; 0 disables it (transformers' global default of 50 is never used).
+    # Top-k of the sampler; 0 disables it (transformers' global default of 50 is never used). The release's
+    # top_k 16512 is the whole image lm_head: the same as 0.
     top_k: int = 0
+    # Suppress every non-codebook id of the image lm_head (start/end markers, the ids past the VQ codebook) in the
+    # sampler. Off = the release's sampler: only the end marker is masked (the grid has a fixed length, as
+    # generate's min_new_tokens masks it); on = what a random stand-in model needs (it puts mass on the markers).
+    suppress_non_codebook: bool = False
     # Loss weight of the preview-grid tokens (the ~16x16 grid generated first).
     preview_loss_weight: float = 1.0
     # Loss weight of the full-grid tokens (the ones the decoder paints).

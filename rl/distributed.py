@@ -36,14 +36,18 @@ Two strategies (``distributed.strategy``), the same updates:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
 from tandem.rl.config import ConfigError, JobConfig
+
+if TYPE_CHECKING:
+    from tandem.rewards.client import RewardScores
 
 
 @dataclass
@@ -80,6 +84,23 @@ class Layout:
         torch.distributed.all_gather_object(parts, (local, group_ids))
         scores = {name: np.concatenate([p[0][name] for p in parts]) for name in local}
         return scores, np.concatenate([p[1] for p in parts])
+
+    def gather_failures(self, local: "RewardScores") -> "RewardScores":
+        """The failure record of the whole rollout, identical on every process: each reward's ``failed`` mask
+        (B,) of every process concatenated in rank order, and its first error (lowest rank). ``scores`` stay this
+        process's. ``RewardClient.check_failures`` of it counts ``reward_host.max_failed_frac`` over all samples,
+        so a reward failing on one process's share stops every process at the same rollout (not that one alone,
+        leaving the others waiting in a collective)."""
+        if self.world == 1:
+            return local
+        n = len(next(iter(local.scores.values()), ()))
+        parts: List = [None] * self.world
+        torch.distributed.all_gather_object(parts, (n, local.failed, local.errors))
+        names = list(dict.fromkeys(name for _, failed, _ in parts for name in failed))
+        failed = {name: np.concatenate([f.get(name, np.zeros(k, dtype=bool)) for k, f, _ in parts]) for name in names}
+        errors = {name: next((e[name] for _, _, e in parts if e.get(name)), None)
+                  for name in dict.fromkeys(name for _, _, e in parts for name in e)}
+        return dataclasses.replace(local, failed=failed, errors=errors)
 
     def local_slice(self, n_local: int) -> slice:
         return slice(self.rank * n_local, (self.rank + 1) * n_local)

@@ -199,7 +199,7 @@ class StageTrainer:
         parts = [f.result() for f in futures]
         reward_s += time.perf_counter() - t1
         local = RewardScores.concat(parts)
-        self.rewards.check_failures(local)  # a reward that keeps raising stops the job (reward_host.max_failed_*)
+        self.rewards.check_failures(layout.gather_failures(local))  # reward_host.max_failed_*, over all processes
         scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
         if layout.is_main:
             warn_unscored(scores)

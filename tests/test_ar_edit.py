@@ -100,6 +100,27 @@ def test_rewards_see_edits_rendered_with_the_source(policy, batch, tiny_path):
     assert np.abs(batch.images.astype(int) - plain.astype(int)).max() > 0
 
 
+def test_a_source_past_the_processor_bound_is_on_policy_and_renders(tiny_path, edit_records):
+    """The tiny processor's side bound lowered to 40 px (its class default is ~1002 px; a 1024x1024 source at that
+    bound is tests/test_edit.py's): the 64x64 sources are past it. The AR model reads each as the 1x1 VQ grid of
+    its 32x32 resized copy, the frozen decoder renders with that same copy (latents and prior ids agree: 4x4 latents,
+    2x2 prior patches), and the first step is on-policy."""
+    cfg = JobConfig(output_dir="unused")
+    cfg.model.path, cfg.model.device, cfg.ar.edit = tiny_path, "cpu", True
+    apply_stage_defaults(cfg, "ar")
+    pipe = load_pipeline(tiny_path, device="cpu")
+    pipe.processor.image_processor.size = {"shortest_edge": 16 * 16, "longest_edge": 40 * 40}
+    policy = ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    meta = [r.metadata for r in edit_records[:2]]
+    batch = policy.rollout([r.prompt for r in edit_records[:2]], meta, group_size=2, seed=1)
+    assert batch.extras["image_grid_thw"][0].tolist() == [[1, 1, 1], [1, 2, 2]]  # source (bounded), target
+    assert batch.images.shape == (4, 64, 64, 3) and batch.metadata[0]["reference"].shape == (64, 64, 3)
+    cond = policy.decoder.source_conditions(batch.prompts, batch.metadata)
+    assert cond["source_latents"].shape == (4, 4, 4, 4) and cond["source_prior"].shape == (4, 4)
+    out = policy.log_probs(batch, policy.unit_chunks(batch)[0], with_kl=False)
+    assert (torch.exp(out.log_probs - batch.old_log_probs) - 1).abs().max().item() < 1e-5
+
+
 def test_records_without_a_source_are_refused(policy, edit_records, tiny_path, tmp_path):
     """At rollout, and before any model loads: in the training prompts, and in the eval prompts when eval runs."""
     with pytest.raises(ConfigError, match="ar.edit needs a source image"):

@@ -80,6 +80,54 @@ def test_frozen_ar_writes_edit_tokens_from_the_source(tiny_path, edit_records):
     assert any(differs)  # the near-uniform tiny model often samples the same ids from either source
 
 
+def test_a_source_past_the_processor_bound_reaches_both_paths_at_one_size(tiny_path, edit_records):
+    """The tiny image processor (GlmImageImageProcessor's class-default bounds, policies/tiny.py) keeps sides up to
+    about 1002 px: it turns a 1024x1024 source into a 31x31 VQ grid, while the DiT would take 1024 px of latents
+    (64x64 patches). The source reaches both paths at 992x992 (31 tokens x 32 px): the AR model's source grid, the
+    DiT's source latents and prior ids agree, the AR's source tokens are the prior ids, and the decoder runs."""
+    from PIL import Image
+
+    from tandem.policies.glm_image import Grids
+    from tandem.policies.glm_image_family import GlmFlowAdapter
+
+    pipe = load_pipeline(tiny_path, device="cpu")
+    adapter, prompt = GlmFlowAdapter(pipe, 1024, 1024, edit=True), ["make it red"]
+    big = np.asarray(Image.fromarray(edit_records[0].metadata["reference"]).resize((1024, 1024), Image.BICUBIC))
+    meta = [{"reference": big}]
+    cond = adapter.source_conditions(prompt, meta)
+    assert cond["source_latents"].shape == (1, 4, 124, 124) and cond["source_prior"].shape == (1, 62 * 62)
+    inputs = adapter.layout.edit_inputs(prompt, big[None], 1024, 1024)  # fitted there too
+    assert inputs["image_grid_thw"].tolist() == [[1, 31, 31], [1, 32, 32]]  # source, target
+    ar, grid = pipe.vision_language_encoder, inputs["image_grid_thw"][:1]
+    with torch.no_grad():
+        ids = ar.get_image_tokens(ar.get_image_features(inputs["pixel_values"], grid).pooler_output, grid)
+    assert torch.equal(adapter.layout.upsample_prior(ids.view(1, -1), Grids(31, 31, 0, 0)), cond["source_prior"])
+    full = adapter.token_conditions(torch.zeros(1, 32 * 32, dtype=torch.long), prompt, with_negative=True)
+    v = adapter.velocity(pipe.transformer, torch.zeros(1, 4, 128, 128), torch.tensor([500.0]), {**full, **cond}, 1.5)
+    assert v.shape == (1, 4, 128, 128) and torch.isfinite(v).all()
+
+
+def test_reference_tokens_of_another_grid_are_one_clear_error(tiny_path, edit_records):
+    """decoder.condition_source=reference paints the reference's own VQ tokens: a job whose size the processor
+    rescales (1024 px > its ~1002 px bound: 31x31 tokens, not 32x32) is refused in one line, before any rollout
+    (``check_prompts``) and at use."""
+    from tandem.policies.glm_image_family import GlmFlowAdapter, check_prompts
+
+    pipe = load_pipeline(tiny_path, device="cpu")
+    cfg = JobConfig(output_dir="unused")
+    cfg.decoder.condition_source, cfg.data.height, cfg.data.width = "reference", 1024, 1024
+    expected = (r"decoder.condition_source=reference: the image processor turns 1024x1024 images into a 31x31 VQ "
+                r"grid \(it rescales images into sides of 56..1002 px\), not the 32x32 grid needed here")
+    with pytest.raises(ConfigError, match=expected) as e:
+        check_prompts(pipe, ["a dog"], cfg, "decoder")
+    assert "\n" not in str(e.value)
+    adapter = GlmFlowAdapter(pipe, 1024, 1024, condition_source="reference")
+    with pytest.raises(ConfigError, match=expected):
+        adapter.full_tokens(["a dog"], [{"reference": np.zeros((1024, 1024, 3), np.uint8)}], 0)
+    cfg.data.height = cfg.data.width = 64
+    check_prompts(pipe, ["a dog"], cfg, "decoder")  # within the bounds: one token per 32 px
+
+
 def test_edit_with_batched_cfg_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="decoder.cfg_batch"):
         load_config("configs/demo/edit.yaml", ["decoder.cfg_batch=true", f"output_dir={tmp_path}"], stage="decoder")
