@@ -24,8 +24,7 @@ batch 32, ~30-40 prompt tokens each, left padded), target 1024² (16x16 preview 
   ``policy.sampler(policy.model, prompt_inputs(inputs), N, policy.processing, row_seeds(seed, B))`` on an
   ``ARPolicy`` built over the model (full fine-tuning setup; the decoder rendering is not run). It adds the
   per-row seeded draw (a logits processor; generate itself runs greedy), the log-prob gather and the
-  MRoPE-position hook to ``generate`` (the timings in docs/benchmarks.md predate the per-row draw, when it
-  added ``output_scores`` to a sampling ``generate``);
+  MRoPE-position hook to ``generate``;
 * ``hf_generate_static``: ``generate`` with ``cache_implementation="static"`` (transformers then compiles the
   decode forward itself: ``CompileConfig`` default, inductor, mode reduce-overhead);
 * ``tandem_sampler_lora`` (``--lora-row``): the sampler on an ``ARPolicy`` with LoRA rank 32 on
@@ -33,8 +32,8 @@ batch 32, ~30-40 prompt tokens each, left padded), target 1024² (16x16 preview 
 
 Timing: only the first ``--tokens`` N of the 1280 tokens are generated (default 512: the 256 preview tokens
 and the first 256 full-grid tokens). Before the first row of each batch size, one untimed N-token ``generate``
-(``--batch-warmup-tokens``; the 2026-11-29 runs had none, and the first long generation of each batch size ran
-~2x slower per step whichever row it was: docs/benchmarks.md). Per row: a warm-up call (8 tokens; the static row warms up with N
+(``--batch-warmup-tokens``: the first long generation of each batch size runs ~2x slower per step whichever row
+runs it). Per row: a warm-up call (8 tokens; the static row warms up with N
 tokens, which compiles), the median of 3 calls generating 1 token (T1 = prefill + one sample; taken before the
 warm-up in the static row, so that the timed call reuses the warmed-up cache), then one call generating N
 tokens (TN). decode ms/step = (TN - T1) / (N - 1); tokens/s = B·N / TN (prefill included).

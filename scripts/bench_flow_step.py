@@ -1,12 +1,13 @@
-"""Benchmark: the decoder-stage flow-GRPO policy at release decoder size (random init, bf16) on one GPU.
+"""Benchmark: the decoder-stage flow-GRPO policy on the 2.9B diffusers-default DiT (random init, bf16) on one GPU.
 
     PYTHONUNBUFFERED=1 python scripts/bench_flow_step.py --out docs/bench/flow_step_h200.json
     .venv/bin/python scripts/bench_flow_step.py --device cpu --tiny      # CPU smoke test, not a benchmark
 
 What is built (a ``GlmImagePipeline`` of the real classes, all random init, weights in ``--dtype``):
 
-* ``GlmImageTransformer2DModel()`` with its default config (release decoder size, ~2.9B parameters), created
-  directly on the device (``--tiny``: a 2-layer one of the same geometry);
+* ``GlmImageTransformer2DModel()`` with its diffusers default config (64 heads x 40, 30 layers, ~2.9B parameters;
+  not the release decoder, which is 32 heads x 128, 30 layers, ~7B), created directly on the device (``--tiny``: a
+  2-layer one of the same geometry);
 * a small real ``AutoencoderKL`` (4 blocks of 32 channels: VAE factor 8, 16 latent channels,
   ``latents_mean/std`` set) — the VAE is *not* what is measured; its decode time is reported apart;
 * a 1-layer ``T5EncoderModel`` glyph encoder with ``d_model`` = the transformer's ``text_embed_dim`` (1472);
@@ -310,8 +311,7 @@ def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: 
 
     def minibatch(n: int):
         batch = rollout.select(torch.arange(n))
-        # Random advantages on the policy's device (the trainer builds them there from the rewards). The runs in
-        # docs/benchmarks.md predate the package fix that puts FlowPolicy's mask on the device too.
+        # Random advantages on the policy's device (the trainer builds them there from the rewards).
         batch.advantages = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         batch.mask = batch.mask.to(device)
         return batch

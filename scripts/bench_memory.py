@@ -1,4 +1,4 @@
-"""Benchmark: peak GPU memory of LoRA training at release size (bf16, gradient checkpointing), largest group.
+"""Benchmark: peak GPU memory of LoRA training (bf16, gradient checkpointing) at 1024², largest group.
 
     PYTHONUNBUFFERED=1 python scripts/bench_memory.py --out docs/bench/memory_h200.json
     .venv/bin/python scripts/bench_memory.py --device cpu --tiny      # CPU smoke test, no memory figures
@@ -10,11 +10,11 @@ one ``rl.trainer.update_on_minibatch`` on it and records the peak of each (``tor
 
 * **AR stage**: ``ARPolicy`` over the release-size ``GlmImageForConditionalGeneration`` (10.1B, random init; the
   model, tokenizer and sampler of ``scripts/bench_ar_rollout.py``), LoRA on q/k/v/o_proj, the rollout through
-  ``StaticCacheSampler`` with its CUDA graph (1280 tokens: 16x16 preview + 32x32 full grid). The frozen
-  release-size decoder (``GlmImageTransformer2DModel()``, 2.9B) is resident and renders the G images with CFG,
-  in one batch as ``ARPolicy`` does, for 1 ODE step instead of ``ar.decode_steps`` (the memory of one step is
-  the memory of every step).
-* **Decoder stage**: ``FlowPolicy`` over the release-size transformer (the pipeline of
+  ``StaticCacheSampler`` with its CUDA graph (1280 tokens: 16x16 preview + 32x32 full grid). The frozen 2.9B
+  diffusers-default decoder (``GlmImageTransformer2DModel()``, not the ~7B release DiT) is resident and renders
+  the G images with CFG, in one batch as ``ARPolicy`` does, for 1 ODE step instead of ``ar.decode_steps`` (the
+  memory of one step is the memory of every step).
+* **Decoder stage**: ``FlowPolicy`` over the 2.9B diffusers-default transformer (the pipeline of
   ``scripts/bench_flow_step.py``: random prior tokens, small VAE, 1-layer glyph T5), LoRA on
   to_q/to_k/to_v/to_out.0, CFG 1.5, 2 trained SDE steps; 3 denoising steps instead of 10 (the stored
   latents are those of the 2 trained steps either way).
@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
 import bench_ar_rollout as R  # noqa: E402  (release AR model, tokenizer)
-import bench_flow_step as F  # noqa: E402  (release decoder pipeline, random prior tokens)
+import bench_flow_step as F  # noqa: E402  (2.9B default-DiT decoder pipeline, random prior tokens)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# End-to-end runs of the glm_image configs on a bare GPU machine (how docs/benchmarks.md's end-to-end figures
-# were taken). Run from the repository root; expects the packed site-packages (ray + the packages the machine
+# End-to-end runs of the glm_image configs on a bare GPU machine (docs/performance.md, "Whole jobs at release
+# shape"). Run from the repository root; expects the packed site-packages (ray + the packages the machine
 # lacks) in $WHL; writes the release-shaped pipeline once to $REL (reused while the machine stays up).
 #   WHL=.whl12 OUT=/tmp/out scripts/e2e_device.sh ARGS-FOR-bench_end_to_end.py...
 set -uo pipefail

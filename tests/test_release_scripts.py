@@ -1,7 +1,7 @@
 """The release-size tooling: make_release_pipeline's processor bounds, bench_end_to_end's split and overrides.
 
 These are the parts of ``scripts/make_release_pipeline.py`` and ``scripts/bench_end_to_end.py`` that run without
-a GPU; the release-size runs themselves are in docs/benchmarks.md.
+a GPU; the release-size runs themselves are in docs/performance.md.
 """
 
 import sys
