@@ -13,7 +13,16 @@ optimizer steps trained on it), from ``metrics.jsonl``:
 * GPU-s per trained sample = wall x GPUs / samples. The first batch pays compilation and warm-up, so the
   table shows the mean over the later batches ("steady") and the first apart.
 * AR stage: the frozen decoder's image rendering inside the rollout is timed apart (``decode_s``) by wrapping
-  ``tandem.policies.ar.render_tokens`` in the job's process (``child`` mode below; one-process launches).
+  ``tandem.policies.ar.render_tokens``, and the token sampling (``token_s``) by wrapping the policy's sampler
+  call, in the job's process (``child`` mode below; one-process launches).
+* MFU (``mfu_rollout``, ``mfu_train``, ``mfu_render``): DiT forward FLOPs F(T) = 2·P·T + 4·L·T²·d for T patch
+  tokens (P parameters from the saved transformer's safetensors index, L layers, d hidden; glyph tokens not
+  counted), times the forwards a step makes — rollout: samples × decoder.num_steps × (2 with CFG); train:
+  samples × trained steps × (2 with CFG) × 3 (forward + backward; checkpointing's recompute not counted), plus
+  one reference forward per branch when grpo.beta > 0; AR render: samples × ar.decode_steps × (2 with CFG) —
+  over the measured seconds and ``PEAK_BF16_FLOPS``.
+* ``--launches 2`` runs each job twice on the same machine: the second launch's first step is the warm first
+  step (compile caches under ``model.compile_cache_dir``).
 * Peak memory per GPU: the maximum of ``nvidia-smi`` memory.used polled every 0.5 s (all processes on the
   GPU: policy and reward actors), plus the trainer process's ``torch.cuda.max_memory_allocated``.
 
@@ -55,28 +64,47 @@ def child(argv: List[str]) -> int:
     from tandem.rl.cli import main as cli_main
 
     log = os.environ.get("BENCH_CHILD_LOG")
+    import tandem.rl.trainer as trainer_module
+
     decode_s: List[float] = []
+    token_s: List[float] = []
+    per_rollout: List[Dict[str, float]] = []  # render and token seconds of each rollout batch, in order
     original = ar_module.render_tokens
+    sample_tokens = ar_module.ARPolicy._sample_tokens
+    rollout_and_score = trainer_module.StageTrainer.rollout_and_score
 
     def report():
         """Rewritten after every render and at exit, so a job stopped at its timeout keeps its figures."""
         if not log or int(os.environ.get("RANK", 0)) != 0:
             return
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        Path(log).write_text(json.dumps({"decode_s": decode_s, "torch_peak_gib": peak}))
+        Path(log).write_text(json.dumps({"per_rollout": per_rollout, "torch_peak_gib": peak}))
 
-    def timed_render(*args, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = original(*args, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        decode_s.append(time.perf_counter() - t0)
+    def timed(fn, into: List[float]):
+        def run(*args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            into.append(time.perf_counter() - t0)
+            report()
+            return out
+
+        return run
+
+    def rollout_marked(trainer):
+        out = rollout_and_score(trainer)
+        per_rollout.append({"decode_s": sum(decode_s), "token_s": sum(token_s)})
+        decode_s.clear()
+        token_s.clear()
         report()
         return out
 
-    ar_module.render_tokens = timed_render
+    ar_module.render_tokens = timed(original, decode_s)
+    ar_module.ARPolicy._sample_tokens = timed(sample_tokens, token_s)
+    trainer_module.StageTrainer.rollout_and_score = rollout_marked
     atexit.register(report)
     return cli_main(argv)
 
@@ -157,12 +185,50 @@ def stage_overrides(args, stage: str) -> List[str]:
     return sets + list(args.set)
 
 
+def dit_forward_flops(model: Path, height: int, width: int) -> Optional[float]:
+    """F(T) = 2·P·T + 4·L·T²·d of one DiT forward over T = (H/16)(W/16) patch tokens (module docstring), from the
+    saved transformer's config and safetensors index (bf16: 2 bytes a parameter); None when they are missing."""
+    folder = model / "transformer"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        size = json.loads(index.read_text())["metadata"]["total_size"] if index.is_file() else \
+            sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    except (OSError, KeyError, ValueError):
+        return None
+    params = size / 2
+    tokens = (height // 16) * (width // 16)
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    return 2 * params * tokens + 4 * config["num_layers"] * tokens**2 * hidden
+
+
+def job_flops(args, stage: str, overrides: List[str]) -> Dict[str, float]:
+    """Model FLOPs of one RL step's rollout, train and AR render (module docstring); {} for joint jobs."""
+    if stage == "joint" or not args.model:
+        return {}
+    from tandem.rl.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / "glm_image" / f"{stage}.yaml"),
+                      [f"model.path={args.model}", f"data.prompts={args.extras}/prompts.jsonl", *overrides], stage=stage)
+    fwd = dit_forward_flops(Path(args.model), cfg.data.height, cfg.data.width)
+    if fwd is None:
+        return {}
+    samples = args.prompts * args.generations
+    if stage == "ar":
+        return {"render": samples * cfg.ar.decode_steps * (2 if cfg.ar.decode_guidance_scale > 1 else 1) * fwd}
+    d, branches = cfg.decoder, (2 if cfg.decoder.guidance_scale > 1 else 1)
+    trained = d.sde_window_size if d.sde_window_size > 0 else max(1, round(d.timestep_fraction * (d.num_steps - 1)))
+    passes = 3 + (1 if cfg.grpo.beta > 0 else 0)
+    return {"rollout": samples * d.num_steps * branches * fwd, "train": samples * trained * branches * passes * fwd}
+
+
 def read_metrics(run_dir: Path) -> List[Dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def summarise(metrics: List[Dict], samples: int, gpus: int, decode_s: List[float]) -> Dict[str, object]:
+def summarise(metrics: List[Dict], samples: int, gpus: int, per_rollout: List[Dict[str, float]],
+              flops: Optional[Dict[str, float]] = None) -> Dict[str, object]:
     """Per-rollout split (see the module docstring); steady = mean over the rollouts after the first."""
     batches: List[Dict] = []
     previous_end = 0.0
@@ -180,8 +246,9 @@ def summarise(metrics: List[Dict], samples: int, gpus: int, decode_s: List[float
         b["wall_s"] = b["end"] - previous_end
         previous_end = b["end"]
         b["other_s"] = b["wall_s"] - b["rollout_s"] - b["reward_s"] - b["train_s"]
-    for b, d in zip([b for b in batches if b["phase"] in (None, "ar")], decode_s):
-        b["decode_s"] = d
+    for b, timed in zip(batches, per_rollout):
+        if b["phase"] in (None, "ar") and timed["decode_s"]:
+            b.update(timed)
     steady = batches[1:] or batches
 
     def mean(key):
@@ -193,9 +260,12 @@ def summarise(metrics: List[Dict], samples: int, gpus: int, decode_s: List[float
            "s_per_rl_step": wall, "first_rl_step_s": batches[0]["wall_s"] if batches else None,
            "gpu_s_per_sample": wall * gpus / samples if wall else None,
            "samples_per_s": samples / wall if wall else None}
-    for key in ("rollout_s", "reward_s", "train_s", "other_s", "decode_s"):
+    for key in ("rollout_s", "reward_s", "train_s", "other_s", "decode_s", "token_s"):
         row[key] = mean(key)
         row[key.replace("_s", "_frac")] = row[key] / wall if wall and row[key] is not None else None
+    for name, seconds in (("rollout", "rollout_s"), ("train", "train_s"), ("render", "decode_s")):
+        f = (flops or {}).get(name)
+        row[f"mfu_{name}"] = f / row[seconds] / C.PEAK_BF16_FLOPS if f and row.get(seconds) else None
     if metrics:
         first = metrics[0]
         row["step1"] = {k: first.get(k) for k in ("ratio/mean", "ratio/min", "ratio/max", "clipfrac", "approx_kl",
@@ -216,9 +286,9 @@ def stop_group(proc) -> None:
             continue
 
 
-def run_stage(args, stage: str, results: C.Results) -> Dict:
+def run_stage(args, stage: str, results: C.Results, launch: int = 1) -> Dict:
     work = Path(args.work)
-    run_dir = work / f"{stage}-{args.gpus}gpu-{args.launcher}-{args.strategy}"
+    run_dir = work / f"{stage}-{args.gpus}gpu-{args.launcher}-{args.strategy}-{args.prompts * args.generations}-{launch}"
     child_log = run_dir.with_suffix(".child.json")
     overrides = stage_overrides(args, stage)
     cmd = job_command(args, stage, run_dir, child_log, overrides)
@@ -235,10 +305,11 @@ def run_stage(args, stage: str, results: C.Results) -> Dict:
     total = time.perf_counter() - t0
     child = json.loads(child_log.read_text()) if child_log.is_file() else {}
     samples = args.prompts * args.generations
-    row = {"stage": stage, "gpus": args.gpus, "launcher": args.launcher, "strategy": args.strategy, "rc": rc,
-           "job_wall_s": total, "samples_per_rl_step": samples, "overrides": overrides,
+    row = {"stage": stage, "launch": launch, "gpus": args.gpus, "launcher": args.launcher, "strategy": args.strategy,
+           "rc": rc, "job_wall_s": total, "samples_per_rl_step": samples, "overrides": overrides,
            "peak_gpu_mib": mem.peak, "torch_peak_gib": child.get("torch_peak_gib"),
-           **summarise(read_metrics(run_dir), samples, args.gpus, child.get("decode_s", []))}
+           **summarise(read_metrics(run_dir), samples, args.gpus, child.get("per_rollout", []),
+                       job_flops(args, stage, overrides))}
     results.add("rows", row)
     return row
 
@@ -264,6 +335,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/tandem-e2e")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models built here, CPU (smoke test)")
+    ap.add_argument("--launches", type=int, default=1, help="launches of each job (2: the second starts warm)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.tiny and not args.model:
@@ -275,13 +347,16 @@ def main() -> None:
 
     results = C.Results(args.out, {"bench": "end_to_end", "args": vars(args),
                                    "environment": C.environment(torch.device(args.device))})
-    rows = [run_stage(args, stage, results) for stage in args.stages.split(",")]
+    rows = [run_stage(args, stage, results, launch) for stage in args.stages.split(",")
+            for launch in range(1, args.launches + 1)]
     C.print_table("End-to-end RL steps (steady = mean of rollout batches after the first)", rows, [
-        ("stage", "stage", ""), ("GPUs", "gpus", ""), ("launch", "launcher", ""), ("strategy", "strategy", ""),
-        ("rc", "rc", ""), ("steps", "optimizer_steps", ""), ("s/RL step", "s_per_rl_step", ".1f"),
+        ("stage", "stage", ""), ("samples", "samples_per_rl_step", ""), ("launch", "launch", ""),
+        ("GPUs", "gpus", ""), ("rc", "rc", ""), ("steps", "optimizer_steps", ""), ("s/RL step", "s_per_rl_step", ".1f"),
         ("first s", "first_rl_step_s", ".1f"), ("GPU-s/sample", "gpu_s_per_sample", ".2f"),
-        ("rollout", "rollout_frac", ".0%"), ("decode", "decode_frac", ".0%"), ("reward wait", "reward_frac", ".0%"),
-        ("train", "train_frac", ".0%"), ("other", "other_frac", ".0%"), ("torch peak GiB", "torch_peak_gib", ".1f"),
+        ("rollout", "rollout_frac", ".0%"), ("render", "decode_frac", ".0%"), ("token", "token_frac", ".0%"),
+        ("reward wait", "reward_frac", ".0%"), ("train", "train_frac", ".0%"), ("other", "other_frac", ".1%"),
+        ("MFU rollout", "mfu_rollout", ".0%"), ("MFU train", "mfu_train", ".0%"), ("MFU render", "mfu_render", ".0%"),
+        ("torch peak GiB", "torch_peak_gib", ".1f"),
     ])
     for r in rows:
         print(f"{r['stage']}: peak nvidia-smi MiB per GPU {r['peak_gpu_mib']}; step 1 {r.get('step1')}")
