@@ -74,9 +74,12 @@ def rollout_is_weights(batch: Rollout, chunk: slice, grpo):
 @OBJECTIVES.register("grpo_guard")
 class GrpoGuard:
     """Flow-GRPO's clipped surrogate on GRPO-Guard's normalised ratio r̃ = exp((logp − old_logp + b)·std), each
-    step's loss weighted by w_k ∝ 1/dt_k (``tandem.rl.losses.ratio_norm_log_ratio``, ``guard_step_weights``;
-    Wang et al. 2025, arXiv:2510.22319). The decoder's unit chunks are single steps, so the chunk's loss is
-    scaled by its step's weight (the same for every sample: the window is shared by the rollout batch)."""
+    step's loss weighted by w_k = Δ̄/|dt_k| with Δ̄ the mean step of the rollout's schedule
+    (``tandem.rl.losses.ratio_norm_log_ratio``, ``guard_step_weights``; Wang et al. 2025, arXiv:2510.22319).
+    The decoder's unit chunks are single steps, so the chunk's loss is scaled by its step's weight (the same for
+    every sample: the window is shared by the rollout batch). b compares the current step mean with
+    ``extras["old_means"]``, the mean that ``old_log_probs`` were scored under: the rollout's, or the recomputed
+    one where ``grpo.old_log_probs`` recomputes (the flow policy's ``LogProbs.refresh``)."""
 
     stages = ("decoder",)
     uses_old_log_probs = True
@@ -94,7 +97,8 @@ class GrpoGuard:
                                     epsilon_low=grpo.epsilon, epsilon_high=grpo.epsilon_high,
                                     loss_type=grpo.loss_type, kl=kl, beta=grpo.beta,
                                     is_weights=rollout_is_weights(batch, chunk, grpo))
-        weight = guard_step_weights(e["sigmas"], e["next_sigmas"])[:, k].mean()
+        _, schedule = policy.schedule()
+        weight = guard_step_weights(e["sigmas"], e["next_sigmas"], schedule)[:, k].mean()
         metrics["guard/step_weight"] = float(weight)
         return loss * weight, metrics
 

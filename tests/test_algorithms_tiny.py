@@ -42,9 +42,14 @@ def test_sliding_window_dpm_rollout_trains_the_window_only_and_first_ratio_is_on
     assert torch.equal(batch.extras["sigmas"][0], sigmas[2:4]) and len(policy.unit_chunks(batch)) == 2
     obj = OBJECTIVES.get(objective)()
     batch = obj.prepare(policy, batch, cfg.grpo)
+    mean_step = (sigmas[0] - sigmas[-1]).item() / (len(sigmas) - 1)
     for chunk in policy.unit_chunks(batch):
         _, metrics = obj.loss(policy, batch.select(torch.arange(4)), chunk, cfg.grpo)
         assert abs(metrics["ratio/max"] - 1) < 1e-5 and abs(metrics["ratio/min"] - 1) < 1e-5
+        if objective == "grpo_guard":  # verl-omni's 1/|dt| of the step, times the schedule's mean step
+            k = 2 + chunk.start
+            want = mean_step / (sigmas[k] - sigmas[k + 1]).item()
+            assert metrics["guard/step_weight"] == pytest.approx(want, rel=1e-5)
 
 
 def test_mixed_rollout_ode_steps_are_dpm_solver_steps(tiny_model_path):

@@ -70,11 +70,43 @@ def test_ratio_norm_centres_the_ratio_of_sde_samples():
     assert abs(norm.mean().item()) < 3 * norm.std().item() / math.sqrt(512)
 
 
-def test_guard_step_weights():
-    sig = torch.tensor([[1.0, 0.8, 0.5]]).repeat(2, 1)
-    nxt = torch.tensor([[0.8, 0.5, 0.45]]).repeat(2, 1)
-    inv = torch.tensor([1 / 0.2, 1 / 0.3, 1 / 0.05])
-    assert torch.allclose(guard_step_weights(sig, nxt), (inv / inv.mean()).expand(2, 3))
+def verl_omni_step_scale(sigma, next_sigma):
+    """verl-omni, verl_omni/trainer/diffusion/diffusion_algos.py, GRPOGuardLoss.compute_loss: the step's loss is
+    ``torch.mean(per_elem_loss) / (sqrt_dt_mean**2)`` with ``sqrt_dt`` = sqrt(-dt) of the step, per sample."""
+    sqrt_dt = torch.sqrt(sigma - next_sigma)
+    sqrt_dt_mean = sqrt_dt.mean()
+    return 1.0 / sqrt_dt_mean**2
+
+
+def _shifted_schedule(steps, shift=3.0):
+    """sigmas (S+1,) from 1 to 0 with the SD3 time shift (MixGRPO's sd3_time_shift, flow_grpo's schedules)."""
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+@pytest.mark.parametrize("windows", [([0, 1], [3, 4]), ([1, 2, 3], [6, 7, 8])])
+def test_guard_step_weights_keep_verl_omnis_one_over_dt_across_windows(windows):
+    sched = _shifted_schedule(10)
+    mean_step = (sched[0] - sched[-1]).item() / 10
+    got = {}
+    for w in windows:
+        idx = torch.tensor(w)
+        sig, nxt = sched[idx].repeat(3, 1), sched[idx + 1].repeat(3, 1)  # (B, K), the window shared by the batch
+        weights = guard_step_weights(sig, nxt, sched)
+        want = torch.tensor([verl_omni_step_scale(sig[:, j], nxt[:, j]).item() for j in range(len(w))])
+        # verl-omni's 1/|dt| times one constant of the whole schedule (its mean step), whatever the window
+        torch.testing.assert_close(weights, (want * mean_step).float().expand(3, -1), rtol=1e-5, atol=0)
+        got[tuple(w)] = (weights[0], want)
+    (wa, ra), (wb, rb) = got.values()
+    # the two windows keep verl-omni's relative weights (a mean over the trained steps would set both means to 1)
+    assert (wa.mean() / wb.mean()).item() == pytest.approx((ra.mean() / rb.mean()).item(), rel=1e-5)
+    assert abs(wa.mean().item() - wb.mean().item()) > 0.1
+
+
+def test_guard_step_weights_are_one_on_a_uniform_schedule():
+    sched = torch.linspace(1, 0, 9)
+    idx = torch.tensor([2, 3, 4])
+    assert torch.allclose(guard_step_weights(sched[idx][None], sched[idx + 1][None], sched), torch.ones(1, 3))
 
 
 # ------------------------------------------------------------------------------------------------ GSPO
