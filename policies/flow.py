@@ -186,9 +186,12 @@ class FlowPolicy(TrainedComponent):
                        self.d.kl_form)[:, None]
 
     def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
+        """Log-prob (B, 1) of trained step ``chunk.start``, its KL term, and its step mean as ``old_means``
+        (``LogProbs.refresh``: a recompute of the old log-probs recomputes the old means with them)."""
         k = chunk.start
         logp, mean, std = self.step_moments(batch, k)
-        return LogProbs(logp[:, None], self.kl_to_reference(batch, k, mean, std) if with_kl else None)
+        return LogProbs(logp[:, None], self.kl_to_reference(batch, k, mean, std) if with_kl else None,
+                        refresh={"old_means": mean[:, None]})
 
     def velocity(self, batch: Rollout, latents: torch.Tensor, t: torch.Tensor, grad: bool,
                  reference: bool = False) -> torch.Tensor:

@@ -235,16 +235,22 @@ class StageTrainer:
     def recompute_old_log_probs(self, scored: ScoredRollout) -> Dict[str, float]:
         """Replace each sample's ``old_log_probs`` by the current weights' no-grad log-probs, minibatch by
         minibatch and chunk by chunk as the update will run them; keep the sampler's as ``behaviour_log_probs``.
-        Returns the sampler-vs-trainer gap over active units: mean and max |Δ log-prob| and the mean k3 estimate
-        of KL(sampler ‖ trainer) (``mismatch/*``)."""
+        What else the same forward says about the old policy (``LogProbs.refresh``, e.g. the flow policy's step
+        means) replaces the rollout's extras of that name. Returns the sampler-vs-trainer gap over active units:
+        mean and max |Δ log-prob| and the mean k3 estimate of KL(sampler ‖ trainer) (``mismatch/*``)."""
         gaps = []
         for sub in scored.subs:
             fresh = torch.empty_like(sub.old_log_probs)
             for index in _minibatches(len(sub), self.mini_batch):
                 batch = sub.select(index)
+                parts = []
                 with self.accelerator.autocast():
-                    parts = [self.policy.log_probs(batch, chunk, with_kl=False).log_probs.float()
-                             for chunk in self.policy.unit_chunks(batch)]
+                    for chunk in self.policy.unit_chunks(batch):
+                        out = self.policy.log_probs(batch, chunk, with_kl=False)
+                        parts.append(out.log_probs.float())
+                        for key, value in out.refresh.items():
+                            old = sub.extras[key]
+                            old[index.to(old.device), chunk] = value.to(old.device, old.dtype)
                 fresh[index.to(fresh.device)] = torch.cat(parts, dim=1).to(fresh.device)
             sub.behaviour_log_probs, sub.old_log_probs = sub.old_log_probs, fresh
             delta = (fresh - sub.behaviour_log_probs)[sub.mask > 0]

@@ -52,6 +52,49 @@ def test_sliding_window_dpm_rollout_trains_the_window_only_and_first_ratio_is_on
             assert metrics["guard/step_weight"] == pytest.approx(want, rel=1e-5)
 
 
+def verl_omni_guard_ratio(log_prob, old_log_prob, prev_sample_mean, old_prev_sample_mean, step_std):
+    """verl-omni, verl_omni/trainer/diffusion/diffusion_algos.py, GRPOGuardLoss.compute_loss (scale = sqrt_dt·σ_t,
+    the step std): ratio = exp((log_prob − old_log_prob + mean((μ − μ_old)²)/(2·scale²))·scale). Its old log-probs
+    and old means come from one forward (ray_diffusion_trainer.py, _compute_old_log_prob: old_log_probs and
+    old_prev_sample_mean of infer_actor_batch)."""
+    scale = step_std.mean()
+    mean_diff_sq = (prev_sample_mean - old_prev_sample_mean).pow(2).mean(dim=tuple(range(1, prev_sample_mean.ndim)))
+    return torch.exp((log_prob - old_log_prob + mean_diff_sq / (2 * scale**2)) * scale)
+
+
+def test_guard_with_recomputed_old_log_probs_starts_on_policy(tiny_model_path):
+    """grpo.old_log_probs recompute: the recompute forward gives the old means too, so the first r̃ is exactly 1
+    even where the training forward differs from the rollout's (here: weights nudged after the rollout)."""
+    from accelerate import Accelerator
+
+    from tandem.core.types import PromptRecord
+    from tandem.rl.run_state import RunState
+    from tandem.rl.trainer import ScoredRollout, StageTrainer
+
+    policy, cfg = decoder_policy(tiny_model_path, "grpo_guard", guidance_scale=1.5, sde_window_size=2,
+                                 sde_window_range=[1, 4])
+    cfg.grpo.old_log_probs = "recompute"
+    batch = with_advantages(policy.rollout(PROMPTS, META, group_size=2, seed=4))
+    rollout_means = batch.extras["old_means"].clone()
+    with torch.no_grad():  # a training forward that rounds differently from the rollout's
+        for i, p in enumerate(policy.trainable_parameters()):
+            p.add_(1e-2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    trainer = StageTrainer("decoder", cfg, policy, None, None, Accelerator(cpu=True), RunState(),
+                           [PromptRecord(p, m) for p, m in zip(PROMPTS, META)], num_steps=1)
+    assert trainer.recompute
+    trainer.recompute_old_log_probs(ScoredRollout([batch], None, None, {}))
+    assert not torch.allclose(batch.extras["old_means"], rollout_means)  # the old means were recomputed
+    obj = OBJECTIVES.get("grpo_guard")()
+    for chunk in policy.unit_chunks(batch):
+        _, metrics = obj.loss(policy, batch, chunk, cfg.grpo)
+        assert abs(metrics["ratio/max"] - 1) < 1e-6 and abs(metrics["ratio/min"] - 1) < 1e-6
+        with torch.no_grad():
+            logp, mean, std = policy.step_moments(batch, chunk.start)
+        want = verl_omni_guard_ratio(logp, batch.old_log_probs[:, chunk.start], mean,
+                                     batch.extras["old_means"][:, chunk.start], std)
+        torch.testing.assert_close(want, torch.ones_like(want), atol=1e-6, rtol=0)
+
+
 def test_mixed_rollout_ode_steps_are_dpm_solver_steps(tiny_model_path):
     """noise 0 everywhere: the rollout's last image is the DPM-Solver++(2M) integration, its window steps Euler."""
     policy, _ = decoder_policy(tiny_model_path, guidance_scale=1.0, noise_level=0.0, sde_window_size=1,
