@@ -5,9 +5,12 @@ are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other step
 (Euler, or DPM-Solver++(2M) with ``decoder.ode_solver: dpm2m``, ``policies.ode_solvers``); the last step is never
 trained (Flow-GRPO, Liu et al. 2025; MixGRPO's ODE/SDE mixing, Li et al. 2025, arXiv:2507.21802). The window is
 ``decoder.sde_window_size`` consecutive steps inside ``decoder.sde_window_range``: placed at random per rollout
-call (``sde_window_schedule: random``), or sliding with training (``sliding``, MixGRPO's progressive schedule,
-``sliding_window_start``) — or the first ``timestep_fraction`` of the steps. Training replays each trained step
-from the stored latents — one step per forward pass (``unit_chunks``), so memory does not grow with steps.
+call (``sde_window_schedule: random``), or sliding with the decoder stage's rollout batches (``sliding``, MixGRPO's
+progressive schedule, ``sliding_window``) — or the first ``timestep_fraction`` of the steps. The multistep solver's
+history (the previous step's data prediction x̂₀ = x − σv) runs through the SDE steps too, as MixGRPO-Flash keeps
+its ``DPMState`` through the window, so the first ODE step after the window is already second order. Training
+replays each trained step from the stored latents — one step per forward pass (``unit_chunks``), so memory does
+not grow with steps.
 
 KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2)
 (``decoder.kl_form: exact``), or flow_grpo's ``kl_loss``, which is that times |dt| for Flow-SDE
@@ -42,26 +45,49 @@ from tandem.core.seeds import CONDITIONS, NOISE, OBJECTIVE, SDE, WINDOW, Rollout
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 
-def sliding_window_start(lo: int, hi: int, size: int, stride: int, interval: int, step: int) -> int:
-    """First step of MixGRPO's sliding SDE window at global optimizer step ``step`` (Li et al. 2025,
-    arXiv:2507.21802, §3.2, progressive strategy): it starts at ``lo`` and moves ``stride`` steps towards lower noise
-    every ``interval`` optimizer steps, then stays at the last place that fits, ``hi - size``::
-
-        start(step) = min(lo + stride * floor(step / interval), hi - size)
-
-    A function of the global step only, so a resumed run continues the same schedule."""
-    return min(lo + stride * (step // interval), hi - size)
+WINDOW_ENDS = ("roll_back", "shrink", "stay")
 
 
-def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator, step: int = 0) -> List[int]:
-    """Indices of the SDE (trained) steps of one rollout call at global optimizer step ``step``; never the last."""
+def sliding_window(lo: int, hi: int, size: int, stride: int, interval: int, rollout: int,
+                   end: str = "roll_back") -> List[int]:
+    """Step indices of MixGRPO's sliding SDE window for the stage's rollout batch ``rollout`` (0, 1, ...) (Li et al.
+    2025, arXiv:2507.21802, §3.2, progressive strategy; Tencent-Hunyuan/MixGRPO ``GRPOTrainingStates`` with
+    ``prog_overlap``). The window starts at ``lo`` and moves ``stride`` steps towards lower noise every
+    ``interval`` rollout batches (MixGRPO's ``iters_per_group`` τ counts training iterations, one rollout each)::
+
+        start(n) = lo + stride·j,   j = floor(n / interval),   window = [start, min(start + size, hi))
+
+    ``end`` says what happens once the start has passed the last place below ``hi`` (P = ⌈(hi − lo)/stride⌉
+    places):
+
+    * ``roll_back`` — MixGRPO with ``--roll_back`` (both released scripts): j cycles, j mod P; near ``hi`` the
+      window shrinks. MixGRPO also spends τ iterations on the empty window that starts at ``hi`` itself (nothing
+      trained) when ``stride`` divides ``hi − lo``; here that place is skipped.
+    * ``shrink`` — MixGRPO without it: the start stops at the last place, min(j, P − 1), with its shrunk window
+      (MixGRPO's start moves on to ``hi``, an empty window, and trains nothing from then on).
+    * ``stay`` — the window keeps its size and stops at ``hi − size``.
+
+    A function of the rollout count only, so a resumed run continues the same schedule."""
+    move = rollout // interval
+    if end == "stay":
+        start = min(lo + stride * move, hi - size)
+        return list(range(start, start + size))
+    if end not in WINDOW_ENDS:
+        raise ValueError(f"sliding_window: end must be one of {', '.join(WINDOW_ENDS)}, got {end!r}")
+    places = -(-(hi - lo) // stride)
+    start = lo + stride * (move % places if end == "roll_back" else min(move, places - 1))
+    return list(range(start, min(start + size, hi)))
+
+
+def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator, rollout: int = 0) -> List[int]:
+    """Indices of the SDE (trained) steps of one rollout call in the stage's rollout batch ``rollout``; never the
+    last step."""
     if cfg.sde_window_size > 0:
         lo, hi = cfg.sde_window_range
         if cfg.sde_window_schedule == "sliding":
-            start = sliding_window_start(lo, hi, cfg.sde_window_size, cfg.sde_window_stride,
-                                         cfg.sde_window_shift_interval, step)
-        else:
-            start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
+            return sliding_window(lo, hi, cfg.sde_window_size, cfg.sde_window_stride, cfg.sde_window_shift_interval,
+                                  rollout, cfg.sde_window_end)
+        start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
         return list(range(start, start + cfg.sde_window_size))
     count = max(1, int(round(cfg.timestep_fraction * (num_steps - 1))))
     return list(range(count))
@@ -118,12 +144,12 @@ class FlowPolicy(TrainedComponent):
                        for g, c in zip(group_ids, copies)]
         x = self.adapter.initial_noise(noise_seeds)
         timesteps, sigmas = self.adapter.schedule(self.d.num_steps)
-        train_steps = trained_step_indices(self.d, self.d.num_steps, rng, self.global_step)
+        train_steps = trained_step_indices(self.d, self.d.num_steps, rng, self.rollout_index)
         gen = [torch.Generator(device="cpu").manual_seed(seeds.copy(SDE, g, c)) for g, c in zip(group_ids, copies)]
 
         chunks = self._rollout_chunks(len(group_ids))
         before, after, means, logps = [], [], [], []
-        history = None  # (x0_hat, sigma) of the previous ODE step, for dpm2m
+        history = None  # (x0_hat, sigma) of the previous step, for dpm2m
         for i, t in enumerate(timesteps):
             v = torch.cat([self.adapter.velocity(self.model, x[c], t, _rows(cond, c), self.d.guidance_scale)
                            for c in chunks])
@@ -134,7 +160,7 @@ class FlowPolicy(TrainedComponent):
                 after.append(x_next)
                 means.append(mean)
                 logps.append(logp)
-                history = None
+                history = (x.float() - sigmas[i] * v.float(), sigmas[i])  # x̂₀ of this step: dpm2m goes on from it
             elif self.d.ode_solver == "dpm2m":
                 x_next, history = dpm2m_step(v, x, sigmas[i], sigmas[i + 1], history)
             else:

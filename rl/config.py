@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tandem.core.errors import ConfigError
 from tandem.policies.families import family_names
+from tandem.policies.flow import WINDOW_ENDS
 from tandem.policies.lora import LoraSettings
 from tandem.policies.ode_solvers import SOLVERS as ODE_SOLVERS
 from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, KINDS as SDE_KINDS
@@ -121,12 +122,18 @@ class DecoderConfig:
     # [lo, hi) step indices inside which the SDE window is placed (randomly per rollout batch, or sliding).
     sde_window_range: List[int] = field(default_factory=lambda: [0, 5])
     # Where the window sits: "random" (anywhere in the range, per rollout batch) or "sliding" (MixGRPO: starts at lo
-    # and moves sde_window_stride steps every sde_window_shift_interval optimizer steps, a function of the step).
+    # and moves sde_window_stride steps every sde_window_shift_interval rollout batches of the decoder stage).
     sde_window_schedule: str = "random"
     # With sde_window_schedule "sliding": steps the window moves each time (MixGRPO stride s).
     sde_window_stride: int = 1
-    # With sde_window_schedule "sliding": optimizer steps between two moves (MixGRPO shift interval tau).
+    # With sde_window_schedule "sliding": rollout batches of the decoder stage between two moves (MixGRPO's shift
+    # interval tau, iters_per_group: one training iteration = one rollout), whatever the optimizer steps per rollout;
+    # a joint job counts its decoder rollouts only.
     sde_window_shift_interval: int = 10
+    # With sde_window_schedule "sliding", once the window reaches hi: "roll_back" (MixGRPO --roll_back, as in both of
+    # its released scripts: windows shrink near hi, then it starts again at lo), "shrink" (MixGRPO without it: the
+    # window stops at the last start below hi, shrunk) or "stay" (keeps its size, stops at hi - size).
+    sde_window_end: str = "roll_back"
     # Solver of the ODE steps outside the SDE window: "euler" or "dpm2m" (DPM-Solver++(2M), MixGRPO-Flash).
     ode_solver: str = "euler"
     # With sde_window_size 0: fraction of the (non-final) steps that are SDE steps and trained.
@@ -456,6 +463,7 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
     _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
     _choice("decoder.sde_window_schedule", d.sde_window_schedule, ("random", "sliding"))
+    _choice("decoder.sde_window_end", d.sde_window_end, WINDOW_ENDS)
     _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS)
     _choice("grpo.importance_sampling_level", g.importance_sampling_level, ("token", "sequence"))
     _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))

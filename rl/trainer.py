@@ -172,7 +172,7 @@ class StageTrainer:
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
         seed = derive_seed(cfg.seed, self.state.rollouts)  # the same on every process (tandem.core.seeds)
         objective = OBJECTIVES.get(g.objective)()
-        self.policy.global_step = self.state.step  # step-scheduled sampling (a sliding SDE window) follows it
+        self.policy.begin_rollout(*self.state.stage_counts(self.stage))  # what it schedules per rollout or step
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
         for part in self._sub_batches(chosen):  # 2. rollout + score, overlapped
             first_group = sum(len(s) for s in subs) // self.copies
@@ -278,7 +278,7 @@ class StageTrainer:
                 batches = [sub.select(index) for sub, index in minibatches[start:start + accumulate]]
                 loss_metrics = update_on_minibatch(self.policy, self.optimizer, batches, self.cfg, self.accelerator,
                                                    self.layout, self.scheduler, before_step=self._updating)
-                self.state.step += 1
+                self.state.count_step(self.stage)
                 self.half_updated = False
                 reward_metrics = scored.advantages.metrics
                 metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
@@ -287,7 +287,7 @@ class StageTrainer:
                 metrics.update(self.state.cost_metrics(reward_metrics["reward/mean"]))
                 timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
                 hooks.after_step(self, metrics)  # 6. log / grid / eval
-        self.state.rollouts += 1
+        self.state.count_rollout(self.stage)
         hooks.after_rollout(self)
 
     def _updating(self) -> None:

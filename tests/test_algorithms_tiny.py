@@ -36,7 +36,7 @@ def test_sliding_window_dpm_rollout_trains_the_window_only_and_first_ratio_is_on
     policy, cfg = decoder_policy(tiny_model_path, objective, guidance_scale=1.5, sde_window_size=2,
                                  sde_window_range=[0, 5], sde_window_schedule="sliding", sde_window_stride=1,
                                  sde_window_shift_interval=4, ode_solver="dpm2m")
-    policy.global_step = 9  # start = min(0 + 1 * floor(9 / 4), 5 - 2) = 2
+    policy.begin_rollout(9, 30)  # the 10th rollout batch: start = 0 + 1 * floor(9 / 4) = 2, whatever the steps
     batch = with_advantages(policy.rollout(PROMPTS, META, group_size=4, seed=3))
     _, sigmas = policy.schedule()
     assert torch.equal(batch.extras["sigmas"][0], sigmas[2:4]) and len(policy.unit_chunks(batch)) == 2
@@ -50,6 +50,68 @@ def test_sliding_window_dpm_rollout_trains_the_window_only_and_first_ratio_is_on
             k = 2 + chunk.start
             want = mean_step / (sigmas[k] - sigmas[k + 1]).item()
             assert metrics["guard/step_weight"] == pytest.approx(want, rel=1e-5)
+
+
+class RecordingHooks:
+    """Phase 6 of the trainer (``rl.session.Hooks``' two callbacks), keeping each step's metrics."""
+
+    def __init__(self):
+        self.steps = []
+
+    def after_step(self, trainer, metrics):
+        self.steps.append(metrics)
+
+    def after_rollout(self, trainer):
+        pass
+
+
+def test_sliding_window_counts_the_decoder_stages_rollouts(tiny_model_path):
+    """A joint job's decoder trainer, 29 optimizer steps in (20 of them AR, 7 rollouts of which 2 decoder ones), two
+    optimizer steps per rollout: the window moves once per decoder rollout (MixGRPO's τ counts iterations, one
+    rollout each), not per optimizer step nor with the AR stage's."""
+    from accelerate import Accelerator
+
+    from tandem.core.types import PromptRecord
+    from tandem.rewards.client import RewardClient
+    from tandem.rewards.config import RewardEntry
+    from tandem.rl.run_state import RunState
+    from tandem.rl.trainer import StageTrainer
+
+    policy, cfg = decoder_policy(tiny_model_path, guidance_scale=1.0, sde_window_size=1, sde_window_range=[0, 5],
+                                 sde_window_schedule="sliding", sde_window_stride=1, sde_window_shift_interval=1)
+    cfg.grpo.num_generations, cfg.grpo.prompts_per_step, cfg.grpo.mini_batch_size = 2, 2, 2
+    cfg.rewards, cfg.reward_host.backend = [RewardEntry(name="brightness")], "local"
+    state = RunState(step=29, rollouts=7, stage_steps={"ar": 20, "decoder": 9}, stage_rollouts={"ar": 5, "decoder": 2})
+    _, sigmas = policy.schedule()
+    with RewardClient(cfg.rewards, cfg.reward_host) as rewards:
+        trainer = StageTrainer("decoder", cfg, policy, rewards, None, Accelerator(cpu=True), state,
+                               [PromptRecord(p, m) for p, m in zip(PROMPTS, META)], num_steps=100)
+        hooks = RecordingHooks()
+        for decoder_rollout in (2, 3):
+            trainer.train_rollout(stop_at=100, hooks=hooks)
+            assert state.stage_rollouts == {"ar": 5, "decoder": decoder_rollout + 1}
+        assert state.stage_steps == {"ar": 20, "decoder": 13} and state.step == 33 and len(hooks.steps) == 4
+        assert trainer.rollout_and_score().subs[0].extras["sigmas"][0, 0] == sigmas[4]  # the 5th decoder rollout
+        assert policy.rollout_index == 4 and policy.stage_step == 13
+
+
+def test_run_state_counts_each_stage_and_a_final_checkpoint_finishes_its_rollout():
+    from tandem.rl.run_state import RunState
+
+    state = RunState()
+    for stage, steps in (("ar", 3), ("decoder", 2), ("ar", 1)):
+        for _ in range(steps):
+            state.count_step(stage)
+        state.count_rollout(stage)
+    state.count_step("decoder")  # the job's last step, inside a decoder rollout
+    assert state.stage_counts("ar") == (2, 4) and state.stage_counts("decoder") == (1, 3)
+    saved = dict(state.to_dict(), rollouts=state.rollouts + 1)  # rl/session.py: its rollout counts as done
+    resumed = RunState()
+    resumed.load(saved)
+    assert resumed.stage_counts("ar") == (2, 4) and resumed.stage_counts("decoder") == (2, 3)
+    again = RunState()
+    again.load(state.to_dict())  # a checkpoint between rollouts
+    assert again.stage_rollouts == state.stage_rollouts and again.stage_steps == state.stage_steps
 
 
 def verl_omni_guard_ratio(log_prob, old_log_prob, prev_sample_mean, old_prev_sample_mean, step_std):
@@ -95,8 +157,53 @@ def test_guard_with_recomputed_old_log_probs_starts_on_policy(tiny_model_path):
         torch.testing.assert_close(want, torch.ones_like(want), atol=1e-6, rtol=0)
 
 
+def mixgrpo_flash_dpm_update(x, sigmas, i, model_outputs, lower_order_nums):
+    """Tencent-Hunyuan/MixGRPO, fastvideo/utils/sampling_utils.py, dpm_step's ODE update with dpm_algorithm_type
+    "dpmsolver++", solver order 2, "midpoint" (dpm_solver_first_order_update / multistep_dpm_solver_second_order_
+    update, sde_solver=False): model_outputs are the data predictions x̂₀ of the previous and this step."""
+    alpha = lambda s: 1 - s  # _sigma_to_alpha_sigma_t
+    lam = lambda s: torch.log(alpha(s)) - torch.log(s)
+    sigma_t, sigma_s0 = sigmas[i + 1], sigmas[i]
+    h = lam(sigma_t) - lam(sigma_s0)
+    m0 = model_outputs[-1]
+    if lower_order_nums < 1 or i == len(sigmas) - 2:  # first order, and lower_order_final on the last step
+        return (sigma_t / sigma_s0) * x - (alpha(sigma_t) * (torch.exp(-h) - 1.0)) * m0
+    h_0 = lam(sigma_s0) - lam(sigmas[i - 1])
+    r0 = h_0 / h
+    d0, d1 = m0, (1.0 / r0) * (m0 - model_outputs[-2])
+    return ((sigma_t / sigma_s0) * x - (alpha(sigma_t) * (torch.exp(-h) - 1.0)) * d0
+            - 0.5 * (alpha(sigma_t) * (torch.exp(-h) - 1.0)) * d1)
+
+
+def test_mixgrpo_flash_rollout_keeps_the_solver_history_through_the_window(tiny_model_path):
+    """noise 0 everywhere, the window at step 1: tandem's rollout is MixGRPO-Flash's "post" sampling (run_sample_step
+    with dpm_apply_strategy "post", on the same sigmas; Flash also re-spaces the steps after the window,
+    dpm_post_compress_ratio, not done here): steps up to the window's are flow_grpo_steps (Euler; tandem's dpm2m
+    step 0 has no history, so it is Euler too) whose x̂₀ go into the DPMState, every later step a
+    DPM-Solver++(2M) step on that history — the first one second order with the window step's x̂₀."""
+    policy, _ = decoder_policy(tiny_model_path, guidance_scale=1.0, noise_level=0.0, sde_window_size=1,
+                               sde_window_range=[1, 2], ode_solver="dpm2m")
+    batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=5)
+    timesteps, sigmas = policy.schedule()
+    cond = batch.extras["cond"]
+    x = policy.adapter.initial_noise(batch.extras["noise_seeds"].tolist())
+    model_outputs, lower_order_nums = [None, None], 0  # DPMState(order=2)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            v = policy.adapter.velocity(policy.model, x, t, cond, 1.0)
+            model_outputs = [model_outputs[1], x - sigmas[i] * v]  # dpm_state.update(convert_model_output(...))
+            if i <= 1:  # i <= last_false_index: flow_grpo_step(determistic=True) = Euler
+                x = x + (sigmas[i + 1] - sigmas[i]) * v
+            else:
+                x = mixgrpo_flash_dpm_update(x, sigmas, i, model_outputs, lower_order_nums)
+            lower_order_nums = min(lower_order_nums + 1, 2)  # dpm_state.update_lower_order()
+    assert torch.allclose(batch.extras["x0"], x, atol=1e-5)
+
+
 def test_mixed_rollout_ode_steps_are_dpm_solver_steps(tiny_model_path):
-    """noise 0 everywhere: the rollout's last image is the DPM-Solver++(2M) integration, its window steps Euler."""
+    """noise 0 everywhere: the rollout's last image is the DPM-Solver++(2M) integration, its window step Euler,
+    the solver's history going on through it (tandem also runs dpm2m before the window, where MixGRPO-Flash
+    takes Euler steps)."""
     policy, _ = decoder_policy(tiny_model_path, guidance_scale=1.0, noise_level=0.0, sde_window_size=1,
                                sde_window_range=[2, 3], ode_solver="dpm2m")
     batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=5)
@@ -108,7 +215,7 @@ def test_mixed_rollout_ode_steps_are_dpm_solver_steps(tiny_model_path):
         for i, t in enumerate(timesteps):
             v = policy.adapter.velocity(policy.model, x, t, cond, 1.0)
             if i == 2:
-                x, history = x + (sigmas[i + 1] - sigmas[i]) * v, None
+                x, history = x + (sigmas[i + 1] - sigmas[i]) * v, (x - sigmas[i] * v, sigmas[i])
             else:
                 x, history = dpm2m_step(v, x, sigmas[i], sigmas[i + 1], history)
     assert torch.allclose(batch.extras["x0"], x, atol=1e-5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.policies.flow import sliding_window_start, trained_step_indices
+from tandem.policies.flow import sliding_window, trained_step_indices
 from tandem.policies.ode_solvers import dpm2m_step
 from tandem.policies.sde import ode_step, sde_step
 from tandem.rl.config import DecoderConfig
@@ -132,13 +132,83 @@ def test_gspo_sequence_ratio_and_clip():
 
 
 # ------------------------------------------------------------------------------------------------ MixGRPO
-def test_sliding_window_schedule():
-    starts = [sliding_window_start(1, 7, 2, stride=2, interval=3, step=s) for s in range(12)]
+class MixGRPOWindow:
+    """Tencent-Hunyuan/MixGRPO, fastvideo/utils/grpo_states.py, GRPOTrainingStates with sample_strategy
+    "progressive" and prog_overlap (both released scripts): update_iteration and get_current_timesteps, as
+    train_grpo_flux.py calls them once per training iteration (one rollout), get before update."""
+
+    def __init__(self, iters_per_group, group_size, max_timesteps, prog_overlap_step, roll_back):
+        self.iters_per_group, self.group_size, self.max_timesteps = iters_per_group, group_size, max_timesteps
+        self.prog_overlap_step, self.roll_back = prog_overlap_step, roll_back
+        self.cur_timestep = self.init_timestep = 0
+        self.cur_iter_in_group = 0
+
+    def get_current_timesteps(self):
+        return list(range(self.cur_timestep, min(self.cur_timestep + self.group_size, self.max_timesteps)))
+
+    def update_iteration(self):
+        self.cur_iter_in_group += 1
+        if self.cur_iter_in_group >= self.iters_per_group:
+            self.cur_iter_in_group = 0
+            self.cur_timestep += self.prog_overlap_step
+        if self.cur_timestep > self.max_timesteps:
+            if self.roll_back:
+                self.cur_timestep = self.init_timestep
+                self.cur_iter_in_group = 0
+            else:
+                self.cur_timestep = self.max_timesteps
+
+
+def mixgrpo_windows(n, **kw):
+    ref = MixGRPOWindow(**kw)
+    out = []
+    for _ in range(n):
+        out.append(ref.get_current_timesteps())
+        ref.update_iteration()
+    return out
+
+
+@pytest.mark.parametrize("hi, size, stride, interval", [(7, 2, 2, 3), (9, 4, 2, 2), (23, 4, 3, 5)])
+def test_sliding_window_is_mixgrpos_per_rollout(hi, size, stride, interval):
+    """stride does not divide hi: with --roll_back MixGRPO never reaches the empty window at hi, so the schedules
+    are equal over several cycles; without it MixGRPO clamps the start to hi (an empty window: nothing trained
+    from then on), where tandem's "shrink" keeps the last window."""
+    n = 4 * interval * hi
+    kw = dict(iters_per_group=interval, group_size=size, max_timesteps=hi, prog_overlap_step=stride)
+    want = mixgrpo_windows(n, roll_back=True, **kw)
+    got = [sliding_window(0, hi, size, stride, interval, rollout, "roll_back") for rollout in range(n)]
+    assert got == want
+    assert min(map(len, got)) < size  # the windows near hi shrink
+    want = mixgrpo_windows(n, roll_back=False, **kw)
+    got = [sliding_window(0, hi, size, stride, interval, rollout, "shrink") for rollout in range(n)]
+    first_empty = want.index([])
+    assert got[:first_empty] == want[:first_empty] and want[first_empty:] == [[]] * (n - first_empty)
+    assert got[first_empty:] == [got[first_empty - 1]] * (n - first_empty)
+
+
+def test_sliding_window_skips_mixgrpos_empty_window():
+    """stride 1 (MixGRPO's scripts: 25 steps, max_timesteps 23): MixGRPO's start reaches hi itself, an empty window
+    (nothing trained) for interval iterations, before rolling back, or for good without --roll_back; tandem skips
+    that place and keeps the last non-empty window."""
+    kw = dict(iters_per_group=3, group_size=4, max_timesteps=23, prog_overlap_step=1)
+    cycle = 23 * 3
+    rolled = mixgrpo_windows(3 * (cycle + 3), roll_back=True, **kw)
+    assert rolled[cycle:cycle + 3] == [[]] * 3
+    without_empty = [w for w in rolled if w]
+    assert [sliding_window(0, 23, 4, 1, 3, r) for r in range(len(without_empty))] == without_empty
+    clipped = mixgrpo_windows(cycle + 10, roll_back=False, **kw)
+    assert clipped[cycle:] == [[]] * 10
+    assert [sliding_window(0, 23, 4, 1, 3, r, "shrink") for r in range(cycle + 10)] == clipped[:cycle] + [[22]] * 10
+
+
+def test_sliding_window_stay_and_lo():
+    starts = [sliding_window(1, 7, 2, stride=2, interval=3, rollout=r, end="stay")[0] for r in range(12)]
     assert starts == [1, 1, 1, 3, 3, 3, 5, 5, 5, 5, 5, 5]
+    assert [sliding_window(1, 7, 2, 2, 1, r)[0] for r in range(7)] == [1, 3, 5, 1, 3, 5, 1]
     cfg = DecoderConfig(num_steps=8, sde_window_size=2, sde_window_range=[1, 7], sde_window_schedule="sliding",
                         sde_window_stride=2, sde_window_shift_interval=3)
-    rngs = [np.random.default_rng(s) for s in range(3)]  # the rollout seed plays no part: a function of the step
-    assert {tuple(trained_step_indices(cfg, 8, r, step=4)) for r in rngs} == {(3, 4)}
+    rngs = [np.random.default_rng(s) for s in range(3)]  # the rollout seed plays no part: a function of the count
+    assert {tuple(trained_step_indices(cfg, 8, r, rollout=4)) for r in rngs} == {(3, 4)}
 
 
 def _dpm_scheduler(num_steps):
