@@ -19,6 +19,7 @@ class TrainedComponent:
     trained_module: torch.nn.Module
     rollout_index: int = 0  # rollout batches this stage has done before the current one (``begin_rollout``)
     stage_step: int = 0  # optimizer steps this stage has taken before the current rollout batch (``begin_rollout``)
+    inner_epoch: int = 0  # which of the grpo.num_iterations update epochs over the rollout batch runs (the trainer's)
 
     def begin_rollout(self, rollouts: int, steps: int) -> None:
         """Called by the trainer before each rollout batch (before its first ``rollout`` call) with this stage's

@@ -24,6 +24,11 @@ and the global group and copy indices — so the processes of a data-parallel jo
 Objectives other than the clipped surrogate use the rest of a rollout's ``extras`` (``x0``: final clean latents,
 ``cond``: the conditions, ``old_means``: the step means the rollout sampled from, ``sample_seeds``: one seed per
 copy for the objective's own draws) through ``velocity``, ``step_moments``, ``kl_to_reference`` and ``schedule``.
+
+Old policy (``grpo.nft_old_decay_type`` > 0, DiffusionNFT's): the policy keeps a copy of the trained weights,
+blended towards them before each rollout batch (``begin_rollout``: old ← d·old + (1 − d)·θ,
+``policies.ema.old_policy_decay`` of the stage's optimizer steps), that samples the rollouts and gives v_old
+(``old_weights``); it is checkpointed through ``extra_state``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from tandem.policies.lora import apply_lora
 from tandem.policies.ode_solvers import dpm2m_step
 from tandem.policies.render import ode_sample
 from tandem.policies.sde import ode_step, sde_step, step_kl
-from tandem.policies.ema import EMA
+from tandem.core.dtensor import full_tensor, shard_like
+from tandem.policies.ema import EMA, old_policy_decay
 from tandem.core.seeds import CONDITIONS, NOISE, OBJECTIVE, SDE, WINDOW, RolloutSeeds
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
@@ -114,6 +120,8 @@ class FlowPolicy(TrainedComponent):
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
         self.ema = (EMA(self.trainable_named_parameters(), self.d.ema_decay, self.d.ema_warmup,
                         self.d.ema_update_interval) if self.d.ema_decay > 0 else None)
+        self.old_decay_type = cfg.grpo.nft_old_decay_type
+        self.old = None  # the old policy's weights (module docstring), made at the first rollout or restore
 
     @property
     def device(self) -> torch.device:
@@ -121,6 +129,42 @@ class FlowPolicy(TrainedComponent):
 
     def handoff(self, batch: Rollout) -> dict:
         return {}
+
+    # ------------------------------------------------------------------ old policy
+    def begin_rollout(self, rollouts: int, steps: int) -> None:
+        """The stage's counts (``TrainedComponent``); with an old policy, old ← d·old + (1 − d)·θ first, d =
+        ``old_policy_decay(steps, grpo.nft_old_decay_type)`` (DiffusionNFT blends after each rollout's updates,
+        i.e. before the next rollout; d = 0 at the first, so old starts as θ)."""
+        super().begin_rollout(rollouts, steps)
+        if self.old_decay_type:
+            self._old().blend(self.trainable_parameters(), old_policy_decay(steps, self.old_decay_type))
+
+    def _old(self) -> EMA:
+        if self.old is None:  # made after sharding (the trainer shards before any rollout), so laid out alike
+            self.old = EMA(self.trainable_named_parameters(), decay=0.0)
+        return self.old
+
+    def old_weights(self):
+        """Context in which ``self.model`` carries the old policy's weights (the current ones without an old
+        policy): what samples the rollouts and gives DiffusionNFT's v_old."""
+        if self.old is None:
+            return contextlib.nullcontext()
+        return self.old.swapped(self.trainable_parameters())
+
+    def extra_state(self) -> dict:
+        """Tensors to checkpoint besides the weights, by name: the old policy's weights (``old/<parameter>``),
+        whole (collective under FSDP); empty without one."""
+        if self.old is None:
+            return {}
+        return {f"old/{name}": full_tensor(t) for name, t in zip(self.old.names, self.old.shadow)}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore ``extra_state`` (this process keeps its shards)."""
+        old = {k[len("old/"):]: v for k, v in state.items() if k.startswith("old/")}
+        if old and self.old_decay_type:
+            target = self._old()
+            target.shadow = [shard_like(old[n].to(p.device, p.dtype), p.detach())
+                             for n, p in zip(target.names, self.trainable_parameters())]
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
@@ -133,7 +177,13 @@ class FlowPolicy(TrainedComponent):
         tensors. No grad.
 
         ``seed`` is the rollout batch's seed, ``first_group`` the global index of the first prompt's group and
-        ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``)."""
+        ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``). Sampled by
+        the old policy's weights where one is kept (``old_weights``)."""
+        with self.old_weights():
+            return self._sample(prompts, metadata, group_size, seed, first_group, first_copy)
+
+    def _sample(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int, first_group: int,
+                first_copy: int) -> Rollout:
         seeds = RolloutSeeds(seed, first_group, first_copy)
         rng = np.random.default_rng(seeds.call(WINDOW))
         group_ids = group_ids_for(len(prompts), group_size)
@@ -222,7 +272,8 @@ class FlowPolicy(TrainedComponent):
     def velocity(self, batch: Rollout, latents: torch.Tensor, t: torch.Tensor, grad: bool,
                  reference: bool = False) -> torch.Tensor:
         """(B, C, h, w) float32 velocity at (``latents``, ``t`` (B,)) under ``batch``'s conditions, without CFG
-        (guidance 1), of the current weights (with grad when ``grad``) or of the reference model (no grad)."""
+        (guidance 1), of the current weights (with grad when ``grad``; the old policy's inside ``old_weights``) or
+        of the reference model (no grad)."""
         if reference:
             with torch.no_grad(), self._reference() as ref:
                 return self.adapter.velocity(ref, latents, t, batch.extras["cond"], 1.0)

@@ -194,6 +194,21 @@ class GRPOConfig:
     nft_beta: float = 1.0
     # objective diffusion_nft: forward-process timesteps trained per sample (drawn from the rollout schedule).
     nft_num_timesteps: int = 2
+    # objective diffusion_nft: the reference's adaptive loss weight (NVlabs DiffusionNFT): the error of the implied
+    # clean sample x0 = x_t - sigma v, divided by its detached mean |.|, i.e. sigma*|v* - v|^2 / mean|v* - v| per
+    # sample; false = plain velocity-space |v* - v|^2 (weight 1, default).
+    nft_adaptive_weight: bool = False
+    # objective diffusion_nft: multiply the policy term (not the KL term) by Z = adv_clip_max, as the reference does;
+    # false (default) = unscaled, so the reference's KL coefficient train.beta is grpo.beta = train.beta / Z.
+    nft_scale_policy_loss: bool = False
+    # objective diffusion_nft: the old policy, which samples the rollouts and gives v_old: 0 (default) = the current
+    # weights at each rollout; 1 | 2 = the reference's decay_type 1 | 2 (its released configs), a copy of the
+    # trained weights blended before each rollout, old <- d old + (1 - d) theta, d = min(0.001 s, 0.5) (1) or 0 for
+    # s < 75 then min(0.0075 (s - 75), 0.999) (2), s = the decoder's optimizer steps so far. Checkpointed.
+    nft_old_decay_type: int = 0
+    # objective diffusion_nft: draw new timesteps and noise for each of the num_iterations update epochs, as the
+    # reference does; false (default) = one draw per rollout, the same in every epoch.
+    nft_fresh_noise: bool = False
     # group | batch | none: the std that advantages are divided by (TRL `scale_rewards`). Like TRL 1.16 it applies
     # to sum_then_normalize only: normalize_then_sum always divides each reward by its group std.
     scale_rewards: str = "group"
@@ -555,12 +570,11 @@ def validate(job: JobConfig, stage: str) -> None:
               "conditional branch reads the source's KV cache): set decoder.cfg_batch=false")
         _rule(d.sde_window_stride >= 1 and d.sde_window_shift_interval >= 1, "decoder.sde_window_stride",
               "sde_window_stride and sde_window_shift_interval must be >= 1")
-        if g.objective == "diffusion_nft":
-            _rule(1 <= g.nft_num_timesteps <= d.num_steps, "grpo.nft_num_timesteps",
-                  f"must be in [1, decoder.num_steps={d.num_steps}], got {g.nft_num_timesteps}")
-            _rule(g.nft_beta > 0, "grpo.nft_beta", f"must be > 0, got {g.nft_beta}")
-            _rule(g.adv_clip_max is not None and g.adv_clip_max > 0, "grpo.adv_clip_max",
-                  "diffusion_nft maps advantages to r = 1/2 + clip(A / adv_clip_max, -1, 1) / 2: set it > 0 (e.g. 5)")
+        _rule(g.nft_old_decay_type == 0 or g.objective == "diffusion_nft", "grpo.nft_old_decay_type",
+              f"is DiffusionNFT's old policy, not used by grpo.objective={g.objective}: set it to 0")
+    check = getattr(OBJECTIVES.get(g.objective), "validate", None)  # the objective's own keys
+    if check is not None and stage in ("ar", "decoder", "joint"):
+        check(job, stage)
     for i, r in enumerate(list(job.rewards) + list(job.eval.rewards)):
         _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
         _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")

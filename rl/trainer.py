@@ -270,7 +270,8 @@ class StageTrainer:
         timings = scored.timings
         accumulate = self.cfg.optim.gradient_accumulation_steps
         minibatches = [(sub, index) for sub in scored.subs for index in _minibatches(len(sub), self.mini_batch)]
-        for _ in range(self.cfg.grpo.num_iterations):  # 5. update
+        for epoch in range(self.cfg.grpo.num_iterations):  # 5. update
+            self.policy.inner_epoch = epoch
             for start in range(0, len(minibatches), accumulate):
                 if self.state.step >= stop_at:
                     break

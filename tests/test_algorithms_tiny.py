@@ -1,6 +1,8 @@
-"""Issue 16 objectives and options on the tiny GLM-Image models (real classes, CPU): the sliding SDE window and
-DPM-Solver++(2M) rollouts (first ratio 1, only in-window steps trained), GRPO-Guard's first ratio, DiffusionNFT's
-prepare + loss against its closed form, GSPO on the AR policy."""
+"""The objectives and options on the tiny GLM-Image models (real classes, CPU): the sliding SDE window (counted in
+the decoder stage's rollouts) and DPM-Solver++(2M) rollouts against MixGRPO-Flash's sampler (first ratio 1, only
+in-window steps trained), GRPO-Guard's first ratio and step weights (also with recomputed old log-probs, against
+verl-omni's ratio), DiffusionNFT's prepare + loss against its closed form, its fresh draws and old policy, GSPO on
+the AR policy."""
 
 import numpy as np
 import pytest
@@ -17,12 +19,14 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny p
 PROMPTS, META = ["a red apple", 'a sign "OPEN"'], [{}, {}]
 
 
-def decoder_policy(path, objective="clipped_surrogate", **decoder):
+def decoder_policy(path, objective="clipped_surrogate", grpo=(), **decoder):
     cfg = JobConfig(output_dir="unused")
     cfg.model.path, cfg.model.device = str(path), "cpu"
     apply_stage_defaults(cfg, "decoder")
     cfg.decoder = DecoderConfig(num_steps=6, **decoder)
     cfg.grpo.mini_batch_size, cfg.grpo.objective = 4, objective
+    for key, value in dict(grpo).items():
+        setattr(cfg.grpo, key, value)
     return build_policy("decoder", cfg, load_pipeline(str(path), device="cpu")), cfg
 
 
@@ -244,6 +248,114 @@ def test_nft_prepare_and_loss_match_the_closed_form(tiny_model_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
+def test_nft_objective_with_the_reference_options_is_the_reference_loss(tiny_model_path):
+    """nft_adaptive_weight + nft_scale_policy_loss + grpo.beta: the objective's loss of one unit is NVlabs
+    DiffusionNFT's (transcribed in tests/test_objective_formulas.py) on the same x₀, noise, σ and velocities."""
+    from test_objective_formulas import diffusionnft_reference_loss  # tests/ is on sys.path
+
+    grpo = {"nft_adaptive_weight": True, "nft_scale_policy_loss": True, "beta": 0.3, "nft_beta": 0.5,
+            "adv_clip_max": 1.0, "nft_num_timesteps": 2}
+    policy, cfg = decoder_policy(tiny_model_path, "diffusion_nft", grpo, guidance_scale=1.0, noise_level=0.0,
+                                 sde_window_size=1, sde_window_range=[0, 1])
+    obj = OBJECTIVES.get("diffusion_nft")()
+    batch = with_advantages(obj.prepare(policy, policy.rollout(PROMPTS, META, group_size=2, seed=8), cfg.grpo))
+    with torch.no_grad():  # an update away from the old policy
+        for i, p in enumerate(policy.trainable_parameters()):
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    loss, _ = obj.loss(policy, batch, slice(1, 2), cfg.grpo)
+    e = batch.extras
+    x0, t = e["x0"], e["nft_sigma"][:, 1]
+    noise = e["nft_target"][:, 1] + x0
+    v = policy.adapter.velocity(policy.model, e["nft_xt"][:, 1], e["nft_t"][:, 1], e["cond"], 1.0)
+    v_ref = policy.velocity(batch, e["nft_xt"][:, 1], e["nft_t"][:, 1], grad=False, reference=True)
+    want = diffusionnft_reference_loss(x0, noise, t, v, e["nft_v_old"][:, 1], v_ref, batch.advantages, 0.5, 1.0, 0.3)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_nft_fresh_draws_per_update_epoch(tiny_model_path):
+    """grpo.nft_fresh_noise: one set of timesteps and noise per update epoch, the first set the one-draw set, each
+    set's v_old by the weights that sampled; the loss of epoch e reads set e."""
+    policy, cfg = decoder_policy(tiny_model_path, "diffusion_nft", guidance_scale=1.0, noise_level=0.0,
+                                 sde_window_size=1, sde_window_range=[0, 1])
+    cfg.grpo.nft_num_timesteps, cfg.grpo.adv_clip_max, cfg.grpo.num_iterations = 2, 1.0, 3
+    obj = OBJECTIVES.get("diffusion_nft")()
+    rollout = with_advantages(policy.rollout(PROMPTS, META, group_size=2, seed=6))
+    once = obj.prepare(policy, rollout, cfg.grpo).extras
+    cfg.grpo.nft_fresh_noise = True
+    batch = obj.prepare(policy, rollout, cfg.grpo)
+    e = batch.extras
+    assert e["nft_t"].shape == (4, 6) and batch.mask.shape == (4, 2) and len(policy.unit_chunks(batch)) == 2
+    assert torch.equal(e["nft_t"][:, :2], once["nft_t"]) and torch.equal(e["nft_xt"][:, :2], once["nft_xt"])
+    assert not torch.equal(e["nft_xt"][:, 2:4], e["nft_xt"][:, :2])
+    for epoch in (0, 2):
+        policy.inner_epoch = epoch
+        loss, _ = obj.loss(policy, batch, slice(1, 2), cfg.grpo)
+        j = 2 * epoch + 1
+        v = policy.adapter.velocity(policy.model, e["nft_xt"][:, j], e["nft_t"][:, j], e["cond"], 1.0)
+        assert torch.allclose(v, e["nft_v_old"][:, j], atol=1e-5)
+        want = nft_loss(v, v, e["nft_target"][:, j], optimality_probability(batch.advantages, 1.0), 1.0).mean()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    policy.inner_epoch = 0
+
+
+def test_nft_old_policy_samples_the_rollout_and_gives_v_old(tiny_model_path, tmp_path):
+    """grpo.nft_old_decay_type 1: before each rollout batch old ← d·old + (1 − d)·θ, d = min(0.001·s, 0.5); the
+    rollout and v_old come from the old weights, the live weights stay θ; a checkpoint keeps the old weights."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from tandem.rl.checkpoint import read_state, restore, save_checkpoint
+    from tandem.rl.run_dir import RunDir
+    from tandem.rl.trainer import build_optimizer
+
+    def nft_policy():
+        torch.manual_seed(0)
+        policy, cfg = decoder_policy(tiny_model_path, "diffusion_nft", {"nft_old_decay_type": 1, "adv_clip_max": 1.0},
+                                     guidance_scale=1.0, noise_level=0.0, sde_window_size=1, sde_window_range=[0, 1])
+        cfg.output_dir = str(tmp_path)
+        return policy, cfg
+
+    policy, cfg = nft_policy()
+    params = policy.trainable_parameters()
+    policy.begin_rollout(0, 0)
+    theta0 = [p.detach().clone() for p in params]
+    assert all(torch.equal(o, t) for o, t in zip(policy.old.shadow, theta0))  # d(0) = 0: old starts as θ
+    with torch.no_grad():  # the first rollout's updates
+        for i, p in enumerate(params):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    theta1 = [p.detach().clone() for p in params]
+    policy.begin_rollout(1, 100)  # d = min(0.001 * 100, 0.5) = 0.1
+    old = [0.1 * a + 0.9 * b for a, b in zip(theta0, theta1)]  # DiffusionNFT: tgt * decay + src * (1 - decay)
+    for o, want in zip(policy.old.shadow, old):
+        torch.testing.assert_close(o, want)
+    batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=7)
+    assert all(torch.equal(p.detach(), t) for p, t in zip(params, theta1))  # the live weights are θ again
+    cfg.grpo.nft_num_timesteps = 1
+    e = OBJECTIVES.get("diffusion_nft")().prepare(policy, batch, cfg.grpo).extras
+    with torch.no_grad():
+        for p, o in zip(params, old):
+            p.copy_(o)
+    plain = policy.old
+    policy.old = None  # the same model, carrying the old weights
+    assert torch.allclose(policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=7).extras["x0"], batch.extras["x0"],
+                          atol=1e-6)
+    v = policy.adapter.velocity(policy.model, e["nft_xt"][:, 0], e["nft_t"][:, 0], e["cond"], 1.0)
+    assert torch.allclose(v, e["nft_v_old"][:, 0], atol=1e-6)
+    policy.old = plain
+
+    optimizer, scheduler = build_optimizer(policy, cfg, Accelerator(cpu=True), num_steps=4)
+    RunDir(str(tmp_path)).create(cfg)
+    folder = save_checkpoint(tmp_path / "checkpoints", 1, {"decoder": SimpleNamespace(policy=policy,
+                             optimizer=optimizer, scheduler=scheduler)}, cfg, {"run_state": {}, "samplers": {}})
+    assert (folder / "decoder.extra_state.safetensors").is_file()
+    resumed, _ = nft_policy()
+    optimizer, scheduler = build_optimizer(resumed, cfg, Accelerator(cpu=True), num_steps=4)
+    restore(folder, {"decoder": SimpleNamespace(policy=resumed, optimizer=optimizer, scheduler=scheduler)},
+            read_state(folder, cfg))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.old.shadow, policy.old.shadow))
+
+
 def test_gspo_on_the_ar_policy_first_ratio_is_one(tiny_path):
     cfg = JobConfig(output_dir="unused")
     cfg.model.path, cfg.model.device = tiny_path, "cpu"
@@ -275,3 +387,31 @@ def test_options_run_from_the_demo_configs(tiny_model_path, tmp_path, stage, ove
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(abs(r["ratio/mean"] - 1) < 1e-5 for r in rows if r["time/rollout_s"] > 0)  # first step on-policy
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.slow  # three short jobs
+def test_nft_reference_recipe_runs_and_resumes_exactly(tiny_model_path, tmp_path):
+    """configs/demo/decoder_nft.yaml with every reference option (old policy decay_type 1, adaptive weight, ×Z,
+    fresh draws per epoch, two epochs): a run stopped after its first rollout and resumed logs what the
+    uninterrupted run logs — the old policy's weights come back from the checkpoint."""
+    from tandem.rl.config import load_config
+    from tandem.rl.session import train
+    import json
+
+    def run(name, steps, *extra):
+        cfg = load_config("configs/demo/decoder_nft.yaml", [
+            f"output_dir={tmp_path / name}", f"model.path={tiny_model_path}", f"max_steps={steps}",
+            "logging.sample_every=0", "logging.progress=false", "reward_host.backend=local", "grpo.prompts_per_step=1",
+            "grpo.mini_batch_size=4", "grpo.num_iterations=2", "grpo.nft_old_decay_type=1", "grpo.nft_adaptive_weight=true",
+            "grpo.nft_scale_policy_loss=true", "grpo.nft_fresh_noise=true", "grpo.beta=0.01", "decoder.ema_decay=0",
+            *extra], stage="decoder")
+        return [json.loads(line) for line in (train(cfg, "decoder") / "metrics.jsonl").read_text().splitlines()]
+
+    whole = run("whole", 4)
+    run("parts", 2)
+    parts = run("parts", 4, "resume=auto")
+    assert [r["step"] for r in parts] == [1, 2, 3, 4]
+    for a, b in zip(whole, parts):
+        assert (a["loss"], a["nft/old_deviation"], a["reward/mean"]) == (b["loss"], b["nft/old_deviation"], b["reward/mean"])
+    assert whole[2]["nft/old_deviation"] > 0  # the second rollout's first step: v_θ is not the old policy's
+

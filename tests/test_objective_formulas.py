@@ -1,6 +1,8 @@
-"""Issue 16 formulas on fixed tensors, each against a direct re-implementation of the paper's equation:
-DiffusionNFT's loss, GRPO-Guard's ratio normalisation and step weights, GSPO's sequence ratio, MixGRPO's sliding
-window and the DPM-Solver++(2M) ODE step (against diffusers' scheduler, same sigmas)."""
+"""The objectives' formulas on fixed tensors, each beside the paper's equation or the reference project's code
+transcribed into the test (its source named in the helper): DiffusionNFT's loss, adaptive weight, ×Z / KL terms
+and old-policy decay (NVlabs DiffusionNFT), GRPO-Guard's ratio normalisation and step weights (verl-omni), GSPO's
+sequence ratio, MixGRPO's sliding window (Tencent-Hunyuan MixGRPO), the DPM-Solver++(2M) ODE step (diffusers'
+scheduler, same sigmas)."""
 
 import math
 
@@ -13,6 +15,7 @@ from tandem.policies.ode_solvers import dpm2m_step
 from tandem.policies.sde import ode_step, sde_step
 from tandem.rl.config import DecoderConfig
 from tandem.rl.losses import guard_step_weights, policy_loss, ratio_norm_log_ratio
+from tandem.policies.ema import EMA, old_policy_decay
 from tandem.rl.nft import nft_loss, optimality_probability
 
 
@@ -43,6 +46,89 @@ def test_nft_gradient_at_the_old_policy_pulls_positives_and_pushes_negatives():
     # d/dv at v = v_old: 2(2r − 1)(v_old − target)/numel, whatever β
     want = 2 * (2 * r[:, None] - 1) * (v_old - target) / 8
     assert torch.allclose(v.grad, want, atol=1e-6)
+
+
+def diffusionnft_reference_loss(x0, noise, t, forward_prediction, old_prediction, ref_forward_prediction, advantages,
+                                beta, adv_clip_max, kl_beta):
+    """NVlabs DiffusionNFT, scripts/train_nft_sd3.py, the training loop's loss for one timestep of a micro-batch
+    (adv_mode "all"): implicit policies, "adaptive weighting" in x0 space, policy loss × adv_clip_max, KL term."""
+    t_expanded = t.view(-1, *([1] * (len(x0.shape) - 1)))
+    xt = (1 - t_expanded) * x0 + t_expanded * noise
+    advantages_clip = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
+    normalized_advantages_clip = (advantages_clip / adv_clip_max) / 2.0 + 0.5
+    r = torch.clamp(normalized_advantages_clip, 0, 1)
+    positive_prediction = beta * forward_prediction + (1 - beta) * old_prediction.detach()
+    implicit_negative_prediction = (1.0 + beta) * old_prediction.detach() - beta * forward_prediction
+    x0_prediction = xt - t_expanded * positive_prediction
+    with torch.no_grad():
+        weight_factor = (torch.abs(x0_prediction.double() - x0.double())
+                         .mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clip(min=0.00001))
+    positive_loss = ((x0_prediction - x0) ** 2 / weight_factor).mean(dim=tuple(range(1, x0.ndim)))
+    negative_x0_prediction = xt - t_expanded * implicit_negative_prediction
+    with torch.no_grad():
+        negative_weight_factor = (torch.abs(negative_x0_prediction.double() - x0.double())
+                                  .mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clip(min=0.00001))
+    negative_loss = ((negative_x0_prediction - x0) ** 2 / negative_weight_factor).mean(dim=tuple(range(1, x0.ndim)))
+    ori_policy_loss = r * positive_loss / beta + (1.0 - r) * negative_loss / beta
+    policy_loss = (ori_policy_loss * adv_clip_max).mean()
+    kl_div_loss = ((forward_prediction - ref_forward_prediction) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    return policy_loss + kl_beta * torch.mean(kl_div_loss)
+
+
+def diffusionnft_return_decay(step, decay_type):
+    """NVlabs DiffusionNFT, scripts/train_nft_sd3.py, return_decay."""
+    if decay_type == 0:
+        flat, uprate, uphold = 0, 0.0, 0.0
+    elif decay_type == 1:
+        flat, uprate, uphold = 0, 0.001, 0.5
+    elif decay_type == 2:
+        flat, uprate, uphold = 75, 0.0075, 0.999
+    if step < flat:
+        return 0.0
+    return min((step - flat) * uprate, uphold)
+
+
+@pytest.mark.parametrize("beta, kl_beta", [(1.0, 1e-4), (0.1, 0.01)])
+def test_nft_adaptive_weight_scaled_policy_and_kl_are_the_references(beta, kl_beta):
+    x0, noise = _t(4, 2, 4, 4, seed=20).float(), _t(4, 2, 4, 4, seed=21).float()
+    v_old, v_ref = _t(4, 2, 4, 4, seed=22).float(), _t(4, 2, 4, 4, seed=23).float()
+    t = torch.tensor([0.9, 0.6, 0.3, 0.05])
+    adv = torch.tensor([7.0, 1.2, -0.4, -3.0])
+    z = 5.0
+    forward_prediction = (v_old + 0.1 * _t(4, 2, 4, 4, seed=24).float()).requires_grad_(True)
+    want = diffusionnft_reference_loss(x0, noise, t, forward_prediction, v_old, v_ref, adv, beta, z, kl_beta)
+    want.backward()
+    # tandem: the objective's terms, with nft_adaptive_weight, nft_scale_policy_loss and grpo.beta = kl_beta
+    v = forward_prediction.detach().clone().requires_grad_(True)
+    r = optimality_probability(adv, z)
+    per_sample = nft_loss(v, v_old, noise - x0, r, beta, sigma=t) * z
+    kl = (v - v_ref).pow(2).mean(dim=(1, 2, 3))
+    got = (per_sample + kl_beta * kl).mean()
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(v.grad, forward_prediction.grad, rtol=1e-4, atol=1e-7)
+    # the default: velocity space, unweighted; per sample the reference is σ·‖v± − v‖²/mean|v± − v| of it
+    plain = nft_loss(v.detach(), v_old, noise - x0, r, beta)
+    assert not torch.allclose(plain * z, per_sample.detach(), rtol=1e-2)
+
+
+def test_nft_old_policy_decay_and_blend_are_the_references():
+    for decay_type in (0, 1, 2):
+        for step in [0, 1, 10, 74, 75, 76, 200, 500, 1000, 5000]:
+            assert old_policy_decay(step, decay_type) == diffusionnft_return_decay(step, decay_type)
+    params = [torch.nn.Parameter(_t(3, 4, seed=25).float()), torch.nn.Parameter(_t(5, seed=26).float())]
+    old = EMA([("a", params[0]), ("b", params[1])], decay=0.0)
+    start = [s.clone() for s in old.shadow]
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    for decay in (0.3, 0.0):
+        before = [s.clone() for s in old.shadow]
+        old.blend(params, decay)
+        for tgt, src, b in zip(old.shadow, params, before):  # tgt.data * decay + src.data * (1.0 - decay)
+            torch.testing.assert_close(tgt, b * decay + src.detach() * (1.0 - decay))
+    assert all(torch.equal(s, p.detach()) for s, p in zip(old.shadow, params))  # d = 0: the weights exactly
+    assert not torch.equal(start[0], old.shadow[0])
 
 
 # ------------------------------------------------------------------------------------------------ GRPO-Guard
