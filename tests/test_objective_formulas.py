@@ -2,7 +2,7 @@
 transcribed into the test (its source named in the helper): DiffusionNFT's loss, adaptive weight, ×Z / KL terms
 and old-policy decay (NVlabs DiffusionNFT), GRPO-Guard's ratio normalisation and step weights (verl-omni), GSPO's
 sequence ratio, MixGRPO's sliding window (Tencent-Hunyuan MixGRPO), the DPM-Solver++(2M) ODE step (diffusers'
-scheduler, same sigmas)."""
+scheduler, same sigmas) and the reward std against flow_grpo's stat tracker."""
 
 import math
 
@@ -324,3 +324,41 @@ def test_first_order_dpm_step_is_the_euler_step():
     v, x = _t(2, 3, seed=16).float(), _t(2, 3, seed=17).float()
     first, _ = dpm2m_step(v, x, 0.7, 0.4, None)
     assert torch.allclose(first, ode_step(v, x, 0.7, 0.4), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ reward std
+def flow_grpo_advantages(prompts, rewards, global_std):
+    """flow_grpo (and DiffusionNFT), flow_grpo/stat_tracking.py, PerPromptStatTracker(global_std).update on a
+    fresh tracker (flow_grpo clears it after every rollout)."""
+    prompts = np.array(prompts)
+    rewards = np.array(rewards, dtype=np.float64)
+    advantages = np.empty_like(rewards) * 0.0
+    stats = {}
+    for prompt in np.unique(prompts):
+        stats[prompt] = np.stack(list(rewards[prompts == prompt]))
+    for prompt in np.unique(prompts):
+        prompt_rewards = rewards[prompts == prompt]
+        mean = np.mean(stats[prompt], axis=0, keepdims=True)
+        if global_std:
+            std = np.std(rewards, axis=0, keepdims=True) + 1e-4
+        else:
+            std = np.std(stats[prompt], axis=0, keepdims=True) + 1e-4
+        advantages[prompts == prompt] = (prompt_rewards - mean) / std
+    return advantages
+
+
+@pytest.mark.parametrize("n", [4, 24])
+def test_scale_rewards_against_flow_grpos_std(n):
+    """scale_rewards group = flow_grpo's per-prompt advantages × √((n − 1)/n) (ddof 1 against numpy's 0);
+    scale_rewards batch = its global_std advantages × √((N − 1)/N). Rewards spread wide enough for eps to vanish."""
+    from tandem.rl.advantages import compute_advantages
+
+    rewards = np.random.default_rng(n).normal(size=3 * n) * 100
+    group_ids = np.repeat(np.arange(3), n)
+    prompts = [f"prompt {g}" for g in group_ids]
+    for scale, global_std, size in (("group", False, n), ("batch", True, 3 * n)):
+        ours = compute_advantages({"r": rewards}, {"r": 1.0}, group_ids, scale_rewards=scale).advantages
+        theirs = flow_grpo_advantages(prompts, rewards, global_std)
+        np.testing.assert_allclose(ours, theirs * math.sqrt((size - 1) / size), rtol=1e-5)
+    assert math.sqrt(3 / 4) == pytest.approx(0.866, abs=1e-3)
+
