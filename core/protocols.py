@@ -33,6 +33,11 @@ class Policy(Protocol):
         (the same on every process); ``first_group`` / ``first_copy`` place this call's groups and copies in it,
         and seeds are derived from the three (``tandem.core.seeds``)."""
 
+    def begin_rollout(self, rollouts: int, steps: int) -> None:
+        """Before each rollout batch: this stage's rollout batches and optimizer steps so far (what the policy
+        schedules by them, e.g. a sliding SDE window). ``TrainedComponent`` stores them; the trainer also sets
+        ``inner_epoch``, the update epoch (0 … ``grpo.num_iterations`` − 1) over the current batch."""
+
     def unit_chunks(self, batch: Rollout) -> List[slice]:
         """Slices over the U axis, one forward pass each."""
 

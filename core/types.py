@@ -83,10 +83,15 @@ class LogProbs:
     Attributes:
         log_probs: (B, u) float32 log-probs of the stored actions under the current policy.
         kl: (B, u) float32 per-unit KL to the reference, or None when not asked for.
+        refresh: what else this forward says about the policy at these units, (B, u, ...) tensors keyed as in
+            ``Rollout.extras`` (the flow policy: ``old_means``, the step means the actions are scored under). When
+            the trainer recomputes the old log-probs (``grpo.old_log_probs``) it writes them back into the
+            rollout's extras with them, so old log-probs and old means come from one forward. Empty for none.
     """
 
     log_probs: torch.Tensor
     kl: Optional[torch.Tensor] = None
+    refresh: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def group_ids_for(num_prompts: int, group_size: int) -> np.ndarray:

@@ -17,9 +17,16 @@ class TrainedComponent:
     layers injected in place) that require grad — one naming for the optimizer, checkpoints and sampling."""
 
     trained_module: torch.nn.Module
-    global_step: int = 0  # optimizer steps taken so far in the job, set by the trainer before each rollout
+    rollout_index: int = 0  # rollout batches this stage has done before the current one (``begin_rollout``)
+    stage_step: int = 0  # optimizer steps this stage has taken before the current rollout batch (``begin_rollout``)
     # samples per forward inside a rollout call (None: the whole call), set by the trainer (tandem.rl.rollout_batch)
     rollout_chunk_size: Optional[int] = None
+    inner_epoch: int = 0  # which of the grpo.num_iterations update epochs over the rollout batch runs (the trainer's)
+
+    def begin_rollout(self, rollouts: int, steps: int) -> None:
+        """Called by the trainer before each rollout batch (before its first ``rollout`` call) with this stage's
+        rollout batches and optimizer steps so far (a joint job counts each stage apart; resume continues them)."""
+        self.rollout_index, self.stage_step = rollouts, steps
 
     def trainable_named_parameters(self) -> List[Tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.trained_module.named_parameters() if p.requires_grad]

@@ -6,6 +6,9 @@ decoder), at the steps with (t + 1) % interval == 0 only (``decoder.ema_update_i
 min((1 + t) / (10 + t), decay) (``EMAModuleWrapper.get_current_decay``). The step count t is checkpointed.
 Under FSDP (``tandem.rl.distributed.shard``) each process keeps the shadow of its own shards; ``state_dict`` gathers
 whole tensors (collective) and ``load_state_dict`` keeps this process's shards of them.
+
+The same shadow serves as DiffusionNFT's old policy (``grpo.nft_old_decay_type``; ``tandem.rl.nft``), blended with
+the decay ``old_policy_decay`` of the optimizer steps so far (``blend``) before each rollout batch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,22 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 
 from tandem.core.dtensor import full_tensor, shard_like
+
+
+# DiffusionNFT's decay_type -> (flat, rate, cap) of its old policy's decay (NVlabs DiffusionNFT, return_decay)
+OLD_DECAYS = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
+
+
+def old_policy_decay(step: int, decay_type: int) -> float:
+    """d(s) of DiffusionNFT's old policy, old ← d·old + (1 − d)·θ after s optimizer steps: 0 for s < flat, else
+    min(rate·(s − flat), cap)::
+
+        type 0:  d = 0                                  (the old policy is the current weights)
+        type 1:  d = min(0.001·s, 0.5)
+        type 2:  d = 0 for s < 75, min(0.0075·(s − 75), 0.999) after
+    """
+    flat, rate, cap = OLD_DECAYS[decay_type]
+    return 0.0 if step < flat else min((step - flat) * rate, cap)
 
 
 class EMA:
@@ -38,6 +57,16 @@ class EMA:
         t, self.steps = self.steps, self.steps + 1
         if (t + 1) % self.interval == 0:
             torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1.0 - self.current_decay(t))
+
+    @torch.no_grad()
+    def blend(self, params: Iterable[torch.nn.Parameter], decay: float) -> None:
+        """shadow ← decay·shadow + (1 − decay)·θ with the given decay (an exact copy of θ at 0)."""
+        params = [p.detach() for p in params]
+        if decay == 0:
+            for s, p in zip(self.shadow, params):
+                s.copy_(p)
+        else:
+            torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
 
     @contextlib.contextmanager
     def swapped(self, params: Iterable[torch.nn.Parameter]):

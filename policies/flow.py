@@ -5,9 +5,12 @@ are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other step
 (Euler, or DPM-Solver++(2M) with ``decoder.ode_solver: dpm2m``, ``policies.ode_solvers``); the last step is never
 trained (Flow-GRPO, Liu et al. 2025; MixGRPO's ODE/SDE mixing, Li et al. 2025, arXiv:2507.21802). The window is
 ``decoder.sde_window_size`` consecutive steps inside ``decoder.sde_window_range``: placed at random per rollout
-batch (``sde_window_schedule: random``), or sliding with training (``sliding``, MixGRPO's progressive schedule,
-``sliding_window_start``) — or the first ``timestep_fraction`` of the steps. Training replays each trained step
-from the stored latents — one step per forward pass (``unit_chunks``), so memory does not grow with steps.
+batch (``sde_window_schedule: random``), or sliding with the decoder stage's rollout batches (``sliding``, MixGRPO's
+progressive schedule, ``sliding_window``) — or the first ``timestep_fraction`` of the steps. The multistep solver's
+history (the previous step's data prediction x̂₀ = x − σv) runs through the SDE steps too, as MixGRPO-Flash keeps
+its ``DPMState`` through the window, so the first ODE step after the window is already second order. Training
+replays each trained step from the stored latents — one step per forward pass (``unit_chunks``), so memory does
+not grow with steps.
 
 KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2)
 (``decoder.kl_form: exact``), or flow_grpo's ``kl_loss``, which is that times |dt| for Flow-SDE
@@ -21,6 +24,11 @@ and the global group and copy indices — so the processes of a data-parallel jo
 Objectives other than the clipped surrogate use the rest of a rollout's ``extras`` (``x0``: final clean latents,
 ``cond``: the conditions, ``old_means``: the step means the rollout sampled from, ``sample_seeds``: one seed per
 copy for the objective's own draws) through ``velocity``, ``step_moments``, ``kl_to_reference`` and ``schedule``.
+
+Old policy (``grpo.nft_old_decay_type`` > 0, DiffusionNFT's): the policy keeps a copy of the trained weights,
+blended towards them before each rollout batch (``begin_rollout``: old ← d·old + (1 − d)·θ,
+``policies.ema.old_policy_decay`` of the stage's optimizer steps), that samples the rollouts and gives v_old
+(``old_weights``); it is checkpointed through ``extra_state``.
 """
 
 from __future__ import annotations
@@ -37,31 +45,55 @@ from tandem.policies.lora import apply_lora
 from tandem.policies.ode_solvers import dpm2m_step
 from tandem.policies.render import ode_sample
 from tandem.policies.sde import ode_step, sde_step, step_kl
-from tandem.policies.ema import EMA
+from tandem.core.dtensor import full_tensor, shard_like
+from tandem.policies.ema import EMA, old_policy_decay
 from tandem.core.seeds import CONDITIONS, NOISE, OBJECTIVE, SDE, WINDOW, RolloutSeeds
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
 
-def sliding_window_start(lo: int, hi: int, size: int, stride: int, interval: int, step: int) -> int:
-    """First step of MixGRPO's sliding SDE window at global optimizer step ``step`` (Li et al. 2025,
-    arXiv:2507.21802, §3.2, progressive strategy): it starts at ``lo`` and moves ``stride`` steps towards lower noise
-    every ``interval`` optimizer steps, then stays at the last place that fits, ``hi - size``::
-
-        start(step) = min(lo + stride * floor(step / interval), hi - size)
-
-    A function of the global step only, so a resumed run continues the same schedule."""
-    return min(lo + stride * (step // interval), hi - size)
+WINDOW_ENDS = ("roll_back", "shrink", "stay")
 
 
-def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator, step: int = 0) -> List[int]:
-    """Indices of the SDE (trained) steps of one rollout call at global optimizer step ``step``; never the last."""
+def sliding_window(lo: int, hi: int, size: int, stride: int, interval: int, rollout: int,
+                   end: str = "roll_back") -> List[int]:
+    """Step indices of MixGRPO's sliding SDE window for the stage's rollout batch ``rollout`` (0, 1, ...) (Li et al.
+    2025, arXiv:2507.21802, §3.2, progressive strategy; Tencent-Hunyuan/MixGRPO ``GRPOTrainingStates`` with
+    ``prog_overlap``). The window starts at ``lo`` and moves ``stride`` steps towards lower noise every
+    ``interval`` rollout batches (MixGRPO's ``iters_per_group`` τ counts training iterations, one rollout each)::
+
+        start(n) = lo + stride·j,   j = floor(n / interval),   window = [start, min(start + size, hi))
+
+    ``end`` says what happens once the start has passed the last place below ``hi`` (P = ⌈(hi − lo)/stride⌉
+    places):
+
+    * ``roll_back`` — MixGRPO with ``--roll_back`` (both released scripts): j cycles, j mod P; near ``hi`` the
+      window shrinks. MixGRPO also spends τ iterations on the empty window that starts at ``hi`` itself (nothing
+      trained) when ``stride`` divides ``hi − lo``; here that place is skipped.
+    * ``shrink`` — MixGRPO without it: the start stops at the last place, min(j, P − 1), with its shrunk window
+      (MixGRPO's start moves on to ``hi``, an empty window, and trains nothing from then on).
+    * ``stay`` — the window keeps its size and stops at ``hi − size``.
+
+    A function of the rollout count only, so a resumed run continues the same schedule."""
+    move = rollout // interval
+    if end == "stay":
+        start = min(lo + stride * move, hi - size)
+        return list(range(start, start + size))
+    if end not in WINDOW_ENDS:
+        raise ValueError(f"sliding_window: end must be one of {', '.join(WINDOW_ENDS)}, got {end!r}")
+    places = -(-(hi - lo) // stride)
+    start = lo + stride * (move % places if end == "roll_back" else min(move, places - 1))
+    return list(range(start, min(start + size, hi)))
+
+
+def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator, rollout: int = 0) -> List[int]:
+    """Indices of the SDE (trained) steps of one rollout call in the stage's rollout batch ``rollout``; never the
+    last step."""
     if cfg.sde_window_size > 0:
         lo, hi = cfg.sde_window_range
         if cfg.sde_window_schedule == "sliding":
-            start = sliding_window_start(lo, hi, cfg.sde_window_size, cfg.sde_window_stride,
-                                         cfg.sde_window_shift_interval, step)
-        else:
-            start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
+            return sliding_window(lo, hi, cfg.sde_window_size, cfg.sde_window_stride, cfg.sde_window_shift_interval,
+                                  rollout, cfg.sde_window_end)
+        start = int(rng.integers(lo, hi - cfg.sde_window_size + 1))
         return list(range(start, start + cfg.sde_window_size))
     count = max(1, int(round(cfg.timestep_fraction * (num_steps - 1))))
     return list(range(count))
@@ -88,6 +120,8 @@ class FlowPolicy(TrainedComponent):
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
         self.ema = (EMA(self.trainable_named_parameters(), self.d.ema_decay, self.d.ema_warmup,
                         self.d.ema_update_interval) if self.d.ema_decay > 0 else None)
+        self.old_decay_type = cfg.grpo.nft_old_decay_type
+        self.old = None  # the old policy's weights (module docstring), made at the first rollout or restore
 
     @property
     def device(self) -> torch.device:
@@ -95,6 +129,42 @@ class FlowPolicy(TrainedComponent):
 
     def handoff(self, batch: Rollout) -> dict:
         return {}
+
+    # ------------------------------------------------------------------ old policy
+    def begin_rollout(self, rollouts: int, steps: int) -> None:
+        """The stage's counts (``TrainedComponent``); with an old policy, old ← d·old + (1 − d)·θ first, d =
+        ``old_policy_decay(steps, grpo.nft_old_decay_type)`` (DiffusionNFT blends after each rollout's updates,
+        i.e. before the next rollout; d = 0 at the first, so old starts as θ)."""
+        super().begin_rollout(rollouts, steps)
+        if self.old_decay_type:
+            self._old().blend(self.trainable_parameters(), old_policy_decay(steps, self.old_decay_type))
+
+    def _old(self) -> EMA:
+        if self.old is None:  # made after sharding (the trainer shards before any rollout), so laid out alike
+            self.old = EMA(self.trainable_named_parameters(), decay=0.0)
+        return self.old
+
+    def old_weights(self):
+        """Context in which ``self.model`` carries the old policy's weights (the current ones without an old
+        policy): what samples the rollouts and gives DiffusionNFT's v_old."""
+        if self.old is None:
+            return contextlib.nullcontext()
+        return self.old.swapped(self.trainable_parameters())
+
+    def extra_state(self) -> dict:
+        """Tensors to checkpoint besides the weights, by name: the old policy's weights (``old/<parameter>``),
+        whole (collective under FSDP); empty without one."""
+        if self.old is None:
+            return {}
+        return {f"old/{name}": full_tensor(t) for name, t in zip(self.old.names, self.old.shadow)}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore ``extra_state`` (this process keeps its shards)."""
+        old = {k[len("old/"):]: v for k, v in state.items() if k.startswith("old/")}
+        if old and self.old_decay_type:
+            target = self._old()
+            target.shadow = [shard_like(old[n].to(p.device, p.dtype), p.detach())
+                             for n, p in zip(target.names, self.trainable_parameters())]
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
@@ -107,7 +177,13 @@ class FlowPolicy(TrainedComponent):
         tensors. No grad.
 
         ``seed`` is the rollout batch's seed, ``first_group`` the global index of the first prompt's group and
-        ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``)."""
+        ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``). Sampled by
+        the old policy's weights where one is kept (``old_weights``)."""
+        with self.old_weights():
+            return self._sample(prompts, metadata, group_size, seed, first_group, first_copy)
+
+    def _sample(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int, first_group: int,
+                first_copy: int) -> Rollout:
         seeds = RolloutSeeds(seed, first_group, first_copy)
         rng = np.random.default_rng(seeds.batch(WINDOW))
         group_ids = group_ids_for(len(prompts), group_size)
@@ -118,12 +194,12 @@ class FlowPolicy(TrainedComponent):
                        for g, c in zip(group_ids, copies)]
         x = self.adapter.initial_noise(noise_seeds)
         timesteps, sigmas = self.adapter.schedule(self.d.num_steps)
-        train_steps = trained_step_indices(self.d, self.d.num_steps, rng, self.global_step)
+        train_steps = trained_step_indices(self.d, self.d.num_steps, rng, self.rollout_index)
         gen = [torch.Generator(device="cpu").manual_seed(seeds.copy(SDE, g, c)) for g, c in zip(group_ids, copies)]
 
         chunks = self._rollout_chunks(len(group_ids))
         before, after, means, logps = [], [], [], []
-        history = None  # (x0_hat, sigma) of the previous ODE step, for dpm2m
+        history = None  # (x0_hat, sigma) of the previous step, for dpm2m
         for i, t in enumerate(timesteps):
             v = torch.cat([self.adapter.velocity(self.model, x[c], t, _rows(cond, c), self.d.guidance_scale)
                            for c in chunks])
@@ -134,7 +210,7 @@ class FlowPolicy(TrainedComponent):
                 after.append(x_next)
                 means.append(mean)
                 logps.append(logp)
-                history = None
+                history = (x.float() - sigmas[i] * v.float(), sigmas[i])  # x̂₀ of this step: dpm2m goes on from it
             elif self.d.ode_solver == "dpm2m":
                 x_next, history = dpm2m_step(v, x, sigmas[i], sigmas[i + 1], history)
             else:
@@ -187,14 +263,18 @@ class FlowPolicy(TrainedComponent):
                        self.d.kl_form)[:, None]
 
     def log_probs(self, batch: Rollout, chunk: slice, with_kl: bool) -> LogProbs:
+        """Log-prob (B, 1) of trained step ``chunk.start``, its KL term, and its step mean as ``old_means``
+        (``LogProbs.refresh``: a recompute of the old log-probs recomputes the old means with them)."""
         k = chunk.start
         logp, mean, std = self.step_moments(batch, k)
-        return LogProbs(logp[:, None], self.kl_to_reference(batch, k, mean, std) if with_kl else None)
+        return LogProbs(logp[:, None], self.kl_to_reference(batch, k, mean, std) if with_kl else None,
+                        refresh={"old_means": mean[:, None]})
 
     def velocity(self, batch: Rollout, latents: torch.Tensor, t: torch.Tensor, grad: bool,
                  reference: bool = False) -> torch.Tensor:
         """(B, C, h, w) float32 velocity at (``latents``, ``t`` (B,)) under ``batch``'s conditions, without CFG
-        (guidance 1), of the current weights (with grad when ``grad``) or of the reference model (no grad)."""
+        (guidance 1), of the current weights (with grad when ``grad``; the old policy's inside ``old_weights``) or
+        of the reference model (no grad)."""
         if reference:
             with torch.no_grad(), self._reference() as ref:
                 return self.adapter.velocity(ref, latents, t, batch.extras["cond"], 1.0)

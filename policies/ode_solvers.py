@@ -10,9 +10,10 @@ steps σ_i → σ_{i+1} with h = λ_{i+1} − λ_i, h₀ = λ_i − λ_{i−1}, 
     x_{i+1}  = (σ_{i+1}/σ_i)·x_i − α_{i+1}·(e^{−h} − 1)·D
 
 Its first-order form (D = x̂₀_i) is exactly the Euler step x + (σ_{i+1} − σ_i)·v, which is used where no
-previous data prediction exists (the first ODE step, the first after an SDE step) and on the final step to
-σ = 0 (λ = ∞; diffusers' ``lower_order_final``). MixGRPO-Flash (Li et al. 2025, arXiv:2507.21802, §3.4)
-samples the steps outside its SDE window with such a higher-order solver.
+previous data prediction exists (the first step) and on the final step to σ = 0 (λ = ∞; diffusers'
+``lower_order_final``). MixGRPO-Flash (Li et al. 2025, arXiv:2507.21802, §3.4) samples the steps outside its SDE
+window with such a higher-order solver; its SDE steps still feed the solver's history (x̂₀ of each step), so the
+flow policy passes the x̂₀ of an SDE step on as ``previous``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ component it trains (the family's ``components``, e.g. ``transformer/``, ``visio
 * ``ema/<component>/`` — the EMA of the trained weights (when ``decoder.ema_decay`` > 0), same format;
 * ``<stage>.optimizer.pt`` — AdamW state keyed by parameter name (``torch.distributed.checkpoint``'s full
   optimizer state dict; only ever loaded with ``torch.load(weights_only=True)``);
+* ``<stage>.extra_state.safetensors`` — what a policy keeps besides its weights (``policy.extra_state()``, e.g.
+  DiffusionNFT's old policy with ``grpo.nft_old_decay_type``), when it keeps anything;
 * ``state.json`` — step, rollout count, prompt-sampler positions, LR-scheduler states, EMA step counts, the
   per-prompt reward histories (``grpo.per_prompt_stat_tracking``), the fp16 loss scaler's state, the global
   torch RNG state, the components, and a fingerprint of the config that must match on resume.
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
@@ -41,6 +44,7 @@ from tandem.core.dtensor import full_tensor, shard_like
 from tandem.policies.families import get_family
 from tandem.rl.config import ConfigError, JobConfig
 from tandem.rl.weights import checked_load, copy_into, load_merged, read_weights, trained_folder, write_weights
+from tandem.rl.weights import load_file
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_KEYS = ("output_dir", "max_steps", "resume", "logging", "reward_host")
@@ -68,6 +72,12 @@ def _gathered(trainer, lora: bool):
     return weights, optimizer, ema_weights
 
 
+def _extra_state(trainer) -> Dict[str, torch.Tensor]:
+    """The policy's ``extra_state()`` (whole tensors, contiguous, on the CPU), or {} for a policy without any."""
+    extra = getattr(trainer.policy, "extra_state", None)
+    return {k: v.detach().cpu().contiguous() for k, v in extra().items()} if extra else {}
+
+
 def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: JobConfig, extra: Dict,
                     write: bool = True) -> Path:
     """Write ``folder/step_{step}``; ``trainers`` maps stage -> object with ``policy``, ``optimizer``, ``scheduler``.
@@ -77,6 +87,7 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
     out, tmp = folder / f"step_{step}", folder / f".step_{step}.partial"
     lora, components = bool(cfg.optim.lora.enabled), get_family(cfg.model.family).components
     gathered = {stage: _gathered(t, lora) for stage, t in trainers.items()}
+    kept = {stage: _extra_state(t) for stage, t in trainers.items()}  # collective under FSDP, like _gathered
     if not write:
         return out
     shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +98,8 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
         torch.save(optimizer, tmp / f"{stage}.optimizer.pt")
         if ema is not None:
             write_weights(tmp / "ema" / component, module, component, ema, lora)
+        if kept[stage]:
+            save_file(kept[stage], str(tmp / f"{stage}.extra_state.safetensors"))
     state = {
         "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg), "lora": lora,
         "components": {stage: components[stage] for stage in trainers},
@@ -192,6 +205,9 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
         set_optimizer_state_dict(t.policy.trained_module, _plain(t.optimizer), optimizer,
                                  options=StateDictOptions(full_state_dict=True))
         t.scheduler.load_state_dict(state["schedulers"][stage])
+        extra_file = path / f"{stage}.extra_state.safetensors"
+        if extra_file.is_file() and hasattr(t.policy, "load_extra_state"):
+            t.policy.load_extra_state(load_file(str(extra_file)))
         ema_folder = trained_folder(path, component, ema=True)
         if ema_folder is not None and getattr(t.policy, "ema", None) is not None:
             t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder),

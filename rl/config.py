@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tandem.core.errors import ConfigError
 from tandem.policies.families import family_names
+from tandem.policies.flow import WINDOW_ENDS
 from tandem.policies.lora import LoraSettings
 from tandem.policies.ode_solvers import SOLVERS as ODE_SOLVERS
 from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, KINDS as SDE_KINDS
@@ -129,12 +130,18 @@ class DecoderConfig:
     # [lo, hi) step indices inside which the SDE window is placed (randomly per rollout batch, or sliding).
     sde_window_range: List[int] = field(default_factory=lambda: [0, 5])
     # Where the window sits: "random" (anywhere in the range, per rollout batch) or "sliding" (MixGRPO: starts at lo
-    # and moves sde_window_stride steps every sde_window_shift_interval optimizer steps, a function of the step).
+    # and moves sde_window_stride steps every sde_window_shift_interval rollout batches of the decoder stage).
     sde_window_schedule: str = "random"
     # With sde_window_schedule "sliding": steps the window moves each time (MixGRPO stride s).
     sde_window_stride: int = 1
-    # With sde_window_schedule "sliding": optimizer steps between two moves (MixGRPO shift interval tau).
+    # With sde_window_schedule "sliding": rollout batches of the decoder stage between two moves (MixGRPO's shift
+    # interval tau, iters_per_group: one training iteration = one rollout), whatever the optimizer steps per rollout;
+    # a joint job counts its decoder rollouts only.
     sde_window_shift_interval: int = 10
+    # With sde_window_schedule "sliding", once the window reaches hi: "roll_back" (MixGRPO --roll_back, as in both of
+    # its released scripts: windows shrink near hi, then it starts again at lo), "shrink" (MixGRPO without it: the
+    # window stops at the last start below hi, shrunk) or "stay" (keeps its size, stops at hi - size).
+    sde_window_end: str = "roll_back"
     # Solver of the ODE steps outside the SDE window: "euler" or "dpm2m" (DPM-Solver++(2M), MixGRPO-Flash).
     ode_solver: str = "euler"
     # With sde_window_size 0: fraction of the (non-final) steps that are SDE steps and trained.
@@ -200,6 +207,21 @@ class GRPOConfig:
     nft_beta: float = 1.0
     # objective diffusion_nft: forward-process timesteps trained per sample (drawn from the rollout schedule).
     nft_num_timesteps: int = 2
+    # objective diffusion_nft: the reference's adaptive loss weight (NVlabs DiffusionNFT): the error of the implied
+    # clean sample x0 = x_t - sigma v, divided by its detached mean |.|, i.e. sigma*|v* - v|^2 / mean|v* - v| per
+    # sample; false = plain velocity-space |v* - v|^2 (weight 1, default).
+    nft_adaptive_weight: bool = False
+    # objective diffusion_nft: multiply the policy term (not the KL term) by Z = adv_clip_max, as the reference does;
+    # false (default) = unscaled, so the reference's KL coefficient train.beta is grpo.beta = train.beta / Z.
+    nft_scale_policy_loss: bool = False
+    # objective diffusion_nft: the old policy, which samples the rollouts and gives v_old: 0 (default) = the current
+    # weights at each rollout; 1 | 2 = the reference's decay_type 1 | 2 (its released configs), a copy of the
+    # trained weights blended before each rollout, old <- d old + (1 - d) theta, d = min(0.001 s, 0.5) (1) or 0 for
+    # s < 75 then min(0.0075 (s - 75), 0.999) (2), s = the decoder's optimizer steps so far. Checkpointed.
+    nft_old_decay_type: int = 0
+    # objective diffusion_nft: draw new timesteps and noise for each of the num_iterations update epochs, as the
+    # reference does; false (default) = one draw per rollout, the same in every epoch.
+    nft_fresh_noise: bool = False
     # group | batch | none: the std that advantages are divided by (TRL `scale_rewards`). Like TRL 1.16 it applies
     # to sum_then_normalize only: normalize_then_sum always divides each reward by its group std.
     scale_rewards: str = "group"
@@ -469,6 +491,7 @@ def validate(job: JobConfig, stage: str) -> None:
     _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
     _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
     _choice("decoder.sde_window_schedule", d.sde_window_schedule, ("random", "sliding"))
+    _choice("decoder.sde_window_end", d.sde_window_end, WINDOW_ENDS)
     _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS)
     _choice("grpo.importance_sampling_level", g.importance_sampling_level, ("token", "sequence"))
     _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
@@ -564,12 +587,11 @@ def validate(job: JobConfig, stage: str) -> None:
               "conditional branch reads the source's KV cache): set decoder.cfg_batch=false")
         _rule(d.sde_window_stride >= 1 and d.sde_window_shift_interval >= 1, "decoder.sde_window_stride",
               "sde_window_stride and sde_window_shift_interval must be >= 1")
-        if g.objective == "diffusion_nft":
-            _rule(1 <= g.nft_num_timesteps <= d.num_steps, "grpo.nft_num_timesteps",
-                  f"must be in [1, decoder.num_steps={d.num_steps}], got {g.nft_num_timesteps}")
-            _rule(g.nft_beta > 0, "grpo.nft_beta", f"must be > 0, got {g.nft_beta}")
-            _rule(g.adv_clip_max is not None and g.adv_clip_max > 0, "grpo.adv_clip_max",
-                  "diffusion_nft maps advantages to r = 1/2 + clip(A / adv_clip_max, -1, 1) / 2: set it > 0 (e.g. 5)")
+        _rule(g.nft_old_decay_type == 0 or g.objective == "diffusion_nft", "grpo.nft_old_decay_type",
+              f"is DiffusionNFT's old policy, not used by grpo.objective={g.objective}: set it to 0")
+    check = getattr(OBJECTIVES.get(g.objective), "validate", None)  # the objective's own keys
+    if check is not None and stage in ("ar", "decoder", "joint"):
+        check(job, stage)
     for i, r in enumerate(list(job.rewards) + list(job.eval.rewards)):
         _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
         _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")

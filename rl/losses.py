@@ -193,15 +193,22 @@ def ratio_norm_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mean: torch
     return (logp.float() - old_logp.float() + b) * std
 
 
-def guard_step_weights(sigmas: torch.Tensor, next_sigmas: torch.Tensor) -> torch.Tensor:
+def guard_step_weights(sigmas: torch.Tensor, next_sigmas: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     """GRPO-Guard's gradient reweighting of the trained steps (arXiv:2510.22319): step k's loss is scaled by
-    1/|dt_k| = 1/(σ_k − σ'_k), which evens out the policy-gradient magnitude over noise levels; here the weights
-    are divided by their mean over the K trained steps so that the overall scale (and the learning rate) stays
-    that of flow-GRPO::
+    1/|dt_k| = 1/(σ_k − σ'_k), which evens out the policy-gradient magnitude over noise levels. verl-omni's
+    ``grpo_guard`` loss divides each step's loss by ``sqrt_dt**2`` = |dt_k| as it is; that puts the loss ~S times
+    above flow-GRPO's at S steps. Here the weights are multiplied by one constant of the rollout's whole schedule
+    of S steps (σ_0 > … > σ_S), its mean step Δ̄, so that a uniform schedule weights every step 1 (flow-GRPO's
+    scale, and its learning rates) while the ratio between any two steps stays verl-omni's::
 
-        w_k = (1/dt_k) / mean_j(1/dt_j)
+        w_k = Δ̄ / |dt_k|,        Δ̄ = (σ_0 − σ_S) / S
 
-    Shapes: sigmas, next_sigmas (B, K) of the trained steps. Returns (B, K) float32.
+    The constant does not depend on which steps are trained, so windows at different noise levels keep their
+    1/|dt| weights relative to each other (w = verl-omni's weight × Δ̄).
+
+    Shapes: sigmas, next_sigmas (B, K) of the trained steps; schedule (S+1,) the sigmas of the rollout's schedule.
+    Returns (B, K) float32.
     """
-    inv_dt = 1.0 / (sigmas.float() - next_sigmas.float())
-    return inv_dt / inv_dt.mean(dim=1, keepdim=True)
+    schedule = schedule.float()
+    mean_step = (schedule[0] - schedule[-1]) / (schedule.numel() - 1)
+    return mean_step.to(sigmas.device) / (sigmas.float() - next_sigmas.float())

@@ -173,7 +173,7 @@ class StageTrainer:
         chosen = self.sampler.next_batch(g.prompts_per_step)  # 1. sample prompts (the same on every process)
         seed = derive_seed(cfg.seed, self.state.rollouts)  # the same on every process (tandem.core.seeds)
         objective = OBJECTIVES.get(g.objective)()
-        self.policy.global_step = self.state.step  # step-scheduled sampling (a sliding SDE window) follows it
+        self.policy.begin_rollout(*self.state.stage_counts(self.stage))  # what it schedules per rollout or step
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
         total, first_group = len(chosen) * self.copies, 0
         while first_group < len(chosen):  # 2. rollout + score, overlapped
@@ -240,16 +240,22 @@ class StageTrainer:
     def recompute_old_log_probs(self, scored: ScoredRollout) -> Dict[str, float]:
         """Replace each sample's ``old_log_probs`` by the current weights' no-grad log-probs, minibatch by
         minibatch and chunk by chunk as the update will run them; keep the sampler's as ``behaviour_log_probs``.
-        Returns the sampler-vs-trainer gap over active units: mean and max |Δ log-prob| and the mean k3 estimate
-        of KL(sampler ‖ trainer) (``mismatch/*``)."""
+        What else the same forward says about the old policy (``LogProbs.refresh``, e.g. the flow policy's step
+        means) replaces the rollout's extras of that name. Returns the sampler-vs-trainer gap over active units:
+        mean and max |Δ log-prob| and the mean k3 estimate of KL(sampler ‖ trainer) (``mismatch/*``)."""
         gaps = []
         for sub in scored.subs:
             fresh = torch.empty_like(sub.old_log_probs)
             for index in _minibatches(len(sub), self.mini_batch):
                 batch = sub.select(index)
+                parts = []
                 with self.accelerator.autocast():
-                    parts = [self.policy.log_probs(batch, chunk, with_kl=False).log_probs.float()
-                             for chunk in self.policy.unit_chunks(batch)]
+                    for chunk in self.policy.unit_chunks(batch):
+                        out = self.policy.log_probs(batch, chunk, with_kl=False)
+                        parts.append(out.log_probs.float())
+                        for key, value in out.refresh.items():
+                            old = sub.extras[key]
+                            old[index.to(old.device), chunk] = value.to(old.device, old.dtype)
                 fresh[index.to(fresh.device)] = torch.cat(parts, dim=1).to(fresh.device)
             sub.behaviour_log_probs, sub.old_log_probs = sub.old_log_probs, fresh
             delta = (fresh - sub.behaviour_log_probs)[sub.mask > 0]
@@ -269,7 +275,8 @@ class StageTrainer:
         timings = scored.timings
         accumulate = self.cfg.optim.gradient_accumulation_steps
         minibatches = [(sub, index) for sub in scored.subs for index in _minibatches(len(sub), self.mini_batch)]
-        for _ in range(self.cfg.grpo.num_iterations):  # 5. update
+        for epoch in range(self.cfg.grpo.num_iterations):  # 5. update
+            self.policy.inner_epoch = epoch
             for start in range(0, len(minibatches), accumulate):
                 if self.state.step >= stop_at:
                     break
@@ -277,7 +284,7 @@ class StageTrainer:
                 batches = [sub.select(index) for sub, index in minibatches[start:start + accumulate]]
                 loss_metrics = update_on_minibatch(self.policy, self.optimizer, batches, self.cfg, self.accelerator,
                                                    self.layout, self.scheduler, before_step=self._updating)
-                self.state.step += 1
+                self.state.count_step(self.stage)
                 self.half_updated = False
                 reward_metrics = scored.advantages.metrics
                 metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
@@ -286,7 +293,7 @@ class StageTrainer:
                 metrics.update(self.state.cost_metrics(reward_metrics["reward/mean"]))
                 timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
                 hooks.after_step(self, metrics)  # 6. log / grid / eval
-        self.state.rollouts += 1
+        self.state.count_rollout(self.stage)
         hooks.after_rollout(self)
 
     def _updating(self) -> None:

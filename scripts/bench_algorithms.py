@@ -11,7 +11,8 @@ copies, minibatches of 4), reward and number of optimizer steps:
 * ``flow_grpo``: ``configs/demo/decoder.yaml`` (2 SDE steps at a random place in steps [0, 6), Euler elsewhere,
   CFG 1.5);
 * ``mixgrpo``: the same with MixGRPO's sliding window (``sde_window_schedule: sliding``, stride 1 every
-  ``steps / 6`` optimizer steps) and DPM-Solver++(2M) ODE steps outside it (MixGRPO-Flash);
+  ``steps / 12`` rollout batches, i.e. ``steps / 6`` optimizer steps at 2 per rollout) and DPM-Solver++(2M) ODE
+  steps outside it (MixGRPO-Flash);
 * ``diffusion_nft``: ``configs/demo/decoder_nft.yaml`` (ODE rollouts without CFG, 2 forward-process timesteps
   trained per sample).
 
@@ -66,7 +67,7 @@ def overrides(args, name: str, out: Path, model_path: str) -> List[str]:
              f"data.height={args.size}", f"data.width={args.size}", REWARDS[args.reward]]
     items += ALGORITHMS[name][1]
     if name == "mixgrpo":
-        items.append(f"decoder.sde_window_shift_interval={max(1, args.steps // 6)}")
+        items.append(f"decoder.sde_window_shift_interval={max(1, args.steps // 12)}")  # rollouts of 2 steps
     if args.release_shape:
         items += ["model.dtype=bfloat16", "model.create_tiny_if_missing=false", "optim.lora.enabled=true",
                   "optim.lora.r=32", "optim.lora.alpha=32", "optim.learning_rate=1e-4", "optim.gradient_checkpointing=true",

@@ -7,6 +7,7 @@ from tandem.rl.cli import main
 DECODER = ["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run"]
 AR = ["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run"]
 EDIT_AR = ["--config", "configs/demo/edit_ar.yaml", "--dry-run"]
+NFT = ["train", "decoder", "--config", "configs/demo/decoder_nft.yaml", "--dry-run"]
 
 
 @pytest.mark.parametrize("args, key", [
@@ -32,6 +33,11 @@ EDIT_AR = ["--config", "configs/demo/edit_ar.yaml", "--dry-run"]
     (DECODER + ["rewards=[{name: color, batch_size: -1}]"], "rewards[0].batch_size"),
     (DECODER + ["decoder.kl_form=k3"], "decoder.kl_form"),
     (DECODER + ["decoder.ema_update_interval=0"], "decoder.ema_update_interval"),
+    (NFT + ["decoder.guidance_scale=1.5"], "decoder.guidance_scale=1"),  # v_old, v_θ, v_ref are unguided
+    (NFT + ["grpo.nft_old_decay_type=3"], "grpo.nft_old_decay_type"),
+    (NFT + ["grpo.nft_beta=0"], "grpo.nft_beta"),
+    (DECODER + ["grpo.nft_old_decay_type=1"], "grpo.nft_old_decay_type"),  # DiffusionNFT's, not flow-GRPO's
+    (DECODER + ["decoder.sde_window_end=wrap"], "decoder.sde_window_end"),
     (["train", "ar"] + EDIT_AR + ["ar.sampler=engine"], "ar.sampler=generate"),  # engine takes no pixel_values
     (["train", "joint"] + EDIT_AR + ["decoder.edit=false"], "decoder.edit"),  # a joint job edits in both stages
     (["train", "joint"] + EDIT_AR + ["ar.edit=false", "decoder.edit=true"], "ar.edit"),
@@ -50,6 +56,9 @@ def test_bad_setting_is_one_line_exit_2(args, key, capsys):
     DECODER + ["model.device=cuda:1", "eval.num_prompts=0", "decoder.ema_decay=0"],
     AR + ["decoder.noise_level=0", "ar.top_p=1", "ar.top_k=0"],  # the AR stage's frozen decoder renders by ODE
     ["train", "joint"] + EDIT_AR + ["decoder.edit=true"],
+    NFT + ["grpo.nft_old_decay_type=2", "grpo.nft_adaptive_weight=true", "grpo.nft_scale_policy_loss=true",
+           "grpo.nft_fresh_noise=true", "grpo.num_iterations=2"],
+    DECODER + ["decoder.sde_window_schedule=sliding", "decoder.sde_window_end=shrink"],
 ])
 def test_edge_values_stay_valid(args, capsys):
     assert main(args) == 0, capsys.readouterr().err
