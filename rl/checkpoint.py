@@ -9,6 +9,8 @@ component it trains (the family's ``components``, e.g. ``transformer/``, ``visio
 * ``ema/<component>/`` — the EMA of the trained weights (when ``decoder.ema_decay`` > 0), same format;
 * ``<stage>.optimizer.pt`` — AdamW state keyed by parameter name (``torch.distributed.checkpoint``'s full
   optimizer state dict; only ever loaded with ``torch.load(weights_only=True)``);
+* ``<stage>.handoff.safetensors`` — the stage's latest hand-off (the AR stage's prompts with their token grids),
+  which a joint job's next decoder phase trains on (``tandem.rl.buffer.save_records``);
 * ``state.json`` — step, rollout count, prompt-sampler positions, LR-scheduler states, EMA step counts, the
   per-prompt reward histories (``grpo.per_prompt_stat_tracking``), the fp16 loss scaler's state, the global
   torch RNG state, the components, and a fingerprint of the config that must match on resume.
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 
 from tandem.core.dtensor import full_tensor, shard_like
 from tandem.policies.families import get_family
+from tandem.rl.buffer import load_records, save_records
 from tandem.rl.config import ConfigError, JobConfig
 from tandem.rl.weights import checked_load, copy_into, load_merged, read_weights, trained_folder, write_weights
 
@@ -85,6 +88,8 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
         module, component = trainers[stage].policy.trained_module, components[stage]
         write_weights(tmp / component, module, component, weights, lora)
         torch.save(optimizer, tmp / f"{stage}.optimizer.pt")
+        if getattr(trainers[stage], "handed_off", None):
+            save_records(tmp / f"{stage}.handoff.safetensors", trainers[stage].handed_off)
         if ema is not None:
             write_weights(tmp / "ema" / component, module, component, ema, lora)
     state = {
@@ -181,8 +186,8 @@ def _trained(weights: Dict[str, torch.Tensor], names, source: Path) -> Dict[str,
 
 
 def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
-    """Load weights, optimizer, LR schedule, EMA and the RNG state of a checkpoint into the live trainers (every
-    process reads the files; a sharded module keeps its own shards)."""
+    """Load weights, optimizer, LR schedule, EMA, hand-off and the RNG state of a checkpoint into the live trainers
+    (every process reads the files; a sharded module keeps its own shards)."""
     for stage, t in trainers.items():
         component = state["components"][stage]
         names = [n for n, _ in t.policy.trainable_named_parameters()]
@@ -192,6 +197,8 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
         set_optimizer_state_dict(t.policy.trained_module, _plain(t.optimizer), optimizer,
                                  options=StateDictOptions(full_state_dict=True))
         t.scheduler.load_state_dict(state["schedulers"][stage])
+        if (path / f"{stage}.handoff.safetensors").is_file():
+            t.handed_off = load_records(path / f"{stage}.handoff.safetensors")
         ema_folder = trained_folder(path, component, ema=True)
         if ema_folder is not None and getattr(t.policy, "ema", None) is not None:
             t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder),

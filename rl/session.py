@@ -20,7 +20,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import PIL.Image
@@ -424,13 +424,28 @@ def joint_stage_steps(cfg: JobConfig) -> Dict[str, int]:
     return steps
 
 
+def joint_phase(cfg: JobConfig, step: int) -> Tuple[str, int, int]:
+    """(stage, first step, last step) of the joint phase that takes optimizer step ``step + 1``: phases repeat
+    every ``ar_steps_per_phase + decoder_steps_per_phase`` steps, AR first; the last phase ends at max_steps.
+    A function of the global step only, so a resumed job continues the phase it stopped in."""
+    j = cfg.joint
+    cycle_start = step - step % (j.ar_steps_per_phase + j.decoder_steps_per_phase)
+    if step - cycle_start < j.ar_steps_per_phase:
+        return "ar", cycle_start, min(cfg.max_steps, cycle_start + j.ar_steps_per_phase)
+    start = cycle_start + j.ar_steps_per_phase
+    return "decoder", start, min(cfg.max_steps, start + j.decoder_steps_per_phase)
+
+
 def train_joint(cfg: JobConfig) -> Path:
     """Alternate AR-GRPO and decoder flow-GRPO phases on one pipeline, one reward client and one run.
 
     Each AR phase's rollouts (prompts with their hand-off, the sampled token grids) are the conditions of the
-    next decoder phase — the shared buffer in memory (and on disk with ``buffer.save``). Until the first AR
-    phase has run (e.g. right after resuming inside a decoder phase) the decoder phase gets its conditions from
-    the family's own source (for GLM-Image: the live frozen AR model).
+    next decoder phase — the shared buffer in memory (and on disk with ``buffer.save``), drawn from a prompt
+    stream seeded at the phase's start. Checkpoints keep the latest hand-off and that stream's seed and
+    position, so a job resumed at or inside a decoder phase trains on the same conditions (with several
+    processes, each hands off its own copies and a checkpoint keeps the main process's, which every process then
+    trains on). Without any AR rollout yet the decoder phase gets its conditions from the family's own source
+    (for GLM-Image: the live frozen AR model).
     """
     check_inputs(cfg, "joint")
     torch.manual_seed(cfg.seed)
@@ -445,12 +460,13 @@ def train_joint(cfg: JobConfig) -> Path:
         hooks = session.start()
         if session.state.step == 0 and cfg.logging.sample_every:
             hooks.sample_grid(ar)  # step 0: what training starts from
-        state, j = session.state, cfg.joint
+        state = session.state
         while state.step < cfg.max_steps:
-            for trainer, steps in ((ar, j.ar_steps_per_phase), (decoder, j.decoder_steps_per_phase)):
-                if trainer is decoder and ar.handed_off:
-                    decoder.use_records(ar.handed_off, cfg.seed + state.rollouts)
-                stop = min(cfg.max_steps, state.step + steps)
-                while state.step < stop:
-                    trainer.train_rollout(stop, hooks)
+            stage, start, stop = joint_phase(cfg, state.step)
+            trainer = session.trainers[stage]
+            if trainer is decoder and ar.handed_off and decoder.records is not ar.handed_off:
+                resumed = decoder.sampler.state_dict() if state.step > start else None  # inside the phase
+                decoder.use_records(ar.handed_off, cfg.seed + state.rollouts, resumed)
+            while state.step < stop:
+                trainer.train_rollout(stop, hooks)
     return session.run.path
