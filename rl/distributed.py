@@ -36,6 +36,7 @@ Two strategies (``distributed.strategy``), the same updates:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -111,6 +112,14 @@ class Layout:
         t /= self.world
         pick = {k: (lo if k.endswith("/min") else hi if k.endswith("/max") else t)[i].item() for i, k in enumerate(keys)}
         return pick
+
+
+def launch_rank() -> int:
+    """This process's rank before the accelerator exists: torch.distributed's when initialised (Ray Train
+    workers), else ``$RANK`` (torchrun, accelerate launch), else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def layout_of(accelerator, cfg: JobConfig) -> Layout:

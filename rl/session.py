@@ -1,9 +1,10 @@
 """A training job from start to end: the run session around the one loop (``tandem.rl.trainer``).
 
-``train(cfg, stage)`` and ``train_joint(cfg)`` load the family's pipeline and policies, then run inside one
-``RunSession``, which opens, in this order and closes in reverse: the reward clients (training, and eval when
-configured); the run directory (resume from ``cfg.resume``, or refuse to write over an existing run); the
-progress bar; and the experiment trackers (``logging.report_to``). Its ``Hooks`` are phase 6 of every optimizer
+``train(cfg, stage)`` and ``train_joint(cfg)`` hold the run folder's lock (``tandem.rl.run_lock``: one job
+per ``output_dir``), load the family's pipeline and policies, then run inside one ``RunSession``, which opens,
+in this order and closes in reverse: the reward clients (training, and eval when configured); the run
+directory (resume from ``cfg.resume``, or refuse to write over an existing run); the progress bar; and the
+experiment trackers (``logging.report_to``). Its ``Hooks`` are phase 6 of every optimizer
 step: metrics line (and trackers), sample grid, eval, and the checkpoints taken between rollouts.
 
 Crash safety: a checkpoint is only ever taken where the trained state is whole — at a rollout boundary or
@@ -16,6 +17,7 @@ checkpoint is taken before the final sample grid and eval, and an eval that fail
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -34,8 +36,9 @@ from tandem.rl.buffer import load_buffer_records
 from tandem.rl.checkpoint import (config_fingerprint, find_resume_point, read_state, restore, save_checkpoint,
                                   saved_config_fingerprint)
 from tandem.rl.config import JobConfig, phase_config
-from tandem.rl.distributed import finish
+from tandem.rl.distributed import finish, launch_rank
 from tandem.rl.run_dir import RunDir
+from tandem.rl.run_lock import run_folder_lock
 from tandem.rl.run_state import RunState
 from tandem.rl.trackers import Trackers
 from tandem.rl.trainer import StageTrainer
@@ -397,6 +400,17 @@ def _accelerator(cfg: JobConfig, policy):
                        log_with=list(cfg.logging.report_to) or None, project_config=project)
 
 
+def holds_run_folder(job):
+    """Run ``job(cfg, ...)`` holding the lock of ``cfg.output_dir`` on the main process (``tandem.rl.run_lock``):
+    a second job on a live run is refused before it reads the run folder."""
+    @functools.wraps(job)
+    def run(cfg: JobConfig, *args, **kwargs):
+        with run_folder_lock(cfg.output_dir, main=launch_rank() == 0):
+            return job(cfg, *args, **kwargs)
+    return run
+
+
+@holds_run_folder
 def train(cfg: JobConfig, stage: str) -> Path:
     """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
     check_inputs(cfg, stage)
@@ -436,6 +450,7 @@ def joint_phase(cfg: JobConfig, step: int) -> Tuple[str, int, int]:
     return "decoder", start, min(cfg.max_steps, start + j.decoder_steps_per_phase)
 
 
+@holds_run_folder
 def train_joint(cfg: JobConfig) -> Path:
     """Alternate AR-GRPO and decoder flow-GRPO phases on one pipeline, one reward client and one run.
 

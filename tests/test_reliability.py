@@ -1,12 +1,20 @@
-"""Reliability: resume without a checkpoint, crash and Ctrl-C checkpoints, corrupt run files (issue 13)."""
+"""Reliability: resume without a checkpoint, crash and Ctrl-C checkpoints, one job per run folder, corrupt run
+files."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.core.errors import ConfigError
 from tandem.rl.config import load_config
+from tandem.rl.run_dir import RunDir
 from tandem.rl.session import train
 
 pytestmark = pytest.mark.slow  # jobs and signals
@@ -14,6 +22,13 @@ pytestmark = pytest.mark.slow  # jobs and signals
 
 def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(path, proc, what):
+    deadline = time.time() + 300
+    while not path.is_file():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before {what}"
+        time.sleep(0.02)
 
 
 def cfg_for(tiny, out, *extra, stage="decoder"):
@@ -109,6 +124,30 @@ def test_sigterm_stops_at_a_checkpoint_and_resume_continues(tiny_model_path, tmp
     done = rows(run)[-1]["step"]
     assert 1 <= done < 100 and (run / "checkpoints" / f"step_{done}" / "state.json").is_file()
     train(cfg_for(tiny_model_path, run, f"max_steps={done + 2}", "resume=auto"), "decoder")
+    assert [r["step"] for r in rows(run)] == list(range(1, done + 3))
+
+
+def test_a_second_job_on_a_live_run_is_refused_and_the_killed_runs_lock_is_taken_over(tiny_model_path, tmp_path):
+    run = tmp_path / "run"
+    common = ["train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={run}",
+              f"model.path={tiny_model_path}", "logging.progress=false", "reward_host.backend=local",
+              "logging.sample_every=0", "logging.checkpoint_every=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.rl.cli", *common, "max_steps=100"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(run / "checkpoints" / "step_2" / "state.json", proc, "its first checkpoint")
+        second = tandem_cli(*common, "max_steps=4", "resume=auto")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    errors = [line for line in second.stderr.splitlines() if line.startswith("tandem: ")]
+    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"in use by another tandem job (pid {proc.pid} on host" in errors[0]
+
+    done = RunDir(str(run)).read_metrics()[-1]["step"]  # its last line may be cut short by the kill
+    resumed = tandem_cli(*common, f"max_steps={done + 2}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"taking over its lock from a job that is no longer running (pid {proc.pid} on host" in resumed.stderr
     assert [r["step"] for r in rows(run)] == list(range(1, done + 3))
 
 

@@ -1,9 +1,103 @@
-"""The joint schedule and the hand-off kept by checkpoints: the parts that need no training job. The jobs
-themselves: tests/test_resume_buffer_joint.py."""
+"""One job per run folder (the lock), the joint schedule and the hand-off kept by checkpoints: the parts that
+need no training job. The jobs themselves: tests/test_reliability.py and tests/test_resume_buffer_joint.py."""
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
+from cli_run import tandem_cli  # tests/ is on sys.path
+from tandem.core.errors import ConfigError
 from tandem.core.types import PromptRecord
+from tandem.rl.run_lock import LOCK_NAME, RunLock
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+def test_a_second_job_on_a_held_run_folder_is_one_line_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(str(run)):
+        proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={run}",
+                          "resume=auto")
+        holder = json.loads((run / LOCK_NAME).read_text())
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("tandem: error: output_dir") and "in use by another tandem job" in lines[0]
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in lines[0]
+    assert holder["pid"] == os.getpid()
+    assert not run.exists()  # the lock's folder goes with it when nothing else was written
+
+
+def test_a_lock_left_by_a_dead_job_is_taken_over_with_a_log_line(tmp_path, caplog):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": (pid := dead_pid()), "host": socket.gethostname(),
+                                                  "started": "2026-01-01 00:00:00"}))
+    with caplog.at_level("WARNING", logger="tandem.session"):
+        with RunLock(str(tmp_path)):
+            assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert f"taking over its lock from a job that is no longer running (pid {pid} on host" in caplog.text
+    assert not (tmp_path / LOCK_NAME).exists() and tmp_path.exists()  # released; a folder it did not create stays
+
+
+def test_the_lock_is_released_for_the_next_job(tmp_path, caplog):
+    with RunLock(str(tmp_path)):
+        with pytest.raises(ConfigError, match="in use by another tandem job"):
+            RunLock(str(tmp_path)).acquire()
+    with caplog.at_level("WARNING", logger="tandem.session"), RunLock(str(tmp_path)):
+        pass
+    assert "taking over" not in caplog.text
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    """A file system without flock (some network mounts): the recorded holder decides."""
+    import fcntl
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+
+
+def test_without_flock_a_live_holder_on_this_host_is_refused_and_a_dead_one_taken_over(tmp_path, no_flock):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(ConfigError, match=f"pid {live.pid} on host"):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    RunLock(str(tmp_path)).acquire().release()
+
+
+def test_without_flock_a_holder_on_another_host_is_refused_with_the_file_to_delete(tmp_path, no_flock):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example"}))
+    with pytest.raises(ConfigError, match=f"if that job is no longer running, delete {tmp_path / LOCK_NAME}"):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
+    from tandem.rl.session import holds_run_folder
+    from tandem.rl.config import JobConfig
+
+    seen = []
+    job = holds_run_folder(lambda cfg: seen.append((tmp_path / LOCK_NAME).exists()))
+    monkeypatch.setenv("RANK", "1")
+    job(JobConfig(output_dir=str(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    job(JobConfig(output_dir=str(tmp_path)))
+    assert seen == [False, True]
 
 
 # ------------------------------------------------------------------------------ joint schedule and hand-off
