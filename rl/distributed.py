@@ -82,6 +82,14 @@ class Layout:
         scores = {name: np.concatenate([p[0][name] for p in parts]) for name in local}
         return scores, np.concatenate([p[1] for p in parts])
 
+    def broadcast(self, obj):
+        """The main process's ``obj`` (any picklable value) on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def local_slice(self, n_local: int) -> slice:
         return slice(self.rank * n_local, (self.rank + 1) * n_local)
 

@@ -1,9 +1,11 @@
-"""One job per run folder (the lock), the joint schedule and the hand-off kept by checkpoints: the parts that
-need no training job. The jobs themselves: tests/test_reliability.py and tests/test_resume_buffer_joint.py."""
+"""One job per run folder (the lock), Ctrl-C handling, the joint schedule and the hand-off kept by checkpoints:
+the parts that need no training job. The jobs themselves: tests/test_reliability.py and
+tests/test_resume_buffer_joint.py."""
 
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -100,6 +102,68 @@ def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
     assert seen == [False, True]
 
 
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+def ctrl_c():
+    signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_before_training_stops_at_once():
+    from tandem.rl.signals import Interrupted, StopSignals
+
+    with StopSignals(), pytest.raises(Interrupted, match="^stopped at once by SIGINT before training started$"):
+        ctrl_c()
+
+
+def test_first_ctrl_c_asks_for_a_stop_and_a_second_stops_at_once_naming_the_last_checkpoint():
+    from tandem.rl.signals import Interrupted, StopSignals
+
+    with StopSignals() as signals:
+        signals.arm(lambda: "at step 3; the last checkpoint is RUN/checkpoints/step_2 (continue with resume=auto)")
+        ctrl_c()
+        assert signals.requested == "SIGINT"
+        with pytest.raises(Interrupted) as stop:
+            ctrl_c()
+    assert str(stop.value) == ("stopped at once by a second SIGINT at step 3; the last checkpoint is "
+                               "RUN/checkpoints/step_2 (continue with resume=auto)")
+
+
+def test_a_second_ctrl_c_waits_for_the_checkpoint_being_written():
+    from tandem.rl.signals import Interrupted, StopSignals
+
+    written = []
+    with StopSignals() as signals:
+        signals.arm(lambda: f"at step 4; the last checkpoint is step_{written[-1] if written else 2}")
+        ctrl_c()
+        with pytest.raises(Interrupted, match="the last checkpoint is step_4$"):
+            with signals.shielded():
+                ctrl_c()
+                written.append(4)
+
+
+def test_ctrl_c_while_the_job_cleans_up_is_logged_and_ignored(caplog):
+    from tandem.rl.signals import StopSignals
+
+    with StopSignals() as signals, caplog.at_level("WARNING", logger="tandem.session"):
+        signals.arm(lambda: "at step 1")
+        ctrl_c()
+        signals.close()
+        ctrl_c()
+        ctrl_c()
+    assert caplog.text.count("already stopping; cleaning up") == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_an_interrupt_without_a_message_is_one_line(monkeypatch):
+    import tandem.rl.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "rewards", interrupted)
+    proc = tandem_cli("rewards")
+    assert proc.returncode == 130 and proc.stderr.strip() == "tandem: interrupted"
+
+
 # ------------------------------------------------------------------------------ joint schedule and hand-off
 def test_joint_phase_is_a_function_of_the_global_step():
     from tandem.rl.config import JobConfig
@@ -140,3 +204,16 @@ def test_a_prompt_sampler_state_keeps_its_seed():
     b = PromptSampler(records, seed=0)
     b.load_state_dict(a.state_dict())
     assert [r.prompt for r in b.next_batch(9)] == [r.prompt for r in a.next_batch(9)]
+
+
+def test_a_stop_at_once_keeps_its_message_when_a_library_raises_a_bare_keyboard_interrupt():
+    from tandem.rl.signals import Interrupted, StopSignals
+
+    with pytest.raises(Interrupted, match="^stopped at once by a second SIGINT at step 5$"):
+        with StopSignals() as signals:
+            signals.arm(lambda: "at step 5")
+            ctrl_c()
+            try:
+                ctrl_c()
+            except Interrupted:
+                raise KeyboardInterrupt from None  # what ray.get raises when a signal handler raised inside it
