@@ -8,6 +8,8 @@ One shard per rollout batch, ``buffer/shard_NNNNNN.safetensors`` — safe to loa
 metadata holds one JSON document under ``tandem_buffer``: format name, version, image size, the hand-off
 keys, reward names and weights, and per sample the prompt and its JSON-serialisable metadata (image arrays
 are dropped; ``reference_path`` stays). Reading a shard puts each hand-off row into its sample's metadata.
+
+``save_records`` / ``load_records`` keep prompt records exactly, arrays included (a checkpoint's hand-off).
 """
 
 from __future__ import annotations
@@ -130,3 +132,42 @@ def load_buffer_records(run_or_buffer_dir: str, height: int, width: int, allowed
                 meta["reference"] = load_image(ref, (height, width))
             records.append(PromptRecord(prompt, meta))
     return records
+
+
+RECORDS_FORMAT = "tandem-records"
+
+
+def save_records(path: Path, records: List[PromptRecord]) -> Path:
+    """Write prompt records exactly (a stage's hand-off, kept in a checkpoint): one safetensors file whose header
+    holds the prompts and the JSON values of each metadata, and whose tensors hold its arrays (token grids,
+    source images), each distinct array once. ``load_records`` reads them back equal."""
+    tensors: Dict[str, torch.Tensor] = {}
+    names: Dict[int, str] = {}  # id(array) -> tensor name: the copies of a group share their source image
+    metadata = []
+    for r in records:
+        meta = {}
+        for key, value in r.metadata.items():
+            if isinstance(value, np.ndarray):
+                if id(value) not in names:
+                    names[id(value)] = f"t{len(names)}"
+                    tensors[names[id(value)]] = torch.from_numpy(value.copy())  # rows of one batch share memory
+                meta[key] = {"tensor": names[id(value)]}
+            else:
+                meta[key] = {"value": value}
+        metadata.append(meta)
+    header = {"format": RECORDS_FORMAT, "prompts": [r.prompt for r in records], "metadata": metadata}
+    save_file(tensors, str(path), metadata={"tandem_records": json.dumps(header)})
+    return path
+
+
+def load_records(path: Path) -> List[PromptRecord]:
+    """The records ``save_records`` wrote to ``path``; ConfigError (one line) when it is unreadable."""
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})["tandem_records"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path} is truncated or corrupt ({type(e).__name__}); use an earlier checkpoint") from None
+    arrays = {name: t.numpy() for name, t in tensors.items()}
+    return [PromptRecord(prompt, {k: arrays[v["tensor"]] if "tensor" in v else v["value"] for k, v in meta.items()})
+            for prompt, meta in zip(header["prompts"], header["metadata"])]

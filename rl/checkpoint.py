@@ -11,6 +11,8 @@ component it trains (the family's ``components``, e.g. ``transformer/``, ``visio
   optimizer state dict; only ever loaded with ``torch.load(weights_only=True)``);
 * ``<stage>.extra_state.safetensors`` — what a policy keeps besides its weights (``policy.extra_state()``, e.g.
   DiffusionNFT's old policy with ``grpo.nft_old_decay_type``), when it keeps anything;
+* ``<stage>.handoff.safetensors`` — the stage's latest hand-off (the AR stage's prompts with their token grids),
+  which a joint job's next decoder phase trains on (``tandem.rl.buffer.save_records``);
 * ``state.json`` — step, rollout count, prompt-sampler positions, LR-scheduler states, EMA step counts, the
   per-prompt reward histories (``grpo.per_prompt_stat_tracking``), the fp16 loss scaler's state, the global
   torch RNG state, the components, and a fingerprint of the config that must match on resume.
@@ -42,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 
 from tandem.core.dtensor import full_tensor, shard_like
 from tandem.policies.families import get_family
+from tandem.rl.buffer import load_records, save_records
 from tandem.rl.config import ConfigError, JobConfig
 from tandem.rl.weights import checked_load, copy_into, load_merged, read_weights, trained_folder, write_weights
 from tandem.rl.weights import load_file
@@ -96,6 +99,8 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
         module, component = trainers[stage].policy.trained_module, components[stage]
         write_weights(tmp / component, module, component, weights, lora)
         torch.save(optimizer, tmp / f"{stage}.optimizer.pt")
+        if getattr(trainers[stage], "handed_off", None):
+            save_records(tmp / f"{stage}.handoff.safetensors", trainers[stage].handed_off)
         if ema is not None:
             write_weights(tmp / "ema" / component, module, component, ema, lora)
         if kept[stage]:
@@ -194,8 +199,8 @@ def _trained(weights: Dict[str, torch.Tensor], names, source: Path) -> Dict[str,
 
 
 def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
-    """Load weights, optimizer, LR schedule, EMA and the RNG state of a checkpoint into the live trainers (every
-    process reads the files; a sharded module keeps its own shards)."""
+    """Load weights, optimizer, LR schedule, EMA, hand-off and the RNG state of a checkpoint into the live trainers
+    (every process reads the files; a sharded module keeps its own shards)."""
     for stage, t in trainers.items():
         component = state["components"][stage]
         names = [n for n, _ in t.policy.trainable_named_parameters()]
@@ -208,6 +213,8 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
         extra_file = path / f"{stage}.extra_state.safetensors"
         if extra_file.is_file() and hasattr(t.policy, "load_extra_state"):
             t.policy.load_extra_state(load_file(str(extra_file)))
+        if (path / f"{stage}.handoff.safetensors").is_file():
+            t.handed_off = load_records(path / f"{stage}.handoff.safetensors")
         ema_folder = trained_folder(path, component, ema=True)
         if ema_folder is not None and getattr(t.policy, "ema", None) is not None:
             t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder),

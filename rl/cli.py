@@ -193,8 +193,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RewardError as e:  # a reward that broke at run time: one line naming it (a checkpoint was taken)
         print(f"tandem: reward error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # a first Ctrl-C / SIGTERM stops at a checkpoint (rl/session.py StopSignals)
-        print(f"tandem: {e or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: a training job stops at a checkpoint (rl/signals.py)
+        print(f"tandem: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

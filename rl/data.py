@@ -12,7 +12,7 @@ from tandem.core.types import PromptRecord
 class PromptSampler:
     """Seeded epochs over the prompts: ``next_batch(k)`` returns k records, reshuffling at each epoch end.
 
-    Its position (epoch, index) is part of a checkpoint, so a resumed run sees the same prompt stream.
+    Its seed and position (epoch, index) are part of a checkpoint, so a resumed run sees the same prompt stream.
     """
 
     def __init__(self, records: List[PromptRecord], seed: int, shuffle: bool = True):
@@ -36,8 +36,10 @@ class PromptSampler:
         return out
 
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Continue at ``state``'s position (and seed: a joint job's decoder phases each draw with their own)."""
+        self.seed = int(state.get("seed", self.seed))  # checkpoints of older tandems kept no seed
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._permutation()

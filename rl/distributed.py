@@ -37,6 +37,7 @@ Two strategies (``distributed.strategy``), the same updates:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List
 
@@ -102,6 +103,14 @@ class Layout:
                   for name in dict.fromkeys(name for _, _, e in parts for name in e)}
         return dataclasses.replace(local, failed=failed, errors=errors)
 
+    def broadcast(self, obj):
+        """The main process's ``obj`` (any picklable value) on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def local_slice(self, n_local: int) -> slice:
         return slice(self.rank * n_local, (self.rank + 1) * n_local)
 
@@ -132,6 +141,14 @@ class Layout:
         t /= self.world
         pick = {k: (lo if k.endswith("/min") else hi if k.endswith("/max") else t)[i].item() for i, k in enumerate(keys)}
         return pick
+
+
+def launch_rank() -> int:
+    """This process's rank before the accelerator exists: torch.distributed's when initialised (Ray Train
+    workers), else ``$RANK`` (torchrun, accelerate launch), else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def layout_of(accelerator, cfg: JobConfig) -> Layout:

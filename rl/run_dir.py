@@ -213,6 +213,11 @@ class RunDir:
         return out
 
 
+def scalars(metrics: Dict) -> Dict:
+    """``metrics`` with numpy / torch scalars as Python numbers (NaN kept: JSON for state.json, not a metrics line)."""
+    return {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v for k, v in metrics.items()}
+
+
 def _plain(v):
     if isinstance(v, (np.floating, np.integer)):
         return v.item()

@@ -1,26 +1,28 @@
 """A training job from start to end: the run session around the one loop (``tandem.rl.trainer``).
 
-``train(cfg, stage)`` and ``train_joint(cfg)`` load the family's pipeline and policies, then run inside one
-``RunSession``, which opens, in this order and closes in reverse: the reward clients (training, and eval when
-configured); the run directory (resume from ``cfg.resume``, or refuse to write over an existing run); the
-progress bar; and the experiment trackers (``logging.report_to``). Its ``Hooks`` are phase 6 of every optimizer
-step: metrics line (and trackers), sample grid, eval, and the checkpoints taken between rollouts.
+``train(cfg, stage)`` and ``train_joint(cfg)`` hold the run folder's lock (``tandem.rl.run_lock``: one job
+per ``output_dir``), load the family's pipeline and policies, then run inside one ``RunSession``, which opens,
+in this order and closes in reverse: the stop-signal handlers (``tandem.rl.signals``); the reward clients
+(training, and eval when configured); the run directory (resume from ``cfg.resume``, or refuse to write over
+an existing run); the progress bar; and the experiment trackers (``logging.report_to``). Its ``Hooks`` are
+phase 6 of every optimizer step: metrics line (and trackers), sample grid, eval, and the checkpoints taken
+between rollouts.
 
 Crash safety: a checkpoint is only ever taken where the trained state is whole — at a rollout boundary or
-after a finished optimizer step, never while an optimizer step is being applied. SIGINT / SIGTERM ask the
-loop to stop at the next such point (a second one stops at once, without a checkpoint); an exception between
-steps (a reward that breaks, a failing sample grid) takes a checkpoint before it propagates. The final
-checkpoint is taken before the final sample grid and eval, and an eval that fails is logged and skipped.
+after a finished optimizer step, never while an optimizer step is being applied. SIGINT / SIGTERM stop the
+job at the end of the current rollout, with a checkpoint (``tandem.rl.signals``); an exception between steps
+(a reward that breaks, a failing sample grid) takes a checkpoint before it propagates. The final checkpoint
+is taken before the final sample grid and eval, and an eval that fails is logged and skipped; a checkpoint
+keeps its step's metrics line, which resume writes if the job died before it did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import signal
-import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import PIL.Image
@@ -35,9 +37,11 @@ from tandem.rl.buffer import load_buffer_records
 from tandem.rl.checkpoint import (config_fingerprint, find_resume_point, read_state, restore, save_checkpoint,
                                   saved_config_fingerprint)
 from tandem.rl.config import JobConfig, phase_config
-from tandem.rl.distributed import finish
-from tandem.rl.run_dir import RunDir
+from tandem.rl.distributed import finish, launch_rank
+from tandem.rl.run_dir import RunDir, scalars
+from tandem.rl.run_lock import run_folder_lock
 from tandem.rl.run_state import RunState
+from tandem.rl.signals import StopSignals, Stopped
 from tandem.rl.trackers import Trackers
 from tandem.rl.trainer import StageTrainer
 
@@ -136,37 +140,6 @@ def resume_point(cfg: JobConfig, run: RunDir) -> Optional[Path]:
     return None
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the job at a safe point (after its checkpoint); the CLI exits 130."""
-
-
-class StopSignals:
-    """While active, SIGINT / SIGTERM only set ``requested`` (the loop stops at its next safe point); a second
-    signal raises KeyboardInterrupt at once. Only in the main thread (signal handlers live there)."""
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self._previous: Dict[int, object] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s: stopping after the current optimizer step with a checkpoint (send it again to stop at "
-                    "once, without one)", self.requested)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
 GRID_PROMPTS = 4  # tiles per sample grid
 
 
@@ -184,19 +157,29 @@ def distinct_prompts(records: List[PromptRecord], n: int) -> List[PromptRecord]:
 
 
 class Hooks:
-    """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints."""
+    """Phase 6 for every stage: metrics line, progress bar, sample grids, eval, checkpoints, requested stops."""
 
     def __init__(self, cfg: JobConfig, run: RunDir, trainers: Dict[str, StageTrainer], evaluator, progress,
-                 last_checkpoint: int, trackers: Trackers, signals: Optional[StopSignals] = None):
+                 last_checkpoint: Optional[Path], trackers: Trackers, signals: Optional[StopSignals] = None):
+        """``last_checkpoint``: the checkpoint the job resumed from (None for a fresh run)."""
         self.cfg, self.run, self.trainers, self.evaluator, self.progress = cfg, run, trainers, evaluator, progress
-        self.last_checkpoint, self.trackers, self.signals = last_checkpoint, trackers, signals
+        self.trackers, self.signals = trackers, signals
+        self.state = next(iter(trainers.values())).state
+        self.last_checkpoint, self.last_checkpoint_step = last_checkpoint, self.state.step
+        self.last_metrics: Optional[Dict] = None  # the latest step's metrics (a checkpoint of that step keeps them)
 
     def after_step(self, trainer: StageTrainer, metrics: Dict) -> None:
-        """One process scores and writes the run directory; a sharded (FSDP) policy's forward is collective, so
-        then every process samples the eval images and the grid. The final step's checkpoint comes first."""
-        step, every, layout = trainer.state.step, self.cfg.logging, trainer.layout
-        if step >= self.cfg.max_steps:  # the loop ends at this step: its rollout counts as done
+        """The final step's checkpoint comes first (keeping this step's metrics: ``record`` then writes them)."""
+        self.last_metrics = metrics
+        if trainer.state.step >= self.cfg.max_steps:  # the loop ends at this step: its rollout counts as done
             self.checkpoint(trainer, rollouts=trainer.state.rollouts + 1)
+        self.record(trainer, metrics)
+
+    def record(self, trainer: StageTrainer, metrics: Dict) -> None:
+        """Eval (when due), the metrics line, trackers and progress bar, sample grid (when due). One process
+        scores and writes the run directory; a sharded (FSDP) policy's forward is collective, so then every
+        process samples the eval images and the grid."""
+        step, every, layout = metrics["step"], self.cfg.logging, trainer.layout
         if not (layout.is_main or layout.sharded):
             return
         if self.evaluator is not None and every.eval_every and step % every.eval_every == 0:
@@ -209,7 +192,6 @@ class Hooks:
                                       kl=f"{metrics['kl']:.2e}")
         if step == self.cfg.max_steps or (every.sample_every and step % every.sample_every == 0):
             self.sample_grid(trainer)
-        self.stop_if_requested(trainer)
 
     def sample_grid(self, trainer: StageTrainer) -> None:
         """samples/step_N.png: the trainer's first GRID_PROMPTS distinct prompts at the current step (step 0 =
@@ -238,41 +220,55 @@ class Hooks:
 
     def after_rollout(self, trainer: StageTrainer) -> None:
         """Checkpoints are taken between rollouts (nothing half-trained is lost): every checkpoint_every steps
-        and at the end. The main process writes; under FSDP every process takes part (the shards are gathered)."""
+        and at the end. The main process writes; under FSDP every process takes part (the shards are gathered).
+        A requested stop (SIGINT / SIGTERM) happens here."""
         step, every = trainer.state.step, self.cfg.logging.checkpoint_every
-        due = every and step // every > self.last_checkpoint // every
+        due = every and step // every > self.last_checkpoint_step // every
         if due or step >= self.cfg.max_steps:
             self.checkpoint(trainer)
         self.stop_if_requested(trainer)
 
     def checkpoint(self, trainer: StageTrainer, rollouts: Optional[int] = None) -> Optional[Path]:
         """Save ``checkpoints/step_N`` at the current step unless it exists already (every process of a sharded
-        policy takes part; the main one writes)."""
+        policy takes part; the main one writes), with the step's metrics line. A second stop signal waits until
+        it is written (``StopSignals.shielded``)."""
         layout, state = trainer.layout, trainer.state
-        if state.step == self.last_checkpoint or not (layout.is_main or layout.sharded):
+        if state.step == self.last_checkpoint_step or not (layout.is_main or layout.sharded):
             return None
         samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
         trackers = {s: t.stat_tracker.state_dict() for s, t in self.trainers.items() if t.stat_tracker}
         scaler = getattr(trainer.accelerator, "scaler", None)
         run_state = dict(state.to_dict(), **({} if rollouts is None else {"rollouts": rollouts}))
-        out = save_checkpoint(self.run.checkpoints, state.step, self.trainers, self.cfg,
-                              {"run_state": run_state, "samplers": samplers, "stat_trackers": trackers,
-                               "grad_scaler": scaler.state_dict() if scaler is not None else None},
-                              write=layout.is_main)
-        self.last_checkpoint = state.step
+        metrics = self.last_metrics if self.last_metrics and self.last_metrics["step"] == state.step else None
+        extra = {"run_state": run_state, "samplers": samplers, "stat_trackers": trackers,
+                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                 "metrics": None if metrics is None else scalars(metrics)}
+        with self.signals.shielded() if self.signals is not None else contextlib.nullcontext():
+            out = save_checkpoint(self.run.checkpoints, state.step, self.trainers, self.cfg, extra,
+                                  write=layout.is_main)
+            self.last_checkpoint, self.last_checkpoint_step = out, state.step
         return out
 
+    def where(self) -> str:
+        """The step and what a resume continues from (the stop messages)."""
+        at = f"at step {self.state.step}"
+        if self.last_checkpoint is None:
+            return f"{at}; no checkpoint was saved (resume=auto starts again from step 0)"
+        how = "resume=auto" if self.last_checkpoint.parent == self.run.checkpoints else f"resume={self.last_checkpoint}"
+        return f"{at}; the last checkpoint is {self.last_checkpoint} (continue with {how})"
+
     def stop_if_requested(self, trainer: StageTrainer) -> None:
-        """At a safe point: after a requested stop (SIGINT / SIGTERM), checkpoint and raise Stopped."""
-        if self.signals is not None and self.signals.requested:
+        """At a rollout boundary: after a requested stop (SIGINT / SIGTERM), checkpoint and raise Stopped (not
+        once the job is done)."""
+        if self.signals is not None and self.signals.requested and trainer.state.step < self.cfg.max_steps:
             self.checkpoint(trainer)
-            raise Stopped(f"stopped by {self.signals.requested} at step {trainer.state.step}; checkpoint in "
-                          f"{self.run.checkpoints} (continue with resume=auto)")
+            raise Stopped(f"stopped by {self.signals.requested} {self.where()}")
 
     def rescue(self, trainer: StageTrainer, error: BaseException) -> None:
         """After an exception: checkpoint if the trained state is whole (not inside an optimizer step) and one
         process holds all of it (a sharded policy's gather would need every process)."""
-        if trainer.half_updated or trainer.layout.sharded or not trainer.layout.is_main or self.last_checkpoint == trainer.state.step:
+        if (trainer.half_updated or trainer.layout.sharded or not trainer.layout.is_main
+                or self.last_checkpoint_step == trainer.state.step):
             return
         try:
             out = self.checkpoint(trainer)
@@ -296,13 +292,15 @@ class RunSession:
     def __init__(self, cfg: JobConfig):
         self.cfg, self.run, self.state = cfg, RunDir(cfg.output_dir), RunState()
         self._stack = contextlib.ExitStack()
-        self.rewards = self.evaluator = self.progress = self.hooks = self.trackers = None
+        self.rewards = self.evaluator = self.progress = self.hooks = self.trackers = self.signals = None
         self.trainers: Dict[str, StageTrainer] = {}
+        self._unlogged: Optional[Dict] = None  # the resumed checkpoint's metrics line, when metrics.jsonl lacks it
 
     def __enter__(self) -> "RunSession":
         from tandem.rewards.client import RewardClient
 
         with self._stack as stack:
+            self.signals = stack.enter_context(StopSignals())  # first in, last out: it covers the clean-up
             self.rewards = stack.enter_context(RewardClient(self.cfg.rewards, self.cfg.reward_host))
             if self.cfg.logging.eval_every:
                 from tandem.rl.periodic_eval import Evaluator
@@ -310,7 +308,6 @@ class RunSession:
                 eval_client = (stack.enter_context(RewardClient(self.cfg.eval.rewards, self.cfg.reward_host))
                                if self.cfg.eval.rewards else self.rewards)
                 self.evaluator = Evaluator(self.cfg, eval_client)
-            self.signals = stack.enter_context(StopSignals())
             self._stack = stack.pop_all()
         return self
 
@@ -322,17 +319,23 @@ class RunSession:
         return self.trainers[stage]
 
     def start(self) -> Hooks:
-        """Resume (or refuse to overwrite), write the run directory, start the trackers; returns the phase-6 hooks."""
-        self._resume()
+        """Resume (or refuse to overwrite), write the run directory, start the trackers; returns the phase-6 hooks.
+        A resumed checkpoint's metrics line that metrics.jsonl lacks (the job died between the final checkpoint
+        and that line) is written now, with its eval and sample grid when due, as the job would have."""
+        point = self._resume()
         if self._layout.is_main:
             self.run.create(self.cfg)
         self.trackers = Trackers(self.cfg, next(iter(self.trainers.values())).accelerator)
         from tqdm.auto import tqdm
 
-        self.progress = tqdm(total=self.cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+        self.progress = tqdm(total=self.cfg.max_steps, initial=self.state.step - (self._unlogged is not None),
+                             desc="train", dynamic_ncols=True,
                              disable=not (self.cfg.logging.progress and self._layout.is_main))
-        self.hooks = Hooks(self.cfg, self.run, self.trainers, self.evaluator, self.progress,
-                           last_checkpoint=self.state.step, trackers=self.trackers, signals=self.signals)
+        self.hooks = Hooks(self.cfg, self.run, self.trainers, self.evaluator, self.progress, last_checkpoint=point,
+                           trackers=self.trackers, signals=self.signals)
+        if self._unlogged is not None:
+            self.hooks.record(self.trainers[self._unlogged.get("phase", self._first.stage)], self._unlogged)
+        self.signals.arm(self.hooks.where)
         return self.hooks
 
     def _active(self) -> StageTrainer:
@@ -347,14 +350,15 @@ class RunSession:
     def _layout(self):
         return self._first.layout
 
-    def _resume(self) -> None:
+    def _resume(self) -> Optional[Path]:
+        """Restore the checkpoint to resume from (None: start at step 0) and trim metrics.jsonl to it."""
         point = resume_point(self.cfg, self.run)
         if point is None:
             if self.cfg.resume is not None and self._layout.is_main and self.run.read_metrics():
                 self.run.truncate_metrics(0)
                 log.warning("resume=auto: %s has no checkpoint; restarting the run from step 0 (the steps it logged "
                             "are cleared)", self.run.path)
-            return
+            return None
         saved = read_state(point, self.cfg)
         restore(point, self.trainers, saved)
         self.state.load(saved["run_state"])
@@ -365,12 +369,21 @@ class RunSession:
         scaler = self._first.accelerator.scaler
         if scaler is not None and saved.get("grad_scaler"):
             scaler.load_state_dict(saved["grad_scaler"])
+        row = saved.get("metrics")  # absent from checkpoints of older tandems
+        if point.resolve().parent != self.run.checkpoints.resolve():
+            row = None  # another run's checkpoint: this run's metrics start after it
         if self._layout.is_main:
             self.run.truncate_metrics(self.state.step)  # steps logged after the checkpoint by a killed run are redone
+            logged = {r["step"] for r in self.run.read_metrics()}
+            row = row if row is not None and row["step"] not in logged else None
+        self._unlogged = self._layout.broadcast(row)  # under FSDP every process takes part in its eval and grid
         log.info("resumed from %s at step %d", point, self.state.step)
+        return point
 
     def __exit__(self, exc_type, exc, _tb) -> None:
         try:
+            if self.signals is not None:
+                self.signals.close()
             if self.progress is not None:
                 self.progress.close()
             if exc is not None and self.hooks is not None and not isinstance(exc, KeyboardInterrupt):
@@ -382,7 +395,7 @@ class RunSession:
                     self.run.plot_rewards()
                 finish(next(iter(self.trainers.values())).accelerator)
         finally:
-            self._stack.close()
+            self._stack.__exit__(exc_type, exc, _tb)  # StopSignals may give a stop at once its message back
 
 
 def _accelerator(cfg: JobConfig, policy):
@@ -398,6 +411,17 @@ def _accelerator(cfg: JobConfig, policy):
                        log_with=list(cfg.logging.report_to) or None, project_config=project)
 
 
+def holds_run_folder(job):
+    """Run ``job(cfg, ...)`` holding the lock of ``cfg.output_dir`` on the main process (``tandem.rl.run_lock``):
+    a second job on a live run is refused before it reads the run folder."""
+    @functools.wraps(job)
+    def run(cfg: JobConfig, *args, **kwargs):
+        with run_folder_lock(cfg.output_dir, main=launch_rank() == 0):
+            return job(cfg, *args, **kwargs)
+    return run
+
+
+@holds_run_folder
 def train(cfg: JobConfig, stage: str) -> Path:
     """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
     check_inputs(cfg, stage)
@@ -412,6 +436,7 @@ def train(cfg: JobConfig, stage: str) -> Path:
         if session.state.step == 0 and cfg.logging.sample_every:
             hooks.sample_grid(trainer)  # step 0: what training starts from
         while session.state.step < cfg.max_steps:
+            hooks.stop_if_requested(trainer)
             trainer.train_rollout(cfg.max_steps, hooks)
     return session.run.path
 
@@ -426,13 +451,29 @@ def joint_stage_steps(cfg: JobConfig) -> Dict[str, int]:
     return steps
 
 
+def joint_phase(cfg: JobConfig, step: int) -> Tuple[str, int, int]:
+    """(stage, first step, last step) of the joint phase that takes optimizer step ``step + 1``: phases repeat
+    every ``ar_steps_per_phase + decoder_steps_per_phase`` steps, AR first; the last phase ends at max_steps.
+    A function of the global step only, so a resumed job continues the phase it stopped in."""
+    j = cfg.joint
+    cycle_start = step - step % (j.ar_steps_per_phase + j.decoder_steps_per_phase)
+    if step - cycle_start < j.ar_steps_per_phase:
+        return "ar", cycle_start, min(cfg.max_steps, cycle_start + j.ar_steps_per_phase)
+    start = cycle_start + j.ar_steps_per_phase
+    return "decoder", start, min(cfg.max_steps, start + j.decoder_steps_per_phase)
+
+
+@holds_run_folder
 def train_joint(cfg: JobConfig) -> Path:
     """Alternate AR-GRPO and decoder flow-GRPO phases on one pipeline, one reward client and one run.
 
     Each AR phase's rollouts (prompts with their hand-off, the sampled token grids) are the conditions of the
-    next decoder phase — the shared buffer in memory (and on disk with ``buffer.save``). Until the first AR
-    phase has run (e.g. right after resuming inside a decoder phase) the decoder phase gets its conditions from
-    the family's own source (for GLM-Image: the live frozen AR model).
+    next decoder phase — the shared buffer in memory (and on disk with ``buffer.save``), drawn from a prompt
+    stream seeded at the phase's start. Checkpoints keep the latest hand-off and that stream's seed and
+    position, so a job resumed at or inside a decoder phase trains on the same conditions (with several
+    processes, each hands off its own copies and a checkpoint keeps the main process's, which every process then
+    trains on). Without any AR rollout yet the decoder phase gets its conditions from the family's own source
+    (for GLM-Image: the live frozen AR model).
     """
     check_inputs(cfg, "joint")
     use_compile_cache(cfg.model.compile_cache_dir)
@@ -448,12 +489,14 @@ def train_joint(cfg: JobConfig) -> Path:
         hooks = session.start()
         if session.state.step == 0 and cfg.logging.sample_every:
             hooks.sample_grid(ar)  # step 0: what training starts from
-        state, j = session.state, cfg.joint
+        state = session.state
         while state.step < cfg.max_steps:
-            for trainer, steps in ((ar, j.ar_steps_per_phase), (decoder, j.decoder_steps_per_phase)):
-                if trainer is decoder and ar.handed_off:
-                    decoder.use_records(ar.handed_off, cfg.seed + state.rollouts)
-                stop = min(cfg.max_steps, state.step + steps)
-                while state.step < stop:
-                    trainer.train_rollout(stop, hooks)
+            stage, start, stop = joint_phase(cfg, state.step)
+            trainer = session.trainers[stage]
+            if trainer is decoder and ar.handed_off and decoder.records is not ar.handed_off:
+                resumed = decoder.sampler.state_dict() if state.step > start else None  # inside the phase
+                decoder.use_records(ar.handed_off, cfg.seed + state.rollouts, resumed)
+            while state.step < stop:
+                hooks.stop_if_requested(trainer)
+                trainer.train_rollout(stop, hooks)
     return session.run.path

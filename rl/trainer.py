@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -162,10 +162,13 @@ class StageTrainer:
         self.half_updated = False
         self.last_active = 0.0  # when train_rollout last started (which stage an exception came from)
 
-    def use_records(self, records: List[PromptRecord], seed: int) -> None:
-        """Train on ``records`` from now on (a joint job's decoder phase takes the latest AR rollouts)."""
+    def use_records(self, records: List[PromptRecord], seed: int, position: Optional[Dict[str, int]] = None) -> None:
+        """Train on ``records`` from now on (a joint job's decoder phase takes the latest AR rollouts), drawn from
+        the start of a stream of ``seed``, or from ``position`` (a prompt sampler's ``state_dict``, seed included)."""
         self.records = records
         self.sampler = PromptSampler(records, seed, self.cfg.data.shuffle)
+        if position is not None:
+            self.sampler.load_state_dict(position)
 
     # -------------------------------------------------------------------------------- phases 1-3
     def rollout_and_score(self) -> ScoredRollout:

@@ -123,3 +123,19 @@ class SlowToBuild:
 
     def __call__(self, images, prompts, metadata):
         return [0.0] * len(images)
+
+
+class CtrlCAt:
+    """mean_red, and a SIGINT to this process (a Ctrl-C; local backend) on the calls $TANDEM_TEST_CTRL_C lists
+    (1-based, comma-separated)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        import signal
+
+        self.calls += 1
+        if str(self.calls) in os.environ.get("TANDEM_TEST_CTRL_C", "").split(","):
+            os.kill(os.getpid(), signal.SIGINT)
+        return mean_red(images, prompts, metadata)

@@ -1,19 +1,43 @@
-"""Reliability: resume without a checkpoint, crash and Ctrl-C checkpoints, corrupt run files (issue 13)."""
+"""Reliability: resume without a checkpoint, crash and Ctrl-C checkpoints, one job per run folder, corrupt run
+files."""
 
+import glob
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from cli_run import tandem_cli  # tests/ is on sys.path
 from tandem.core.errors import ConfigError
+from tandem.rewards.host import temp_root
 from tandem.rl.config import load_config
+from tandem.rl.run_dir import RunDir
 from tandem.rl.session import train
+from tandem.rl.signals import Stopped
 
 pytestmark = pytest.mark.slow  # jobs and signals
+
+VOLATILE = ("time/", "cost/")  # wall-clock figures differ between any two runs
 
 
 def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable(row):
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def wait_for(path, proc, what):
+    deadline = time.time() + 300
+    while not path.is_file():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before {what}"
+        time.sleep(0.02)
 
 
 def cfg_for(tiny, out, *extra, stage="decoder"):
@@ -109,6 +133,115 @@ def test_sigterm_stops_at_a_checkpoint_and_resume_continues(tiny_model_path, tmp
     done = rows(run)[-1]["step"]
     assert 1 <= done < 100 and (run / "checkpoints" / f"step_{done}" / "state.json").is_file()
     train(cfg_for(tiny_model_path, run, f"max_steps={done + 2}", "resume=auto"), "decoder")
+    assert [r["step"] for r in rows(run)] == list(range(1, done + 3))
+
+
+def test_a_run_killed_between_its_final_checkpoint_and_metrics_line_writes_it_on_resume(tiny_model_path, tmp_path,
+                                                                                      monkeypatch):
+    """The final checkpoint comes before the final step's eval and metrics line; a job that dies between them
+    leaves a checkpoint of step 2 and a metrics.jsonl that ends at step 1. resume=auto writes step 2's line, with
+    its eval, as the job would have."""
+    extra = ["max_steps=2", "logging.eval_every=2", "data.eval_prompts=data/eval_prompts.jsonl", "eval.num_prompts=2"]
+    straight = train(cfg_for(tiny_model_path, tmp_path / "straight", *extra), "decoder")
+
+    class Killed(BaseException):
+        """What a SIGKILL leaves: nothing runs after it (not even the crash checkpoint)."""
+
+    log_metrics = RunDir.log_metrics
+
+    def killed_at_step_2(self, metrics):
+        if metrics["step"] == 2:
+            raise Killed
+        log_metrics(self, metrics)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(RunDir, "log_metrics", killed_at_step_2)  # fault injection: a kill before step 2's line
+    with pytest.raises(Killed):
+        train(cfg_for(tiny_model_path, killed, *extra), "decoder")
+    monkeypatch.undo()
+    assert [r["step"] for r in rows(killed)] == [1] and (killed / "checkpoints" / "step_2" / "state.json").is_file()
+
+    train(cfg_for(tiny_model_path, killed, *extra, "resume=auto"), "decoder")
+    assert [stable(r) for r in rows(killed)] == [stable(r) for r in rows(straight)]
+    assert "eval/color/mean" in rows(killed)[-1] and (killed / "samples" / "step_000002.png").is_file()
+
+
+def test_ctrl_c_mid_rollout_stops_at_its_end_and_resume_matches_an_uninterrupted_run(tiny_model_path, tmp_path,
+                                                                                      plugin_path, monkeypatch):
+    """Two scoring calls per rollout of two optimizer steps: a Ctrl-C while the first rollout's second half is
+    scored stops after step 2 (the rollout's end) with a checkpoint there, and resume=auto continues exactly."""
+    reward = "rewards=[{fn: 'tests.reward_plugins:CtrlCAt'}]"
+    straight = train(cfg_for(tiny_model_path, tmp_path / "straight", "max_steps=4", reward), "decoder")
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setenv("TANDEM_TEST_CTRL_C", "2")
+    with pytest.raises(Stopped, match=r"^stopped by SIGINT at step 2; the last checkpoint is .*step_2 \(continue with "
+                                      r"resume=auto\)$"):
+        train(cfg_for(tiny_model_path, stopped, "max_steps=4", reward), "decoder")
+    monkeypatch.delenv("TANDEM_TEST_CTRL_C")
+    assert [r["step"] for r in rows(stopped)] == [1, 2]
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step_2"]
+
+    train(cfg_for(tiny_model_path, stopped, "max_steps=4", reward, "resume=auto"), "decoder")
+    assert [stable(r) for r in rows(stopped)] == [stable(r) for r in rows(straight)]
+
+
+@pytest.mark.parametrize("second", ["mid_rollout", "while_cleaning_up"])
+def test_a_second_ctrl_c_says_what_is_saved_and_leaves_no_ray_folder(tiny_model_path, tmp_path, plugin_path, second):
+    """A job on the embedded Ray cluster, its reward 2 s per call: Ctrl-C while the second rollout is scored, then
+    again 0.5 s later (mid-rollout: it stops at once, the step-2 checkpoint is what is saved) or as soon as the stop's
+    step-4 checkpoint is written (while the job shuts Ray down: ignored). Either way one line that names the
+    checkpoint, exit 130, and the cluster's temp folder removed."""
+    run = tmp_path / "run"
+    reward = f"rewards=[{{fn: 'tests.reward_plugins:Sleepy', args: {{seconds: 2, marker: '{tmp_path / 'calls'}'}}}}]"
+    args = [sys.executable, "-m", "tandem.rl.cli", "train", "decoder", "--config", "configs/demo/decoder.yaml",
+            f"output_dir={run}", f"model.path={tiny_model_path}", "logging.progress=false", "logging.sample_every=0",
+            "logging.checkpoint_every=2", "max_steps=100", reward]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not this process's Ray cluster
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(run / "checkpoints" / "step_2" / "state.json", proc, "its first checkpoint")
+    time.sleep(0.5)  # the second rollout is being scored
+    os.kill(proc.pid, signal.SIGINT)
+    if second == "mid_rollout":
+        time.sleep(0.5)
+    else:
+        wait_for(run / "checkpoints" / "step_4" / "state.json", proc, "the stop's checkpoint")
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.startswith("tandem: ")]
+    step = 2 if second == "mid_rollout" else 4
+    assert proc.returncode == 130 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].endswith(f"at step {step}; the last checkpoint is {run / 'checkpoints' / f'step_{step}'} "
+                             f"(continue with resume=auto)"), err
+    # while cleaning up, the first signal's stop is what the line reports (a second one that comes in the instant
+    # between the checkpoint and the stop reports the same checkpoint)
+    assert lines[0].startswith(("tandem: stopped at once by a second SIGINT",) if second == "mid_rollout"
+                               else ("tandem: stopped by SIGINT", "tandem: stopped at once by a second SIGINT")), err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{s}" for s in range(2, step + 1, 2)]
+    assert not glob.glob(os.path.join(temp_root(), f"tandem-ray-{proc.pid}-*")) and not (run / "tandem.lock").exists()
+
+
+def test_a_second_job_on_a_live_run_is_refused_and_the_killed_runs_lock_is_taken_over(tiny_model_path, tmp_path):
+    run = tmp_path / "run"
+    common = ["train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={run}",
+              f"model.path={tiny_model_path}", "logging.progress=false", "reward_host.backend=local",
+              "logging.sample_every=0", "logging.checkpoint_every=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.rl.cli", *common, "max_steps=100"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(run / "checkpoints" / "step_2" / "state.json", proc, "its first checkpoint")
+        second = tandem_cli(*common, "max_steps=4", "resume=auto")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    errors = [line for line in second.stderr.splitlines() if line.startswith("tandem: ")]
+    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"in use by another tandem job (pid {proc.pid} on host" in errors[0]
+
+    done = RunDir(str(run)).read_metrics()[-1]["step"]  # its last line may be cut short by the kill
+    resumed = tandem_cli(*common, f"max_steps={done + 2}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"taking over its lock from a job that is no longer running (pid {proc.pid} on host" in resumed.stderr
     assert [r["step"] for r in rows(run)] == list(range(1, done + 3))
 
 

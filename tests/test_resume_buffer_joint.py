@@ -97,6 +97,23 @@ def test_joint_demo_config_alternates_phases_and_trains_both_models(tiny_model_p
     assert np.isfinite(metrics[-1]["cost/reward_gain"]) and metrics[-1]["cost/elapsed_s"] > 0
 
 
+def test_joint_resume_at_and_inside_a_decoder_phase_continues_the_same_metric_stream(tiny_model_path, tmp_path):
+    """AR phases of 2 steps, decoder phases of 4 (one rollout = 2 steps): resumed from step 2 (the AR phase just
+    ended) and from step 4 (inside the decoder phase), the job trains the same phases on the same hand-off and
+    prompt stream as the uninterrupted one, so steps 3-6 log the same metrics."""
+    def joint(out, *extra):
+        return train_joint(load_config("configs/demo/joint.yaml", [
+            f"output_dir={out}", f"model.path={tiny_model_path}", "logging.progress=false", "reward_host.backend=local",
+            "logging.sample_every=0", "max_steps=6", "joint.ar_steps_per_phase=2", "joint.decoder_steps_per_phase=4",
+            "logging.checkpoint_every=2", "buffer.save=false", *extra], stage="joint"))
+
+    straight = joint(tmp_path / "straight")
+    assert [r["phase"] for r in rows(straight)] == ["ar"] * 2 + ["decoder"] * 4
+    for step in (2, 4):
+        resumed = joint(tmp_path / f"from_{step}", f"resume={straight / 'checkpoints' / f'step_{step}'}")
+        assert [stable(r) for r in rows(resumed)] == [stable(r) for r in rows(straight)[step:]], step
+
+
 def test_eval_pass_logs_held_out_rewards(tiny_model_path, tmp_path):
     cfg = cfg_for("decoder", tiny_model_path, tmp_path, "max_steps=4", "logging.eval_every=2",
                   "data.eval_prompts=data/eval_prompts.jsonl", "eval.num_prompts=2",
