@@ -67,6 +67,11 @@ class Policy(Protocol):
     def device(self) -> torch.device:
         """Where the policy's models run."""
 
+    @property
+    def rollout_matches_training(self) -> bool:
+        """Whether the log-probs a rollout stores are those the training forward computes for the same weights
+        (same numerics: the first on-policy ratio is 1); if not, ``grpo.old_log_probs: auto`` recomputes them."""
+
 
 class FlowAdapter(Protocol):
     """What the flow (decoder) policy needs from a generator family: one adapter per family.

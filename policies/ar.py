@@ -33,7 +33,7 @@ full grid only (U = th·tw, no preview grid). The rollout stores ``pixel_values`
 image-conditioned prefill used (the source's tokens at 2-D positions), so the recompute is the sampler's forward
 and the first on-policy ratio is 1. The frozen decoder renders the tokens with the decoder stage's edit
 conditioning (the source's latents and prior tokens through its KV cache), so edit rewards (``source_structure``,
-``lpips``) judge real edits. ``ar.sampler: engine`` takes no image inputs (refused by the config).
+``lpips``) judge real edits. A token sampler may refuse image inputs (its rules: ``policies.token_samplers``).
 
 **LoRA targets are per stage.** ``optim.lora.target_modules`` names modules of the trained model; the schema
 default names the decoder's (``to_q``…). The AR policy reads that exact default as "stage default" and uses
@@ -53,8 +53,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from tandem.policies.base import TrainedComponent
-from tandem.policies.ar_sampler import GenerateSampler, LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
+from tandem.policies.base import TrainedComponent, edits
+from tandem.policies.ar_sampler import LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
+from tandem.policies.token_samplers import token_sampler
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
 from tandem.core.errors import ConfigError
@@ -123,8 +124,8 @@ class ARPolicy(TrainedComponent):
             ``vision_language_encoder`` is trained, the decoder parts stay frozen and render the images.
         adapter: ``GlmImageAdapter`` over ``pipe``.
         cfg: the job config (``ar``, ``data.height/width``, ``optim.lora``, ``optim.gradient_checkpointing``).
-        sampler: the decode loop (``TokenSampler``); default from ``ar.sampler``: ``GenerateSampler``
-            (transformers ``generate``) or ``StaticCacheSampler`` (``policies.ar_engine``).
+        sampler: the decode loop (``TokenSampler``); default: the one ``ar.sampler`` names
+            (``policies.token_samplers``).
     """
 
     stage = "ar"
@@ -132,10 +133,11 @@ class ARPolicy(TrainedComponent):
     def __init__(self, pipe, adapter: GlmImageAdapter, cfg, sampler: Optional[TokenSampler] = None):
         self.pipe, self.adapter, self.cfg = pipe, adapter, cfg
         self.model = self.trained_module = pipe.vision_language_encoder
-        self.sampler: TokenSampler = sampler or self._sampler(cfg)
+        self.sampler_kind = token_sampler(cfg.ar.sampler)
+        self.sampler: TokenSampler = sampler or self.sampler_kind.build(cfg)
         self.height, self.width = cfg.data.height, cfg.data.width
         self.grids = adapter.grids(self.height, self.width)
-        self.edit = cfg.ar.edit
+        self.edit = edits(cfg, "ar")
         # the frozen decoder that renders the tokens (for an edit, conditioned on the source as the decoder stage is)
         self.decoder = GlmFlowAdapter(pipe, self.height, self.width, edit=self.edit, edit_key="ar.edit")
         self.num_preview = 0 if self.edit else self.grids.num_preview  # an edit writes the target's full grid only
@@ -170,13 +172,11 @@ class ARPolicy(TrainedComponent):
         pipe = load_pipeline(m.path, dtype=m.dtype, device=m.device, create_tiny_if_missing=m.create_tiny_if_missing)
         return cls(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
 
-    @staticmethod
-    def _sampler(cfg) -> TokenSampler:
-        if cfg.ar.sampler == "engine":
-            from tandem.policies.ar_engine import StaticCacheSampler
-
-            return StaticCacheSampler(use_cuda_graph=True, compile=cfg.ar.compile)
-        return GenerateSampler()
+    @property
+    def rollout_matches_training(self) -> bool:
+        """Whether the sampler's stored log-probs are the training forward's (``ar.sampler``'s capability:
+        ``TokenSamplerKind.matches_training``); if not, ``grpo.old_log_probs: auto`` recomputes them."""
+        return self.sampler_kind.rollout_matches_training(self.cfg)
 
     def _processing(self, cfg) -> LogitsProcessing:
         """The sampler's processing: ``ar.temperature``, ``ar.top_k``, ``ar.top_p`` after suppressing (−inf)

@@ -12,6 +12,24 @@ from tandem.core.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def trained_stages(stage: str) -> Tuple[str, ...]:
+    """The policy stages a job of ``stage`` trains: "ar" and "decoder" themselves, "joint" both, any other
+    command (``sample``, ``eval``) none."""
+    return ("ar", "decoder") if stage == "joint" else (stage,) if stage in ("ar", "decoder") else ()
+
+
+def edit_key(stage: str) -> str:
+    """The config key that says whether ``stage`` edits images: ``decoder.edit`` for the decoder stage,
+    ``ar.edit`` for the AR stage and for a joint job (whose two keys agree: ``ModelFamily.validate``)."""
+    return "decoder.edit" if stage == "decoder" else "ar.edit"
+
+
+def edits(cfg, stage: str) -> bool:
+    """Whether a job's ``stage`` edits images (each record's ``reference`` image is the source to edit): the one
+    answer that config validation, the prompt checks and the policies all read (``edit_key``)."""
+    return bool(cfg.decoder.edit if edit_key(stage) == "decoder.edit" else cfg.ar.edit)
+
+
 class TrainedComponent:
     """Mixin: the trained parameters are those of ``self.trained_module`` (a pipeline component, with any LoRA
     layers injected in place) that require grad — one naming for the optimizer, checkpoints and sampling."""

@@ -127,6 +127,12 @@ class FlowPolicy(TrainedComponent):
     def device(self) -> torch.device:
         return self.adapter.device
 
+    @property
+    def rollout_matches_training(self) -> bool:
+        """Whether the rollout's stored log-probs are the training forward's: the same denoiser call on the same
+        inputs, unless ``decoder.compile`` compiles rollout (no-grad) and training forwards apart."""
+        return not self.d.compile
+
     def handoff(self, batch: Rollout) -> dict:
         return {}
 

@@ -9,6 +9,10 @@ Editing (``decoder.edit``): ``metadata["reference"]`` is the source image; with 
 AR model writes the target tokens from the source's image tokens and the instruction (``GlmImageAdapter.edit_tokens``),
 and the source's VAE latents and VQ prior ids join the conditions (``source_latents``, ``source_prior``) and reach every velocity call through the transformer's
 KV cache, as ``GlmImagePipeline(image=...)`` conditions the decoder (``GlmImageAdapter.source_kv_cache``).
+Both stages edit (``ar.edit``, ``decoder.edit``); ``validate_config`` holds the family's config rules.
+
+``model.path`` is the folder ``GlmImagePipeline.save_pretrained`` writes: model_index.json,
+vision_language_encoder/, processor/, transformer/, vae/, text_encoder/, tokenizer/, scheduler/.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from tandem.core.errors import ConfigError
+from tandem.core.errors import ConfigError, require
+from tandem.policies.base import edits, trained_stages
 from tandem.policies.families import ModelFamily, register_family
 from tandem.policies.glm_image import GlmImageAdapter, Grids, load_pipeline
 from tandem.policies.render import ode_sample, seeded_noise
@@ -152,7 +157,7 @@ def _flow_policy(pipe, cfg):
     from tandem.policies.flow import FlowPolicy
 
     adapter = GlmFlowAdapter(pipe, cfg.data.height, cfg.data.width, cfg.decoder.condition_source, cfg.decoder.cfg_batch,
-                             cfg.decoder.edit)
+                             edits(cfg, "decoder"))
     return FlowPolicy(adapter, cfg)
 
 
@@ -184,7 +189,7 @@ def check_prompts(pipe, prompts: List[str], cfg, stage: str) -> None:
     h, w = cfg.data.height, cfg.data.width
     grids = adapter.grids(h, w)
     tokenizer = pipe.processor.tokenizer
-    if cfg.ar.edit if stage in ("ar", "joint") else cfg.decoder.edit:  # the source's image tokens, the target grid only
+    if edits(cfg, stage):  # the source's image tokens, the target grid only
         layout = len(adapter.edit_inputs([""], np.zeros((1, h, w, 3), np.uint8), h, w)["input_ids"][0])
         budget = context - layout - grids.num_full - 1
     else:
@@ -199,6 +204,20 @@ def check_prompts(pipe, prompts: List[str], cfg, stage: str) -> None:
                               f"{cfg.data.height}x{cfg.data.width} px; shorten it")
 
 
+def validate_config(cfg, stage: str) -> None:
+    """GLM-Image's own config rules (after ``ModelFamily.validate``'s): ``ar.sampler`` is a registered token
+    sampler, whose own rules hold where the AR stage trains; an editing decoder runs CFG as two calls (only the
+    conditional branch reads the source's KV cache)."""
+    from tandem.policies.token_samplers import token_sampler
+
+    sampler = token_sampler(cfg.ar.sampler)
+    if "ar" in trained_stages(stage):
+        sampler.validate(cfg, stage)
+    if "decoder" in trained_stages(stage):
+        require(not (edits(cfg, "decoder") and cfg.decoder.cfg_batch), "decoder.cfg_batch", "decoder.edit runs CFG "
+                "as two calls (only the conditional branch reads the source's KV cache): set decoder.cfg_batch=false")
+
+
 def _load(model_cfg):
     return load_pipeline(model_cfg.path, model_cfg.dtype, model_cfg.device, model_cfg.create_tiny_if_missing)
 
@@ -206,5 +225,5 @@ def _load(model_cfg):
 GLM_IMAGE = register_family(ModelFamily(
     name="glm_image", load=_load, policies={"decoder": _flow_policy, "ar": _ar_policy},
     components={"decoder": "transformer", "ar": "vision_language_encoder"}, generate=pipeline_images,
-    check_prompts=check_prompts,
+    check_prompts=check_prompts, edits=("ar", "decoder"), rules=validate_config,
 ))

@@ -19,11 +19,13 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tandem.core.errors import ConfigError
-from tandem.policies.families import family_names
+from tandem.core.errors import ConfigError, require as _rule
+from tandem.policies.base import trained_stages
+from tandem.policies.families import DEFAULT_FAMILY, family_names, get_family
 from tandem.policies.flow import WINDOW_ENDS
 from tandem.policies.lora import LoraSettings
 from tandem.policies.ode_solvers import SOLVERS as ODE_SOLVERS
+from tandem.policies.token_samplers import DEFAULT_TOKEN_SAMPLER
 from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, KINDS as SDE_KINDS
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rl.advantages import AGGREGATIONS, SCALES
@@ -35,11 +37,10 @@ from tandem.rl.paths import absolute_paths, resolve_config_paths
 # --------------------------------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    # Generator family (`tandem.policies.families`): how the pipeline is loaded and which stages it trains.
-    # glm_image (AR + decoder) | sd3 (decoder only: a StableDiffusion3Pipeline) | a plug-in family.
-    family: str = "glm_image"
-    # Folder of the family's pipeline as written by its `save_pretrained`; for glm_image: model_index.json,
-    # vision_language_encoder/, processor/, transformer/, vae/, text_encoder/, tokenizer/, scheduler/.
+    # Generator family (`tandem.policies.families`: the built-in families and plug-ins): how the pipeline is
+    # loaded, which stages it trains and which of them edit images; it validates its own settings.
+    family: str = DEFAULT_FAMILY
+    # Folder of the family's pipeline as written by its `save_pretrained` (the family's module lists its layout).
     path: str = MISSING
     # Build tiny random-init models of the real classes into `path` when it is empty (demo and tests only).
     create_tiny_if_missing: bool = False
@@ -80,26 +81,26 @@ class ARConfig:
     top_k: int = 0
     # Suppress every non-codebook id of the image lm_head (start/end markers, the ids past the VQ codebook) in the
     # sampler. Off = the release's sampler: only the end marker is masked (the grid has a fixed length, as
-    # generate's min_new_tokens masks it); on = what a random stand-in model needs (it puts mass on the markers).
+    # min_new_tokens masks it in transformers); on = what a random stand-in model needs (it puts mass on the markers).
     suppress_non_codebook: bool = False
     # Loss weight of the preview-grid tokens (the ~16x16 grid generated first).
     preview_loss_weight: float = 1.0
     # Loss weight of the full-grid tokens (the ones the decoder paints).
     full_loss_weight: float = 1.0
-    # Rollout decode loop: "generate" (transformers generate, dynamic KV cache: the reference) or "engine"
-    # (policies/ar_engine.py: static KV cache, one decode step captured as a CUDA graph on CUDA; same tokens and
-    # stored log-probs; text-to-image prompts only).
-    sampler: str = "generate"
-    # With sampler "engine": run its decode step through torch.compile (the first rollout compiles it).
+    # Rollout decode loop: a registered token sampler (`tandem.policies.token_samplers` lists them, what each does
+    # and what each refuses); the same tokens and stored log-probs whichever runs.
+    sampler: str = DEFAULT_TOKEN_SAMPLER
+    # Run the token sampler's decode step through torch.compile where it has one (the first rollout compiles it).
     compile: bool = False
     # Decoder denoising steps used to turn AR tokens into images for the rewards (ODE, seeded per group).
     decode_steps: int = 8
     # CFG scale of that frozen decoder (release: 1.5; 1.0 turns CFG off).
     decode_guidance_scale: float = 1.5
     # Image editing: each record's `reference` image is the source to edit. The AR model reads it as image tokens
-    # before the instruction (GlmImagePipeline(image=...)'s chat template) and writes the target's full grid only;
-    # training feeds the same source images; the frozen decoder renders with the source's latents and prior tokens
-    # (as decoder.edit does). Needs ar.sampler generate, and decoder.edit to match in `train joint`.
+    # before the instruction (as the family's own pipeline does with a source image) and writes the target's full
+    # grid only; training feeds the same source images; the frozen decoder renders with the source's latents and
+    # prior tokens (as decoder.edit does). For families that edit (`ModelFamily.edits`) and token samplers that
+    # take source images; decoder.edit must match in `train joint`.
     edit: bool = False
 
 
@@ -156,7 +157,8 @@ class DecoderConfig:
     # data.prompts.
     buffer_dir: Optional[str] = None
     # Image editing: each record's `reference` image is the source to edit; the decoder attends to its latents and
-    # prior tokens through the transformer's KV cache, as GlmImagePipeline(image=...) does (two-call CFG only).
+    # prior tokens through the transformer's KV cache, as the family's own pipeline does with a source image
+    # (two-call CFG only); for families that edit (`ModelFamily.edits`).
     edit: bool = False
     # EMA decay of trained weights used for eval/sample grids, in [0, 1); 0 disables EMA.
     ema_decay: float = 0.0
@@ -243,8 +245,9 @@ class GRPOConfig:
     stat_tracking_min_count: int = 16
     # The ratio's denominator: "sampler" (the log-probs stored at rollout), "recompute" (a no-grad forward of
     # the training layout before the first update, so step 1's ratio is exactly 1 even where rollout and
-    # training numerics differ; the sampler's log-probs stay as the behaviour policy) or "auto" (recompute for
-    # the AR stage outside float32 or with ar.sampler=engine, and with decoder.compile / ar.compile).
+    # training numerics differ; the sampler's log-probs stay as the behaviour policy) or "auto" (recompute where
+    # the policy says its rollout's numerics differ from training's: the AR stage outside float32 or with a
+    # token sampler that says so, decoder.compile / ar.compile; and where rollout calls exceed a minibatch).
     old_log_probs: str = "auto"
     # Truncated importance sampling of the rollout/training mismatch (verl's rollout correction): each unit's
     # loss is weighted by min(exp(old - sampler), cap), detached; needs recomputed old log-probs. null = off.
@@ -452,34 +455,103 @@ def _choice(key: str, value: Any, allowed) -> None:
         raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
-def _rule(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
 def validate(job: JobConfig, stage: str) -> None:
-    """Cross-field rules, checked once at load time."""
-    g, d = job.grpo, job.decoder
+    """Every rule of a job of ``stage`` (ar | decoder | joint | sample), checked once at load time: each section by
+    its own function, then the choices owned by other objects — the model family (``ModelFamily.validate``: its
+    stages, editing, its own keys) and the objective (its ``validate``)."""
+    _validate_run(job)
+    _validate_model(job)
+    _validate_data(job)
+    _validate_ar(job)
+    _validate_decoder(job, stage)
+    _validate_grpo(job, stage)
+    _validate_optim(job)
+    _validate_rewards(job, stage)
+    _validate_logging(job)
+    _validate_distributed(job)
+    get_family(job.model.family).validate(job, stage)
+    objective = OBJECTIVES.get(job.grpo.objective)
+    if trained_stages(stage) and hasattr(objective, "validate"):  # the objective's own keys
+        objective.validate(job, stage)
+
+
+def _validate_run(job: JobConfig) -> None:
+    _rule(job.seed >= 0, "seed", f"must be >= 0, got {job.seed}")
+    _rule(job.max_steps >= 1, "max_steps", f"must be >= 1, got {job.max_steps}")
+    _rule(job.joint.ar_steps_per_phase >= 1 and job.joint.decoder_steps_per_phase >= 1, "joint",
+          "ar_steps_per_phase and decoder_steps_per_phase must be >= 1")
+
+
+def _validate_model(job: JobConfig) -> None:
     _choice("model.dtype", job.model.dtype, ("float32", "bfloat16", "float16"))
     _rule(re.fullmatch(r"auto|cpu|cuda(:\d+)?", job.model.device) is not None, "model.device",
           f"is {job.model.device!r}; allowed: auto, cpu, cuda, cuda:N")
-    _rule(job.seed >= 0, "seed", f"must be >= 0, got {job.seed}")
-    _rule(job.optim.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {job.optim.learning_rate}")
-    _rule(job.optim.max_grad_norm >= 0, "optim.max_grad_norm",
-          f"must be >= 0 (0 = no clipping), got {job.optim.max_grad_norm}")
-    _rule(job.optim.lora.r >= 1, "optim.lora.r", f"LoRA rank must be >= 1, got {job.optim.lora.r}")
+    _choice("model.family", job.model.family, family_names())
+
+
+def _validate_data(job: JobConfig) -> None:
+    for key in ("height", "width"):
+        v = getattr(job.data, key)
+        _rule(v >= 32 and v % 32 == 0, f"data.{key}", f"must be a positive multiple of 32 (one AR token = 32 px), got {v}")
+    for key in ("prompts", "eval_prompts"):
+        p = getattr(job.data, key)
+        _rule(p is None or os.path.isfile(p), f"data.{key}", f"file not found: {p}")
+
+
+def _validate_ar(job: JobConfig) -> None:
+    """The AR sampler's processing (``ar.sampler`` itself is the model family's: ``ModelFamily.validate``)."""
     _rule(job.ar.temperature > 0, "ar.temperature", f"must be > 0, got {job.ar.temperature}")
     _rule(0 < job.ar.top_p <= 1, "ar.top_p", f"must be in (0, 1] (1 disables it), got {job.ar.top_p}")
     _rule(job.ar.top_k >= 0, "ar.top_k", f"must be >= 0 (0 disables it), got {job.ar.top_k}")
+
+
+def _validate_decoder(job: JobConfig, stage: str) -> None:
+    """The decoder section: its choices always, and the SDE rules where the decoder stage trains."""
+    d = job.decoder
     _rule(0 <= d.ema_decay < 1, "decoder.ema_decay", f"must be in [0, 1) (0 disables EMA), got {d.ema_decay}")
     _rule(d.ema_update_interval >= 1, "decoder.ema_update_interval", f"must be >= 1, got {d.ema_update_interval}")
     _rule(d.eval_num_steps >= 1, "decoder.eval_num_steps", f"must be >= 1, got {d.eval_num_steps}")
-    _rule(job.eval.num_prompts >= 0, "eval.num_prompts", f"must be >= 0 (0 = all), got {job.eval.num_prompts}")
     _choice("decoder.kl_form", d.kl_form, KL_FORMS)
     _choice("decoder.cps_log_prob", d.cps_log_prob, CPS_LOG_PROBS)
+    _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
+    _choice("decoder.sde_window_schedule", d.sde_window_schedule, ("random", "sliding"))
+    _choice("decoder.sde_window_end", d.sde_window_end, WINDOW_ENDS)
+    _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS)
+    _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
+    if d.condition_source == "buffer":
+        _rule(d.buffer_dir is not None and os.path.isdir(d.buffer_dir), "decoder.buffer_dir",
+              f"must name an AR run directory with a saved buffer (buffer.save: true), got {d.buffer_dir}")
+    if "decoder" in trained_stages(stage):
+        _validate_sde(job)
+
+
+def _validate_sde(job: JobConfig) -> None:
+    """The decoder stage's SDE rollout: enough steps, a noise level that trains, a window that fits."""
+    d, objective = job.decoder, job.grpo.objective
+    _rule(d.num_steps >= 2, "decoder.num_steps", f"must be >= 2 (the last step is never trained), got {d.num_steps}")
+    _rule(d.noise_level > 0 or not OBJECTIVES.get(objective).uses_old_log_probs, "decoder.noise_level",
+          f"must be > 0 to train with grpo.objective={objective} (0 is the deterministic ODE: every log-prob "
+          f"is 0, no gradient), got {d.noise_level}")
+    _rule(d.sde_type != "cps" or d.noise_level <= 1, "decoder.noise_level",
+          f"must be <= 1 with decoder.sde_type=cps (s = sigma' sin(a pi / 2)), got {d.noise_level}")
+    if d.sde_window_size > 0:
+        lo, hi = (list(d.sde_window_range) + [None, None])[:2]
+        _rule(len(d.sde_window_range) == 2 and 0 <= lo < hi, "decoder.sde_window_range",
+              f"must be [lo, hi) with 0 <= lo < hi, got {list(d.sde_window_range)}")
+        _rule(hi - lo >= d.sde_window_size and hi <= d.num_steps - 1, "decoder.sde_window_range",
+              f"window of {d.sde_window_size} steps must fit inside {list(d.sde_window_range)} and end before the "
+              f"last of decoder.num_steps={d.num_steps} steps (the last step is never trained)")
+    else:
+        _rule(0 < d.timestep_fraction <= 1, "decoder.timestep_fraction", "must be in (0, 1]")
+    _rule(d.sde_window_stride >= 1 and d.sde_window_shift_interval >= 1, "decoder.sde_window_stride",
+          "sde_window_stride and sde_window_shift_interval must be >= 1")
+
+
+def _validate_grpo(job: JobConfig, stage: str) -> None:
+    """The GRPO section: its choices always, the batch arithmetic and clip ranges where a stage trains."""
+    g = job.grpo
     _rule(g.stat_tracking_buffer_size >= 0, "grpo.stat_tracking_buffer_size", "must be >= 0 (0 = unbounded)")
     _rule(g.stat_tracking_min_count >= 0, "grpo.stat_tracking_min_count", "must be >= 0")
-    _choice("model.family", job.model.family, family_names())
     _choice("grpo.objective", g.objective, OBJECTIVES.names())
     _choice("grpo.loss_type", g.loss_type, sorted(LOSS_TYPES))
     _choice("grpo.old_log_probs", g.old_log_probs, ("auto", "recompute", "sampler"))
@@ -488,110 +560,61 @@ def validate(job: JobConfig, stage: str) -> None:
           "the correction weighs trainer against sampler log-probs; set grpo.old_log_probs to recompute or auto")
     _choice("grpo.scale_rewards", g.scale_rewards, list(SCALES))
     _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, list(AGGREGATIONS))
-    _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
-    _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
-    _choice("decoder.sde_window_schedule", d.sde_window_schedule, ("random", "sliding"))
-    _choice("decoder.sde_window_end", d.sde_window_end, WINDOW_ENDS)
-    _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS)
     _choice("grpo.importance_sampling_level", g.importance_sampling_level, ("token", "sequence"))
-    _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
-    if d.condition_source == "buffer":
-        _rule(d.buffer_dir is not None and os.path.isdir(d.buffer_dir), "decoder.buffer_dir",
-              f"must name an AR run directory with a saved buffer (buffer.save: true), got {d.buffer_dir}")
-    _choice("reward_host.backend", job.reward_host.backend, ("ray", "local"))
-    _choice("optim.mixed_precision", job.optim.mixed_precision, ("no", "bf16", "fp16"))
-    _choice("optim.lr_scheduler", job.optim.lr_scheduler, SCHEDULERS)
-    _rule(job.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {job.optim.warmup_steps}")
-    _rule(job.optim.warmup_steps == 0 or job.optim.lr_scheduler != "constant", "optim.warmup_steps",
+    phases = trained_stages(stage)
+    if not phases:
+        return
+    trains = OBJECTIVES.get(g.objective).stages
+    for phase in phases:
+        _rule(phase in trains, "grpo.objective",
+              f"{g.objective!r} does not train the {phase} stage (it trains: {', '.join(trains)})")
+    _validate_batches(job)
+    if stage != "joint":  # a joint job resolves the clip ranges per phase (phase_config)
+        _rule(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon", "clip ranges must be > 0")
+    _rule(g.beta >= 0, "grpo.beta", "must be >= 0")
+    _rule(g.importance_sampling_level == "token" or stage == "ar", "grpo.importance_sampling_level",
+          "'sequence' (GSPO) needs the whole sequence in one pass: use it with `tandem train ar`")
+    _rule("decoder" not in phases or g.nft_old_decay_type == 0 or g.objective == "diffusion_nft",
+          "grpo.nft_old_decay_type", f"is DiffusionNFT's old policy, not used by grpo.objective={g.objective}: set it to 0")
+
+
+def _validate_batches(job: JobConfig) -> None:
+    """Group, rollout batch, minibatch and accumulation sizes that divide each other."""
+    g = job.grpo
+    _rule(g.num_generations >= 2, "grpo.num_generations",
+          f"group size must be >= 2 for group-relative advantages, got {g.num_generations}")
+    _rule(g.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
+    _rule(g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1")
+    batch = g.prompts_per_step * g.num_generations
+    _rule(1 <= g.mini_batch_size <= batch and batch % g.mini_batch_size == 0, "grpo.mini_batch_size",
+          f"must divide the rollout batch prompts_per_step*num_generations = {batch}, got {g.mini_batch_size}")
+    unit = math.lcm(g.num_generations, g.mini_batch_size)
+    _rule(g.rollout_batch_size == 0 or (g.rollout_batch_size % unit == 0 and g.rollout_batch_size <= batch),
+          "grpo.rollout_batch_size", f"must be 0 (auto) or a multiple of lcm(num_generations, mini_batch_size) = "
+          f"{unit} up to the rollout batch {batch}, got {g.rollout_batch_size}")
+    per_step = g.mini_batch_size * job.optim.gradient_accumulation_steps
+    _rule(batch % per_step == 0, "optim.gradient_accumulation_steps",
+          f"mini_batch_size * gradient_accumulation_steps = {per_step} samples per optimizer step must divide the "
+          f"rollout batch prompts_per_step*num_generations = {batch}")
+
+
+def _validate_optim(job: JobConfig) -> None:
+    o = job.optim
+    _rule(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    _rule(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 = no clipping), got {o.max_grad_norm}")
+    _rule(o.lora.r >= 1, "optim.lora.r", f"LoRA rank must be >= 1, got {o.lora.r}")
+    _choice("optim.mixed_precision", o.mixed_precision, ("no", "bf16", "fp16"))
+    _choice("optim.lr_scheduler", o.lr_scheduler, SCHEDULERS)
+    _rule(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _rule(o.warmup_steps == 0 or o.lr_scheduler != "constant", "optim.warmup_steps",
           "the 'constant' schedule has no warm-up; set optim.lr_scheduler=constant_with_warmup (or linear, cosine, ...)")
-    _rule(job.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps",
-          f"must be >= 1, got {job.optim.gradient_accumulation_steps}")
-    _rule(job.logging.save_total_limit is None or job.logging.save_total_limit >= 1, "logging.save_total_limit",
-          f"must be >= 1 or null (keep all), got {job.logging.save_total_limit}")
-    for tracker in job.logging.report_to:
-        _choice("logging.report_to", tracker, TRACKERS)
-    _choice("distributed.launcher", job.distributed.launcher, ("none", "ray_train"))
-    _choice("distributed.strategy", job.distributed.strategy, ("ddp", "fsdp"))
-    if stage in ("ar", "joint") and job.ar.edit:
-        _rule(job.model.family == "glm_image", "ar.edit",
-              f"image editing is built for model.family glm_image, not {job.model.family!r}")
-        _rule(job.ar.sampler == "generate", "ar.sampler", "'engine' takes text-to-image prompts only (no source "
-              "images as pixel_values); with ar.edit use ar.sampler=generate")
-        _rule(stage != "joint" or d.edit, "decoder.edit", "a joint job with ar.edit edits in both stages: set "
-              "decoder.edit=true (or ar.edit=false)")
-    _rule(not (stage == "joint" and d.edit and not job.ar.edit), "ar.edit", "a joint job with decoder.edit edits "
-          "in both stages: set ar.edit=true (or decoder.edit=false)")
-    _rule(not (stage in ("ar", "joint") and job.ar.sampler == "engine" and job.distributed.strategy == "fsdp"),
-          "ar.sampler", "'engine' runs the layers outside the sharded root forward (and captures them in a CUDA "
-          "graph); with distributed.strategy=fsdp use ar.sampler=generate")
-    workers = job.distributed.num_workers
-    _rule(workers >= 1, "distributed.num_workers", "must be >= 1")
-    for key in ("num_generations", "mini_batch_size"):
-        value = getattr(job.grpo, key)
-        _rule(value % workers == 0, f"grpo.{key}", f"is {value}; with distributed.num_workers={workers} it must be a multiple of {workers}")
-    _rule(job.max_steps >= 1, "max_steps", f"must be >= 1, got {job.max_steps}")
-    for key in ("height", "width"):
-        v = getattr(job.data, key)
-        _rule(v >= 32 and v % 32 == 0, f"data.{key}", f"must be a positive multiple of 32 (one AR token = 32 px), got {v}")
-    for key in ("prompts", "eval_prompts"):
-        p = getattr(job.data, key)
-        _rule(p is None or os.path.isfile(p), f"data.{key}", f"file not found: {p}")
-    _rule(job.joint.ar_steps_per_phase >= 1 and job.joint.decoder_steps_per_phase >= 1, "joint",
-          "ar_steps_per_phase and decoder_steps_per_phase must be >= 1")
-    _rule(job.logging.eval_every == 0 or job.data.eval_prompts is not None, "logging.eval_every",
-          "eval needs data.eval_prompts (a held-out prompt file)")
-    if stage in ("ar", "decoder", "joint"):
-        for phase in ("ar", "decoder") if stage == "joint" else (stage,):
-            _rule(phase in OBJECTIVES.get(g.objective).stages, "grpo.objective",
-                  f"{g.objective!r} does not train the {phase} stage (it trains: {', '.join(OBJECTIVES.get(g.objective).stages)})")
-        _rule(g.num_generations >= 2, "grpo.num_generations",
-              f"group size must be >= 2 for group-relative advantages, got {g.num_generations}")
-        _rule(g.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
-        _rule(g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1")
-        batch = g.prompts_per_step * g.num_generations
-        _rule(1 <= g.mini_batch_size <= batch and batch % g.mini_batch_size == 0, "grpo.mini_batch_size",
-              f"must divide the rollout batch prompts_per_step*num_generations = {batch}, got {g.mini_batch_size}")
-        unit = math.lcm(g.num_generations, g.mini_batch_size)
-        _rule(g.rollout_batch_size == 0 or (g.rollout_batch_size % unit == 0 and g.rollout_batch_size <= batch),
-              "grpo.rollout_batch_size", f"must be 0 (auto) or a multiple of lcm(num_generations, mini_batch_size) = "
-              f"{unit} up to the rollout batch {batch}, got {g.rollout_batch_size}")
-        per_step = g.mini_batch_size * job.optim.gradient_accumulation_steps
-        _rule(batch % per_step == 0, "optim.gradient_accumulation_steps",
-              f"mini_batch_size * gradient_accumulation_steps = {per_step} samples per optimizer step must divide the "
-              f"rollout batch prompts_per_step*num_generations = {batch}")
-        if stage != "joint":  # a joint job resolves the clip ranges per phase (phase_config)
-            _rule(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon", "clip ranges must be > 0")
-        _rule(g.beta >= 0, "grpo.beta", "must be >= 0")
-        _rule(g.importance_sampling_level == "token" or stage == "ar", "grpo.importance_sampling_level",
-              "'sequence' (GSPO) needs the whole sequence in one pass: use it with `tandem train ar`")
-        _rule(len(job.rewards) >= 1, "rewards", "a training job needs at least one reward entry")
-    if stage in ("decoder", "joint"):
-        _rule(d.num_steps >= 2, "decoder.num_steps", f"must be >= 2 (the last step is never trained), got {d.num_steps}")
-        _rule(d.noise_level > 0 or not OBJECTIVES.get(g.objective).uses_old_log_probs, "decoder.noise_level",
-              f"must be > 0 to train with grpo.objective={g.objective} (0 is the deterministic ODE: every log-prob "
-              f"is 0, no gradient), got {d.noise_level}")
-        _rule(d.sde_type != "cps" or d.noise_level <= 1, "decoder.noise_level",
-              f"must be <= 1 with decoder.sde_type=cps (s = sigma' sin(a pi / 2)), got {d.noise_level}")
-        if d.sde_window_size > 0:
-            lo, hi = (list(d.sde_window_range) + [None, None])[:2]
-            _rule(len(d.sde_window_range) == 2 and 0 <= lo < hi, "decoder.sde_window_range",
-                  f"must be [lo, hi) with 0 <= lo < hi, got {list(d.sde_window_range)}")
-            _rule(hi - lo >= d.sde_window_size and hi <= d.num_steps - 1, "decoder.sde_window_range",
-                  f"window of {d.sde_window_size} steps must fit inside {list(d.sde_window_range)} and end before the "
-                  f"last of decoder.num_steps={d.num_steps} steps (the last step is never trained)")
-        else:
-            _rule(0 < d.timestep_fraction <= 1, "decoder.timestep_fraction", "must be in (0, 1]")
-        _rule(not d.edit or job.model.family == "glm_image", "decoder.edit",
-              f"image editing is built for model.family glm_image, not {job.model.family!r}")
-        _rule(not (d.edit and d.cfg_batch), "decoder.cfg_batch", "decoder.edit runs CFG as two calls (only the "
-              "conditional branch reads the source's KV cache): set decoder.cfg_batch=false")
-        _rule(d.sde_window_stride >= 1 and d.sde_window_shift_interval >= 1, "decoder.sde_window_stride",
-              "sde_window_stride and sde_window_shift_interval must be >= 1")
-        _rule(g.nft_old_decay_type == 0 or g.objective == "diffusion_nft", "grpo.nft_old_decay_type",
-              f"is DiffusionNFT's old policy, not used by grpo.objective={g.objective}: set it to 0")
-    check = getattr(OBJECTIVES.get(g.objective), "validate", None)  # the objective's own keys
-    if check is not None and stage in ("ar", "decoder", "joint"):
-        check(job, stage)
+    _rule(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps",
+          f"must be >= 1, got {o.gradient_accumulation_steps}")
+
+
+def _validate_rewards(job: JobConfig, stage: str) -> None:
+    """Reward entries (training and eval) and the reward host; a training job needs a reward."""
+    _rule(not trained_stages(stage) or len(job.rewards) >= 1, "rewards", "a training job needs at least one reward entry")
     for i, r in enumerate(list(job.rewards) + list(job.eval.rewards)):
         _rule(r.replicas >= 1, f"rewards[{i}].replicas", "must be >= 1")
         _rule(r.num_cpus >= 0 and r.num_gpus >= 0, f"rewards[{i}].num_cpus", "resources must be >= 0")
@@ -600,8 +623,30 @@ def validate(job: JobConfig, stage: str) -> None:
         _rule(r.max_restarts >= -1, f"rewards[{i}].max_restarts", f"must be >= -1 (-1 = restart forever), got {r.max_restarts}")
         _rule(r.batch_size >= 0, f"rewards[{i}].batch_size", f"must be >= 0 (0 = the whole batch), got {r.batch_size}")
     h = job.reward_host
+    _choice("reward_host.backend", h.backend, ("ray", "local"))
     _rule(0 <= h.max_failed_frac < 1, "reward_host.max_failed_frac", f"must be in [0, 1), got {h.max_failed_frac}")
     _rule(h.max_failed_rollouts >= 1, "reward_host.max_failed_rollouts", f"must be >= 1, got {h.max_failed_rollouts}")
+
+
+def _validate_logging(job: JobConfig) -> None:
+    """Logging and eval: checkpoints kept, trackers, an eval that has prompts."""
+    _rule(job.logging.save_total_limit is None or job.logging.save_total_limit >= 1, "logging.save_total_limit",
+          f"must be >= 1 or null (keep all), got {job.logging.save_total_limit}")
+    for tracker in job.logging.report_to:
+        _choice("logging.report_to", tracker, TRACKERS)
+    _rule(job.eval.num_prompts >= 0, "eval.num_prompts", f"must be >= 0 (0 = all), got {job.eval.num_prompts}")
+    _rule(job.logging.eval_every == 0 or job.data.eval_prompts is not None, "logging.eval_every",
+          "eval needs data.eval_prompts (a held-out prompt file)")
+
+
+def _validate_distributed(job: JobConfig) -> None:
+    _choice("distributed.launcher", job.distributed.launcher, ("none", "ray_train"))
+    _choice("distributed.strategy", job.distributed.strategy, ("ddp", "fsdp"))
+    workers = job.distributed.num_workers
+    _rule(workers >= 1, "distributed.num_workers", "must be >= 1")
+    for key in ("num_generations", "mini_batch_size"):
+        value = getattr(job.grpo, key)
+        _rule(value % workers == 0, f"grpo.{key}", f"is {value}; with distributed.num_workers={workers} it must be a multiple of {workers}")
 
 
 def phase_config(job: JobConfig, phase: str) -> JobConfig:

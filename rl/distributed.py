@@ -14,7 +14,7 @@ Two strategies (``distributed.strategy``), the same updates:
   gradients after backward.
 * ``fsdp`` — ``shard`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) shards the policy's ``trained_module``
   in place before the optimizer is built: one FSDP group per repeated block (the model's ``_repeated_blocks``,
-  else transformers' ``_no_split_modules``: the DiT's ``GlmImageTransformerBlock``s, the AR model's text
+  else transformers' ``_no_split_modules``: the DiT's transformer blocks, the AR model's text
   decoder layers), then the root for the rest. Each process keeps 1/N of every parameter, gradient and AdamW
   state; a block's weights are all-gathered for its forward and its gradients reduce-scattered (averaged) in
   backward, so ``average_gradients`` leaves those DTensor gradients alone, and gradient clipping over them
@@ -25,7 +25,7 @@ Two strategies (``distributed.strategy``), the same updates:
 
   Every forward of a sharded module is collective: all processes run the same rollouts, sample grids and
   eval images (only the main process scores and writes them). Code that calls submodules of a sharded model
-  outside its forward (the static-cache AR sampler ``policies.ar_engine.StaticCacheSampler``; in a joint job,
+  outside its forward (a token sampler that refuses ``fsdp`` in its rules, ``policies.token_samplers``; in a joint job,
   the AR model's VQ tokenizer for ``decoder.condition_source: reference``) is not supported under ``fsdp``.
 
   accelerate's own FSDP2 support is not used: accelerate 1.15 turns it on only for accelerator devices (on

@@ -2,7 +2,7 @@
 
 The pipeline is the run's own (``RUN/config.yaml``: ``model.family``, ``model.path``), or that of ``--config``;
 LoRA adapters are merged into the base weights (``merge_and_unload``) and the pipeline is written with its
-``save_pretrained``, so the family's plain loader reads it (GLM-Image: ``GlmImagePipeline.from_pretrained(OUT)``).
+``save_pretrained``, so the family's plain loader (its pipeline class's ``from_pretrained(OUT)``) reads it.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Dict, Protocol, Tuple
 
 import torch
 
-from tandem.core.errors import ConfigError
+from tandem.core.errors import require as _rule
 from tandem.core.registry import Registry
 from tandem.core.types import Rollout
 from tandem.rl.losses import get_loss_type, guard_step_weights, policy_loss, ratio_norm_log_ratio
@@ -192,11 +192,6 @@ def _forward_draws(gen: torch.Generator, num_timesteps: int, k: int, shape, epoc
         idx.append(torch.randperm(num_timesteps, generator=gen)[:k])
         noise.append(torch.randn((k, *shape), generator=gen))
     return torch.cat(idx), torch.cat(noise)
-
-
-def _rule(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
 
 
 def merge_chunk_metrics(parts) -> Dict[str, float]:

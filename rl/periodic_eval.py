@@ -18,14 +18,17 @@ import numpy as np
 
 from tandem.rl.config import ConfigError, JobConfig
 from tandem.core.data import load_prompts
+from tandem.core.types import PromptRecord
 
 log = logging.getLogger("tandem.eval")
 
 
 class Evaluator:
-    def __init__(self, cfg: JobConfig, client):
+    def __init__(self, cfg: JobConfig, client, records: Optional[List[PromptRecord]] = None):
+        """``records``: the held-out prompt records, as the job read them (None = read ``data.eval_prompts``)."""
         self.cfg, self.client = cfg, client
-        records = load_prompts(cfg.data.eval_prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
+        if records is None:
+            records = load_prompts(cfg.data.eval_prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
         self.records = records[: cfg.eval.num_prompts or None]
         self.gold: Optional[str] = cfg.eval.gold
         if self.gold is not None and self.gold not in client.names:

@@ -1,5 +1,5 @@
-"""``tandem sample``: prompts -> images through the family's own pipeline (GLM-Image: text -> AR tokens ->
-decoder -> pixels through ``GlmImagePipeline``), optionally with a checkpoint's trained weights."""
+"""``tandem sample``: prompts -> images through the family's own pipeline (its ``generate``: for a two-stage family,
+text -> AR tokens -> decoder -> pixels), optionally with a checkpoint's trained weights."""
 
 from __future__ import annotations
 

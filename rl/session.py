@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -31,6 +32,7 @@ import torch
 from tandem.core.data import load_prompts
 from tandem.core.errors import ConfigError
 from tandem.core.types import PromptRecord
+from tandem.policies.base import edit_key, edits
 from tandem.policies.compile_cache import use_compile_cache
 from tandem.policies.families import get_family
 from tandem.rl.buffer import load_buffer_records
@@ -56,25 +58,44 @@ def build_policy(stage: str, cfg: JobConfig, pipe=None):
     return family.policies[stage](family.load(cfg.model) if pipe is None else pipe, cfg)
 
 
-def load_checked(cfg: JobConfig, stage: str, records: List[PromptRecord]):
+@dataclass
+class JobPrompts:
+    """A job's prompt records, read once (``job_prompts``).
+
+    Attributes:
+        train: the records the job trains on (a joint job: its AR stage's, whose rollouts condition the decoder).
+        eval: the held-out records of the periodic eval (``data.eval_prompts`` when ``logging.eval_every``), else
+            empty.
+    """
+
+    train: List[PromptRecord]
+    eval: List[PromptRecord] = field(default_factory=list)
+
+
+def job_prompts(cfg: JobConfig, stage: str) -> JobPrompts:
+    """The job's training and eval records, each file read once; an editing stage checks their source images
+    (``check_sources``)."""
+    records = training_records(cfg, "ar" if stage == "joint" else stage)
+    if not (cfg.data.eval_prompts and cfg.logging.eval_every):
+        return JobPrompts(records)
+    eval_records = load_prompts(cfg.data.eval_prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
+    check_sources(cfg, stage, eval_records, cfg.data.eval_prompts)
+    return JobPrompts(records, eval_records)
+
+
+def load_checked(cfg: JobConfig, stage: str, prompts: JobPrompts):
     """The family's pipeline, after checking that the training and eval prompts fit the model (one line if not)."""
     family = get_family(cfg.model.family)
     pipe = family.load(cfg.model)
     if family.check_prompts is not None:
-        prompts = [r.prompt for r in records]
-        if cfg.data.eval_prompts and cfg.logging.eval_every:
-            size = (cfg.data.height, cfg.data.width)
-            eval_records = load_prompts(cfg.data.eval_prompts, size, cfg.data.allowed_roots)
-            check_sources(cfg, stage, eval_records, cfg.data.eval_prompts)
-            prompts += [r.prompt for r in eval_records]
-        family.check_prompts(pipe, prompts, cfg, stage)
+        family.check_prompts(pipe, [r.prompt for r in prompts.train + prompts.eval], cfg, stage)
     return pipe
 
 
 def check_sources(cfg: JobConfig, stage: str, records: List[PromptRecord], source: str) -> None:
-    """An editing stage (``ar.edit``; ``decoder.edit``) needs a source image (``reference``) in every record: one
+    """An editing stage (``tandem.policies.base.edits``) needs a source image (``reference``) in every record: one
     line naming the first prompt without one."""
-    key, editing = ("decoder.edit", cfg.decoder.edit) if stage == "decoder" else ("ar.edit", cfg.ar.edit)
+    key, editing = edit_key(stage), edits(cfg, stage)
     missing = [r.prompt for r in records if "reference" not in r.metadata]
     if editing and missing:
         raise ConfigError(f"{key}: the prompt {missing[0]!r} in {source} has no source image; give every record a "
@@ -103,10 +124,10 @@ def check_rewards(cfg: JobConfig) -> None:
     check_entries(cfg.eval.rewards, key="eval.rewards")
 
 
-def check_inputs(cfg: JobConfig, stage: str) -> None:
+def check_inputs(cfg: JobConfig, stage: str) -> JobPrompts:
     """Unknown rewards, bad reward args or missing reward weights, an unreachable reward_host.address, an
     output_dir that cannot be written or resumed, bad prompt files and bad buffers fail here, before any model
-    is loaded."""
+    is loaded. Returns the job's prompt records (read here, once)."""
     check_rewards(cfg)
     if cfg.reward_host.backend == "ray" and cfg.reward_host.address:
         from tandem.rewards.host import check_reachable
@@ -115,7 +136,7 @@ def check_inputs(cfg: JobConfig, stage: str) -> None:
     run = RunDir(cfg.output_dir)
     run.check_writable()
     resume_point(cfg, run)
-    training_records(cfg, "ar" if stage == "joint" else stage)
+    return job_prompts(cfg, stage)
 
 
 def resume_point(cfg: JobConfig, run: RunDir) -> Optional[Path]:
@@ -289,8 +310,10 @@ class RunSession:
             ... trainer.train_rollout(stop, hooks) ...
     """
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, eval_records: Optional[List[PromptRecord]] = None):
+        """``eval_records``: the periodic eval's held-out records (``JobPrompts.eval``; None = read them)."""
         self.cfg, self.run, self.state = cfg, RunDir(cfg.output_dir), RunState()
+        self.eval_records = eval_records
         self._stack = contextlib.ExitStack()
         self.rewards = self.evaluator = self.progress = self.hooks = self.trackers = self.signals = None
         self.trainers: Dict[str, StageTrainer] = {}
@@ -307,7 +330,7 @@ class RunSession:
 
                 eval_client = (stack.enter_context(RewardClient(self.cfg.eval.rewards, self.cfg.reward_host))
                                if self.cfg.eval.rewards else self.rewards)
-                self.evaluator = Evaluator(self.cfg, eval_client)
+                self.evaluator = Evaluator(self.cfg, eval_client, self.eval_records)
             self._stack = stack.pop_all()
         return self
 
@@ -424,14 +447,13 @@ def holds_run_folder(job):
 @holds_run_folder
 def train(cfg: JobConfig, stage: str) -> Path:
     """Run a GRPO job on ``stage`` ("ar" | "decoder"); returns the run directory."""
-    check_inputs(cfg, stage)
+    prompts = check_inputs(cfg, stage)
     use_compile_cache(cfg.model.compile_cache_dir)
     torch.manual_seed(cfg.seed)
-    records = training_records(cfg, stage)
-    pipe = load_checked(cfg, stage, records)
+    pipe = load_checked(cfg, stage, prompts)
     policy = build_policy(stage, cfg, pipe)
-    with RunSession(cfg) as session:
-        trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), records)
+    with RunSession(cfg, prompts.eval) as session:
+        trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), prompts.train)
         hooks = session.start()
         if session.state.step == 0 and cfg.logging.sample_every:
             hooks.sample_grid(trainer)  # step 0: what training starts from
@@ -473,15 +495,15 @@ def train_joint(cfg: JobConfig) -> Path:
     position, so a job resumed at or inside a decoder phase trains on the same conditions (with several
     processes, each hands off its own copies and a checkpoint keeps the main process's, which every process then
     trains on). Without any AR rollout yet the decoder phase gets its conditions from the family's own source
-    (for GLM-Image: the live frozen AR model).
+    (``decoder.condition_source``).
     """
-    check_inputs(cfg, "joint")
+    job = check_inputs(cfg, "joint")
+    prompts = job.train
     use_compile_cache(cfg.model.compile_cache_dir)
     torch.manual_seed(cfg.seed)
-    prompts = load_prompts(cfg.data.prompts, (cfg.data.height, cfg.data.width), cfg.data.allowed_roots)
-    pipe = load_checked(cfg, "joint", prompts)
+    pipe = load_checked(cfg, "joint", job)
     phases = {"ar": phase_config(cfg, "ar"), "decoder": phase_config(cfg, "decoder")}
-    with RunSession(cfg) as session:
+    with RunSession(cfg, job.eval) as session:
         policies = {stage: build_policy(stage, phases[stage], pipe) for stage in ("ar", "decoder")}
         accelerator = _accelerator(cfg, policies["ar"])
         steps = joint_stage_steps(cfg)

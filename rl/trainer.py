@@ -48,19 +48,15 @@ from tandem.rl.run_state import RunState
 from tandem.rl.stat_tracking import PerPromptStatTracker
 
 
-def recomputes_old_log_probs(cfg: JobConfig, stage: str, rollout_layout_differs: bool = False) -> bool:
+def recomputes_old_log_probs(cfg: JobConfig, policy, rollout_layout_differs: bool = False) -> bool:
     """``grpo.old_log_probs``; "auto" recomputes where the rollout's numerics differ from the training forward's:
-    the AR stage outside float32 or through the static-cache engine, any compiled forward, and rollout forwards
-    of another batch size than the minibatch (``rollout_layout_differs``, ``tandem.rl.rollout_batch``)."""
+    where the policy says so (``Policy.rollout_matches_training``: its precision, its decode loop, a compiled
+    forward) and where rollout forwards take another batch size than the minibatch (``rollout_layout_differs``,
+    ``tandem.rl.rollout_batch``)."""
     mode = cfg.grpo.old_log_probs
     if mode != "auto":
         return mode == "recompute"
-    if rollout_layout_differs:
-        return True
-    if stage == "ar":
-        return (cfg.model.dtype != "float32" or cfg.optim.mixed_precision != "no" or cfg.ar.sampler == "engine"
-                or cfg.ar.compile)
-    return cfg.decoder.compile
+    return rollout_layout_differs or not policy.rollout_matches_training
 
 
 def update_on_minibatch(policy, optimizer, batch: Union[Rollout, Sequence[Rollout]], cfg: JobConfig, accelerator,
@@ -155,7 +151,7 @@ class StageTrainer:
         self.use_records(records, cfg.seed)
         self.batching = RolloutBatching(cfg.grpo.rollout_batch_size // self.layout.world, self.copies,
                                         self.mini_batch, policy.device)
-        self.recompute = (recomputes_old_log_probs(cfg, stage, not self.batching.forwards_minibatches)
+        self.recompute = (recomputes_old_log_probs(cfg, policy, not self.batching.forwards_minibatches)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
         self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
         # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.

@@ -17,7 +17,7 @@ from tandem.policies.ar import ARPolicy
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
 from tandem.rl.config import JobConfig, apply_stage_defaults, load_config
-from tandem.rl.session import load_checked, train, training_records
+from tandem.rl.session import job_prompts, train, training_records
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny AR models and jobs
 
@@ -135,7 +135,7 @@ def test_records_without_a_source_are_refused(policy, edit_records, tiny_path, t
                                                     f"data.eval_prompts={tmp_path / 'p.jsonl'}", "logging.eval_every=5"],
                       stage="ar")
     with pytest.raises(ConfigError, match="ar.edit: the prompt 'make it red' .* has no source image"):
-        load_checked(cfg, "ar", edit_records)
+        job_prompts(cfg, "ar")
 
 
 def test_edit_ar_job_trains(tiny_model_path, tmp_path):

@@ -1,9 +1,16 @@
 """grpo.old_log_probs (recompute | sampler | auto) and the truncated importance-sampling correction."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+from tandem.policies.ar import ARPolicy
+from tandem.policies.flow import FlowPolicy
+from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.glm_image_family import GlmFlowAdapter
+from tandem.policies.token_samplers import token_sampler
 
 from tandem.rl.config import JobConfig, load_config
 from tandem.rl.losses import policy_loss
@@ -26,22 +33,51 @@ def test_truncated_is_weights_scale_the_surrogate_per_unit():
     assert not torch.isclose(loss, plain)
 
 
-@pytest.mark.parametrize("stage, overrides, expected", [
-    ("ar", {}, False),
-    ("ar", {"model.dtype": "bfloat16"}, True),
-    ("ar", {"ar.sampler": "engine"}, True),
-    ("ar", {"optim.mixed_precision": "bf16"}, True),
-    ("decoder", {"model.dtype": "bfloat16"}, False),
-    ("decoder", {"decoder.compile": True}, True),
-    ("decoder", {"grpo.old_log_probs": "recompute"}, True),
-    ("ar", {"model.dtype": "bfloat16", "grpo.old_log_probs": "sampler"}, False),
-])
-def test_auto_recomputes_where_rollout_and_training_numerics_differ(stage, overrides, expected):
+def _config(overrides):
     cfg = JobConfig(output_dir="unused")
     for key, value in overrides.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
-    assert recomputes_old_log_probs(cfg, stage) is expected
+    return cfg
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, True),
+    ({"model.dtype": "bfloat16"}, False),
+    ({"optim.mixed_precision": "bf16"}, False),
+    ({"ar.compile": True}, False),
+    ({"ar.sampler": "engine"}, False),
+])
+def test_the_token_sampler_says_whether_the_ar_rollout_matches_training(overrides, expected):
+    cfg = _config(overrides)
+    assert token_sampler(cfg.ar.sampler).rollout_matches_training(cfg) is expected
+
+
+@pytest.mark.parametrize("compile_, expected", [(False, True), (True, False)])
+def test_the_flow_policy_matches_training_unless_compiled(tiny_path, compile_, expected):
+    cfg = _config({"decoder.compile": compile_, "model.dtype": "bfloat16"})  # the decoder's layouts agree in bf16
+    policy = FlowPolicy(GlmFlowAdapter(load_pipeline(tiny_path, device="cpu"), 64, 64), cfg)
+    assert policy.rollout_matches_training is expected
+
+
+@pytest.mark.parametrize("compile_, expected", [(False, True), (True, False)])
+def test_the_ar_policy_answers_through_its_token_sampler(tiny_path, compile_, expected):
+    pipe = load_pipeline(tiny_path, device="cpu")
+    policy = ARPolicy(pipe, GlmImageAdapter(pipe), _config({"ar.compile": compile_}))
+    assert policy.rollout_matches_training is expected
+
+
+@pytest.mark.parametrize("mode, matches, layout_differs, expected", [
+    ("auto", True, False, False),
+    ("auto", False, False, True),
+    ("auto", True, True, True),
+    ("recompute", True, False, True),
+    ("sampler", False, True, False),
+])
+def test_auto_recomputes_where_the_policy_says_rollout_and_training_numerics_differ(mode, matches, layout_differs,
+                                                                                   expected):
+    policy = SimpleNamespace(rollout_matches_training=matches)  # the one capability the decision reads
+    assert recomputes_old_log_probs(_config({"grpo.old_log_probs": mode}), policy, layout_differs) is expected
 
 
 def _first_step(tmp_path, tiny_model_path, mode):
