@@ -23,8 +23,8 @@ from tandem.core.errors import ConfigError
 from tandem.policies.families import family_names
 from tandem.policies.flow import WINDOW_ENDS
 from tandem.policies.lora import LoraSettings
-from tandem.policies.ode_solvers import SOLVERS as ODE_SOLVERS
-from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, KINDS as SDE_KINDS
+from tandem.policies.ode_solvers import ODE_SOLVERS
+from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, SDE_KINDS
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rl.advantages import AGGREGATIONS, SCALES
 from tandem.rl.losses import LOSS_TYPES
@@ -475,24 +475,24 @@ def validate(job: JobConfig, stage: str) -> None:
     _rule(d.ema_update_interval >= 1, "decoder.ema_update_interval", f"must be >= 1, got {d.ema_update_interval}")
     _rule(d.eval_num_steps >= 1, "decoder.eval_num_steps", f"must be >= 1, got {d.eval_num_steps}")
     _rule(job.eval.num_prompts >= 0, "eval.num_prompts", f"must be >= 0 (0 = all), got {job.eval.num_prompts}")
-    _choice("decoder.kl_form", d.kl_form, KL_FORMS)
-    _choice("decoder.cps_log_prob", d.cps_log_prob, CPS_LOG_PROBS)
+    _choice("decoder.kl_form", d.kl_form, KL_FORMS.names())
+    _choice("decoder.cps_log_prob", d.cps_log_prob, CPS_LOG_PROBS.names())
     _rule(g.stat_tracking_buffer_size >= 0, "grpo.stat_tracking_buffer_size", "must be >= 0 (0 = unbounded)")
     _rule(g.stat_tracking_min_count >= 0, "grpo.stat_tracking_min_count", "must be >= 0")
     _choice("model.family", job.model.family, family_names())
     _choice("grpo.objective", g.objective, OBJECTIVES.names())
-    _choice("grpo.loss_type", g.loss_type, sorted(LOSS_TYPES))
+    _choice("grpo.loss_type", g.loss_type, LOSS_TYPES.names())
     _choice("grpo.old_log_probs", g.old_log_probs, ("auto", "recompute", "sampler"))
     _rule(g.rollout_is_cap is None or g.rollout_is_cap >= 1.0, "grpo.rollout_is_cap", "must be >= 1 (or null)")
     _rule(g.rollout_is_cap is None or g.old_log_probs != "sampler", "grpo.rollout_is_cap",
           "the correction weighs trainer against sampler log-probs; set grpo.old_log_probs to recompute or auto")
-    _choice("grpo.scale_rewards", g.scale_rewards, list(SCALES))
-    _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, list(AGGREGATIONS))
+    _choice("grpo.scale_rewards", g.scale_rewards, SCALES.names())
+    _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, AGGREGATIONS.names())
     _choice("ar.sampler", job.ar.sampler, ("generate", "engine"))
-    _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
+    _choice("decoder.sde_type", d.sde_type, SDE_KINDS.names())
     _choice("decoder.sde_window_schedule", d.sde_window_schedule, ("random", "sliding"))
     _choice("decoder.sde_window_end", d.sde_window_end, WINDOW_ENDS)
-    _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS)
+    _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS.names())
     _choice("grpo.importance_sampling_level", g.importance_sampling_level, ("token", "sequence"))
     _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
     if d.condition_source == "buffer":

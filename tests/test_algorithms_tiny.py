@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tandem.policies.glm_image import load_pipeline
-from tandem.policies.ode_solvers import dpm2m_step
+from tandem.policies.ode_solvers.dpm2m import dpm2m_step
 from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults
 from tandem.rl.nft import nft_loss, optimality_probability
 from tandem.rl.objectives import OBJECTIVES
