@@ -99,8 +99,8 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
         module, component = trainers[stage].policy.trained_module, components[stage]
         write_weights(tmp / component, module, component, weights, lora)
         torch.save(optimizer, tmp / f"{stage}.optimizer.pt")
-        if getattr(trainers[stage], "handed_off", None):
-            save_records(tmp / f"{stage}.handoff.safetensors", trainers[stage].handed_off)
+        if getattr(trainers[stage], "handoff", None):
+            save_records(tmp / f"{stage}.handoff.safetensors", trainers[stage].handoff)
         if ema is not None:
             write_weights(tmp / "ema" / component, module, component, ema, lora)
         if kept[stage]:
@@ -214,7 +214,7 @@ def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
         if extra_file.is_file() and hasattr(t.policy, "load_extra_state"):
             t.policy.load_extra_state(load_file(str(extra_file)))
         if (path / f"{stage}.handoff.safetensors").is_file():
-            t.handed_off = load_records(path / f"{stage}.handoff.safetensors")
+            t.handoff = load_records(path / f"{stage}.handoff.safetensors")
         ema_folder = trained_folder(path, component, ema=True)
         if ema_folder is not None and getattr(t.policy, "ema", None) is not None:
             t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder),

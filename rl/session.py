@@ -493,9 +493,9 @@ def train_joint(cfg: JobConfig) -> Path:
         while state.step < cfg.max_steps:
             stage, start, stop = joint_phase(cfg, state.step)
             trainer = session.trainers[stage]
-            if trainer is decoder and ar.handed_off and decoder.records is not ar.handed_off:
+            if trainer is decoder and ar.handoff and decoder.records is not ar.handoff:
                 resumed = decoder.sampler.state_dict() if state.step > start else None  # inside the phase
-                decoder.use_records(ar.handed_off, cfg.seed + state.rollouts, resumed)
+                decoder.use_records(ar.handoff, cfg.seed + state.rollouts, resumed)
             while state.step < stop:
                 hooks.stop_if_requested(trainer)
                 trainer.train_rollout(stop, hooks)

@@ -157,7 +157,7 @@ class StageTrainer:
                                         self.mini_batch, policy.device)
         self.recompute = (recomputes_old_log_probs(cfg, stage, not self.batching.forwards_minibatches)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
-        self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
+        self.handoff: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
         # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.
         self.half_updated = False
         self.last_active = 0.0  # when train_rollout last started (which stage an exception came from)
@@ -219,7 +219,7 @@ class StageTrainer:
         return ScoredRollout(subs, adv, local, {"time/rollout_s": rollout_s, "time/reward_s": reward_s})
 
     # -------------------------------------------------------------------------------- phase 4
-    def hand_off(self, scored: ScoredRollout) -> None:
+    def record_handoff(self, scored: ScoredRollout) -> None:
         """Keep the samples with what conditions the next stage (``Policy.handoff``); save them as a buffer
         shard when ``buffer.save``. A stage with nothing to hand off keeps nothing."""
         payloads = [self.policy.handoff(s) for s in scored.subs]
@@ -228,8 +228,8 @@ class StageTrainer:
         payload = {k: torch.cat([p[k] for p in payloads]).detach().cpu() for k in payloads[0]}
         prompts = [p for s in scored.subs for p in s.prompts]
         metadata = [m for s in scored.subs for m in s.metadata]
-        self.handed_off = [PromptRecord(p, dict(m, **{k: v[i].numpy() for k, v in payload.items()}))
-                           for i, (p, m) in enumerate(zip(prompts, metadata))]
+        self.handoff = [PromptRecord(p, dict(m, **{k: v[i].numpy() for k, v in payload.items()}))
+                        for i, (p, m) in enumerate(zip(prompts, metadata))]
         if self.cfg.buffer.save:  # each process writes its own samples
             mine = self.layout.local_slice(len(prompts))
             index = self.state.rollouts * self.layout.world + self.layout.rank
@@ -273,7 +273,7 @@ class StageTrainer:
         """One rollout batch and its updates; stops early at global step ``stop_at``."""
         self.last_active = time.monotonic()
         scored = self.rollout_and_score()
-        self.hand_off(scored)
+        self.record_handoff(scored)
         mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}
         timings = scored.timings
         accumulate = self.cfg.optim.gradient_accumulation_steps
