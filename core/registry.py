@@ -35,6 +35,10 @@ class Registry(Generic[T]):
             raise ConfigError(f"{where}allowed {self.kind}s: {', '.join(self.names())}")
         return self._entries[name]
 
+    def unregister(self, name: str) -> T:
+        """Remove and return the entry ``name`` (a plug-in or a test that registered it for a while)."""
+        return self._entries.pop(name)
+
     def names(self) -> List[str]:
         return sorted(self._entries)
 

@@ -116,7 +116,7 @@ def suppressed_ids(model, non_codebook: bool) -> tuple:
     return tuple(sorted(ids))
 
 
-class ARPolicy(TrainedComponent):
+class GlmImageARPolicy(TrainedComponent):
     """GRPO policy over the AR stage of a GLM-Image pipeline (the ``Policy`` contract of ``policies.base``).
 
     Args:
@@ -167,7 +167,7 @@ class ARPolicy(TrainedComponent):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
-    def from_config(cls, cfg, sampler: Optional[TokenSampler] = None) -> "ARPolicy":
+    def from_config(cls, cfg, sampler: Optional[TokenSampler] = None) -> "GlmImageARPolicy":
         m = cfg.model
         pipe = load_pipeline(m.path, dtype=m.dtype, device=m.device, create_tiny_if_missing=m.create_tiny_if_missing)
         return cls(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)

@@ -2,15 +2,16 @@
 
 Actions are denoising steps. A rollout integrates the release schedule from noise; steps inside the SDE window
 are stochastic ``sde_step``s whose Gaussian log-probs are stored; the other steps are deterministic ODE steps
-(Euler, or DPM-Solver++(2M) with ``decoder.ode_solver: dpm2m``, ``policies.ode_solvers``); the last step is never
-trained (Flow-GRPO, Liu et al. 2025; MixGRPO's ODE/SDE mixing, Li et al. 2025, arXiv:2507.21802). The window is
-``decoder.sde_window_size`` consecutive steps inside ``decoder.sde_window_range``: placed at random per rollout
-batch (``sde_window_schedule: random``), or sliding with the decoder stage's rollout batches (``sliding``, MixGRPO's
-progressive schedule, ``sliding_window``) — or the first ``timestep_fraction`` of the steps. The multistep solver's
-history (the previous step's data prediction x̂₀ = x − σv) runs through the SDE steps too, as MixGRPO-Flash keeps
-its ``DPMState`` through the window, so the first ODE step after the window is already second order. Training
-replays each trained step from the stored latents — one step per forward pass (``unit_chunks``), so memory does
-not grow with steps.
+of the registered solver ``decoder.ode_solver`` (Euler, or DPM-Solver++(2M): ``policies.ode_solvers``); the
+last step is never trained (Flow-GRPO, Liu et al. 2025; MixGRPO's ODE/SDE mixing, Li et al. 2025,
+arXiv:2507.21802). The window is ``decoder.sde_window_size`` consecutive steps inside
+``decoder.sde_window_range``: placed at random per rollout batch (``sde_window_schedule: random``), or sliding
+with the decoder stage's rollout batches (``sliding``, MixGRPO's progressive schedule, ``sliding_window``) — or
+the first ``timestep_fraction`` of the steps. The solver steps through the SDE window too, its sample replaced by
+the SDE's, so a multistep solver's history (dpm2m: the previous step's data prediction x̂₀ = x − σv) runs through
+the window, as MixGRPO-Flash keeps its ``DPMState``, and the first ODE step after the window is already second
+order. Training replays each trained step from the stored latents — one step per forward pass (``unit_chunks``),
+so memory does not grow with steps.
 
 KL (``grpo.beta``) is the closed-form KL between the two step Gaussians, ||mu_theta - mu_ref||^2 / (2 std^2)
 (``decoder.kl_form: exact``), or flow_grpo's ``kl_loss``, which is that times |dt| for Flow-SDE
@@ -42,9 +43,9 @@ import torch
 
 from tandem.policies.base import TrainedComponent
 from tandem.policies.lora import apply_lora
-from tandem.policies.ode_solvers import dpm2m_step
+from tandem.policies.ode_solvers import ODE_SOLVERS
 from tandem.policies.render import ode_sample
-from tandem.policies.sde import ode_step, sde_step, step_kl
+from tandem.policies.sde import sde_step, step_kl
 from tandem.core.dtensor import full_tensor, shard_like
 from tandem.policies.ema import EMA, old_policy_decay
 from tandem.core.seeds import CONDITIONS, NOISE, OBJECTIVE, SDE, WINDOW, RolloutSeeds
@@ -205,10 +206,11 @@ class FlowPolicy(TrainedComponent):
 
         chunks = self._rollout_chunks(len(group_ids))
         before, after, means, logps = [], [], [], []
-        history = None  # (x0_hat, sigma) of the previous step, for dpm2m
+        solver, state = ODE_SOLVERS.get(self.d.ode_solver, "decoder.ode_solver")(), None
         for i, t in enumerate(timesteps):
             v = torch.cat([self.adapter.velocity(self.model, x[c], t, _rows(cond, c), self.d.guidance_scale)
                            for c in chunks])
+            x_next, state = solver.step(v, x, sigmas[i], sigmas[i + 1], state)  # state runs through the window
             if i in train_steps:
                 x_next, logp, mean, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], self.d.noise_level, generator=gen,
                                                  kind=self.d.sde_type, cps_log_prob=self.d.cps_log_prob)
@@ -216,11 +218,6 @@ class FlowPolicy(TrainedComponent):
                 after.append(x_next)
                 means.append(mean)
                 logps.append(logp)
-                history = (x.float() - sigmas[i] * v.float(), sigmas[i])  # x̂₀ of this step: dpm2m goes on from it
-            elif self.d.ode_solver == "dpm2m":
-                x_next, history = dpm2m_step(v, x, sigmas[i], sigmas[i + 1], history)
-            else:
-                x_next = ode_step(v, x, sigmas[i], sigmas[i + 1])
             x = x_next
         b, k = len(group_ids), len(train_steps)
         idx = torch.tensor(train_steps)

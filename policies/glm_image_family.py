@@ -162,9 +162,9 @@ def _flow_policy(pipe, cfg):
 
 
 def _ar_policy(pipe, cfg):
-    from tandem.policies.ar import ARPolicy
+    from tandem.policies.ar import GlmImageARPolicy
 
-    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
 
 
 def check_reference_grid(adapter: GlmImageAdapter, height: int, width: int) -> None:

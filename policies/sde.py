@@ -50,17 +50,96 @@ Shapes: ``velocity``, ``x`` are (B, ...) of any trailing shape; ``sigma``/``sigm
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Callable, Sequence, Tuple, Union
 
 import torch
+
+from tandem.core.registry import Registry
 
 Sigma = Union[float, torch.Tensor]
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 
-KINDS = ("sde", "cps")
-CPS_LOG_PROBS = ("exact", "flow_grpo")
-KL_FORMS = ("exact", "flow_grpo")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class SDEKind:
+    """One stochastic step rule (``decoder.sde_type``): the step Gaussian's moments and what its options mean.
+
+    ``max_noise_level``: the largest valid a. ``has_cps_log_prob``: whether ``cps_log_prob`` applies to it.
+    ``moments(x, v, s0, s1, a)``: x, v (B, ...) float32; s0, s1 (B, 1, ..., 1) σ and σ'; returns the step's mean
+    (B, ...) and std (B, 1, ..., 1). ``flow_grpo_kl_factor(s0, s1)``: flow_grpo's KL over the exact one."""
+
+    max_noise_level = math.inf
+    has_cps_log_prob = False
+
+    def moments(self, x: torch.Tensor, v: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor,
+                a: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def flow_grpo_kl_factor(self, s0: torch.Tensor, s1: torch.Tensor) -> Union[float, torch.Tensor]:
+        return 1.0
+
+
+SDE_KINDS: Registry[type] = Registry("SDE kind")
+"""SDEKind subclasses by ``decoder.sde_type``; register another with ``@SDE_KINDS.register("name")``."""
+
+
+@SDE_KINDS.register("sde")
+class FlowSDE(SDEKind):
+    """Flow-GRPO's Flow-SDE (module docstring); flow_grpo's KL divides by 2·s² = 2·std²/|dt|."""
+
+    def moments(self, x, v, s0, s1, a):
+        dt = s1 - s0
+        s = a * torch.sqrt(s0 / (1 - torch.where(s0 == 1, s1, s0)))
+        return x * (1 + s**2 * dt / (2 * s0)) + v * (1 + s**2 * (1 - s0) / (2 * s0)) * dt, s * torch.sqrt(-dt)
+
+    def flow_grpo_kl_factor(self, s0, s1):
+        return s0 - s1
+
+
+@SDE_KINDS.register("cps")
+class CoefficientsPreserving(SDEKind):
+    """Coefficients-Preserving Sampling (module docstring); flow_grpo's KL is the exact one."""
+
+    max_noise_level = 1.0
+    has_cps_log_prob = True
+
+    def moments(self, x, v, s0, s1, a):
+        std = s1 * math.sin(a * math.pi / 2)
+        x0_hat, x1_hat = x - s0 * v, x + (1 - s0) * v
+        return (1 - s1) * x0_hat + torch.sqrt(s1**2 - std**2) * x1_hat, std
+
+
+LogDensity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x_next (B, ...) detached, mean (B, ...), std (B, 1, ..., 1)) -> per-element log-density (B, ...)."""
+
+CPS_LOG_PROBS: Registry[LogDensity] = Registry("CPS log-prob")
+
+
+@CPS_LOG_PROBS.register("exact")
+def _gaussian_log_density(x_next, mean, std):
+    return -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+
+
+@CPS_LOG_PROBS.register("flow_grpo")
+def _flow_grpo_cps_log_density(x_next, mean, std):
+    return -((x_next - mean) ** 2)
+
+
+KLForm = Callable[[torch.Tensor, SDEKind, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(exact KL (B,), the step's SDE kind, σ (B,), σ' (B,)) -> the KL term (B,) in this form."""
+
+KL_FORMS: Registry[KLForm] = Registry("KL form")
+
+
+@KL_FORMS.register("exact")
+def _exact_kl(kl, kind, sigma, sigma_next):
+    return kl
+
+
+@KL_FORMS.register("flow_grpo")
+def _flow_grpo_kl(kl, kind, sigma, sigma_next):
+    return kl * kind.flow_grpo_kl_factor(sigma, sigma_next)
 
 
 def _per_sample(value: Sigma, x: torch.Tensor) -> torch.Tensor:
@@ -132,19 +211,15 @@ def sde_step(
         mean: (B, ...) float32 mean of x_σ'.
         std: (B, 1, ..., 1) float32 standard deviation, broadcastable against ``mean``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"sde_step: unknown kind {kind!r}; valid kinds are {', '.join(KINDS)}")
-    if cps_log_prob not in CPS_LOG_PROBS:
-        raise ValueError(f"sde_step: unknown cps_log_prob {cps_log_prob!r}; valid: {', '.join(CPS_LOG_PROBS)}")
+    rule, log_density = SDE_KINDS.get(kind)(), CPS_LOG_PROBS.get(cps_log_prob)
     a = float(noise_level)
-    if a < 0 or (kind == "cps" and a > 1):
-        bound = "[0, 1]" if kind == "cps" else ">= 0"
+    if not 0 <= a <= rule.max_noise_level:
+        bound = f"[0, {rule.max_noise_level:g}]" if math.isfinite(rule.max_noise_level) else ">= 0"
         raise ValueError(f"sde_step: noise_level={noise_level} is out of range for kind={kind!r}; use {bound}")
     x = x.float()
     v = velocity.float()
     s0 = _per_sample(sigma, x)
     s1 = _per_sample(sigma_next, x)
-    dt = s1 - s0
 
     if a == 0:
         mean = ode_step(v, x, sigma, sigma_next)
@@ -152,25 +227,14 @@ def sde_step(
         x_next = mean if prev_sample is None else prev_sample.float()
         return x_next, x.new_zeros(x.shape[0]), mean, std
 
-    if kind == "sde":
-        s = a * torch.sqrt(s0 / (1 - torch.where(s0 == 1, s1, s0)))
-        mean = x * (1 + s**2 * dt / (2 * s0)) + v * (1 + s**2 * (1 - s0) / (2 * s0)) * dt
-        std = s * torch.sqrt(-dt)
-    else:
-        std = s1 * math.sin(a * math.pi / 2)
-        x0_hat = x - s0 * v
-        x1_hat = x + (1 - s0) * v
-        mean = (1 - s1) * x0_hat + torch.sqrt(s1**2 - std**2) * x1_hat
-
+    mean, std = rule.moments(x, v, s0, s1, a)
     if prev_sample is None:
         x_next = mean + std * _randn(x.shape, generator, x.device)
     else:
         x_next = prev_sample.float()
-    if kind == "cps" and cps_log_prob == "flow_grpo":
-        log_density = -((x_next.detach() - mean) ** 2)
-    else:
-        log_density = -((x_next.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return x_next, _mean_over_non_batch(log_density), mean, std
+    if not rule.has_cps_log_prob:
+        log_density = _gaussian_log_density
+    return x_next, _mean_over_non_batch(log_density(x_next.detach(), mean, std)), mean, std
 
 
 def mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -189,10 +253,6 @@ def step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, sigma
     For ``kind="sde"``, flow_grpo's divides by 2·s² = 2·std²/|dt|, i.e. it is the exact KL times |dt| = σ − σ'.
     Shapes as ``mean_kl``; sigma, sigma_next float or (B,). Returns (B,).
     """
-    if form not in KL_FORMS:
-        raise ValueError(f"step_kl: unknown form {form!r}; valid forms are {', '.join(KL_FORMS)}")
     kl = mean_kl(mean, ref_mean, std)
-    if form == "flow_grpo" and kind == "sde":
-        kl = kl * (torch.as_tensor(sigma, dtype=torch.float32, device=kl.device)
-                   - torch.as_tensor(sigma_next, dtype=torch.float32, device=kl.device))
-    return kl
+    return KL_FORMS.get(form)(kl, SDE_KINDS.get(kind)(), torch.as_tensor(sigma, dtype=torch.float32, device=kl.device),
+                              torch.as_tensor(sigma_next, dtype=torch.float32, device=kl.device))

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from tandem.core.registry import Registry
 from tandem.rl.stat_tracking import PerPromptStatTracker
 
 EPS = 1e-4
@@ -65,23 +66,31 @@ def _per_group(x: np.ndarray, inverse: np.ndarray, stat: Callable[[np.ndarray], 
 
 
 # -------------------------------------------------------------------------------------- registries of knobs
-def _std_group(x, inverse):
-    return _per_group(x, inverse, nanstd)
+Scale = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+"""(centred (B,), x (B,), inverse (B,), eps) -> normalised (B,): how ``scale_rewards`` divides centred rewards;
+register another with ``@SCALES.register("name")``."""
+
+SCALES: Registry[Scale] = Registry("reward scale")
 
 
-def _std_batch(x, inverse):
-    return np.full(x.shape, nanstd(x))
+@SCALES.register("group")
+def _scale_group(centred, x, inverse, eps):
+    return centred / (_per_group(x, inverse, nanstd) + eps)
 
 
-# scale_rewards -> the std that centred rewards are divided by (None: not divided).
-SCALES: Dict[str, Optional[Callable]] = {"group": _std_group, "batch": _std_batch, "none": None}
+@SCALES.register("batch")
+def _scale_batch(centred, x, inverse, eps):
+    return centred / (np.full(x.shape, nanstd(x)) + eps)
+
+
+@SCALES.register("none")
+def _scale_none(centred, x, inverse, eps):
+    return centred
 
 
 def normalise(x: np.ndarray, inverse: np.ndarray, scale: str, eps: float = EPS) -> np.ndarray:
     """Centre by the group mean and divide by the ``scale`` std (+eps); NaN stays NaN."""
-    centred = x - _per_group(x, inverse, nanmean)
-    std_fn = SCALES[scale]
-    return centred if std_fn is None else centred / (std_fn(x, inverse) + eps)
+    return SCALES.get(scale)(x - _per_group(x, inverse, nanmean), x, inverse, eps)
 
 
 def weighted_nansum(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -91,25 +100,23 @@ def weighted_nansum(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return out
 
 
+Aggregation = Callable[[np.ndarray, np.ndarray, np.ndarray, str, float], np.ndarray]
+"""(scores (B, K), weights (K,), inverse (B,), scale_rewards, eps) -> advantages (B,), NaN = no score;
+``multi_objective_aggregation``, register another with ``@AGGREGATIONS.register("name")``."""
+
+AGGREGATIONS: Registry[Aggregation] = Registry("reward aggregation")
+
+
+@AGGREGATIONS.register("sum_then_normalize")
 def _sum_then_normalize(matrix, weights, inverse, scale, eps):
     return normalise(weighted_nansum(matrix, weights), inverse, scale, eps)
 
 
+@AGGREGATIONS.register("normalize_then_sum")
 def _normalize_then_sum(matrix, weights, inverse, scale, eps):
     z = np.stack([normalise(matrix[:, k], inverse, "group", eps) for k in range(matrix.shape[1])], axis=1)
     summed = weighted_nansum(z, weights)
     return (summed - nanmean(summed)) / (nanstd(summed) + eps)
-
-
-AGGREGATIONS: Dict[str, Callable] = {
-    "sum_then_normalize": _sum_then_normalize,
-    "normalize_then_sum": _normalize_then_sum,
-}
-
-
-def _choice(kind: str, value: str, table: Dict) -> None:
-    if value not in table:
-        raise ValueError(f"{kind} is {value!r}; allowed: {', '.join(table)}")
 
 
 def _zero_std_frac(rewards: np.ndarray, inverse: np.ndarray) -> float:
@@ -135,8 +142,8 @@ def compute_advantages(
     group_ids: (B,) ints, samples of one prompt share an id; prompts: (B,) the samples' prompts, needed with
     ``stat_tracker`` (which this call updates).
     """
-    _choice("aggregation", aggregation, AGGREGATIONS)
-    _choice("scale_rewards", scale_rewards, SCALES)
+    aggregate = AGGREGATIONS.get(aggregation)
+    SCALES.get(scale_rewards)
     missing = [name for name in scores if name not in weights]
     if missing:
         raise ValueError(f"no weight for reward(s) {', '.join(missing)}")
@@ -152,7 +159,7 @@ def compute_advantages(
     if stat_tracker is not None:
         advantages = stat_tracker.update(prompts, rewards)
     else:
-        advantages = AGGREGATIONS[aggregation](matrix, w, inverse, scale_rewards, eps)
+        advantages = aggregate(matrix, w, inverse, scale_rewards, eps)
     advantages = np.nan_to_num(advantages, nan=0.0)
     if clip is not None:
         advantages = np.clip(advantages, -clip, clip)

@@ -1,7 +1,8 @@
 """Checkpoints: save, resume, and load trained weights for sampling and export.
 
-``checkpoints/step_N/`` holds, per trained stage (``ar`` and/or ``decoder``), under the name of the pipeline
-component it trains (the family's ``components``, e.g. ``transformer/``, ``vision_language_encoder/``):
+The trainer owns what a checkpoint holds (``StageTrainer.state_dict`` / ``load_state_dict``); this module owns
+the files. ``checkpoints/step_N/`` holds, per trained stage (``ar`` and/or ``decoder``), under the name of the
+pipeline component it trains (the family's ``components``, e.g. ``transformer/``, ``vision_language_encoder/``):
 
 * ``<component>/`` — the trained weights in the libraries' own formats (``tandem.rl.weights``): a LoRA adapter
   that diffusers' ``load_lora_adapter`` or peft's ``PeftModel.from_pretrained`` loads, or a ``save_pretrained``
@@ -39,14 +40,11 @@ from typing import Dict, List, Optional
 
 import torch
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 
-from tandem.core.dtensor import full_tensor, shard_like
 from tandem.policies.families import get_family
 from tandem.rl.buffer import load_records, save_records
 from tandem.rl.config import ConfigError, JobConfig
-from tandem.rl.weights import checked_load, copy_into, load_merged, read_weights, trained_folder, write_weights
+from tandem.rl.weights import checked_load, load_merged, read_weights, trained_folder, write_weights
 from tandem.rl.weights import load_file
 
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -58,58 +56,37 @@ def config_fingerprint(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _plain(optimizer):
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or ``optimizer`` itself)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _gathered(trainer, lora: bool):
-    """(weights, optimizer state, EMA weights or None) of one stage, whole tensors on the CPU (collective under
-    FSDP). Weights: the LoRA parameters, or the whole module's state dict (what ``save_pretrained`` holds)."""
-    trained = {k: full_tensor(v).detach().cpu() for k, v in trainer.policy.trainable_state_dict().items()}
-    weights = trained if lora else {k: full_tensor(v).detach().cpu() for k, v in trainer.policy.trained_module.state_dict().items()}
-    optimizer = get_optimizer_state_dict(trainer.policy.trained_module, _plain(trainer.optimizer),
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    ema = getattr(trainer.policy, "ema", None)
-    ema_weights = None if ema is None else {**weights, **{k: v.cpu() for k, v in ema.state_dict().items()}}
-    return weights, optimizer, ema_weights
-
-
-def _extra_state(trainer) -> Dict[str, torch.Tensor]:
-    """The policy's ``extra_state()`` (whole tensors, contiguous, on the CPU), or {} for a policy without any."""
-    extra = getattr(trainer.policy, "extra_state", None)
-    return {k: v.detach().cpu().contiguous() for k, v in extra().items()} if extra else {}
-
-
 def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: JobConfig, extra: Dict,
                     write: bool = True) -> Path:
-    """Write ``folder/step_{step}``; ``trainers`` maps stage -> object with ``policy``, ``optimizer``, ``scheduler``.
+    """Write ``folder/step_{step}``: the files of what each stage's ``StageTrainer.state_dict()`` gives, and
+    ``extra`` (the run's own state: ``run_state``, ``grad_scaler``, ``metrics``) in state.json.
 
     Under FSDP every process calls this (gathering the shards is collective) and only the one with ``write``
     writes."""
     out, tmp = folder / f"step_{step}", folder / f".step_{step}.partial"
     lora, components = bool(cfg.optim.lora.enabled), get_family(cfg.model.family).components
-    gathered = {stage: _gathered(t, lora) for stage, t in trainers.items()}
-    kept = {stage: _extra_state(t) for stage, t in trainers.items()}  # collective under FSDP, like _gathered
+    parts = {stage: t.state_dict() for stage, t in trainers.items()}  # collective under FSDP
     if not write:
         return out
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for stage, (weights, optimizer, ema) in gathered.items():
+    for stage, part in parts.items():
         module, component = trainers[stage].policy.trained_module, components[stage]
-        write_weights(tmp / component, module, component, weights, lora)
-        torch.save(optimizer, tmp / f"{stage}.optimizer.pt")
-        if getattr(trainers[stage], "handed_off", None):
-            save_records(tmp / f"{stage}.handoff.safetensors", trainers[stage].handed_off)
-        if ema is not None:
-            write_weights(tmp / "ema" / component, module, component, ema, lora)
-        if kept[stage]:
-            save_file(kept[stage], str(tmp / f"{stage}.extra_state.safetensors"))
+        write_weights(tmp / component, module, component, part["weights"], lora)
+        torch.save(part["optimizer"], tmp / f"{stage}.optimizer.pt")
+        if part["handoff"]:
+            save_records(tmp / f"{stage}.handoff.safetensors", part["handoff"])
+        if part["ema"] is not None:
+            write_weights(tmp / "ema" / component, module, component, part["ema"], lora)
+        if part["extra_state"]:
+            save_file(part["extra_state"], str(tmp / f"{stage}.extra_state.safetensors"))
     state = {
         "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg), "lora": lora,
         "components": {stage: components[stage] for stage in trainers},
-        "schedulers": {stage: t.scheduler.state_dict() for stage, t in trainers.items()},
-        "ema_steps": {stage: t.policy.ema.steps for stage, t in trainers.items() if getattr(t.policy, "ema", None)},
+        "schedulers": {stage: p["scheduler"] for stage, p in parts.items()},
+        "samplers": {stage: p["sampler"] for stage, p in parts.items()},
+        "stat_trackers": {stage: p["stat_tracker"] for stage, p in parts.items() if p["stat_tracker"] is not None},
+        "ema_steps": {stage: p["ema_steps"] for stage, p in parts.items() if p["ema_steps"] is not None},
         "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(), **extra,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -190,35 +167,24 @@ def _state_json(folder: Path) -> Dict:
     return state
 
 
-def _trained(weights: Dict[str, torch.Tensor], names, source: Path) -> Dict[str, torch.Tensor]:
-    """The tensors of the trained parameters ``names`` among ``weights``; a missing one is an error."""
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise ConfigError(f"checkpoint {source}: {len(missing)} trained parameters missing, e.g. {missing[0]}")
-    return {n: weights[n] for n in names}
-
-
 def restore(path: Path, trainers: Dict[str, object], state: Dict) -> None:
-    """Load weights, optimizer, LR schedule, EMA, hand-off and the RNG state of a checkpoint into the live trainers
-    (every process reads the files; a sharded module keeps its own shards)."""
+    """Read each stage's files of checkpoint ``path`` back into what ``StageTrainer.state_dict()`` gave and load
+    it into the live trainer (``load_state_dict``; every process reads the files and keeps its own shards); then
+    the global RNG state. ``state`` is the checkpoint's state.json (``read_state``)."""
     for stage, t in trainers.items():
         component = state["components"][stage]
-        names = [n for n, _ in t.policy.trainable_named_parameters()]
-        weights = _trained(read_weights(path / component, component), names, path / component)
-        copy_into(t.policy.trainable_named_parameters(), weights, path, shard_like)
-        optimizer = checked_load(path / f"{stage}.optimizer.pt", lambda p: torch.load(p, weights_only=True))
-        set_optimizer_state_dict(t.policy.trained_module, _plain(t.optimizer), optimizer,
-                                 options=StateDictOptions(full_state_dict=True))
-        t.scheduler.load_state_dict(state["schedulers"][stage])
-        extra_file = path / f"{stage}.extra_state.safetensors"
-        if extra_file.is_file() and hasattr(t.policy, "load_extra_state"):
-            t.policy.load_extra_state(load_file(str(extra_file)))
-        if (path / f"{stage}.handoff.safetensors").is_file():
-            t.handed_off = load_records(path / f"{stage}.handoff.safetensors")
         ema_folder = trained_folder(path, component, ema=True)
-        if ema_folder is not None and getattr(t.policy, "ema", None) is not None:
-            t.policy.ema.load_state_dict(_trained(read_weights(ema_folder, component), names, ema_folder),
-                                         steps=state.get("ema_steps", {}).get(stage, 0))
+        extra_file, handoff_file = path / f"{stage}.extra_state.safetensors", path / f"{stage}.handoff.safetensors"
+        t.load_state_dict({
+            "weights": read_weights(path / component, component),
+            "optimizer": checked_load(path / f"{stage}.optimizer.pt", lambda p: torch.load(p, weights_only=True)),
+            "ema": None if ema_folder is None else read_weights(ema_folder, component),
+            "ema_steps": state.get("ema_steps", {}).get(stage, 0),
+            "extra_state": load_file(str(extra_file)) if extra_file.is_file() else {},
+            "handoff": load_records(handoff_file) if handoff_file.is_file() else [],
+            "scheduler": state["schedulers"][stage], "sampler": state["samplers"][stage],
+            "stat_tracker": state.get("stat_trackers", {}).get(stage),
+        }, path)
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)
 

@@ -24,9 +24,9 @@ from tandem.policies.base import trained_stages
 from tandem.policies.families import DEFAULT_FAMILY, family_names, get_family
 from tandem.policies.flow import WINDOW_ENDS
 from tandem.policies.lora import LoraSettings
-from tandem.policies.ode_solvers import SOLVERS as ODE_SOLVERS
+from tandem.policies.ode_solvers import ODE_SOLVERS
 from tandem.policies.token_samplers import DEFAULT_TOKEN_SAMPLER
-from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, KINDS as SDE_KINDS
+from tandem.policies.sde import CPS_LOG_PROBS, KL_FORMS, SDE_KINDS
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rl.advantages import AGGREGATIONS, SCALES
 from tandem.rl.losses import LOSS_TYPES
@@ -511,12 +511,12 @@ def _validate_decoder(job: JobConfig, stage: str) -> None:
     _rule(0 <= d.ema_decay < 1, "decoder.ema_decay", f"must be in [0, 1) (0 disables EMA), got {d.ema_decay}")
     _rule(d.ema_update_interval >= 1, "decoder.ema_update_interval", f"must be >= 1, got {d.ema_update_interval}")
     _rule(d.eval_num_steps >= 1, "decoder.eval_num_steps", f"must be >= 1, got {d.eval_num_steps}")
-    _choice("decoder.kl_form", d.kl_form, KL_FORMS)
-    _choice("decoder.cps_log_prob", d.cps_log_prob, CPS_LOG_PROBS)
-    _choice("decoder.sde_type", d.sde_type, SDE_KINDS)
+    _choice("decoder.kl_form", d.kl_form, KL_FORMS.names())
+    _choice("decoder.cps_log_prob", d.cps_log_prob, CPS_LOG_PROBS.names())
+    _choice("decoder.sde_type", d.sde_type, SDE_KINDS.names())
     _choice("decoder.sde_window_schedule", d.sde_window_schedule, ("random", "sliding"))
     _choice("decoder.sde_window_end", d.sde_window_end, WINDOW_ENDS)
-    _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS)
+    _choice("decoder.ode_solver", d.ode_solver, ODE_SOLVERS.names())
     _choice("decoder.condition_source", d.condition_source, ("ar", "reference", "buffer"))
     if d.condition_source == "buffer":
         _rule(d.buffer_dir is not None and os.path.isdir(d.buffer_dir), "decoder.buffer_dir",
@@ -553,13 +553,13 @@ def _validate_grpo(job: JobConfig, stage: str) -> None:
     _rule(g.stat_tracking_buffer_size >= 0, "grpo.stat_tracking_buffer_size", "must be >= 0 (0 = unbounded)")
     _rule(g.stat_tracking_min_count >= 0, "grpo.stat_tracking_min_count", "must be >= 0")
     _choice("grpo.objective", g.objective, OBJECTIVES.names())
-    _choice("grpo.loss_type", g.loss_type, sorted(LOSS_TYPES))
+    _choice("grpo.loss_type", g.loss_type, LOSS_TYPES.names())
     _choice("grpo.old_log_probs", g.old_log_probs, ("auto", "recompute", "sampler"))
     _rule(g.rollout_is_cap is None or g.rollout_is_cap >= 1.0, "grpo.rollout_is_cap", "must be >= 1 (or null)")
     _rule(g.rollout_is_cap is None or g.old_log_probs != "sampler", "grpo.rollout_is_cap",
           "the correction weighs trainer against sampler log-probs; set grpo.old_log_probs to recompute or auto")
-    _choice("grpo.scale_rewards", g.scale_rewards, list(SCALES))
-    _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, list(AGGREGATIONS))
+    _choice("grpo.scale_rewards", g.scale_rewards, SCALES.names())
+    _choice("grpo.multi_objective_aggregation", g.multi_objective_aggregation, AGGREGATIONS.names())
     _choice("grpo.importance_sampling_level", g.importance_sampling_level, ("token", "sequence"))
     phases = trained_stages(stage)
     if not phases:

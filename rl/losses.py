@@ -35,29 +35,19 @@ from typing import Callable
 
 import torch
 
+from tandem.core.registry import Registry
+
 Reduction = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 """(per_unit_loss (B, U), mask (B, U), max_units) -> scalar loss."""
 
-LOSS_TYPES: dict[str, Reduction] = {}
-
-
-def register_loss_type(name: str) -> Callable[[Reduction], Reduction]:
-    """Decorator that registers a reduction under ``name``; a name can be registered once."""
-
-    def decorator(fn: Reduction) -> Reduction:
-        if name in LOSS_TYPES:
-            raise ValueError(f"loss_type {name!r} is already registered (by {LOSS_TYPES[name].__qualname__})")
-        LOSS_TYPES[name] = fn
-        return fn
-
-    return decorator
+LOSS_TYPES: Registry[Reduction] = Registry("loss type")
+register_loss_type = LOSS_TYPES.register
+"""Decorator that registers a reduction under a name; a name can be registered once."""
 
 
 def get_loss_type(name: str) -> Reduction:
-    """The reduction registered as ``name``; a ValueError listing the valid names otherwise."""
-    if name not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {name!r}; valid loss_type values are: {', '.join(sorted(LOSS_TYPES))}")
-    return LOSS_TYPES[name]
+    """The reduction registered as ``name``; a ConfigError listing the valid names otherwise."""
+    return LOSS_TYPES.get(name)
 
 
 def _weighted_mean(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

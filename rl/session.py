@@ -256,13 +256,10 @@ class Hooks:
         layout, state = trainer.layout, trainer.state
         if state.step == self.last_checkpoint_step or not (layout.is_main or layout.sharded):
             return None
-        samplers = {s: t.sampler.state_dict() for s, t in self.trainers.items()}
-        trackers = {s: t.stat_tracker.state_dict() for s, t in self.trainers.items() if t.stat_tracker}
         scaler = getattr(trainer.accelerator, "scaler", None)
         run_state = dict(state.to_dict(), **({} if rollouts is None else {"rollouts": rollouts}))
         metrics = self.last_metrics if self.last_metrics and self.last_metrics["step"] == state.step else None
-        extra = {"run_state": run_state, "samplers": samplers, "stat_trackers": trackers,
-                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        extra = {"run_state": run_state, "grad_scaler": scaler.state_dict() if scaler is not None else None,
                  "metrics": None if metrics is None else scalars(metrics)}
         with self.signals.shielded() if self.signals is not None else contextlib.nullcontext():
             out = save_checkpoint(self.run.checkpoints, state.step, self.trainers, self.cfg, extra,
@@ -385,10 +382,6 @@ class RunSession:
         saved = read_state(point, self.cfg)
         restore(point, self.trainers, saved)
         self.state.load(saved["run_state"])
-        for stage, t in self.trainers.items():
-            t.sampler.load_state_dict(saved["samplers"][stage])
-            if t.stat_tracker is not None:
-                t.stat_tracker.load_state_dict(saved["stat_trackers"][stage])
         scaler = self._first.accelerator.scaler
         if scaler is not None and saved.get("grad_scaler"):
             scaler.load_state_dict(saved["grad_scaler"])
@@ -515,9 +508,9 @@ def train_joint(cfg: JobConfig) -> Path:
         while state.step < cfg.max_steps:
             stage, start, stop = joint_phase(cfg, state.step)
             trainer = session.trainers[stage]
-            if trainer is decoder and ar.handed_off and decoder.records is not ar.handed_off:
+            if trainer is decoder and ar.handoff and decoder.records is not ar.handoff:
                 resumed = decoder.sampler.state_dict() if state.step > start else None  # inside the phase
-                decoder.use_records(ar.handed_off, cfg.seed + state.rollouts, resumed)
+                decoder.use_records(ar.handoff, cfg.seed + state.rollouts, resumed)
             while state.step < stop:
                 hooks.stop_if_requested(trainer)
                 trainer.train_rollout(stop, hooks)

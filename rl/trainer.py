@@ -28,11 +28,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
+from tandem.core.dtensor import full_tensor, shard_like
+from tandem.core.errors import ConfigError
 from tandem.core.seeds import derive_seed
 from tandem.core.types import PromptRecord, Rollout
 from tandem.rewards.client import RewardScores
@@ -46,6 +51,7 @@ from tandem.rl.objectives import OBJECTIVES, merge_chunk_metrics
 from tandem.rl.rollout_batch import RolloutBatching
 from tandem.rl.run_state import RunState
 from tandem.rl.stat_tracking import PerPromptStatTracker
+from tandem.rl.weights import copy_into
 
 
 def recomputes_old_log_probs(cfg: JobConfig, policy, rollout_layout_differs: bool = False) -> bool:
@@ -153,7 +159,7 @@ class StageTrainer:
                                         self.mini_batch, policy.device)
         self.recompute = (recomputes_old_log_probs(cfg, policy, not self.batching.forwards_minibatches)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
-        self.handed_off: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
+        self.handoff: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
         # True from the start of an optimizer step's weight update until the step is counted: no checkpoint then.
         self.half_updated = False
         self.last_active = 0.0  # when train_rollout last started (which stage an exception came from)
@@ -215,7 +221,7 @@ class StageTrainer:
         return ScoredRollout(subs, adv, local, {"time/rollout_s": rollout_s, "time/reward_s": reward_s})
 
     # -------------------------------------------------------------------------------- phase 4
-    def hand_off(self, scored: ScoredRollout) -> None:
+    def record_handoff(self, scored: ScoredRollout) -> None:
         """Keep the samples with what conditions the next stage (``Policy.handoff``); save them as a buffer
         shard when ``buffer.save``. A stage with nothing to hand off keeps nothing."""
         payloads = [self.policy.handoff(s) for s in scored.subs]
@@ -224,8 +230,8 @@ class StageTrainer:
         payload = {k: torch.cat([p[k] for p in payloads]).detach().cpu() for k in payloads[0]}
         prompts = [p for s in scored.subs for p in s.prompts]
         metadata = [m for s in scored.subs for m in s.metadata]
-        self.handed_off = [PromptRecord(p, dict(m, **{k: v[i].numpy() for k, v in payload.items()}))
-                           for i, (p, m) in enumerate(zip(prompts, metadata))]
+        self.handoff = [PromptRecord(p, dict(m, **{k: v[i].numpy() for k, v in payload.items()}))
+                        for i, (p, m) in enumerate(zip(prompts, metadata))]
         if self.cfg.buffer.save:  # each process writes its own samples
             mine = self.layout.local_slice(len(prompts))
             index = self.state.rollouts * self.layout.world + self.layout.rank
@@ -269,7 +275,7 @@ class StageTrainer:
         """One rollout batch and its updates; stops early at global step ``stop_at``."""
         self.last_active = time.monotonic()
         scored = self.rollout_and_score()
-        self.hand_off(scored)
+        self.record_handoff(scored)
         mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}
         timings = scored.timings
         accumulate = self.cfg.optim.gradient_accumulation_steps
@@ -295,9 +301,71 @@ class StageTrainer:
         self.state.count_rollout(self.stage)
         hooks.after_rollout(self)
 
+    # -------------------------------------------------------------------------------- checkpoint contents
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of this stage (``tandem.rl.checkpoint`` writes it to files), whole tensors on the
+        CPU; collective under FSDP (every process calls it, in the same order). Keys:
+
+        * ``weights``: the trained parameters by name (LoRA), or the trained module's whole state dict;
+        * ``optimizer``: the optimizer's full state dict, keyed by parameter name;
+        * ``ema``: ``weights`` with the EMA of the trained ones in their place (None without EMA); ``ema_steps``;
+        * ``extra_state``: ``policy.extra_state()`` (e.g. DiffusionNFT's old policy), {} for a policy without any;
+        * ``handoff``: the latest rollouts' prompt records with what they hand to the next stage ([] for none);
+        * ``scheduler``, ``sampler``, ``stat_tracker``: the state dicts of the LR schedule, the prompt stream and
+          the per-prompt reward histories (None without ``grpo.per_prompt_stat_tracking``)."""
+        policy = self.policy
+        trained = {k: full_tensor(v).detach().cpu() for k, v in policy.trainable_state_dict().items()}
+        weights = trained if self.cfg.optim.lora.enabled else {
+            k: full_tensor(v).detach().cpu() for k, v in policy.trained_module.state_dict().items()}
+        optimizer = get_optimizer_state_dict(policy.trained_module, _plain(self.optimizer),
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        ema = getattr(policy, "ema", None)
+        extra = getattr(policy, "extra_state", None)
+        return {
+            "weights": weights, "optimizer": optimizer,
+            "ema": None if ema is None else {**weights, **{k: v.cpu() for k, v in ema.state_dict().items()}},
+            "ema_steps": None if ema is None else ema.steps,
+            "extra_state": {k: v.detach().cpu().contiguous() for k, v in extra().items()} if extra else {},
+            "handoff": self.handoff, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+            "stat_tracker": None if self.stat_tracker is None else self.stat_tracker.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any], source: Path) -> None:
+        """Restore what ``state_dict`` gave, as read back from the checkpoint ``source`` (named in errors). Every
+        process loads whole tensors and keeps its own shards. ``ema``, ``extra_state``, ``handoff`` and
+        ``stat_tracker`` may be absent or empty (a checkpoint of a stage that kept none): they are left as they are."""
+        policy = self.policy
+        names = [n for n, _ in policy.trainable_named_parameters()]
+        copy_into(policy.trainable_named_parameters(), _trained(state["weights"], names, source), source, shard_like)
+        set_optimizer_state_dict(policy.trained_module, _plain(self.optimizer), state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if state.get("extra_state") and hasattr(policy, "load_extra_state"):
+            policy.load_extra_state(state["extra_state"])
+        if state.get("handoff"):
+            self.handoff = state["handoff"]
+        if state.get("ema") is not None and getattr(policy, "ema", None) is not None:
+            policy.ema.load_state_dict(_trained(state["ema"], names, source), steps=state.get("ema_steps") or 0)
+        if state.get("stat_tracker") is not None and self.stat_tracker is not None:
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
+
     def _updating(self) -> None:
         self.half_updated = True
 
 
 def _minibatches(size: int, mini_batch_size: int) -> List[torch.Tensor]:
     return [torch.arange(s, min(s + mini_batch_size, size)) for s in range(0, size, mini_batch_size)]
+
+
+def _plain(optimizer):
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or ``optimizer`` itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _trained(weights: Dict[str, torch.Tensor], names, source: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of the trained parameters ``names`` among ``weights``; a missing one is an error."""
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ConfigError(f"checkpoint {source}: {len(missing)} trained parameters missing, e.g. {missing[0]}")
+    return {n: weights[n] for n in names}

@@ -9,14 +9,14 @@ temperature 0.9, top-p 0.75, top_k 0, ids [16384, 16512) suppressed; the first `
 decode ms/step = (T_N − T_1) / (N − 1), T_1 = prefill + one sample (median of 3), through ``bench_row``.
 
 Rows (batch 32 unless ``--batches``):
-* ``generate_sampler``: ``GenerateSampler`` as ``ARPolicy`` calls it (HF generate, dynamic cache), its
+* ``generate_sampler``: ``GenerateSampler`` as ``GlmImageARPolicy`` calls it (HF generate, dynamic cache), its
   first-call processing check off (run once separately and recorded: it can trip in bf16 on CUDA);
 * ``engine_eager``: ``StaticCacheSampler()`` — static cache, explicit positions, no graph;
 * ``engine_graph``: ``StaticCacheSampler(use_cuda_graph=True)``; timed after a warm-up call of N tokens, which
   captures the graph that the timed call replays (a new prompt/cache shape captures once);
 * ``engine_graph_compiled`` (``--compile``): ``StaticCacheSampler(use_cuda_graph=True, compile=True)``, the graph
   of the torch.compile'd decode step (``ar.sampler: engine`` + ``ar.compile: true``); its warm-up call compiles;
-* ``engine_graph_lora`` (``--lora-row``): the graph path on an ``ARPolicy`` with LoRA r32 on q/k/v/o_proj (and
+* ``engine_graph_lora`` (``--lora-row``): the graph path on a ``GlmImageARPolicy`` with LoRA r32 on q/k/v/o_proj (and
   ``engine_graph_compiled_lora`` with ``--compile``);
 * ``engine_graph_autotune`` (``--autotune``): the compiled row with ``compile_mode="max-autotune-no-cudagraphs"``
   (inductor picks Triton GEMM templates or cuBLAS per matmul shape by timing them).
@@ -24,7 +24,7 @@ Rows (batch 32 unless ``--batches``):
 Checks written beside the timings (``checks``): the graph path's tokens equal the eager engine's under one
 seed (same kernels: bit-identical in any dtype); token agreement with ``GenerateSampler`` under the same seed
 (the same per-row draws, but bf16 rounding of a differently-shaped attention lets paths diverge after a while);
-and |Δ log-prob| between each sampler's stored log-probs and ``ARPolicy``'s teacher-forced recompute
+and |Δ log-prob| between each sampler's stored log-probs and ``GlmImageARPolicy``'s teacher-forced recompute
 (no grad), i.e. how far the first-iteration ratio is from 1 in bf16.
 """
 
@@ -60,7 +60,7 @@ def run_fn(policy, sampler, inputs, keep: Dict[int, object]):
 
 @torch.no_grad()
 def recompute_gap(policy, inputs, out) -> Dict[str, float]:
-    """Stored log-probs vs ARPolicy's teacher-forced recompute (the first-iteration ratio's log)."""
+    """Stored log-probs vs GlmImageARPolicy's teacher-forced recompute (the first-iteration ratio's log)."""
     extras = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], tokens=out.tokens,
                   position_ids=out.position_ids)
     logp = policy.processing.token_log_probs(policy._logits(policy.model, extras), out.tokens.to(policy.model.device))

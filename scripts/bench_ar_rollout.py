@@ -20,14 +20,14 @@ Rows, all on the same model in one process, prompts tokenised once beforehand (8
 batch 32, ~30-40 prompt tokens each, left padded), target 1024² (16x16 preview + 32x32 full grid = 1280 tokens):
 
 * ``hf_generate``: ``model.generate(**inputs, generation_config=...)`` directly (dynamic KV cache);
-* ``tandem_sampler``: ``policies.ar_sampler.GenerateSampler`` as ``ARPolicy.rollout`` calls it —
+* ``tandem_sampler``: ``policies.ar_sampler.GenerateSampler`` as ``GlmImageARPolicy.rollout`` calls it —
   ``policy.sampler(policy.model, prompt_inputs(inputs), N, policy.processing, row_seeds(seed, B))`` on an
-  ``ARPolicy`` built over the model (full fine-tuning setup; the decoder rendering is not run). It adds the
+  ``GlmImageARPolicy`` built over the model (full fine-tuning setup; the decoder rendering is not run). It adds the
   per-row seeded draw (a logits processor; generate itself runs greedy), the log-prob gather and the
   MRoPE-position hook to ``generate``;
 * ``hf_generate_static``: ``generate`` with ``cache_implementation="static"`` (transformers then compiles the
   decode forward itself: ``CompileConfig`` default, inductor, mode reduce-overhead);
-* ``tandem_sampler_lora`` (``--lora-row``): the sampler on an ``ARPolicy`` with LoRA rank 32 on
+* ``tandem_sampler_lora`` (``--lora-row``): the sampler on a ``GlmImageARPolicy`` with LoRA rank 32 on
   q/k/v/o_proj (the adapter runs unmerged inside generation, as in AR training).
 
 Timing: only the first ``--tokens`` N of the 1280 tokens are generated (default 512: the 256 preview tokens
@@ -57,7 +57,7 @@ import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
 import torch  # noqa: E402
 
 from tandem.core.seeds import derive_seed  # noqa: E402
-from tandem.policies.ar import ARPolicy  # noqa: E402
+from tandem.policies.ar import GlmImageARPolicy  # noqa: E402
 from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
 from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
 from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
@@ -108,15 +108,15 @@ def build_model(tokenizer, ids: Dict[str, int], tiny: bool, device: torch.device
     return model
 
 
-def build_policy(model, processor, device, lora: bool) -> ARPolicy:
-    """An ``ARPolicy`` over ``model``; the pipeline is a stand-in with only what the AR side reads (no decoder:
+def build_policy(model, processor, device, lora: bool) -> GlmImageARPolicy:
+    """An ``GlmImageARPolicy`` over ``model``; the pipeline is a stand-in with only what the AR side reads (no decoder:
     the benchmark times the sampler, not the rendering)."""
     pipe = SimpleNamespace(processor=processor, vision_language_encoder=model, vae_scale_factor=8,
                            transformer=SimpleNamespace(device=device, config=SimpleNamespace(patch_size=2)))
     cfg = JobConfig()
     cfg.data.height = cfg.data.width = 1024
     cfg.optim.lora = LoraSettings(enabled=lora, r=32, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=GenerateSampler())
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=GenerateSampler())
 
 
 def decode_weight_bytes(model) -> Dict[str, int]:
@@ -167,7 +167,7 @@ def row_seeds(seed: int, batch: int) -> List[int]:
     return [derive_seed(seed, i) for i in range(batch)]
 
 
-def sampler_fn(policy: ARPolicy, inputs):
+def sampler_fn(policy: GlmImageARPolicy, inputs):
     def run(n: int, seed: int):
         out = policy.sampler(policy.model, inputs, n, policy.processing, row_seeds(seed, inputs["input_ids"].shape[0]))
         assert out.tokens.shape[1] == n

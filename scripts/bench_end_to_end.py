@@ -70,7 +70,7 @@ def child(argv: List[str]) -> int:
     token_s: List[float] = []
     per_rollout: List[Dict[str, float]] = []  # render and token seconds of each rollout batch, in order
     original = ar_module.render_tokens
-    sample_tokens = ar_module.ARPolicy._sample_tokens
+    sample_tokens = ar_module.GlmImageARPolicy._sample_tokens
     rollout_and_score = trainer_module.StageTrainer.rollout_and_score
 
     def report():
@@ -103,7 +103,7 @@ def child(argv: List[str]) -> int:
         return out
 
     ar_module.render_tokens = timed(original, decode_s)
-    ar_module.ARPolicy._sample_tokens = timed(sample_tokens, token_s)
+    ar_module.GlmImageARPolicy._sample_tokens = timed(sample_tokens, token_s)
     trainer_module.StageTrainer.rollout_and_score = rollout_marked
     atexit.register(report)
     return cli_main(argv)

@@ -8,11 +8,11 @@ G is one prompt x G copies rolled out together and trained as one minibatch (``g
 ``grpo.mini_batch_size`` = G), the largest unit of work the trainer holds at once. Each probe runs one rollout and
 one ``rl.trainer.update_on_minibatch`` on it and records the peak of each (``torch.cuda.max_memory_allocated``).
 
-* **AR stage**: ``ARPolicy`` over the release-size ``GlmImageForConditionalGeneration`` (10.1B, random init; the
+* **AR stage**: ``GlmImageARPolicy`` over the release-size ``GlmImageForConditionalGeneration`` (10.1B, random init; the
   model, tokenizer and sampler of ``scripts/bench_ar_rollout.py``), LoRA on q/k/v/o_proj, the rollout through
   ``StaticCacheSampler`` with its CUDA graph (1280 tokens: 16x16 preview + 32x32 full grid). The frozen 2.9B
   diffusers-default decoder (``GlmImageTransformer2DModel()``, not the ~7B release DiT) is resident and renders
-  the G images with CFG, in one batch as ``ARPolicy`` does, for 1 ODE step instead of ``ar.decode_steps`` (the
+  the G images with CFG, in one batch as ``GlmImageARPolicy`` does, for 1 ODE step instead of ``ar.decode_steps`` (the
   memory of one step is the memory of every step).
 * **Decoder stage**: ``FlowPolicy`` over the 2.9B diffusers-default transformer (the pipeline of
   ``scripts/bench_flow_step.py``: random prior tokens, small VAE, 1-layer glyph T5), LoRA on
@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
-from tandem.policies.ar import ARPolicy  # noqa: E402
+from tandem.policies.ar import GlmImageARPolicy  # noqa: E402
 from tandem.policies.ar_engine import StaticCacheSampler  # noqa: E402
 from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
 from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
@@ -120,8 +120,8 @@ def largest_group(run: Callable[[int], Dict[str, object]], probes: List[int], ca
     return out
 
 
-def build_ar_policy(pipe, device, dtype, tiny: bool) -> Tuple[ARPolicy, JobConfig]:
-    """An ``ARPolicy`` (and its config) over the decoder pipeline with the release-size AR model and its
+def build_ar_policy(pipe, device, dtype, tiny: bool) -> Tuple[GlmImageARPolicy, JobConfig]:
+    """An ``GlmImageARPolicy`` (and its config) over the decoder pipeline with the release-size AR model and its
     processor swapped in."""
     from transformers import GlmImageImageProcessor, GlmImageProcessor
 
@@ -132,7 +132,7 @@ def build_ar_policy(pipe, device, dtype, tiny: bool) -> Tuple[ARPolicy, JobConfi
                                        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     pipe.vision_language_encoder = R.build_model(tokenizer, ids, tiny, device, dtype)
     cfg = stage_config("ar", 64 if tiny else 1024)
-    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=StaticCacheSampler(use_cuda_graph=True)), cfg
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=StaticCacheSampler(use_cuda_graph=True)), cfg
 
 
 def main() -> None:

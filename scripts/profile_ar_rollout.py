@@ -5,9 +5,9 @@
     .venv/bin/python scripts/profile_ar_rollout.py --tiny --device cpu        # CPU smoke test
 
 The policy is built exactly as ``tandem train ar --config configs/glm_image/ar.yaml`` builds it (``load_config`` +
-``build_policy``: LoRA, ``ar.sampler: engine``, ``ar.compile``), and ``ARPolicy.rollout`` is called on successive
-prompts of the job's prompt file, one call per ``--batches`` entry (samples = prompts x ``--group``), as the trainer
-calls it for its sub-batches. Per call, wall seconds (CUDA-synchronised) of each phase:
+``build_policy``: LoRA, ``ar.sampler: engine``, ``ar.compile``), and ``GlmImageARPolicy.rollout`` is called on
+successive prompts of the job's prompt file, one call per ``--batches`` entry (samples = prompts x ``--group``), as
+the trainer calls it for its sub-batches. Per call, wall seconds (CUDA-synchronised) of each phase:
 
 * ``inputs`` — prompt processing (``GlmImageAdapter.ar_inputs``);
 * ``positions`` — prompt + decode MRoPE positions; ``capture`` — static cache + CUDA-graph capture (and the
@@ -36,7 +36,7 @@ import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
 
 import torch  # noqa: E402
 
-from tandem.policies.ar import ARPolicy  # noqa: E402
+from tandem.policies.ar import GlmImageARPolicy  # noqa: E402
 from tandem.rl.config import load_config  # noqa: E402
 from tandem.rl.session import build_policy  # noqa: E402
 
@@ -103,7 +103,7 @@ def main() -> None:
     cfg = load_config(args.config, overrides, stage="ar")
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    policy: ARPolicy = build_policy("ar", cfg)
+    policy: GlmImageARPolicy = build_policy("ar", cfg)
     load_s = time.perf_counter() - t0
     records = [json.loads(line) for line in Path(args.extras, "prompts.jsonl").read_text().splitlines() if line]
 

@@ -130,9 +130,10 @@ def test_batch_scale_uses_batch_std_and_group_mean():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="aggregation is 'mean'; allowed: sum_then_normalize, normalize_then_sum"):
+    with pytest.raises(ValueError, match="reward aggregation 'mean'; allowed reward aggregations: normalize_then_sum, "
+                       "sum_then_normalize"):
         compute_advantages({"r": np.zeros(2)}, {"r": 1.0}, np.zeros(2, int), aggregation="mean")
-    with pytest.raises(ValueError, match="scale_rewards"):
+    with pytest.raises(ValueError, match="reward scale 'global'; allowed reward scales: batch, group, none"):
         compute_advantages({"r": np.zeros(2)}, {"r": 1.0}, np.zeros(2, int), scale_rewards="global")
     with pytest.raises(ValueError, match="no weight for reward"):
         compute_advantages({"r": np.zeros(2)}, {}, np.zeros(2, int))

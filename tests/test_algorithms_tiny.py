@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tandem.policies.glm_image import load_pipeline
-from tandem.policies.ode_solvers import dpm2m_step
+from tandem.policies.ode_solvers.dpm2m import dpm2m_step
 from tandem.rl.config import DecoderConfig, JobConfig, apply_stage_defaults
 from tandem.rl.nft import nft_loss, optimality_probability
 from tandem.rl.objectives import OBJECTIVES
@@ -301,13 +301,13 @@ def test_nft_fresh_draws_per_update_epoch(tiny_model_path):
 def test_nft_old_policy_samples_the_rollout_and_gives_v_old(tiny_model_path, tmp_path):
     """grpo.nft_old_decay_type 1: before each rollout batch old ← d·old + (1 − d)·θ, d = min(0.001·s, 0.5); the
     rollout and v_old come from the old weights, the live weights stay θ; a checkpoint keeps the old weights."""
-    from types import SimpleNamespace
-
     from accelerate import Accelerator
 
+    from tandem.core.types import PromptRecord
     from tandem.rl.checkpoint import read_state, restore, save_checkpoint
     from tandem.rl.run_dir import RunDir
-    from tandem.rl.trainer import build_optimizer
+    from tandem.rl.run_state import RunState
+    from tandem.rl.trainer import StageTrainer
 
     def nft_policy():
         torch.manual_seed(0)
@@ -344,15 +344,15 @@ def test_nft_old_policy_samples_the_rollout_and_gives_v_old(tiny_model_path, tmp
     assert torch.allclose(v, e["nft_v_old"][:, 0], atol=1e-6)
     policy.old = plain
 
-    optimizer, scheduler = build_optimizer(policy, cfg, Accelerator(cpu=True), num_steps=4)
+    def trainer(policy):
+        return StageTrainer("decoder", cfg, policy, None, None, Accelerator(cpu=True), RunState(),
+                            [PromptRecord(p, m) for p, m in zip(PROMPTS, META)], num_steps=4)
+
     RunDir(str(tmp_path)).create(cfg)
-    folder = save_checkpoint(tmp_path / "checkpoints", 1, {"decoder": SimpleNamespace(policy=policy,
-                             optimizer=optimizer, scheduler=scheduler)}, cfg, {"run_state": {}, "samplers": {}})
+    folder = save_checkpoint(tmp_path / "checkpoints", 1, {"decoder": trainer(policy)}, cfg, {"run_state": {}})
     assert (folder / "decoder.extra_state.safetensors").is_file()
     resumed, _ = nft_policy()
-    optimizer, scheduler = build_optimizer(resumed, cfg, Accelerator(cpu=True), num_steps=4)
-    restore(folder, {"decoder": SimpleNamespace(policy=resumed, optimizer=optimizer, scheduler=scheduler)},
-            read_state(folder, cfg))
+    restore(folder, {"decoder": trainer(resumed)}, read_state(folder, cfg))
     assert all(torch.equal(a, b) for a, b in zip(resumed.old.shadow, policy.old.shadow))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tandem.core.errors import ConfigError
-from tandem.policies.ar import ARPolicy
+from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
 from tandem.rl.config import JobConfig, apply_stage_defaults, load_config
@@ -30,7 +30,7 @@ def policy(tiny_path):
     cfg.ar.edit, cfg.grpo.beta = True, 0.04
     apply_stage_defaults(cfg, "ar")
     pipe = load_pipeline(tiny_path, device="cpu")
-    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_a_source_past_the_processor_bound_is_on_policy_and_renders(tiny_path, e
     apply_stage_defaults(cfg, "ar")
     pipe = load_pipeline(tiny_path, device="cpu")
     pipe.processor.image_processor.size = {"shortest_edge": 16 * 16, "longest_edge": 40 * 40}
-    policy = ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
     meta = [r.metadata for r in edit_records[:2]]
     batch = policy.rollout([r.prompt for r in edit_records[:2]], meta, group_size=2, seed=1)
     assert batch.extras["image_grid_thw"][0].tolist() == [[1, 1, 1], [1, 2, 2]]  # source (bounded), target

@@ -1,13 +1,13 @@
 """StaticCacheSampler (policies/ar_engine.py) on a tiny random-init GLM-Image (real classes, CPU, fp32): the same
 tokens, log-probs and MRoPE positions as GenerateSampler under the same row seeds; log-probs equal to an independent
-teacher-forced recompute; ARPolicy's first ratio is 1 with it; decode-position rule incl. source images."""
+teacher-forced recompute; GlmImageARPolicy's first ratio is 1 with it; decode-position rule incl. source images."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tandem.policies.ar import ARPolicy
+from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_engine import StaticCacheSampler, decode_positions, prompt_positions
 from tandem.policies.ar_sampler import GenerateSampler, LogitsProcessing, prompt_inputs
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
@@ -165,9 +165,9 @@ def test_policy_rollout_with_engine_ratio_one(tiny_path, lora):
     cfg.model.path, cfg.model.device = tiny_path, "cpu"
     cfg.optim.lora.enabled = lora
     cfg.ar.top_k = 40
-    cfg.ar.sampler = "engine"  # the config route: ARPolicy builds the StaticCacheSampler itself
+    cfg.ar.sampler = "engine"  # the config route: GlmImageARPolicy builds the StaticCacheSampler itself
     pipe = load_pipeline(tiny_path, device="cpu")
-    policy = ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
     assert isinstance(policy.sampler, StaticCacheSampler)
     r = policy.rollout(PROMPTS[1:3], [{}, {}], group_size=2, seed=3)
     assert (r.extras["attention_mask"] == 0).any()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.policies.ar import ARPolicy
+from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_sampler import GenerateSampler, capture_rope_positions
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.tiny import CODEBOOK
@@ -26,7 +26,7 @@ def make_policy(path, lora=True, sampler=None, **ar):
     for key, value in ar.items():
         setattr(cfg.ar, key, value)
     pipe = load_pipeline(path, device="cpu")
-    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
 
 
 class Recorder:
@@ -197,7 +197,7 @@ def test_sample_and_lora_target_errors(tiny_path):
         cfg = JobConfig()
         cfg.model.path, cfg.model.device = tiny_path, "cpu"
         cfg.optim.lora.enabled, cfg.optim.lora.target_modules = True, ["to_qq"]
-        ARPolicy.from_config(cfg)
+        GlmImageARPolicy.from_config(cfg)
 
 
 def test_processing_check_tolerates_boundary_ties_but_not_extra_processors():

@@ -12,7 +12,7 @@ from cli_run import tandem_cli  # tests/ is on sys.path
 
 from tandem.core.errors import ConfigError
 from tandem.core.types import Rollout
-from tandem.policies.ar import ARPolicy
+from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_engine import StaticCacheSampler
 from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
@@ -25,8 +25,8 @@ NON_CODEBOOK = tuple(range(CODEBOOK, VISION_VOCAB))
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tiny AR models
 
 
-def release_policy(path, suppress_non_codebook: bool, gen_suppress=None, **ar) -> ARPolicy:
-    """ARPolicy over the tiny pipeline with the release's generation config: no ``suppress_tokens`` (the tiny
+def release_policy(path, suppress_non_codebook: bool, gen_suppress=None, **ar) -> GlmImageARPolicy:
+    """GlmImageARPolicy over the tiny pipeline with the release's generation config: no ``suppress_tokens`` (the tiny
     model's saved config suppresses the non-codebook ids; the release's does not) unless ``gen_suppress``."""
     cfg = JobConfig()
     cfg.model.path, cfg.model.device = path, "cpu"
@@ -35,7 +35,7 @@ def release_policy(path, suppress_non_codebook: bool, gen_suppress=None, **ar) -
         setattr(cfg.ar, key, value)
     pipe = load_pipeline(path, device="cpu")
     pipe.vision_language_encoder.generation_config.suppress_tokens = gen_suppress
-    return ARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
 
 
 @pytest.mark.parametrize("on", [False, True], ids=["off", "on"])

@@ -2,19 +2,20 @@
 outputs of tandem's live policy and of tandem's own loader; `tandem export` writes a loadable pipeline."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
 
+from tandem.core.types import PromptRecord
 from tandem.policies.families import get_family
 from tandem.policies.glm_image import load_pipeline
 from tandem.rl.checkpoint import load_trained_weights, save_checkpoint
 from tandem.rl.config import JobConfig, apply_stage_defaults
 from tandem.rl.run_dir import RunDir
+from tandem.rl.run_state import RunState
 from tandem.rl.session import build_policy
-from tandem.rl.trainer import build_optimizer
+from tandem.rl.trainer import StageTrainer
 
 pytestmark = pytest.mark.slow  # jobs and tiny pipelines
 
@@ -36,10 +37,10 @@ def checkpoint(stage, lora, tiny, out, ema=False):
             for p in policy.trainable_parameters():
                 p.add_(0.02 * torch.randn_like(p))
         policy.on_optimizer_step()
-    optimizer, scheduler = build_optimizer(policy, cfg, Accelerator(cpu=True), num_steps=4)
-    trainer = SimpleNamespace(policy=policy, optimizer=optimizer, scheduler=scheduler)
+    trainer = StageTrainer(stage, cfg, policy, None, None, Accelerator(cpu=True), RunState(), [PromptRecord("a", {})],
+                           num_steps=4)
     RunDir(str(out)).create(cfg)
-    folder = save_checkpoint(out / "checkpoints", 1, {stage: trainer}, cfg, {"run_state": {}, "samplers": {}})
+    folder = save_checkpoint(out / "checkpoints", 1, {stage: trainer}, cfg, {"run_state": {}})
     return cfg, policy, folder
 
 

@@ -88,6 +88,42 @@ def test_same_noise_in_group(tiny_model_path):
     assert images[False].mean() > 5
 
 
+def test_a_registered_ode_solver_runs_the_rollout_and_sees_every_step(tiny_model_path):
+    """A solver registered from outside (as a new file under policies/ode_solvers/ would) is a valid
+    ``decoder.ode_solver`` and steps the whole rollout: every step, the SDE window's included (its state threads
+    through), its samples outside the window are the rollout's."""
+    from tandem.policies.ode_solvers import ODE_SOLVERS, ODESolver
+    from tandem.policies.sde import ode_step
+    from tandem.rl.config import RewardEntry, validate
+
+    assert ODE_SOLVERS.names() == ["dpm2m", "euler"]  # found by the package's own module discovery
+    calls = []
+
+    @ODE_SOLVERS.register("test_counting_euler")
+    class CountingEuler(ODESolver):
+        def step(self, velocity, x, sigma, sigma_next, state):
+            calls.append((float(sigma), state))
+            return ode_step(velocity, x, sigma, sigma_next), (state or 0) + 1
+
+    try:
+        images = {}
+        for solver in ("euler", "test_counting_euler"):
+            cfg = make_cfg(tiny_model_path, ode_solver=solver, sde_window_size=2,
+                           sde_window_range=[1, 4])
+            cfg.rewards = [RewardEntry(name="brightness")]
+            validate(cfg, "decoder")
+            policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
+            images[solver] = policy.rollout(["a cat"], [{}], group_size=2, seed=3).extras["x0"]
+        sigmas, states = zip(*calls)
+        assert list(sigmas) == sorted(sigmas, reverse=True) and list(states) == [None, 1, 2, 3, 4, 5]
+        assert torch.equal(images["euler"], images["test_counting_euler"])
+    finally:
+        ODE_SOLVERS.unregister("test_counting_euler")
+    cfg.decoder.ode_solver = "test_counting_euler"
+    with pytest.raises(ValueError, match="decoder.ode_solver.*allowed: dpm2m, euler"):
+        validate(cfg, "decoder")
+
+
 def test_window_never_trains_the_last_step():
     rng = np.random.default_rng(0)
     window = DecoderConfig(num_steps=6, sde_window_size=2, sde_window_range=[0, 5])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tandem.policies.flow import sliding_window, trained_step_indices
-from tandem.policies.ode_solvers import dpm2m_step
+from tandem.policies.ode_solvers.dpm2m import dpm2m_step
 from tandem.policies.sde import ode_step, sde_step
 from tandem.rl.config import DecoderConfig
 from tandem.rl.losses import guard_step_weights, policy_loss, ratio_norm_log_ratio

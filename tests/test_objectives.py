@@ -112,7 +112,7 @@ def test_a_registered_loss_type_is_a_valid_choice():
     try:
         validate(cfg, "decoder")
     finally:
-        LOSS_TYPES.pop("test_sum")
+        LOSS_TYPES.unregister("test_sum")
 
 
 def test_clipped_surrogate_is_the_default_for_both_stages():

@@ -65,4 +65,6 @@ def test_the_wheel_holds_the_configs_and_data(tmp_path):
     expected = {f"tandem/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
     expected |= {f"tandem/data/{p.name}" for p in (ROOT / "data").glob("*.jsonl")}
     assert "tandem/data/text_eval_prompts.jsonl" in expected and "tandem/configs/demo/decoder.yaml" in expected
+    expected |= {f"tandem/{p.relative_to(ROOT)}" for layer in ("core", "rewards", "policies", "rl")
+                 for p in (ROOT / layer).rglob("*.py")}  # every module, sub-packages' too
     assert expected <= names, expected - names

@@ -177,7 +177,7 @@ def test_joint_phase_is_a_function_of_the_global_step():
     assert phases[10] == ("decoder", 8, 11)  # the last phase ends at max_steps
 
 
-def test_hand_off_records_round_trip_exactly(tmp_path):
+def test_handoff_records_round_trip_exactly(tmp_path):
     from tandem.rl.buffer import load_records, save_records
 
     source = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)

@@ -190,7 +190,7 @@ def test_mean_kl():
 
 def test_bad_arguments_teach():
     v, x = _inputs()
-    with pytest.raises(ValueError, match="sde, cps"):
+    with pytest.raises(ValueError, match="'ddim'; allowed SDE kinds: cps, sde"):
         sde_step(v, x, 0.6, 0.4, 0.5, kind="ddim")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sde_step(v, x, 0.6, 0.4, 1.5, kind="cps")
@@ -238,3 +238,25 @@ def test_cps_flow_grpo_log_prob_is_minus_squared_error(sigma, sigma_next):
     _, sde_a, _, _ = sde_step(v, x, sigma, sigma_next, 0.7, prev_sample=x_next, kind="sde")
     _, sde_b, _, _ = sde_step(v, x, sigma, sigma_next, 0.7, prev_sample=x_next, kind="sde", cps_log_prob="flow_grpo")
     assert torch.equal(sde_a, sde_b)
+
+
+def test_a_registered_sde_kind_is_stepped_and_scored_by_sde_step():
+    """A kind registered from outside gives sde_step its moments; the sample and log-prob follow from them."""
+    from tandem.policies.sde import SDE_KINDS, SDEKind
+
+    @SDE_KINDS.register("test_euler_plus_noise")
+    class EulerPlusNoise(SDEKind):
+        def moments(self, x, v, s0, s1, a):
+            return x + v * (s1 - s0), torch.full_like(s0, a)
+
+    try:
+        v, x = _inputs()
+        x_next, logp, mean, std = sde_step(v, x, 0.6, 0.4, 0.3, generator=torch.Generator().manual_seed(0),
+                                           kind="test_euler_plus_noise")
+        torch.testing.assert_close(mean, ode_step(v, x, 0.6, 0.4))
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(x_next, mean + 0.3 * eps)
+        expected = torch.distributions.Normal(mean, 0.3).log_prob(x_next).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(logp, expected)
+    finally:
+        SDE_KINDS.unregister("test_euler_plus_noise")

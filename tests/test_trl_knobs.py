@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # imports trl and builds its config
 
 KNOBS = ("num_generations", "epsilon", "epsilon_high", "beta", "loss_type", "scale_rewards",
          "multi_objective_aggregation", "num_iterations")
-CHOICES = {"loss_type": sorted(LOSS_TYPES), "scale_rewards": list(SCALES), "multi_objective_aggregation": list(AGGREGATIONS)}
+CHOICES = {"loss_type": LOSS_TYPES.names(), "scale_rewards": SCALES.names(),
+           "multi_objective_aggregation": AGGREGATIONS.names()}
 TRL_FIELDS = {f.name: f for f in dataclasses.fields(trl.GRPOConfig)}
 
 

@@ -1,4 +1,4 @@
-"""Deterministic (ODE) steps of a flow sampler outside the SDE window: Euler or DPM-Solver++(2M).
+"""DPM-Solver++(2M), the second-order multistep ODE solver (``decoder.ode_solver: dpm2m``).
 
 Convention as in ``policies.sde``: x_σ = (1 − σ)·x₀ + σ·ε, v = ε − x₀, so the data prediction is x̂₀ = x − σ·v.
 With α = 1 − σ and λ = log(α/σ) (half log-SNR), DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for
@@ -12,8 +12,8 @@ steps σ_i → σ_{i+1} with h = λ_{i+1} − λ_i, h₀ = λ_i − λ_{i−1}, 
 Its first-order form (D = x̂₀_i) is exactly the Euler step x + (σ_{i+1} − σ_i)·v, which is used where no
 previous data prediction exists (the first step) and on the final step to σ = 0 (λ = ∞; diffusers'
 ``lower_order_final``). MixGRPO-Flash (Li et al. 2025, arXiv:2507.21802, §3.4) samples the steps outside its SDE
-window with such a higher-order solver; its SDE steps still feed the solver's history (x̂₀ of each step), so the
-flow policy passes the x̂₀ of an SDE step on as ``previous``.
+window with such a higher-order solver; its SDE steps still feed the solver's history (x̂₀ of each step): the
+flow policy calls ``step`` on an SDE step too and keeps its state (``policies.ode_solvers``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from tandem.policies.ode_solvers import ODE_SOLVERS, ODESolver
 from tandem.policies.sde import ode_step
-
-SOLVERS = ("euler", "dpm2m")
 
 
 def _lam(sigma: torch.Tensor) -> torch.Tensor:
@@ -54,3 +53,11 @@ def dpm2m_step(velocity: torch.Tensor, x: torch.Tensor, sigma: float, sigma_next
     r = (_lam(s0) - _lam(torch.as_tensor(s_prev, dtype=torch.float32))) / h
     d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
     return (s1 / s0) * x - (1 - s1) * torch.expm1(-h) * d, (x0, s0)
+
+
+@ODE_SOLVERS.register("dpm2m")
+class DPMSolver2M(ODESolver):
+    """``dpm2m_step`` as an ``ODESolver``; its state is the previous step's (x̂₀, σ)."""
+
+    def step(self, velocity, x, sigma, sigma_next, state):
+        return dpm2m_step(velocity, x, sigma, sigma_next, state)
