@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tandem.policies.ar import ARPolicy
+from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.flow import FlowPolicy
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter
@@ -63,7 +63,7 @@ def test_the_flow_policy_matches_training_unless_compiled(tiny_path, compile_, e
 @pytest.mark.parametrize("compile_, expected", [(False, True), (True, False)])
 def test_the_ar_policy_answers_through_its_token_sampler(tiny_path, compile_, expected):
     pipe = load_pipeline(tiny_path, device="cpu")
-    policy = ARPolicy(pipe, GlmImageAdapter(pipe), _config({"ar.compile": compile_}))
+    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), _config({"ar.compile": compile_}))
     assert policy.rollout_matches_training is expected
 
 
