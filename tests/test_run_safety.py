@@ -143,6 +143,7 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_being_written():
 def test_ctrl_c_while_the_job_cleans_up_is_logged_and_ignored(caplog):
     from tandem.rl.signals import StopSignals
 
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN where started in the background
     with StopSignals() as signals, caplog.at_level("WARNING", logger="tandem.session"):
         signals.arm(lambda: "at step 1")
         ctrl_c()
@@ -150,7 +151,7 @@ def test_ctrl_c_while_the_job_cleans_up_is_logged_and_ignored(caplog):
         ctrl_c()
         ctrl_c()
     assert caplog.text.count("already stopping; cleaning up") == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_an_interrupt_without_a_message_is_one_line(monkeypatch):
