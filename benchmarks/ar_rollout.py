@@ -209,6 +209,14 @@ def recorder(rows: List[Dict[str, object]], results: C.Results):
     return record
 
 
+def decode_columns(baseline: tuple, extra: tuple) -> List[tuple]:
+    """The printed table's columns of ``bench_row`` rows, with the ratio to ``baseline`` and one ``extra`` column."""
+    return [("row", "row", ""), ("batch", "batch", ""), ("ms/step", "decode_ms_per_step", ".2f"),
+            ("x roofline", "x_roofline", ".2f"), baseline, ("tok/s", "tokens_per_s", ".4g"),
+            ("prefill+1 ms", "t1_ms", ".4g"), extra, ("1280-tok est s", "full_image_est_s", ".3g"),
+            ("peak GiB", "peak_gib", ".1f")]
+
+
 def vs_baseline(rows: List[Dict[str, object]], baseline: str) -> None:
     """``vs_<baseline>`` of each row: its ms/step over that of the first ``baseline`` row of the same batch."""
     base: Dict[int, float] = {}
@@ -333,11 +341,8 @@ def run(bench: C.Bench) -> None:
     vs_baseline(rows, "hf_generate")  # ratios against HF generate (dynamic cache) at the same batch
     res.set("rows", rows)
     C.print_table(f"AR decode, {n} of {num_units} tokens of a 1024² image (roofline {roofline_s * 1e3:.2f} ms/step = "
-                  f"{wb['decode_weight_bytes'] / 1e9:.2f} GB / 4.3 TB/s)", rows, [
-                      ("row", "row", ""), ("batch", "batch", ""), ("ms/step", "decode_ms_per_step", ".2f"),
-                      ("x roofline", "x_roofline", ".2f"), ("vs HF gen", "vs_hf_generate", ".2f"),
-                      ("tok/s", "tokens_per_s", ".4g"), ("prefill+1 ms", "t1_ms", ".4g"), ("TN s", "tn_s", ".3g"),
-                      ("1280-tok est s", "full_image_est_s", ".3g"), ("peak GiB", "peak_gib", ".1f")])
+                  f"{wb['decode_weight_bytes'] / 1e9:.2f} GB / 4.3 TB/s)", rows,
+                  decode_columns(("vs HF gen", "vs_hf_generate", ".2f"), ("TN s", "tn_s", ".3g")))
 
 
 def main(argv=None) -> int:
