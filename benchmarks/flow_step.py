@@ -78,7 +78,7 @@ GPU_PLAN = {
     512: dict(prompts=4, group=4, chunk=8, train=[(8, False)]),
     1024: dict(prompts=2, group=4, chunk=4, train=[(2, False), (4, False), (4, True)]),
 }
-TINY_PLAN = {64: dict(prompts=2, group=2, chunk=2, train=[(2, False), (2, True)]),
+TINY_PLAN = {64: dict(prompts=2, group=2, chunk=2, train=[(2, True)]),
              128: dict(prompts=1, group=2, chunk=2, train=[(2, False)])}
 
 
