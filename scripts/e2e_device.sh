@@ -2,7 +2,7 @@
 # End-to-end runs of the glm_image configs on a bare GPU machine (docs/performance.md, "Whole jobs at release
 # shape"). Run from the repository root; expects the packed site-packages (ray + the packages the machine
 # lacks) in $WHL; writes the release-shaped pipeline once to $REL (reused while the machine stays up).
-#   WHL=.whl12 OUT=/tmp/out scripts/e2e_device.sh ARGS-FOR-bench_end_to_end.py...
+#   WHL=.whl12 OUT=/tmp/out scripts/e2e_device.sh ARGS-FOR-benchmarks.end_to_end...
 set -uo pipefail
 WHL=${WHL:-.whl12}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/ray ]; then
@@ -21,4 +21,4 @@ if [ ! -f "$REL/model_index.json" ]; then
   grep -E "Elapsed|Maximum resident" "$OUT/make.err"; du -sh "$REL" "$REL-x"
 fi
 [ "${1:-}" = "--build-only" ] && exit 0
-python3 scripts/bench_end_to_end.py --model "$REL" --extras "$REL-x" "$@"
+python3 -m benchmarks.end_to_end --model "$REL" --extras "$REL-x" "$@"

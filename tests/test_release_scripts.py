@@ -1,6 +1,6 @@
-"""The release-size tooling: make_release_pipeline's processor bounds, bench_end_to_end's split and overrides.
+"""The release-size tooling: make_release_pipeline's processor bounds, benchmarks.end_to_end's split and overrides.
 
-These are the parts of ``scripts/make_release_pipeline.py`` and ``scripts/bench_end_to_end.py`` that run without
+These are the parts of ``scripts/make_release_pipeline.py`` and ``benchmarks/end_to_end.py`` that run without
 a GPU; the release-size runs themselves are in docs/performance.md.
 """
 
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_end_to_end as e2e  # noqa: E402
-import make_release_pipeline as mrp  # noqa: E402
+from benchmarks import end_to_end as e2e  # noqa: E402
+
+mrp = e2e.C.release_tool()
 
 
 def grid_of(image_processor, size: int):

@@ -4,18 +4,19 @@ sub-batch rolls out (``reward_host.async_scoring``), against scoring each sub-ba
 Runs the same fixed-seed tiny job twice in one process (async on, then off) and prints a table; the trained
 metrics of both runs must match (same sub-batches, same seeds), which the script checks.
 
-    .venv/bin/python scripts/bench_async_scoring.py [--stage decoder] [--steps 16] [--backend ray|local]
+    .venv/bin/python -m benchmarks.async_scoring [--stage decoder] [--steps 16] [--backend ray|local]
         [--device cpu|cuda] [--size 256] [--out runs/bench/async_scoring.json]
+    .venv/bin/python -m benchmarks.async_scoring --tiny     # smoke test: 1 step at 64², in-process rewards
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import common as C
 from tandem.rl.config import load_config
 from tandem.rl.session import train
 
@@ -29,12 +30,12 @@ def run_once(args, async_scoring: bool, out: Path) -> dict:
                  REWARDS, f"data.height={args.size}", f"data.width={args.size}", "grpo.num_generations=4",
                  "grpo.prompts_per_step=4", "grpo.mini_batch_size=4", f"model.device={args.device}"]
     stage = args.stage
-    cfg = load_config(f"configs/demo/{stage}.yaml", overrides, stage=stage)
+    cfg = load_config(str(C.REPO / "configs" / "demo" / f"{stage}.yaml"), overrides, stage=stage)
     cfg.model.path = args.model_path or cfg.model.path
     t0 = time.perf_counter()
     train(cfg, stage)
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = C.read_metrics(out)
     return {
         "wall_s": wall,
         "loop_s": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/train_s"] for r in rows),
@@ -45,32 +46,36 @@ def run_once(args, async_scoring: bool, out: Path) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=["ar", "decoder"], default="decoder")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--backend", choices=["ray", "local"], default="ray", help="local: rewards on a background thread")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--size", type=int, default=256, help="image height = width")
-    p.add_argument("--model-path", default=None, help="tiny pipeline folder (default: the demo's)")
-    p.add_argument("--out", default="runs/bench/async_scoring.json")
-    args = p.parse_args()
+def arguments(ap) -> None:
+    ap.add_argument("--stage", choices=["ar", "decoder"], default="decoder")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of each job (default 16; tiny 1)")
+    ap.add_argument("--backend", choices=["ray", "local"], default=None,
+                    help="local: rewards on a background thread (default ray; tiny local)")
+    ap.add_argument("--size", type=int, default=None, help="image height = width (default 256; tiny 64)")
+    ap.add_argument("--model-path", default=None, help="tiny pipeline folder (default: the demo's)")
+
+
+def run(bench: C.Bench) -> None:
+    args = bench.args
+    bench.default("steps", 16, 1)
+    bench.default("backend", "ray", "local")
+    bench.default("size", 256, 64)
     with tempfile.TemporaryDirectory() as tmp:
         results = {mode: run_once(args, mode == "async", Path(tmp) / mode) for mode in ("async", "sync")}
     same = results["async"].pop("rewards") == results["sync"].pop("rewards")
     saving = 1 - results["async"]["loop_s"] / results["sync"]["loop_s"]
-    print(f"{'mode':<6} {'loop s':>8} {'rollout s':>10} {'reward wait s':>14} {'train s':>8} {'job wall s':>11}")
-    for mode, r in results.items():
-        print(f"{mode:<6} {r['loop_s']:8.1f} {r['rollout_s']:10.1f} {r['reward_wait_s']:14.1f} {r['train_s']:8.1f} "
-              f"{r['wall_s']:11.1f}")
+    C.print_table("async vs sync scoring (s)", [dict(mode=mode, **r) for mode, r in results.items()], [
+        ("mode", "mode", ""), ("loop s", "loop_s", ".1f"), ("rollout s", "rollout_s", ".1f"),
+        ("reward wait s", "reward_wait_s", ".1f"), ("train s", "train_s", ".1f"), ("job wall s", "wall_s", ".1f")])
     print(f"async/sync training-loop time {1 - saving:.3f} (saving {100 * saving:.1f} %; loop = rollout + reward wait + "
           f"train, without start-up); identical rewards: {same}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"stage": args.stage, "steps": args.steps, "backend": args.backend, "device": args.device,
-                               "size": args.size, "results": results,
-                               "loop_ratio_async_over_sync": 1 - saving, "identical_rewards": same}, indent=1))
+    for key, value in (("results", results), ("loop_ratio_async_over_sync", 1 - saving), ("identical_rewards", same)):
+        bench.results.set(key, value)
+
+
+def main(argv=None) -> int:
+    return C.main("async_scoring", __doc__, arguments, run, argv, device="cpu", dtype=False)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

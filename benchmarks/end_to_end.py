@@ -28,16 +28,15 @@ optimizer steps trained on it), from ``metrics.jsonl``:
 
 Run on a GPU box (model and extras written by ``scripts/make_release_pipeline.py``):
 
-    python scripts/bench_end_to_end.py --model /tmp/rel --extras /tmp/rel-x --stages decoder,ar,joint \
+    python -m benchmarks.end_to_end --model /tmp/rel --extras /tmp/rel-x --stages decoder,ar,joint \
         --gpus 1 --out bench.json
-    python scripts/bench_end_to_end.py --device cpu --tiny --out /tmp/e2e.json      # CPU smoke test
+    python -m benchmarks.end_to_end --device cpu --tiny --out /tmp/e2e.json      # CPU smoke test
 
 Extra ``--set key=value`` overrides go to every job (e.g. ``--set decoder.compile=false``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -47,10 +46,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import _bench_common as C  # noqa: E402
+from benchmarks import common as C
+from benchmarks.common import REPO
 
 
 # ------------------------------------------------------------------------------------------------ child mode
@@ -163,8 +160,8 @@ def job_command(args, stage: str, run_dir: Path, child_log: Path, overrides: Lis
            reward_entries(Path(args.extras), args.tiny, args.with_ocr, args.with_hands, stage), *overrides]
     if args.launcher == "torchrun" and args.gpus > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
-                __file__, "child", *cli]
-    return [sys.executable, __file__, "child", *cli]
+                "--module", "benchmarks.end_to_end", "child", *cli]
+    return [sys.executable, "-m", "benchmarks.end_to_end", "child", *cli]
 
 
 def stage_overrides(args, stage: str) -> List[str]:
@@ -220,11 +217,6 @@ def job_flops(args, stage: str, overrides: List[str]) -> Dict[str, float]:
     trained = d.sde_window_size if d.sde_window_size > 0 else max(1, round(d.timestep_fraction * (d.num_steps - 1)))
     passes = 3 + (1 if cfg.grpo.beta > 0 else 0)
     return {"rollout": samples * d.num_steps * branches * fwd, "train": samples * trained * branches * passes * fwd}
-
-
-def read_metrics(run_dir: Path) -> List[Dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def summarise(metrics: List[Dict], samples: int, gpus: int, per_rollout: List[Dict[str, float]],
@@ -292,7 +284,8 @@ def run_stage(args, stage: str, results: C.Results, launch: int = 1) -> Dict:
     child_log = run_dir.with_suffix(".child.json")
     overrides = stage_overrides(args, stage)
     cmd = job_command(args, stage, run_dir, child_log, overrides)
-    env = dict(os.environ, BENCH_CHILD_LOG=str(child_log), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, BENCH_CHILD_LOG=str(child_log), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with MemoryPoller() as mem:
@@ -308,16 +301,13 @@ def run_stage(args, stage: str, results: C.Results, launch: int = 1) -> Dict:
     row = {"stage": stage, "launch": launch, "gpus": args.gpus, "launcher": args.launcher, "strategy": args.strategy,
            "rc": rc, "job_wall_s": total, "samples_per_rl_step": samples, "overrides": overrides,
            "peak_gpu_mib": mem.peak, "torch_peak_gib": child.get("torch_peak_gib"),
-           **summarise(read_metrics(run_dir), samples, args.gpus, child.get("per_rollout", []),
+           **summarise(C.read_metrics(run_dir), samples, args.gpus, child.get("per_rollout", []),
                        job_flops(args, stage, overrides))}
     results.add("rows", row)
     return row
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "child":
-        sys.exit(child(sys.argv[2:]))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(ap) -> None:
     ap.add_argument("--model", default=None, help="GlmImagePipeline folder (make_release_pipeline.py OUT)")
     ap.add_argument("--extras", default=None, help="reward models + prompts folder (make_release_pipeline.py --extras)")
     ap.add_argument("--stages", default="decoder,ar,joint")
@@ -333,21 +323,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra key=value override for every job")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--work", default="/tmp/tandem-e2e")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="tiny models built here, CPU (smoke test)")
     ap.add_argument("--launches", type=int, default=1, help="launches of each job (2: the second starts warm)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.tiny and not args.model:
-        args.model, args.extras = f"{args.work}/tiny-pipe", f"{args.work}/tiny-extras"
-        if not Path(args.model).exists():
-            subprocess.run([sys.executable, str(REPO / "scripts/make_release_pipeline.py"), args.model, "--tiny",
-                            "--device", "cpu", "--extras", args.extras], check=True)
-    import torch
 
-    results = C.Results(args.out, {"bench": "end_to_end", "args": vars(args),
-                                   "environment": C.environment(torch.device(args.device))})
-    rows = [run_stage(args, stage, results, launch) for stage in args.stages.split(",")
+
+def run(bench: C.Bench) -> None:
+    args = bench.args
+    if args.tiny and not args.model:
+        args.model, args.extras = C.tiny_release_pipeline(Path(args.work))
+    rows = [run_stage(args, stage, bench.results, launch) for stage in args.stages.split(",")
             for launch in range(1, args.launches + 1)]
     C.print_table("End-to-end RL steps (steady = mean of rollout batches after the first)", rows, [
         ("stage", "stage", ""), ("samples", "samples_per_rl_step", ""), ("launch", "launch", ""),
@@ -362,5 +345,13 @@ def main() -> None:
         print(f"{r['stage']}: peak nvidia-smi MiB per GPU {r['peak_gpu_mib']}; step 1 {r.get('step1')}")
 
 
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["child"]:
+        return child(argv[1:])
+    return C.main("end_to_end", __doc__, arguments, run, argv, dtype=False,
+                  tiny_help="tiny models built here, CPU (smoke test)")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

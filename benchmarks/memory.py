@@ -1,7 +1,7 @@
 """Benchmark: peak GPU memory of LoRA training (bf16, gradient checkpointing) at 1024², largest group.
 
-    PYTHONUNBUFFERED=1 python scripts/bench_memory.py --out docs/bench/memory_h200.json
-    .venv/bin/python scripts/bench_memory.py --device cpu --tiny      # CPU smoke test, no memory figures
+    PYTHONUNBUFFERED=1 python -m benchmarks.memory --out docs/bench/memory_h200.json
+    .venv/bin/python -m benchmarks.memory --device cpu --tiny      # CPU smoke test, no memory figures
 
 Both stages at 1024², LoRA rank 32 (AdamW on the adapters), gradient checkpointing, ``grpo.beta`` 0. A group of
 G is one prompt x G copies rolled out together and trained as one minibatch (``grpo.num_generations`` =
@@ -9,13 +9,13 @@ G is one prompt x G copies rolled out together and trained as one minibatch (``g
 one ``rl.trainer.update_on_minibatch`` on it and records the peak of each (``torch.cuda.max_memory_allocated``).
 
 * **AR stage**: ``GlmImageARPolicy`` over the release-size ``GlmImageForConditionalGeneration`` (10.1B, random init; the
-  model, tokenizer and sampler of ``scripts/bench_ar_rollout.py``), LoRA on q/k/v/o_proj, the rollout through
+  model, tokenizer and sampler of ``benchmarks/ar_rollout.py``), LoRA on q/k/v/o_proj, the rollout through
   ``StaticCacheSampler`` with its CUDA graph (1280 tokens: 16x16 preview + 32x32 full grid). The frozen 2.9B
   diffusers-default decoder (``GlmImageTransformer2DModel()``, not the ~7B release DiT) is resident and renders
   the G images with CFG, in one batch as ``GlmImageARPolicy`` does, for 1 ODE step instead of ``ar.decode_steps`` (the
   memory of one step is the memory of every step).
 * **Decoder stage**: ``FlowPolicy`` over the 2.9B diffusers-default transformer (the pipeline of
-  ``scripts/bench_flow_step.py``: random prior tokens, small VAE, 1-layer glyph T5), LoRA on
+  ``benchmarks/flow_step.py``: random prior tokens, small VAE, 1-layer glyph T5), LoRA on
   to_q/to_k/to_v/to_out.0, CFG 1.5, 2 trained SDE steps; 3 denoising steps instead of 10 (the stored
   latents are those of the 2 trained steps either way).
 
@@ -26,27 +26,22 @@ the next try is 10 % smaller. Reported: every probe, the fit and the confirmed l
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
-import bench_ar_rollout as R  # noqa: E402  (release AR model, tokenizer)
-import bench_flow_step as F  # noqa: E402  (2.9B default-DiT decoder pipeline, random prior tokens)
+import numpy as np
+import torch
+from accelerate import Accelerator
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-
-from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
-from tandem.policies.ar import GlmImageARPolicy  # noqa: E402
-from tandem.policies.ar_engine import StaticCacheSampler  # noqa: E402
-from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
-from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
-from tandem.rl.trainer import update_on_minibatch  # noqa: E402
+from benchmarks import ar_rollout as R  # release AR model, tokenizer
+from benchmarks import common as C
+from benchmarks import flow_step as F  # 2.9B default-DiT decoder pipeline, random prior tokens
+from tandem.policies.ar import GlmImageARPolicy
+from tandem.policies.ar_engine import StaticCacheSampler
+from tandem.policies.glm_image import GlmImageAdapter
+from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults
+from tandem.rl.trainer import update_on_minibatch
 
 PROMPT = 'a shop sign that says "OPEN" above a blue door, photo'
 
@@ -123,38 +118,34 @@ def largest_group(run: Callable[[int], Dict[str, object]], probes: List[int], ca
 def build_ar_policy(pipe, device, dtype, tiny: bool) -> Tuple[GlmImageARPolicy, JobConfig]:
     """An ``GlmImageARPolicy`` (and its config) over the decoder pipeline with the release-size AR model and its
     processor swapped in."""
-    from transformers import GlmImageImageProcessor, GlmImageProcessor
-
     ids = R.TINY if tiny else R.RELEASE
-    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, R.CORPUS)
-    pipe.processor = GlmImageProcessor(image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1,
-                                                                              merge_size=1),
-                                       tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    tokenizer = R.build_tokenizer(ids)
+    pipe.processor = R.build_processor(tokenizer)
     pipe.vision_language_encoder = R.build_model(tokenizer, ids, tiny, device, dtype)
     cfg = stage_config("ar", 64 if tiny else 1024)
     return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=StaticCacheSampler(use_cuda_graph=True)), cfg
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="tiny models at 64² (CPU smoke test)")
+def arguments(ap) -> None:
     ap.add_argument("--stages", nargs="*", default=["decoder", "ar"], choices=["decoder", "ar"])
     ap.add_argument("--probes", type=int, nargs="*", default=None, help="probe group sizes (default 8 16; tiny 2 4)")
     ap.add_argument("--max-group", type=int, default=256, help="largest group tried")
     ap.add_argument("--margin-gib", type=float, default=2.0)
-    ap.add_argument("--out", default="runs/bench/memory.json")
-    args = ap.parse_args()
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    probes = args.probes or ([2, 4] if args.tiny else [8, 16])
+
+def run(bench: C.Bench) -> None:
+    with F.random_prior_tokens():
+        measure(bench)
+
+
+def measure(bench: C.Bench) -> None:
+    args, device, dtype = bench.args, bench.device, bench.dtype
+    bench.default("probes", [8, 16], [2, 4])
+    probes = args.probes
     capacity = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    res = C.Results(args.out, dict(benchmark="memory", command=" ".join(["python"] + sys.argv),
-                                   environment=C.environment(device),
-                                   setup=dict(dtype=str(dtype), tiny=args.tiny, lora_rank=32, gradient_checkpointing=True,
-                                              size=64 if args.tiny else 1024, capacity_gib=capacity,
-                                              margin_gib=args.margin_gib, probes=probes)))
+    res = bench.results
+    res.set("setup", dict(dtype=str(dtype), tiny=args.tiny, lora_rank=32, gradient_checkpointing=True,
+                          size=64 if args.tiny else 1024, capacity_gib=capacity, margin_gib=args.margin_gib, probes=probes))
     pipe = F.build_pipeline(device, dtype, args.tiny)
     summary = {}
     for stage in args.stages:
@@ -184,8 +175,11 @@ def main() -> None:
     C.print_table("LoRA r32 + gradient checkpointing, bf16, 1024²", res.data.get("probes", []), [
         ("stage", "stage", ""), ("G", "group", ""), ("status", "status", ""), ("rollout GiB", "rollout_peak_gib", ".1f"),
         ("rollout s", "rollout_s", ".3g"), ("train GiB", "train_peak_gib", ".1f"), ("train s", "train_s", ".3g")])
-    print(f"\nwrote {args.out}")
+
+
+def main(argv=None) -> int:
+    return C.main("memory", __doc__, arguments, run, argv, tiny_help="tiny models at 64² (CPU smoke test)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

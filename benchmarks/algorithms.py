@@ -1,8 +1,9 @@
 """Benchmark: flow-GRPO vs MixGRPO vs DiffusionNFT on one decoder job — reward gain per second and per trained sample.
 
-    python scripts/bench_algorithms.py --steps 40 --out docs/bench/algorithms_cpu.json          # tiny demo, CPU
-    python scripts/bench_algorithms.py --device cuda --release-shape --reward jpeg_compressibility \
-        --size 512 --steps 40 --out docs/bench/algorithms_h200.json                               # GPU row
+    python -m benchmarks.algorithms --steps 40 --out docs/bench/algorithms_cpu.json          # tiny demo, CPU
+    python -m benchmarks.algorithms --device cuda --release-shape --reward jpeg_compressibility \
+        --size 512 --steps 40 --out docs/bench/algorithms_h200.json                             # GPU row
+    python -m benchmarks.algorithms --tiny       # smoke test: 1 step per algorithm, no warm-up job
 
 Each algorithm is a real ``tandem train decoder`` job (``rl.session.train``, Ray reward actors), run one after
 the other in this process with the same prompts (``data/demo_prompts.jsonl``), seed, batch (2 prompts x 4
@@ -36,18 +37,16 @@ cheap reward (``color`` or ``jpeg_compressibility``). The JSON file is rewritten
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from benchmarks import common as C
+from benchmarks.common import REPO
 
 ALGORITHMS = {
     "flow_grpo": ("configs/demo/decoder.yaml", []),
@@ -79,7 +78,7 @@ def overrides(args, name: str, out: Path, model_path: str) -> List[str]:
 
 
 def summarise(run: Path, cfg, cpu_seconds: float, device: str) -> Dict[str, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = C.read_metrics(run)
     tenth = max(1, len(rows) // 10)
     first = float(np.mean([r["reward/mean"] for r in rows[:tenth]]))
     last = float(np.mean([r["reward/mean"] for r in rows[-tenth:]]))
@@ -97,10 +96,7 @@ def release_model(model_dir: Path, device: str) -> str:
     """A random-init pipeline at the release's shapes saved to ``model_dir`` (built once, by
     ``scripts/make_release_pipeline.py``)."""
     if not (model_dir / "model_index.json").is_file():
-        sys.path.insert(0, str(REPO / "scripts"))
-        from make_release_pipeline import build_pipeline
-
-        build_pipeline(model_dir, device, tiny=False, seed=0)
+        C.release_tool().build_pipeline(model_dir, device, tiny=False, seed=0)
     return str(model_dir)
 
 
@@ -114,27 +110,30 @@ def table(results: Dict[str, Dict[str, float]], device: str) -> str:
         f"{r['gain_per_1k_samples']:+.4f} | {r['passes']} |\n" for n, r in results.items())
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each job")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--reward", default="color", choices=sorted(REWARDS))
-    p.add_argument("--size", type=int, default=64, help="image size in px")
-    p.add_argument("--release-shape", action="store_true", help="release-size decoder, random init, bf16, LoRA")
-    p.add_argument("--model-dir", default=str(REPO / ".cache" / "tiny-glm-image"),
-                   help="pipeline folder (tiny: built if missing; --release-shape: where the release-shape one is saved)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="steps of an unreported first job (0 = none)")
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
-    p.add_argument("--out", default=None, help="JSON file for the figures")
-    args = p.parse_args()
-    if args.release_shape and args.model_dir == p.get_default("model_dir"):
-        args.model_dir = str(REPO / ".cache" / "release-shape-glm-image")
+def arguments(ap) -> None:
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of each job (default 40; tiny 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reward", default="color", choices=sorted(REWARDS))
+    ap.add_argument("--size", type=int, default=64, help="image size in px")
+    ap.add_argument("--release-shape", action="store_true", help="release-size decoder, random init, bf16, LoRA")
+    ap.add_argument("--model-dir", default=None,
+                    help="pipeline folder (tiny: built if missing; --release-shape: where the release-shape one is "
+                         "saved; default under .cache/)")
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help="steps of an unreported first job (0 = none; default 2; tiny 0)")
+    ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
 
+
+def run(bench: C.Bench) -> None:
     from tandem.policies.tiny import ensure_tiny_glm_image
     from tandem.rl.config import load_config
     from tandem.rl.session import train
 
+    args = bench.args
+    bench.default("steps", 40, 1)
+    bench.default("warmup_steps", 2, 0)
+    if args.model_dir is None:
+        args.model_dir = str(REPO / ".cache" / ("release-shape-glm-image" if args.release_shape else "tiny-glm-image"))
     model_path = release_model(Path(args.model_dir), args.device) if args.release_shape \
         else str(ensure_tiny_glm_image(args.model_dir))
     results = {}
@@ -145,14 +144,16 @@ def main() -> int:
         for name in args.algorithms:
             cfg = load_config(str(REPO / ALGORITHMS[name][0]), overrides(args, name, Path(tmp), model_path), "decoder")
             c0 = time.process_time()
-            run = train(cfg, "decoder")
-            results[name] = summarise(run, cfg, time.process_time() - c0, args.device)
+            run_dir = train(cfg, "decoder")
+            results[name] = summarise(run_dir, cfg, time.process_time() - c0, args.device)
             print(f"{name}: {results[name]}", flush=True)
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+            bench.results.set("results", results)
     print(table(results, args.device))
-    return 0
+
+
+def main(argv=None) -> int:
+    return C.main("algorithms", __doc__, arguments, run, argv, device="cpu", dtype=False,
+                  tiny_help="one optimizer step per algorithm, no warm-up job (a smoke test, not a benchmark)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: the decoder-stage flow-GRPO policy on the 2.9B diffusers-default DiT (random init, bf16) on one GPU.
 
-    PYTHONUNBUFFERED=1 python scripts/bench_flow_step.py --out docs/bench/flow_step_h200.json
-    .venv/bin/python scripts/bench_flow_step.py --device cpu --tiny      # CPU smoke test, not a benchmark
+    PYTHONUNBUFFERED=1 python -m benchmarks.flow_step --out docs/bench/flow_step_h200.json
+    .venv/bin/python -m benchmarks.flow_step --device cpu --tiny      # CPU smoke test, not a benchmark
 
 What is built (a ``GlmImagePipeline`` of the real classes, all random init, weights in ``--dtype``):
 
@@ -15,7 +15,7 @@ What is built (a ``GlmImagePipeline`` of the real classes, all random init, weig
 
 **Prior tokens are random.** ``GlmFlowAdapter.full_tokens`` (a frozen AR rollout or reference VQ tokens) is replaced
 by ``random_conditions``: uniform random codebook ids, (P, th*tw). The decoder's cost does not depend on the
-ids; the AR rollout is benchmarked by ``scripts/bench_ar_rollout.py``.
+ids; the AR rollout is benchmarked by ``benchmarks/ar_rollout.py``.
 
 Prompts carry a 63-character quoted string, so the glyph condition is 64 ByT5 tokens (the unconditional
 branch's ``""`` is 2), matching the forward reference of docs/glm_image_facts.md ("4096 patch tokens + 64 glyph
@@ -51,22 +51,19 @@ beside the counted forward FLOPs as a cross-check.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
-from pathlib import Path
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
+import torch
 
-import torch  # noqa: E402
-
-from tandem.policies.flow import FlowPolicy  # noqa: E402
-from tandem.policies.glm_image_family import GlmFlowAdapter  # noqa: E402
-from tandem.rl.session import build_policy  # noqa: E402
-from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults  # noqa: E402
-from tandem.rl.trainer import update_on_minibatch  # noqa: E402
+from benchmarks import common as C
+from tandem.policies.flow import FlowPolicy
+from tandem.policies.glm_image_family import GlmFlowAdapter
+from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults
+from tandem.rl.session import build_policy
+from tandem.rl.trainer import update_on_minibatch
 
 QUOTE = "GLM-Image flow-GRPO benchmark, a sixty-three character glyph!!!"  # 63 bytes -> 64 ByT5 tokens
 assert len(QUOTE.encode()) == 63
@@ -81,7 +78,7 @@ GPU_PLAN = {
     512: dict(prompts=4, group=4, chunk=8, train=[(8, False)]),
     1024: dict(prompts=2, group=4, chunk=4, train=[(2, False), (4, False), (4, True)]),
 }
-TINY_PLAN = {64: dict(prompts=2, group=2, chunk=2, train=[(2, False), (2, True)]),
+TINY_PLAN = {64: dict(prompts=2, group=2, chunk=2, train=[(2, True)]),
              128: dict(prompts=1, group=2, chunk=2, train=[(2, False)])}
 
 
@@ -132,7 +129,16 @@ def random_full_tokens(adapter: GlmFlowAdapter, prompts, metadata, seed: int) ->
     return torch.randint(0, codes, (len(prompts), adapter.grids.num_full), generator=gen).to(adapter.device)
 
 
-GlmFlowAdapter.full_tokens = torch.no_grad()(random_full_tokens)  # explicit: the benchmark never runs the AR model
+@contextmanager
+def random_prior_tokens():
+    """``GlmFlowAdapter.full_tokens`` replaced by ``random_full_tokens`` inside the block (the benchmark never runs
+    the AR model), given back after it."""
+    original = GlmFlowAdapter.full_tokens
+    GlmFlowAdapter.full_tokens = torch.no_grad()(random_full_tokens)
+    try:
+        yield
+    finally:
+        GlmFlowAdapter.full_tokens = original
 
 
 def job_config(size: int, chunk: int, num_steps: int, lora: bool, gc: bool, compile_blocks: bool = False,
@@ -349,13 +355,7 @@ def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: 
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    ap.add_argument("--tiny", action="store_true",
-                    help="tiny transformer at 64², 3 steps, one repeat (CPU smoke test, not a benchmark)")
+def arguments(ap) -> None:
     ap.add_argument("--sizes", type=int, nargs="*", help="image sizes (default: 512 1024; tiny: 64)")
     ap.add_argument("--num-steps", type=int, default=None, help="denoising steps per rollout (default 10; tiny 3)")
     ap.add_argument("--rollout-reps", type=int, default=None,
@@ -369,15 +369,17 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="repeat every row with decoder.compile")
     ap.add_argument("--cfg-batch", action="store_true",
                     help="repeat the rollout and train rows with decoder.cfg_batch (CFG as one doubled batch)")
-    ap.add_argument("--out", default="runs/bench/flow_step.json")
-    args = ap.parse_args()
 
-    device = torch.device(args.device)
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, args.dtype)
+
+def run(bench: C.Bench) -> None:
+    with random_prior_tokens():
+        measure(bench)
+
+
+def measure(bench: C.Bench) -> None:
+    args, device, dtype = bench.args, bench.device, bench.dtype
     for key, full, tiny in (("num_steps", 10, 3), ("rollout_reps", 2, 1), ("train_reps", 3, 1), ("forward_reps", 20, 2)):
-        if getattr(args, key) is None:
-            setattr(args, key, tiny if args.tiny else full)
+        bench.default(key, full, tiny)
     plan = copy.deepcopy(TINY_PLAN if args.tiny else GPU_PLAN)
     sizes = args.sizes or ([64] if args.tiny else list(plan))
     train_rows = {(size, mode): [(mb, gc) for mb, gc in plan[size]["train"]] for size in plan for mode in args.modes}
@@ -395,15 +397,13 @@ def main() -> None:
     pipe, build_s = C.timed(lambda: build_pipeline(device, dtype, args.tiny), device)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"built pipeline in {build_s:.1f}s: transformer {n_params / 1e9:.3f}B params, {args.dtype}, {device}", flush=True)
-    res = C.Results(args.out, dict(
-        benchmark="flow_step", command=" ".join(["python"] + sys.argv), environment=C.environment(device),
-        setup=dict(transformer_params=n_params, transformer_config=dict(pipe.transformer.config), dtype=args.dtype,
+    res = bench.results
+    res.set("setup", dict(transformer_params=n_params, transformer_config=dict(pipe.transformer.config), dtype=args.dtype,
                    tiny=args.tiny, num_steps=args.num_steps, guidance_scale=1.5, sde_window_size=2, lora_rank=32,
                    lora_targets=["to_q", "to_k", "to_v", "to_out.0"], optimizer="AdamW (torch default impl)",
                    prior_tokens="uniform random codebook ids (GlmFlowAdapter.full_tokens replaced)",
                    glyph_tokens="64 conditional / 2 unconditional", vae="AutoencoderKL 4x32 channels (not measured)",
-                   build_s=build_s),
-    ))
+                   build_s=build_s))
 
     variants = [False, True] if args.compile else [False]
     for compiled in variants if not args.no_forward else []:
@@ -451,8 +451,12 @@ def main() -> None:
         ("size", "size", ""), ("mode", "mode", ""), ("mb", "minibatch", ""), ("gc", "gc", ""),
         ("status", "status", ""), ("s", "seconds", ".3f"), ("samples/s", "samples_per_s", ".3g"),
         ("MFU", "mfu", ".3f"), ("peak GiB", "peak_gib", ".1f"), ("alloc at start", "allocated_at_start_gib", ".1f")])
-    print(f"\nwrote {args.out}")
+
+
+def main(argv=None) -> int:
+    return C.main("flow_step", __doc__, arguments, run, argv,
+                  tiny_help="tiny transformer at 64², 3 steps, one repeat (CPU smoke test, not a benchmark)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

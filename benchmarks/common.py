@@ -1,4 +1,13 @@
-"""Helpers shared by the GPU benchmarks (``scripts/bench_flow_step.py``, ``scripts/bench_ar_rollout.py``).
+"""The shared scenario runner of the benchmarks, and the measuring helpers they share.
+
+Each benchmark is a module of this package that declares its own flags and a ``run(bench)`` body, and hands both
+to ``main``, which owns what every benchmark does the same way: the common flags (``--device``, ``--dtype``,
+``--tiny``, ``--out``), the device and dtype choice (bf16 on a GPU, fp32 on the CPU), the results JSON (its
+header: benchmark, command, arguments, environment; rewritten after every row) and the ``wrote ...`` line.
+Run from the repository root:
+
+    python -m benchmarks.NAME [flags]          # e.g. python -m benchmarks.ar_engine --out $OUT/ar_engine.json
+    python -m benchmarks.NAME --tiny --device cpu   # the smoke test each benchmark has (not a benchmark)
 
 Timing: every figure is host wall-clock between two ``torch.cuda.synchronize()`` calls (device work is
 asynchronous), after warm-up calls of the same shapes. FLOPs: ``torch.utils.flop_counter.FlopCounterMode``
@@ -8,6 +17,7 @@ counted. MFU = counted FLOPs / seconds / ``PEAK_BF16_FLOPS``.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -16,6 +26,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -27,8 +38,6 @@ HBM_BYTES_PER_S = 4.3e12
 """Device-to-device copy bandwidth measured on this workplace's H200s (bytes read + written)."""
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python scripts/bench_*.py` from anywhere
-    sys.path.insert(0, str(REPO))
 
 
 def sync(device: torch.device) -> None:
@@ -180,3 +189,79 @@ def default_device(device: torch.device):
     """Create tensors (module parameters) directly on ``device``: no slow CPU init of billion-parameter models."""
     with torch.device(device):
         yield
+
+
+def read_metrics(run_dir: Path) -> List[Dict]:
+    """The rows of a run folder's ``metrics.jsonl`` (none when the job wrote no file)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def release_tool():
+    """``scripts/make_release_pipeline.py`` as a module (a tool beside the benchmarks, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_release_pipeline", REPO / "scripts" / "make_release_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_release_pipeline(work: Path) -> tuple:
+    """(pipeline folder, extras folder) of the tiny pipeline and reward models that ``make_release_pipeline --tiny``
+    writes under ``work``, built in a subprocess the first time."""
+    model, extras = Path(work) / "tiny-pipe", Path(work) / "tiny-extras"
+    if not (model / "model_index.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_release_pipeline.py"), str(model), "--tiny",
+                        "--device", "cpu", "--extras", str(extras)], check=True)
+    return str(model), str(extras)
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+@dataclass
+class Bench:
+    """What ``main`` hands a benchmark's body: its parsed flags, device, weights dtype and results file."""
+
+    name: str
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    results: Results
+
+    @property
+    def tiny(self) -> bool:
+        return bool(self.args.tiny)
+
+    def default(self, key: str, full, tiny) -> None:
+        """Fill an unset flag (None) with its full-size or ``--tiny`` default."""
+        if getattr(self.args, key) is None:
+            setattr(self.args, key, tiny if self.tiny else full)
+
+
+def main(name: str, doc: str, arguments: Callable[[argparse.ArgumentParser], None], body: Callable[[Bench], None],
+         argv: Optional[Sequence[str]] = None, device: Optional[str] = "cuda", dtype: bool = True,
+         tiny_help: str = "tiny models, a step or two (a smoke test, not a benchmark)") -> int:
+    """Parse the common flags and ``arguments``' own, open the results JSON and run ``body``.
+
+    ``device``: the ``--device`` default (None: the benchmark has no device); ``dtype``: whether it takes
+    ``--dtype`` (default bf16 on CUDA, fp32 elsewhere).
+    """
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0].strip())
+    if device is not None:
+        ap.add_argument("--device", default=device, help=f"cpu | cuda (default {device})")
+    if dtype:
+        ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    ap.add_argument("--out", default=f"runs/bench/{name}.json", help="results JSON (rewritten after every row)")
+    arguments(ap)
+    args = ap.parse_args(argv)
+    dev = torch.device(getattr(args, "device", None) or "cpu")
+    if dtype:
+        args.dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    results = Results(args.out, dict(benchmark=name, command=" ".join(
+        ["python", "-m", f"benchmarks.{name}", *(sys.argv[1:] if argv is None else argv)]),
+        args=vars(args), environment=environment(dev)))
+    body(Bench(name, args, dev, getattr(torch, args.dtype) if dtype else torch.float32, results))
+    print(f"\nwrote {args.out}")
+    return 0

@@ -1,7 +1,7 @@
 """Benchmark: AR-stage token sampling at release GLM-Image size (random init, bf16) on one GPU.
 
-    PYTHONUNBUFFERED=1 python scripts/bench_ar_rollout.py --out docs/bench/ar_rollout_h200.json
-    .venv/bin/python scripts/bench_ar_rollout.py --device cpu --tiny      # CPU smoke test, not a benchmark
+    PYTHONUNBUFFERED=1 python -m benchmarks.ar_rollout --out docs/bench/ar_rollout_h200.json
+    .venv/bin/python -m benchmarks.ar_rollout --device cpu --tiny      # CPU smoke test, not a benchmark
 
 What is built: ``GlmImageForConditionalGeneration(GlmImageConfig())`` — the release text decoder (40 layers,
 hidden 4096, 32 heads / 2 KV heads, head_dim 128, vocab 168064, lm_head 16512), and the default vision tower
@@ -45,23 +45,19 @@ KV-cache bytes read at the mean context length are reported beside it.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
+import torch
 
-import torch  # noqa: E402
-
-from tandem.core.seeds import derive_seed  # noqa: E402
-from tandem.policies.ar import GlmImageARPolicy  # noqa: E402
-from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
-from tandem.policies.glm_image import GlmImageAdapter  # noqa: E402
-from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
-from tandem.rl.config import JobConfig, LoraSettings  # noqa: E402
+from benchmarks import common as C
+from tandem.core.seeds import derive_seed
+from tandem.policies.ar import GlmImageARPolicy
+from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs
+from tandem.policies.glm_image import GlmImageAdapter
+from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer
+from tandem.rl.config import JobConfig, LoraSettings
 
 PROMPTS = [
     "a red apple on a wooden table, soft morning light",
@@ -80,6 +76,19 @@ ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 
 
 
 # ------------------------------------------------------------------------------------------------ building
+def build_tokenizer(ids: Dict[str, int]):
+    """The byte-level BPE tokenizer of the module docstring, its special-token ids fitted to ``ids``."""
+    return build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, CORPUS)
+
+
+def build_processor(tokenizer):
+    """A ``GlmImageProcessor`` over ``tokenizer`` (16-px patches, no merge), with tandem's chat template."""
+    from transformers import GlmImageImageProcessor, GlmImageProcessor
+
+    return GlmImageProcessor(image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
+                             tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
 def build_model(tokenizer, ids: Dict[str, int], tiny: bool, device: torch.device, dtype: torch.dtype):
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
@@ -167,13 +176,55 @@ def row_seeds(seed: int, batch: int) -> List[int]:
     return [derive_seed(seed, i) for i in range(batch)]
 
 
-def sampler_fn(policy: GlmImageARPolicy, inputs):
+def sampler_fn(policy: GlmImageARPolicy, inputs, sampler=None, keep: Dict[int, object] = None):
+    """``run(n, seed)``: ``sampler`` (default: the policy's) on ``inputs`` for ``n`` tokens, one seed per row;
+    ``keep``: where the last output of each token count is kept."""
+    sampler = sampler or policy.sampler
+
     def run(n: int, seed: int):
-        out = policy.sampler(policy.model, inputs, n, policy.processing, row_seeds(seed, inputs["input_ids"].shape[0]))
+        out = sampler(policy.model, inputs, n, policy.processing, row_seeds(seed, inputs["input_ids"].shape[0]))
         assert out.tokens.shape[1] == n
+        if keep is not None:
+            keep[n] = out
         return out
 
     return run
+
+
+def prompt_batch(adapter, batch: int):
+    """``batch`` prompt rows at the 1024² target: 8 prompts x 4 copies each at batch 32 (batch 1: the first)."""
+    prompts = [PROMPTS[(i // 4) % len(PROMPTS)] if batch > 1 else PROMPTS[0] for i in range(batch)]
+    return prompt_inputs(adapter.ar_inputs(prompts, 1024, 1024))
+
+
+def recorder(rows: List[Dict[str, object]], results: C.Results):
+    """``record(row)``: keep a timed row, write it to the results and print its one-line summary."""
+
+    def record(row):
+        rows.append(row)
+        results.add("rows", row)
+        print(f"{row['row']} b{row['batch']}: {row['decode_ms_per_step']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s, "
+              f"prefill+1 {row['t1_s'] * 1e3:.1f} ms, peak {C.fmt(row['peak_gib'])} GiB", flush=True)
+
+    return record
+
+
+def decode_columns(baseline: tuple, extra: tuple) -> List[tuple]:
+    """The printed table's columns of ``bench_row`` rows, with the ratio to ``baseline`` and one ``extra`` column."""
+    return [("row", "row", ""), ("batch", "batch", ""), ("ms/step", "decode_ms_per_step", ".2f"),
+            ("x roofline", "x_roofline", ".2f"), baseline, ("tok/s", "tokens_per_s", ".4g"),
+            ("prefill+1 ms", "t1_ms", ".4g"), extra, ("1280-tok est s", "full_image_est_s", ".3g"),
+            ("peak GiB", "peak_gib", ".1f")]
+
+
+def vs_baseline(rows: List[Dict[str, object]], baseline: str) -> None:
+    """``vs_<baseline>`` of each row: its ms/step over that of the first ``baseline`` row of the same batch."""
+    base: Dict[int, float] = {}
+    for r in rows:
+        if r["row"] == baseline:
+            base.setdefault(r["batch"], r["decode_ms_per_step"])
+    for r in rows:
+        r[f"vs_{baseline}"] = r["decode_ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
 
 
 def bench_row(name: str, run, inputs, device, n: int, warmup_tokens: int, roofline_s: float, model,
@@ -199,40 +250,30 @@ def bench_row(name: str, run, inputs, device, n: int, warmup_tokens: int, roofli
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    ap.add_argument("--tiny", action="store_true", help="tiny model, 16 tokens (CPU smoke test, not a benchmark)")
+def arguments(ap) -> None:
     ap.add_argument("--tokens", type=int, default=None, help="tokens generated per timed call (default 512; tiny 16)")
-    ap.add_argument("--batches", type=int, nargs="*", default=[1, 32])
+    ap.add_argument("--batches", type=int, nargs="*", default=None, help="batch sizes (default 1 32; tiny 2)")
     ap.add_argument("--no-static", action="store_true", help="skip the static-cache row")
     ap.add_argument("--lora-row", action="store_true", help="also time the sampler with LoRA r32 on q/k/v/o_proj")
     ap.add_argument("--batch-warmup-tokens", type=int, default=None,
                     help="one untimed generation of this many tokens at each batch size before its first row "
-                         "(default: --tokens; 0: none, as in the 2026-11-29 runs, whose first long generation at "
-                         "each batch size ran ~2x slower per step)")
+                         "(default: --tokens; 0: none, whose first long generation at each batch size runs ~2x "
+                         "slower per step)")
     ap.add_argument("--rows", nargs="*", metavar="NAME:BATCH",
                     help="only these dynamic-cache rows, in this order (hf_generate, hf_generate_scores, "
                          "tandem_sampler), e.g. tandem_sampler:1 hf_generate:1")
-    ap.add_argument("--out", default="runs/bench/ar_rollout.json")
-    args = ap.parse_args()
 
-    device = torch.device(args.device)
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, args.dtype)
-    n = args.tokens or (16 if args.tiny else 512)
+
+def run(bench: C.Bench) -> None:
+    args, device, dtype = bench.args, bench.device, bench.dtype
+    bench.default("tokens", 512, 16)
+    bench.default("batches", [1, 32], [2])
+    n = args.tokens
     ids = TINY if args.tiny else RELEASE
 
-    from transformers import GlmImageImageProcessor, GlmImageProcessor
-
     torch.manual_seed(0)
-    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, CORPUS)
-    processor = GlmImageProcessor(
-        image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-    )
+    tokenizer = build_tokenizer(ids)
+    processor = build_processor(tokenizer)
     model, build_s = C.timed(lambda: build_model(tokenizer, ids, args.tiny, device, dtype), device)
     n_params = sum(p.numel() for p in model.parameters())
     wb = decode_weight_bytes(model)
@@ -242,20 +283,14 @@ def main() -> None:
 
     policy = build_policy(model, processor, device, lora=False)
     adapter, grids, num_units = policy.adapter, policy.grids, policy.num_units
-    res = C.Results(args.out, dict(
-        benchmark="ar_rollout", command=" ".join(["python"] + sys.argv), environment=C.environment(device),
-        setup=dict(params=n_params, dtype=args.dtype, tiny=args.tiny, tokens_timed=n,
-                   tokens_per_image=num_units, grids=dict(full=[grids.th, grids.tw], preview=[grids.ph, grids.pw]),
-                   sampler=dict(temperature=0.9, top_p=0.75, top_k=0, suppress=f"[{ids['codebook']}, {ids['vision_vocab']})"),
-                   text_config={k: v for k, v in model.config.text_config.to_dict().items()
-                                if k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                         "head_dim", "intermediate_size", "vocab_size", "vision_vocab_size", "rope_parameters")},
-                   roofline_ms=roofline_s * 1e3, build_s=build_s, **wb),
-    ))
-
-    def inputs_for(batch: int):
-        prompts = [PROMPTS[(i // 4) % len(PROMPTS)] if batch > 1 else PROMPTS[0] for i in range(batch)]
-        return prompt_inputs(adapter.ar_inputs(prompts, 1024, 1024))
+    res = bench.results
+    res.set("setup", dict(params=n_params, dtype=args.dtype, tiny=args.tiny, tokens_timed=n,
+                          tokens_per_image=num_units, grids=dict(full=[grids.th, grids.tw], preview=[grids.ph, grids.pw]),
+                          sampler=dict(temperature=0.9, top_p=0.75, top_k=0, suppress=f"[{ids['codebook']}, {ids['vision_vocab']})"),
+                          text_config={k: v for k, v in model.config.text_config.to_dict().items()
+                                       if k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                                "head_dim", "intermediate_size", "vocab_size", "vision_vocab_size", "rope_parameters")},
+                          roofline_ms=roofline_s * 1e3, build_s=build_s, **wb))
 
     rows: List[Dict[str, object]] = []
     warm_tokens = n if args.batch_warmup_tokens is None else args.batch_warmup_tokens
@@ -264,19 +299,14 @@ def main() -> None:
     def inputs_for_row(batch: int):
         """The prompts of ``batch``; the first time, one untimed long generation at that batch size (the first
         long generation of a batch size in a process was seen to run ~2x slower per step, whatever the path)."""
-        inputs = inputs_for(batch)
+        inputs = prompt_batch(adapter, batch)
         if warm_tokens and batch not in warmed:
             _, seconds = C.timed(lambda: hf_generate_fn(model, inputs, static=False)(warm_tokens, 999), device)
             res.add("batch_warmups", dict(batch=batch, tokens=warm_tokens, seconds=seconds))
             warmed.add(batch)
         return inputs
 
-    def record(row):
-        rows.append(row)
-        res.add("rows", row)
-        print(f"{row['row']} b{row['batch']}: {row['decode_ms_per_step']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s, "
-              f"prefill+1 {row['t1_s'] * 1e3:.1f} ms, peak {C.fmt(row['peak_gib'])} GiB", flush=True)
-
+    record = recorder(rows, res)
     if args.rows:  # an explicit sequence of dynamic-cache rows, e.g. to check that the order does not matter
         makers = dict(hf_generate=lambda i: hf_generate_fn(model, i, static=False),
                       hf_generate_scores=lambda i: hf_generate_fn(model, i, static=False, scores=True),
@@ -308,22 +338,16 @@ def main() -> None:
         inputs = inputs_for_row(big)
         record(bench_row("tandem_sampler_lora", sampler_fn(lora_policy, inputs), inputs, device, n, 8, roofline_s, model))
 
-    # ratios against HF generate (dynamic cache) at the same batch
-    base: Dict[int, float] = {}
-    for r in rows:  # the first hf_generate row of each batch
-        if r["row"] == "hf_generate":
-            base.setdefault(r["batch"], r["decode_ms_per_step"])
-    for r in rows:
-        r["vs_hf_generate"] = r["decode_ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
+    vs_baseline(rows, "hf_generate")  # ratios against HF generate (dynamic cache) at the same batch
     res.set("rows", rows)
     C.print_table(f"AR decode, {n} of {num_units} tokens of a 1024² image (roofline {roofline_s * 1e3:.2f} ms/step = "
-                  f"{wb['decode_weight_bytes'] / 1e9:.2f} GB / 4.3 TB/s)", rows, [
-                      ("row", "row", ""), ("batch", "batch", ""), ("ms/step", "decode_ms_per_step", ".2f"),
-                      ("x roofline", "x_roofline", ".2f"), ("vs HF gen", "vs_hf_generate", ".2f"),
-                      ("tok/s", "tokens_per_s", ".4g"), ("prefill+1 ms", "t1_ms", ".4g"), ("TN s", "tn_s", ".3g"),
-                      ("1280-tok est s", "full_image_est_s", ".3g"), ("peak GiB", "peak_gib", ".1f")])
-    print(f"\nwrote {args.out}")
+                  f"{wb['decode_weight_bytes'] / 1e9:.2f} GB / 4.3 TB/s)", rows,
+                  decode_columns(("vs HF gen", "vs_hf_generate", ".2f"), ("TN s", "tn_s", ".3g")))
+
+
+def main(argv=None) -> int:
+    return C.main("ar_rollout", __doc__, arguments, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,9 @@
 """Benchmark: StaticCacheSampler (policies/ar_engine.py) vs GenerateSampler at release GLM-Image AR size.
 
-    PYTHONUNBUFFERED=1 python scripts/bench_ar_engine.py --out docs/bench/ar_engine_h200.json
-    .venv/bin/python scripts/bench_ar_engine.py --device cpu --tiny        # CPU smoke test, not a benchmark
+    PYTHONUNBUFFERED=1 python -m benchmarks.ar_engine --out docs/bench/ar_engine_h200.json
+    .venv/bin/python -m benchmarks.ar_engine --device cpu --tiny        # CPU smoke test, not a benchmark
 
-Same model, tokenizer, prompts, sampler and timing as ``scripts/bench_ar_rollout.py`` (its helpers are
+Same model, tokenizer, prompts, sampler and timing as ``benchmarks/ar_rollout.py`` (its helpers are
 imported, not copied): release text decoder, random init, bf16; 8 prompts x 4 copies at batch 32, 1024² target;
 temperature 0.9, top-p 0.75, top_k 0, ids [16384, 16512) suppressed; the first ``--tokens`` N of 1280 tokens.
 decode ms/step = (T_N − T_1) / (N − 1), T_1 = prefill + one sample (median of 3), through ``bench_row``.
@@ -30,32 +30,15 @@ and |Δ log-prob| between each sampler's stored log-probs and ``GlmImageARPolicy
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
-import bench_ar_rollout as R  # noqa: E402  (model, tokenizer, policy and timing helpers)
+import torch
 
-import torch  # noqa: E402
-
-from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
-from tandem.policies.ar_engine import StaticCacheSampler  # noqa: E402
-from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs  # noqa: E402
-
-
-def run_fn(policy, sampler, inputs, keep: Dict[int, object]):
-    """``bench_ar_rollout.sampler_fn`` with a chosen sampler; keeps the last output per token count."""
-
-    def run(n: int, seed: int):
-        out = sampler(policy.model, inputs, n, policy.processing, R.row_seeds(seed, inputs["input_ids"].shape[0]))
-        assert out.tokens.shape[1] == n
-        keep[n] = out
-        return out
-
-    return run
+from benchmarks import ar_rollout as R  # model, tokenizer, policy and timing helpers
+from benchmarks import common as C
+from tandem.policies.ar_engine import StaticCacheSampler
+from tandem.policies.ar_sampler import GenerateSampler
 
 
 @torch.no_grad()
@@ -76,67 +59,53 @@ def agreement(a, b) -> Dict[str, float]:
                 positions_equal=bool(torch.equal(a.position_ids, b.position_ids)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
-    ap.add_argument("--tiny", action="store_true", help="tiny model, 16 tokens (CPU smoke test, not a benchmark)")
+def arguments(ap) -> None:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per timed call (default 512; tiny 16)")
-    ap.add_argument("--batches", type=int, nargs="*", default=[32])
+    ap.add_argument("--batches", type=int, nargs="*", default=None, help="batch sizes (default 32; tiny 2)")
     ap.add_argument("--graph-batches", type=int, nargs="*", default=None, help="extra batches for the graph row")
     ap.add_argument("--lora-row", action="store_true")
     ap.add_argument("--compile", action="store_true", help="add the compiled-step graph rows")
     ap.add_argument("--autotune", action="store_true", help="add the max-autotune compiled-step graph row")
     ap.add_argument("--skip-eager", action="store_true", help="no engine_eager row")
     ap.add_argument("--no-checks", action="store_true")
-    ap.add_argument("--warmup-tokens", type=int, default=64, help="untimed GenerateSampler call before the rows")
-    ap.add_argument("--out", default="runs/bench/ar_engine.json")
-    args = ap.parse_args()
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="untimed GenerateSampler call before the rows (default 64; tiny 4)")
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    n = args.tokens or (16 if args.tiny else 512)
+
+def run(bench: C.Bench) -> None:
+    args, device, dtype = bench.args, bench.device, bench.dtype
+    bench.default("tokens", 512, 16)
+    bench.default("batches", [32], [2])
+    bench.default("warmup_tokens", 64, 4)
+    n = args.tokens
     ids = R.TINY if args.tiny else R.RELEASE
 
-    from transformers import GlmImageImageProcessor, GlmImageProcessor
-
     torch.manual_seed(0)
-    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, R.CORPUS)
-    processor = GlmImageProcessor(image_processor=GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1),
-                                  tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    tokenizer = R.build_tokenizer(ids)
+    processor = R.build_processor(tokenizer)
     model, build_s = C.timed(lambda: R.build_model(tokenizer, ids, args.tiny, device, dtype), device)
     wb = R.decode_weight_bytes(model)
     roofline_s = wb["decode_weight_bytes"] / C.HBM_BYTES_PER_S
     print(f"built model in {build_s:.1f}s; attn {model.config.text_config._attn_implementation}; "
           f"roofline {roofline_s * 1e3:.2f} ms/step", flush=True)
     policy = R.build_policy(model, processor, device, lora=False)
-    res = C.Results(args.out, dict(
-        benchmark="ar_engine", command=" ".join(["python"] + sys.argv), environment=C.environment(device),
-        setup=dict(dtype=str(dtype), tiny=args.tiny, tokens_timed=n, tokens_per_image=policy.num_units,
-                   attn_implementation=model.config.text_config._attn_implementation, roofline_ms=roofline_s * 1e3,
-                   sampler=dict(temperature=0.9, top_p=0.75, top_k=0), **wb),
-    ))
-
-    adapter = policy.adapter
+    res = bench.results
+    res.set("setup", dict(dtype=str(dtype), tiny=args.tiny, tokens_timed=n, tokens_per_image=policy.num_units,
+                          attn_implementation=model.config.text_config._attn_implementation, roofline_ms=roofline_s * 1e3,
+                          sampler=dict(temperature=0.9, top_p=0.75, top_k=0), **wb))
 
     def inputs_for(batch: int):
-        prompts = [R.PROMPTS[(i // 4) % len(R.PROMPTS)] if batch > 1 else R.PROMPTS[0] for i in range(batch)]
-        return prompt_inputs(adapter.ar_inputs(prompts, 1024, 1024))
+        return R.prompt_batch(policy.adapter, batch)
 
     rows: List[Dict[str, object]] = []
     outs: Dict[tuple, object] = {}
-
-    def record(row):
-        rows.append(row)
-        res.add("rows", row)
-        print(f"{row['row']} b{row['batch']}: {row['decode_ms_per_step']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s, "
-              f"prefill+1 {row['t1_s'] * 1e3:.1f} ms, peak {C.fmt(row['peak_gib'])} GiB", flush=True)
+    record = R.recorder(rows, res)
 
     def timed_row(name, pol, sampler, batch, graph: bool):
         inputs = inputs_for(batch)
         keep: Dict[int, object] = {}
         try:
-            row = R.bench_row(name, run_fn(pol, sampler, inputs, keep), inputs, device, n, n if graph else 8,
+            row = R.bench_row(name, R.sampler_fn(pol, inputs, sampler, keep), inputs, device, n, n if graph else 8,
                               roofline_s, model, t1_first=graph)
         except Exception as e:  # noqa: BLE001 - a failing row is a result too
             res.add("failures", dict(row=name, batch=batch, error=f"{type(e).__name__}: {str(e)[:600]}"))
@@ -220,17 +189,15 @@ def main() -> None:
             timed_row("engine_graph_compiled_lora", lora_policy, StaticCacheSampler(use_cuda_graph=True, compile=True),
                       big, graph=True)
 
-    base = {r["batch"]: r["decode_ms_per_step"] for r in rows if r["row"] == "generate_sampler"}
-    for r in rows:
-        r["vs_generate_sampler"] = r["decode_ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
+    R.vs_baseline(rows, "generate_sampler")
     res.set("rows", rows)
-    C.print_table(f"AR decode, {n} of 1280 tokens (roofline {roofline_s * 1e3:.2f} ms/step)", rows, [
-        ("row", "row", ""), ("batch", "batch", ""), ("ms/step", "decode_ms_per_step", ".2f"),
-        ("x roofline", "x_roofline", ".2f"), ("vs GenerateSampler", "vs_generate_sampler", ".3f"),
-        ("tok/s", "tokens_per_s", ".4g"), ("prefill+1 ms", "t1_ms", ".4g"), ("warm-up s", "warmup_s", ".3g"),
-        ("1280-tok est s", "full_image_est_s", ".3g"), ("peak GiB", "peak_gib", ".1f")])
-    print(f"\nwrote {args.out}")
+    C.print_table(f"AR decode, {n} of 1280 tokens (roofline {roofline_s * 1e3:.2f} ms/step)", rows, R.decode_columns(
+        ("vs GenerateSampler", "vs_generate_sampler", ".3f"), ("warm-up s", "warmup_s", ".3g")))
+
+
+def main(argv=None) -> int:
+    return C.main("ar_engine", __doc__, arguments, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Profile: where an AR-stage job's rollout spends its time, call by call, as the job runs it.
 
-    PYTHONUNBUFFERED=1 python scripts/profile_ar_rollout.py --model REL --extras REL-x --batches 4,4,4,4,16 \
+    PYTHONUNBUFFERED=1 python -m benchmarks.profile_ar_rollout --model REL --extras REL-x --batches 4,4,4,4,16 \
         --out prof.json                                        # REL: scripts/make_release_pipeline.py's folder
-    .venv/bin/python scripts/profile_ar_rollout.py --tiny --device cpu        # CPU smoke test
+    .venv/bin/python -m benchmarks.profile_ar_rollout --tiny --device cpu        # CPU smoke test
 
 The policy is built exactly as ``tandem train ar --config configs/glm_image/ar.yaml`` builds it (``load_config`` +
 ``build_policy``: LoRA, ``ar.sampler: engine``, ``ar.compile``), and ``GlmImageARPolicy.rollout`` is called on
@@ -16,31 +16,23 @@ the trainer calls it for its sub-batches. Per call, wall seconds (CUDA-synchroni
 * ``render`` — the frozen decoder's images (``--render-calls`` first calls only; later calls skip it).
 
 Then one more call of the last batch size runs under ``torch.profiler``: the top ops by device and by host time.
-Recompilations of the decode step are printed by torch (``TORCH_LOGS=recompiles`` is set).
+Recompilations of the decode step are printed by torch (its ``recompiles`` log is switched on).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
-os.environ.setdefault("TORCH_LOGS", "recompiles")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
+import torch
 
-import torch  # noqa: E402
-
-from tandem.policies.ar import GlmImageARPolicy  # noqa: E402
-from tandem.rl.config import load_config  # noqa: E402
-from tandem.rl.session import build_policy  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import common as C
+from tandem.rl.config import load_config
+from tandem.rl.session import build_policy
 
 
 class PhaseTimer:
@@ -74,36 +66,32 @@ def top_ops(prof, key: str, n: int) -> List[Dict[str, object]]:
             for e in rows]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(ap) -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--extras", default=None)
-    ap.add_argument("--config", default=str(REPO / "configs/glm_image/ar.yaml"))
-    ap.add_argument("--batches", default="4,4,4,4", help="samples per rollout call (whole groups of --group)")
-    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--config", default=str(C.REPO / "configs/glm_image/ar.yaml"))
+    ap.add_argument("--batches", default=None, help="samples per rollout call, whole groups of --group "
+                                                    "(default 4,4,4,4; tiny 2)")
+    ap.add_argument("--group", type=int, default=None, help="copies per prompt (default 4; tiny 2)")
     ap.add_argument("--render-calls", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+
+
+def run(bench: C.Bench) -> None:
+    args, device = bench.args, bench.device
+    bench.default("batches", "4,4,4,4", "2")
+    bench.default("group", 4, 2)
+    torch._logging.set_logs(recompiles=True)
     overrides = [f"output_dir=/tmp/profile-ar", *args.set]
     if args.tiny:
-        work = Path("/tmp/profile-ar-tiny")
-        args.model, args.extras = str(work / "pipe"), str(work / "extras")
-        if not (work / "pipe").exists():
-            import subprocess
-
-            subprocess.run([sys.executable, str(REPO / "scripts/make_release_pipeline.py"), args.model, "--tiny",
-                            "--device", "cpu", "--extras", args.extras], check=True)
+        args.model, args.extras = C.tiny_release_pipeline(Path("/tmp/profile-ar-tiny"))
         overrides += ["model.dtype=float32", "model.device=cpu", "optim.mixed_precision='no'", "ar.compile=false",
                       "data.height=64", "data.width=64", "ar.decode_steps=2"]
     overrides += [f"model.path={args.model}", f"data.prompts={args.extras}/prompts.jsonl"]
     cfg = load_config(args.config, overrides, stage="ar")
-    device = torch.device(args.device)
     t0 = time.perf_counter()
-    policy: GlmImageARPolicy = build_policy("ar", cfg)
+    policy = build_policy("ar", cfg)
     load_s = time.perf_counter() - t0
     records = [json.loads(line) for line in Path(args.extras, "prompts.jsonl").read_text().splitlines() if line]
 
@@ -116,9 +104,8 @@ def main() -> None:
     render = policy._render
     timer.wrap(policy, "_render", "render")
 
-    results = C.Results(args.out, {"bench": "profile_ar_rollout", "args": vars(args), "load_s": load_s,
-                                   "environment": C.environment(device), "sampler": cfg.ar.sampler,
-                                   "compile": cfg.ar.compile})
+    results = bench.results
+    results.set("setup", {"load_s": load_s, "sampler": cfg.ar.sampler, "compile": cfg.ar.compile})
     rows, cursor, seed = [], 0, 0
     batches = [int(b) for b in args.batches.split(",")]
     for i, b in enumerate(batches):
@@ -167,6 +154,11 @@ def main() -> None:
                   [("op", "name", ""), ("n", "count", ""), ("device ms", "device_ms", ".1f"), ("host ms", "host_ms", ".1f")])
 
 
+
+def main(argv=None) -> int:
+    return C.main("profile_ar_rollout", __doc__, arguments, run, argv, dtype=False)
+
+
 if __name__ == "__main__":
     with contextlib.suppress(BrokenPipeError):
-        main()
+        sys.exit(main())

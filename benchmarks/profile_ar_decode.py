@@ -1,9 +1,9 @@
 """Profile: where one AR decode step of ``StaticCacheSampler`` spends its time at release size.
 
-    PYTHONUNBUFFERED=1 python scripts/profile_ar_decode.py --out docs/bench/ar_decode_profile_h200.json
-    .venv/bin/python scripts/profile_ar_decode.py --device cpu --tiny     # CPU smoke test
+    PYTHONUNBUFFERED=1 python -m benchmarks.profile_ar_decode --out docs/bench/ar_decode_profile_h200.json
+    .venv/bin/python -m benchmarks.profile_ar_decode --device cpu --tiny     # CPU smoke test
 
-The release-size AR model of ``scripts/bench_ar_rollout.py`` (random init, bf16), batch 32, a static cache of a
+The release-size AR model of ``benchmarks/ar_rollout.py`` (random init, bf16), batch 32, a static cache of a
 whole 1024² image (prompt padded to 64 + 1279 decode slots = 1344), all slots valid. Measured:
 
 1. ``graph``: replays of the captured decode step alone (eager and ``compile=True`` step), ms each;
@@ -15,20 +15,15 @@ whole 1024² image (prompt padded to 64 + 1279 decode slots = 1344), all slots v
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as C  # noqa: E402  (puts the repo root on sys.path too)
-import bench_ar_rollout as R  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer  # noqa: E402
-from tandem.policies.ar_engine import StaticCacheSampler, _Parts, _StaticKV, decode_attention  # noqa: E402
-from tandem.policies.ar_sampler import LogitsProcessing, inverse_cdf  # noqa: E402
+from benchmarks import ar_rollout as R
+from benchmarks import common as C
+from tandem.policies.ar_engine import StaticCacheSampler, _Parts, _StaticKV, decode_attention
+from tandem.policies.ar_sampler import LogitsProcessing, inverse_cdf
 
 
 def per_call_ms(fn, device, reps: int) -> float:
@@ -58,31 +53,28 @@ def kernel_table(fn, device, steps: int, top: int) -> List[Dict[str, object]]:
     return rows[:top] + [dict(name="(all kernels)", calls=sum(r["calls"] for r in rows), ms_per_step=total, share=1.0)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=50)
+def arguments(ap) -> None:
+    ap.add_argument("--batch", type=int, default=None, help="rows of the decode step (default 32; tiny 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls (default 50; tiny 2)")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--out", default="runs/bench/ar_decode_profile.json")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def run(bench: C.Bench) -> None:
+    args, device, dtype = bench.args, bench.device, bench.dtype
+    bench.default("batch", 32, 2)
+    bench.default("reps", 50, 2)
     ids = R.TINY if args.tiny else R.RELEASE
-    tokenizer = build_glm_tokenizer(ids["vision_vocab"], ids["codebook"], ids["codebook"] + 1, R.CORPUS)
-    model = R.build_model(tokenizer, ids, args.tiny, device, dtype)
+    model = R.build_model(R.build_tokenizer(ids), ids, args.tiny, device, dtype)
     wb = R.decode_weight_bytes(model)
-    res = C.Results(args.out, dict(benchmark="ar_decode_profile", command=" ".join(["python"] + sys.argv),
-                                   environment=C.environment(device),
-                                   setup=dict(batch=args.batch, cache_slots=1344, dtype=str(dtype), **wb,
-                                              roofline_ms=wb["decode_weight_bytes"] / C.HBM_BYTES_PER_S * 1e3)))
+    res = bench.results
+    res.set("setup", dict(batch=args.batch, cache_slots=1344, dtype=str(dtype), **wb,
+                          roofline_ms=wb["decode_weight_bytes"] / C.HBM_BYTES_PER_S * 1e3))
     b, lp, length = args.batch, 64, 1344
     parts = _Parts.of(model)
     tok = torch.randint(0, ids["codebook"], (b,), device=device)
     pos = torch.full((3, b, 1), 100, dtype=torch.long, device=device)
     with torch.no_grad():
-        for compiled in (False, True):
+        for compiled in (False,) if args.tiny else (False, True):  # tiny: no inductor compile on the CPU
             sampler = StaticCacheSampler(use_cuda_graph=True, compile=compiled)
             label = "compiled" if compiled else "eager"
             if device.type == "cuda":
@@ -116,8 +108,11 @@ def main() -> None:
         res.set("sampling_ms", per_call_ms(sample, device, args.reps))
         res.set("kernels_sampling", kernel_table(sample, device, steps=5, top=10))
     print(f"sampling {res.data['sampling_ms']:.3f} ms/step; roofline {res.data['setup']['roofline_ms']:.2f} ms", flush=True)
-    print(f"\nwrote {args.out}")
+
+
+def main(argv=None) -> int:
+    return C.main("profile_ar_decode", __doc__, arguments, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
