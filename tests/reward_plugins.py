@@ -139,3 +139,18 @@ class CtrlCAt:
         if str(self.calls) in os.environ.get("TANDEM_TEST_CTRL_C", "").split(","):
             os.kill(os.getpid(), signal.SIGINT)
         return mean_red(images, prompts, metadata)
+
+
+def infinite(images, prompts, metadata):
+    """+inf for every image (not a number)."""
+    return [float("inf")] * len(images)
+
+
+def as_text(images, prompts, metadata):
+    """Its scores as text: "0.5" for every image (not a number)."""
+    return ["0.5"] * len(images)
+
+
+def scores_only_boom(images, prompts, metadata):
+    """1.0 for a prompt with 'boom' in it, None (no score) for any other."""
+    return [1.0 if "boom" in p else None for p in prompts]

@@ -183,3 +183,18 @@ def test_buffer_reference_path_is_confined_to_the_run(tmp_path):
     with pytest.raises(ConfigError, match="data.allowed_roots"):
         load_buffer_records(str(folder.parent), 64, 64)
     assert load_buffer_records(str(folder.parent), 64, 64, allowed_roots=[str(tmp_path)])[0].metadata["reference"].shape == (64, 64, 3)
+
+
+# ------------------------------------------------------------------ rewards that are never numbers
+@pytest.mark.parametrize("fn, message", [
+    ("infinite", "reward 'infinite' failed on 8/8 samples"),  # +inf: not a number, counted as a failure
+    ("nothing", "reward 'nothing' scored none of the 8 samples"),  # all None: no training signal
+])
+def test_a_reward_that_never_gives_a_number_stops_the_job_naming_it(tiny_path, tmp_path, plugin_path, fn, message):
+    proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
+                      f"model.path={tiny_path}", "max_steps=50", "logging.progress=false", "logging.sample_every=0",
+                      "reward_host.backend=local", "reward_host.max_failed_rollouts=2", "decoder.num_steps=4",
+                      "decoder.sde_window_range=[0,3]", f"rewards=[{{fn: 'tests.reward_plugins:{fn}'}}]")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in errors[0] and "consecutive rollouts" in errors[0]
