@@ -4,6 +4,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,26 @@ def test_reference_outside_the_prompt_folder_is_refused_unless_allowed(tmp_path,
     records = load_prompts(str(folder / "p.jsonl"), allowed_roots=[str(tmp_path)])
     assert records[0].metadata["reference"][0, 0].tolist() == [1, 2, 3]
 
+
+
+@pytest.mark.parametrize("suffix, text", [(".txt", "a red apple\nsecond\n"), (".jsonl", '{"prompt": "a red apple"}\n')])
+def test_a_byte_order_mark_is_dropped(tmp_path, suffix, text):
+    path = tmp_path / f"p{suffix}"
+    path.write_bytes("\ufeff".encode() + text.encode())  # what Notepad's "UTF-8 with BOM" writes
+    assert load_prompts(str(path))[0].prompt == "a red apple"
+
+
+@pytest.mark.parametrize("region", [[100, 100, 400, 400], [0.8, 0.2, 0.2, 0.8], [0, 0, 1], "0 0 1 1"])
+def test_edit_region_outside_fractions_is_one_line(tmp_path, region):
+    Image.new("RGB", (16, 16)).save(tmp_path / "src.png")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "reference": "src.png", "edit_region": region}) + "\n")
+    line = one_line(tandem_cli("score", "--reward", "source_structure", "--images", tmp_path / "images",
+                               "--prompts", tmp_path / "p.jsonl"))
+    assert "p.jsonl:1: edit_region" in line and "fractions" in line
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "reference": "src.png", "edit_region": [0, 0.5, 1, 1.0]}) + "\n")
+    assert load_prompts(str(tmp_path / "p.jsonl"))[0].metadata["edit_region"] == [0, 0.5, 1, 1.0]
 
 # ------------------------------------------------------------------ images
 def png_bytes(array, mode=None):
@@ -198,3 +219,43 @@ def test_a_reward_that_never_gives_a_number_stops_the_job_naming_it(tiny_path, t
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
     assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert message in errors[0] and "consecutive rollouts" in errors[0]
+
+
+
+# ------------------------------------------------------------------ settings that were silent
+def dry_run(tmp_path, *overrides, config="configs/demo/decoder.yaml"):
+    return tandem_cli("train", "decoder", "--config", config, f"output_dir={tmp_path / 'run'}",
+                      f"model.path={tmp_path / 'no-model-needed'}", "--dry-run", *overrides)
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_with_its_install_command(tmp_path):
+    import accelerate.utils
+
+    from tandem.rl.config import TRACKERS
+    from tandem.rl.trackers import REQUIREMENTS
+
+    assert set(REQUIREMENTS) == set(TRACKERS)
+    missing = [name for name in ("wandb", "comet_ml", "mlflow", "dvclive") if not getattr(accelerate.utils, REQUIREMENTS[name][0])()]
+    if not missing:
+        pytest.skip("every tracker this test could ask for is installed here")
+    name = missing[0]
+    line = one_line(dry_run(tmp_path, f"logging.report_to=[tensorboard, {name}]"))
+    assert f"logging.report_to' asks for {name}, which is not installed: pip install {REQUIREMENTS[name][1]}" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_to_as_one_string_is_a_one_item_list(tmp_path):
+    proc = dry_run(tmp_path, "logging.report_to=tensorboard")
+    assert proc.returncode == 0, proc.stderr
+    assert "report_to:\n  - tensorboard\n" in proc.stdout
+    config = tmp_path / "c.yaml"
+    config.write_text(open("configs/demo/decoder.yaml").read().replace("logging:\n", "logging:\n  report_to: tensorboard\n", 1))
+    proc = dry_run(tmp_path, f"data.prompts={Path('data/demo_prompts.jsonl').resolve()}", config=config)
+    assert proc.returncode == 0 and "report_to:\n  - tensorboard\n" in proc.stdout, proc.stderr
+    assert "is 'bogus'; allowed: tensorboard" in one_line(dry_run(tmp_path, "logging.report_to=bogus"))
+
+
+@pytest.mark.parametrize("override", ["logging.report_to=[wandb", "rewards=[{name: color", "grpo.beta='0.1"])
+def test_an_override_that_is_not_yaml_is_one_line_naming_it(tmp_path, override):
+    line = one_line(dry_run(tmp_path, override))
+    assert f"override '{override}': its value is not valid YAML" in line
