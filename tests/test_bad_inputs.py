@@ -259,3 +259,34 @@ def test_report_to_as_one_string_is_a_one_item_list(tmp_path):
 def test_an_override_that_is_not_yaml_is_one_line_naming_it(tmp_path, override):
     line = one_line(dry_run(tmp_path, override))
     assert f"override '{override}': its value is not valid YAML" in line
+
+
+# ------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(request, tmp_path):
+    """A real tmpfs of ``request.param`` bytes mounted at tmp_path/run/checkpoints (needs root to mount), so a
+    checkpoint write fails with the kernel's own ENOSPC; unmounted after the test."""
+    import subprocess
+
+    mount = tmp_path / "run" / "checkpoints"
+    mount.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount
+    if subprocess.run(["umount", str(mount)]).returncode != 0:  # a file left open there: detach it lazily
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+# 200 KiB: the tiny decoder's weights (120 KiB) fit, its optimizer state (280 KiB, torch.save) does not;
+# 64 KiB: the weights themselves (safetensors) do not fit.
+@pytest.mark.parametrize("small_disk, file", [("200k", "decoder.optimizer.pt"), ("64k", "transformer")], indirect=["small_disk"])
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial(tiny_path, tmp_path, small_disk, file):
+    args = ["train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
+            f"model.path={tiny_path}", "max_steps=2", "logging.progress=false",
+            "logging.sample_every=0", "reward_host.backend=local"]
+    proc = tandem_cli(*args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"writing {small_disk / 'step_2' / file} failed" in errors[0] and "MiB free there" in errors[0]
+    assert list(small_disk.iterdir()) == []  # the partial checkpoint was removed
