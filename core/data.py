@@ -72,8 +72,21 @@ def load_image(path: Path, size: Optional[Tuple[int, int]] = None) -> np.ndarray
                 return np.asarray(im, dtype=np.uint8).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ConfigError(f"cannot read image {path}: {e}") from None
-    except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read image {path}: {type(e).__name__}") from None
+    except UnidentifiedImageError:
+        raise ConfigError(f"cannot read image {path}: PIL cannot identify it as an image (not an image file, or its "
+                          "header is corrupt)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for a broken PNG chunk
+        raise ConfigError(f"cannot read image {path}: {_reason(e, path)}") from None
+
+
+def _reason(error: Exception, path) -> str:
+    """PIL's or the OS's reason for a failed read, without the path it may repeat: "image file is truncated"."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (str(error).strip().splitlines() or [""])[0]
+    for shown in (f" '{path}'", f" {path}"):
+        text = text.replace(shown, "")
+    return text or type(error).__name__
 
 
 def confined(path: Path, roots: Iterable, what: str) -> Path:

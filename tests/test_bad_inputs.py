@@ -121,6 +121,18 @@ def test_decompression_bomb_in_score_is_one_line(tmp_path):
     assert "bomb.png" in line and "decompression bomb" in line
 
 
+@pytest.mark.parametrize("content, reason", [
+    (png_bytes(np.zeros((64, 64, 3), np.uint8))[:-40], "image file is truncated"),  # PIL: OSError, said as "OSError"
+    (b"not an image", "PIL cannot identify it as an image"),
+], ids=["truncated", "not an image"])
+def test_an_unreadable_image_names_the_file_and_the_reason(tmp_path, content, reason):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(content)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    line = one_line(tandem_cli("score", "--reward", "color", "--images", images, "--prompts", tmp_path / "p.txt"))
+    assert f"cannot read image {images / 'broken.png'}: {reason}" in line
+
 # ------------------------------------------------------------------ output_dir, report
 def test_output_dir_that_is_a_file_is_one_line_before_models_load(tmp_path):
     target = tmp_path / "taken"
@@ -147,6 +159,18 @@ def write_run(folder, metrics_lines, eval_meta=None):
             {"meta": eval_meta, "per_language": {"<i>en</i>": stats}, "overall": stats}))
     return folder
 
+
+@pytest.mark.parametrize("given, what", [("run", "is a run folder, not a checkpoint"),
+                                         ("run/checkpoints/step_9", "does not exist"),
+                                         ("run/checkpoints", "is not a checkpoint folder")])
+def test_export_of_what_is_not_a_checkpoint_names_the_runs_checkpoints(tmp_path, given, what):
+    run = write_run(tmp_path / "run", ['{"step": 1}'])
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step}" / "state.json").write_text("{}")
+    line = one_line(tandem_cli("export", tmp_path / given, tmp_path / "out"))
+    assert f"export: {tmp_path / given} {what}" in line and "--config" not in line
+    assert f"the run's checkpoints: {run / 'checkpoints' / 'step_2'}, {run / 'checkpoints' / 'step_4'}" in line
 
 def test_report_on_a_metrics_line_without_step_is_one_line(tmp_path):
     run = write_run(tmp_path / "run", ['{"step": 1, "reward/mean": 0.1}', '{"reward/mean": 0.2}'])
