@@ -6,7 +6,9 @@ Formats:
   ``prompt`` goes into the sample's metadata; ``reference`` (a path relative to the file) is loaded as an
   (H, W, 3) uint8 RGB array under ``metadata["reference"]``, keeping the resolved path in ``reference_path``.
 
-Prompt files are UTF-8. A ``reference`` must lie inside the prompt file's folder (after resolving ``..`` and
+Prompt files are UTF-8 (a leading byte-order mark is dropped). A record's optional ``edit_region`` is
+[x0, y0, x1, y1] in fractions of the width and height (0 <= x0 < x1 <= 1, the same for y); pixels are refused.
+A ``reference`` must lie inside the prompt file's folder (after resolving ``..`` and
 links) or inside one of the ``allowed_roots`` the caller passes (config key ``data.allowed_roots``): a prompt
 file cannot make tandem read any file the user can read.
 
@@ -70,8 +72,21 @@ def load_image(path: Path, size: Optional[Tuple[int, int]] = None) -> np.ndarray
                 return np.asarray(im, dtype=np.uint8).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ConfigError(f"cannot read image {path}: {e}") from None
-    except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read image {path}: {type(e).__name__}") from None
+    except UnidentifiedImageError:
+        raise ConfigError(f"cannot read image {path}: PIL cannot identify it as an image (not an image file, or its "
+                          "header is corrupt)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for a broken PNG chunk
+        raise ConfigError(f"cannot read image {path}: {_reason(e, path)}") from None
+
+
+def _reason(error: Exception, path) -> str:
+    """PIL's or the OS's reason for a failed read, without the path it may repeat: "image file is truncated"."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (str(error).strip().splitlines() or [""])[0]
+    for shown in (f" '{path}'", f" {path}"):
+        text = text.replace(shown, "")
+    return text or type(error).__name__
 
 
 def confined(path: Path, roots: Iterable, what: str) -> Path:
@@ -85,11 +100,20 @@ def confined(path: Path, roots: Iterable, what: str) -> Path:
 
 
 def read_text_file(path: Path, what: str) -> str:
-    """A UTF-8 text file's content; ConfigError (one line) when it is not UTF-8."""
+    """A UTF-8 text file's content without a leading byte-order mark; ConfigError (one line) when it is not UTF-8."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def check_edit_region(region, where: str) -> None:
+    """An ``edit_region`` must be [x0, y0, x1, y1] in fractions: 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1."""
+    numbers = isinstance(region, (list, tuple)) and len(region) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in region)
+    if not (numbers and 0 <= region[0] < region[2] <= 1 and 0 <= region[1] < region[3] <= 1):
+        raise ConfigError(f"{where}: edit_region {region!r} must be [x0, y0, x1, y1] in fractions of the width and "
+                          "height (0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1), not pixels: divide by the image size")
 
 
 def load_prompts(path: str, image_size: Optional[Tuple[int, int]] = None,
@@ -115,6 +139,8 @@ def load_prompts(path: str, image_size: Optional[Tuple[int, int]] = None,
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ConfigError(f"{path}:{n}: each line needs a string field 'prompt'")
         meta = {k: v for k, v in obj.items() if k != "prompt"}
+        if "edit_region" in meta:
+            check_edit_region(meta["edit_region"], f"{path}:{n}")
         if "reference" in meta:
             ref = confined(p.parent / str(meta["reference"]), roots, f"{path}:{n}: reference")
             meta["reference_path"] = str(ref)

@@ -10,3 +10,8 @@ def require(ok: bool, key: str, message: str) -> None:
     whichever object owns it (the job config, a model family, a token sampler, an objective)."""
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
+
+
+class RunError(RuntimeError):
+    """A job that cannot go on for a cause outside its config (the disk filled while a checkpoint was written):
+    the CLI prints its message as one line and exits 1."""

@@ -8,6 +8,11 @@ A reward is a plain callable::
     #   metadata: list[dict], len B (e.g. "text": target text, "reference": uint8 (H, W, 3) array)
     #   returns:  B scores; None or NaN = no score for that sample (never a silent 0)
 
+A score is a finite number (int, float, bool, numpy or torch scalar). Anything else in the returned sequence —
++-inf, a string (even "0.5": a reward parses its own text), any other object — is not a score: that sample
+scores NaN with a warning naming the reward and counts as a failure, like a call that raises
+(``rewards.scoring``: ``reward_host.max_failed_*`` stop a job whose reward keeps failing, or scores nothing).
+
 A reward is found by
 
 * a registered name (``@register("name")`` below; the built-ins live in ``rewards/<name>.py``),
@@ -41,6 +46,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -172,17 +178,51 @@ def list_rewards() -> List[Tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------ built reward
-def to_scores(raw: Any, n: int, name: str) -> np.ndarray:
-    """A reward's output -> float64 (n,), None -> NaN; RewardError naming the reward if the count is wrong."""
+def _as_score(value: Any) -> Optional[float]:
+    """One returned value -> float (NaN for None/NaN: no score), or None when it is not a number.
+
+    Numbers are ints, floats, bools and numpy / torch scalars. Not numbers: +-inf, strings (even "0.5": a
+    reward parses its own text), and any other object."""
+    if value is None:
+        return np.nan
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        return None
+    return score if not math.isinf(score) else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def to_scores(raw: Any, n: int, name: str) -> Tuple[np.ndarray, Dict[int, str]]:
+    """A reward's output -> (float64 (n,) scores, {i: the value shown} for the values that are not numbers).
+
+    None and NaN are no score (NaN); a value that is not a number (+-inf, a string, any object) is NaN too and
+    listed, so that the caller counts it as a failure (``rewards.scoring``). A wrong count, or an output that
+    is not a sequence, breaks the contract: RewardError naming the reward."""
     if hasattr(raw, "detach"):  # a torch tensor, without importing torch here
         raw = raw.detach().float().cpu().numpy()
     try:
-        values = [np.nan if s is None else float(s) for s in raw]
-    except (TypeError, ValueError) as e:
-        raise RewardError(f"reward '{name}' must return a sequence of floats or None, got {type(raw).__name__} ({e})") from None
-    if len(values) != n:
-        raise RewardError(f"reward '{name}' returned {len(values)} scores for a batch of {n}; it must return one score (or None) per image")
-    return np.asarray(values, dtype=np.float64)
+        if isinstance(raw, (str, bytes, dict)) or getattr(raw, "ndim", 1) == 0:
+            raise TypeError
+        raw = list(raw)
+    except TypeError:
+        raise RewardError(f"reward '{name}' must return a sequence of numbers or None (one per image), got {type(raw).__name__}") from None
+    if len(raw) != n:
+        raise RewardError(f"reward '{name}' returned {len(raw)} scores for a batch of {n}; it must return one score (or None) per image")
+    values, not_numbers = np.full(n, np.nan), {}
+    for i, value in enumerate(raw):
+        score = _as_score(value)
+        if score is None:
+            not_numbers[i] = _shown(value)
+        else:
+            values[i] = score
+    return values, not_numbers
 
 
 class ScoresWithInfo(list):
@@ -195,6 +235,19 @@ class ScoresWithInfo(list):
 
 
 @dataclass
+class CallScores:
+    """One call of a reward on B images.
+
+    scores: float64 (B,), NaN = no score; info: B dicts of readable details (empty unless the reward returned
+    ScoresWithInfo); not_numbers: {i: the value shown} for the values that were not numbers (scored NaN).
+    """
+
+    scores: np.ndarray
+    info: List[dict]
+    not_numbers: Dict[int, str]
+
+
+@dataclass
 class Reward:
     """A ready reward: ``reward(images, prompts, metadata)`` -> float64 (B,) with NaN for no score."""
 
@@ -202,16 +255,17 @@ class Reward:
     fn: Callable
     groupwise: bool
 
-    def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> Tuple[np.ndarray, List[dict]]:
-        """(float64 (B,) scores, B info dicts — empty unless the reward returned ScoresWithInfo)."""
+    def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> "CallScores":
+        """The scores of one call (see CallScores)."""
         raw = self.fn(images, list(prompts), list(metadata))
         info = list(getattr(raw, "info", None) or [{} for _ in prompts])
         if len(info) != len(prompts):
             raise RewardError(f"reward '{self.name}' returned {len(info)} info dicts for a batch of {len(prompts)}")
-        return to_scores(raw, len(prompts), self.name), info
+        scores, not_numbers = to_scores(raw, len(prompts), self.name)
+        return CallScores(scores, info, not_numbers)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> np.ndarray:
-        return self.score(images, prompts, metadata)[0]
+        return self.score(images, prompts, metadata).scores
 
 
 def trl_style(fn: Callable) -> Callable:

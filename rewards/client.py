@@ -31,7 +31,7 @@ class RewardScores:
 
     scores:  {reward name: float64 (B,)}, NaN = no score for that sample;
     weights: {reward name: weight from the config entry};
-    failed:  {reward name: bool (B,)}, True where the reward raised (scored NaN); empty = none failed;
+    failed:  {reward name: bool (B,)}, True where the reward raised or returned a non-number (scored NaN);
     errors:  {reward name: first error "Type: message" of the batch, or None};
     info:    {reward name: B dicts of readable details (e.g. OCR's read text), {} where none}.
     Names are the entries' ``name`` (or the attribute name of ``fn``), de-duplicated as ocr, ocr_2, ...
@@ -195,4 +195,4 @@ class RewardClient:
         ``reward_host.max_failed_frac`` of the samples in ``reward_host.max_failed_rollouts`` rollouts in a row.
         With several processes, pass the whole rollout's failures (``rl.distributed.Layout.gather_failures``):
         every process then counts the same samples and stops at the same rollout."""
-        self._guard.observe(rollout.failed, rollout.errors)
+        self._guard.observe(rollout.failed, rollout.errors, rollout.scores)

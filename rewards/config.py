@@ -47,7 +47,9 @@ class RewardHostConfig:
     # Score each sub-batch of a rollout while the next sub-batch rolls out (sub-batches are minibatches of
     # whole groups, so what is trained stays on-policy); false = score after the whole rollout.
     async_scoring: bool = True
-    # Stop the job when a reward raises on more than this share of a rollout's samples (scored NaN) ...
+    # Stop the job when a reward raises, or returns a non-number (+-inf, a string), on more than this share of
+    # a rollout's samples (scored NaN) ...
     max_failed_frac: float = 0.5
-    # ... in this many consecutive rollouts (None = no score, returned on purpose, never counts as a failure).
+    # ... in this many consecutive rollouts; a reward that scores none of a rollout's samples (all None/NaN)
+    # counts too. A None or NaN score among others is "no score", returned on purpose, never a failure.
     max_failed_rollouts: int = 3

@@ -19,7 +19,9 @@ Faults:
 * an actor process that dies is restarted by Ray (``max_restarts``) and its calls re-run
   (``max_task_retries`` = ``max_restarts``), so the caller still gets every score;
 * a call that runs past ``timeout_s`` (counted from when it can start: the previous call on that actor has
-  finished) is retried once on a fresh actor, then raises RewardError naming the reward and ``timeout_s``;
+  finished) is retried once on a fresh actor, then raises RewardError naming the reward and ``timeout_s`` — or,
+  when the actor's process died meanwhile (Ray restarting a crash-looping actor is what took the time),
+  "its actor died/restarting" with the exit Ray recorded for that process;
 * a reward that raises on a batch is rescored per sample inside the actor (``score_shard``).
 """
 
@@ -210,17 +212,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS is one) answers with SETTINGS.
+_H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def check_reachable(address: str, key: str, timeout_s: float = 5.0) -> None:
-    """A ``host:port`` address must accept a TCP connection (else Ray retries for minutes and prints pages)."""
+    """A ``host:port`` address must hold a gRPC server (Ray's GCS) at the address Ray dials for it, else
+    ``ray.init`` retries for minutes and prints pages of GCS errors: RewardConfigError in one line instead.
+
+    Ray dials the node's own IP for 127.0.0.1 / localhost (``services.resolve_ip_for_localhost``), so that is
+    the address checked (and named when it differs)."""
     if "://" in address or address == "auto" or ":" not in address:
         return
+    from ray._private.services import resolve_ip_for_localhost
+
     host, _, port = address.rpartition(":")
+    dialed = resolve_ip_for_localhost(host)
+    dials = f"Ray dials {dialed}:{port} for it; " if dialed != host else ""
+    fix = "start one (`ray start --head`) or remove the key to use an embedded cluster"
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((dialed, int(port)), timeout=timeout_s) as conn:
+            conn.sendall(_H2_HELLO)
+            answer = conn.recv(9)
     except (OSError, ValueError) as e:
-        raise RewardConfigError(f"{key} {address}: no Ray cluster answers there ({getattr(e, 'strerror', None) or e}); "
-                                "start one (`ray start --head`) or remove the key to use an embedded cluster") from None
+        cause = getattr(e, "strerror", None) or e
+        raise RewardConfigError(f"{key} {address}: no Ray cluster answers there ({dials}{cause}); {fix}") from None
+    if len(answer) < 4 or answer[3] != 4:  # the server's first frame must be SETTINGS
+        raise RewardConfigError(f"{key} {address}: something answers there, but not a Ray cluster ({dials}no gRPC); "
+                                f"check the port (`ray status` on the head prints the address), or {fix}")
 
 
 def check_resources(entries: Sequence[RewardEntry], labels: Sequence[str]) -> None:
@@ -235,6 +254,30 @@ def check_resources(entries: Sequence[RewardEntry], labels: Sequence[str]) -> No
 
 
 # ---------------------------------------------------------------------------------------------------- replicas
+def actor_info(actor) -> dict:
+    """The GCS actor table's entry of ``actor``: State (ALIVE, RESTARTING, DEAD, ...), NumRestarts, Pid, ..."""
+    from ray._private.state import actors
+
+    return actors(actor._actor_id.hex())
+
+
+def worker_exit(pid: int) -> str:
+    """Why the worker process ``pid`` ended, as the GCS worker table records it (first sentence of Ray's exit
+    detail and the exit type), or what is known without it."""
+    from ray._private.state import state
+    from ray.core.generated import common_pb2, gcs_pb2
+
+    if not pid:
+        return "its process exited"
+    for raw in state._connect_and_get_accessor().get_worker_table():
+        worker = gcs_pb2.WorkerTableData.FromString(raw)
+        if worker.pid == pid and not worker.is_alive:
+            detail = worker.exit_detail.split(". ")[0].strip().rstrip(".")
+            kind = common_pb2.WorkerExitType.Name(worker.exit_type)
+            return f"process {pid} exited ({kind}: {detail or 'no detail'})"
+    return f"process {pid} exited"
+
+
 def _get(ref: Any, label: str, entry: RewardEntry) -> Any:
     """ray.get with Ray's errors turned into the reward's own errors."""
     try:
@@ -267,6 +310,7 @@ class _Replica:
         self.entry, self.label, self.code, self.start_timeout_s = entry, label, code, start_timeout_s
         self.pending: Deque[_Call] = deque()
         self.broken: Optional[RewardError] = None
+        self.seen: Tuple[int, int] = (0, 0)  # (restarts, pid) of the actor when it was last seen alive
         self.actor = self._spawn()
 
     def _spawn(self):
@@ -282,7 +326,12 @@ class _Replica:
         returns groupwise."""
         ref, timeout_s = self.actor.describe.remote(), self.start_timeout_s
         if not ray.wait([ref], timeout=timeout_s)[0]:
+            crash = self._crashed()
             ray.kill(self.actor, no_restart=True)
+            if crash:
+                raise RewardError(f"reward '{self.label}': {crash} while it was being built, within "
+                                  f"reward_host.start_timeout_s={timeout_s:g}s; fix what kills its process (its log is "
+                                  "in Ray's session folder, logs/worker-*.err)")
             raise RewardConfigError(
                 f"reward '{self.label}': its actor did not start within reward_host.start_timeout_s={timeout_s:g}s "
                 f"(num_cpus={self.entry.num_cpus:g}, num_gpus={self.entry.num_gpus:g}: are they free on the cluster? "
@@ -290,6 +339,8 @@ class _Replica:
         error, groupwise = _get(ref, self.label, self.entry)
         if error:
             raise RewardConfigError(error)
+        info = actor_info(self.actor)
+        self.seen = (info.get("NumRestarts", 0), info.get("Pid", 0))
         return groupwise
 
     def submit(self, *args) -> _Call:
@@ -321,18 +372,39 @@ class _Replica:
             ready, _ = ray.wait([call.ref], timeout=max(0.0, call.deadline - time.monotonic()))
             if ready:
                 return _get(call.ref, self.label, self.entry)
+            crash = self._crashed()
             if attempt == 1:
-                logger.warning(f"reward '{self.label}' exceeded timeout_s={self.entry.timeout_s}s; retrying once on a fresh actor")
+                what = f": {crash}" if crash else f" exceeded timeout_s={self.entry.timeout_s}s"
+                logger.warning(f"reward '{self.label}'{what}; retrying once on a fresh actor")
                 self._respawn()
         ray.kill(self.actor, no_restart=True)
-        self.broken = RewardError(
-            f"reward '{self.label}' did not finish within timeout_s={self.entry.timeout_s}s, twice; "
-            "raise rewards[].timeout_s or lower rewards[].batch_size"
-        )
+        if crash:
+            self.broken = RewardError(f"reward '{self.label}': {crash}, on a fresh actor too; fix what kills its process "
+                                      "(its log is in Ray's session folder, logs/worker-*.err)")
+        else:
+            self.broken = RewardError(
+                f"reward '{self.label}' did not finish within timeout_s={self.entry.timeout_s}s, twice; "
+                "raise rewards[].timeout_s or lower rewards[].batch_size"
+            )
         raise self.broken
 
+    def _crashed(self) -> Optional[str]:
+        """After a call's deadline passed: "its actor died/restarting ..." with the cause when the actor's process
+        died since it was last seen alive (Ray restarting it is then what took the time), else None."""
+        restarts, pid = self.seen
+        try:
+            info = actor_info(self.actor)
+            if info.get("NumRestarts", 0) <= restarts and info.get("State") not in ("RESTARTING", "DEAD"):
+                return None  # alive, or still being created for the first time: slow, not dying
+            cause = worker_exit(pid)
+        except Exception:  # noqa: BLE001 - the GCS tables are a diagnosis only: without them it is a timeout
+            return None
+        died = max(1, info.get("NumRestarts", 0) - restarts)
+        state = "dead" if info.get("State") == "DEAD" else "restarting"
+        return f"its actor died/{state} ({died} time(s), max_restarts={self.entry.max_restarts}): {cause}"
+
     def _respawn(self) -> None:
-        """Replace a hung actor by a fresh one and re-submit every call that was in flight on it."""
+        """Replace a hung (or crash-looping) actor by a fresh one and re-submit every call that was in flight on it."""
         ray.kill(self.actor, no_restart=True)
         self.actor = self._spawn()
         self.ready()

@@ -5,10 +5,13 @@
 * A call that raises is retried one sample at a time; a sample that still raises scores NaN, and a groupwise
   call that raises scores NaN for its whole group. Each such event is a warning string returned with the
   scores, so the driver logs it on the ``tandem.rewards`` logger (actor logs do not reach the driver).
+* A returned value that is not a number (+-inf, a string, any object; ``base.to_scores``) scores NaN with a
+  warning, and counts as a failure like a sample whose scoring raised.
 * A wrong number of scores is a contract violation: RewardError naming the reward, never retried.
 
-Samples whose scoring raised are marked in ``ShardScores.failed`` (a None score is not a failure), so the
-driver can stop a job whose reward keeps failing (``FailureGuard``).
+Samples whose scoring raised or gave a non-number are marked in ``ShardScores.failed`` (None or NaN is "no
+score", returned on purpose, not a failure), so the driver can stop a job whose reward keeps failing
+(``FailureGuard``, which also stops one that scores none of a rollout's samples, rollout after rollout).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def _score_chunk(reward, images, prompts, metadata, idx: np.ndarray, out: ShardS
     """Score the samples ``idx`` (batch indices) into ``out`` at their positions."""
     where = [position[int(i)] for i in idx]
     try:
-        scores, info = reward.score(images[idx], [prompts[i] for i in idx], [metadata[i] for i in idx])
+        call = reward.score(images[idx], [prompts[i] for i in idx], [metadata[i] for i in idx])
     except RewardError:
         raise
     except Exception as e:  # noqa: BLE001 - any reward failure is scored NaN, never fatal
@@ -91,9 +94,21 @@ def _score_chunk(reward, images, prompts, metadata, idx: np.ndarray, out: ShardS
         for i in range(len(idx)):
             _score_chunk(reward, images, prompts, metadata, idx[i : i + 1], out, position)
         return
-    out.scores[where] = scores
-    for k, d in zip(where, info):
+    out.scores[where] = call.scores
+    for k, d in zip(where, call.info):
         out.info[k] = d
+    if call.not_numbers:
+        _mark_not_numbers(reward.name, idx, call.not_numbers, out, [where[i] for i in call.not_numbers])
+
+
+def _mark_not_numbers(name: str, idx: np.ndarray, not_numbers: Dict[int, str], out: ShardScores, where: List[int]) -> None:
+    """Count the values of a call that are not numbers (already scored NaN) as failures, with one warning."""
+    samples = [int(idx[i]) for i in not_numbers]
+    shown = ", ".join(list(not_numbers.values())[:3]) + (", ..." if len(not_numbers) > 3 else "")
+    out.failed[where] = True
+    out.error = out.error or f"returned {next(iter(not_numbers.values()))}, not a number"
+    out.warnings.append(f"reward '{name}' returned values that are not numbers for samples {samples} ({shown}); "
+                        "scored as no score and counted as failures (a reward returns finite numbers, or None for no score)")
 
 
 def score_shard(
@@ -122,24 +137,37 @@ def log_warnings(shard: ShardScores) -> None:
 
 
 class FailureGuard:
-    """Stops a job whose reward keeps failing: RewardError naming the reward once it raised on more than
-    ``max_frac`` of a rollout's samples in ``max_rollouts`` consecutive rollouts (``reward_host.max_failed_*``)."""
+    """Stops a job whose reward keeps failing (``reward_host.max_failed_*``).
+
+    A rollout counts against a reward when the reward failed (raised, or returned a non-number) on more than
+    ``max_frac`` of its samples, or when it scored none of them (every sample None/NaN: no training signal).
+    ``max_rollouts`` such rollouts in a row raise RewardError naming the reward and the cause.
+    """
 
     def __init__(self, max_frac: float, max_rollouts: int):
         self.max_frac, self.max_rollouts = max_frac, max_rollouts
         self.streak: Dict[str, int] = {}
 
-    def observe(self, failed: Dict[str, np.ndarray], errors: Dict[str, Optional[str]]) -> None:
-        """One rollout's failure masks {reward: bool (B,)} and first error line per reward (or None)."""
+    def observe(self, failed: Dict[str, np.ndarray], errors: Dict[str, Optional[str]],
+                scores: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """One rollout's failure masks {reward: bool (B,)}, first error line per reward (or None), and its
+        scores {reward: float64 (B,), NaN = no score} (None: only the failures count)."""
         for name, mask in failed.items():
+            values = None if scores is None else np.asarray(scores[name])
+            unscored = values is not None and len(values) > 0 and bool(np.isnan(values).all())
             frac = float(np.mean(mask)) if len(mask) else 0.0
-            self.streak[name] = self.streak.get(name, 0) + 1 if frac > self.max_frac else 0
+            self.streak[name] = self.streak.get(name, 0) + 1 if frac > self.max_frac or unscored else 0
             if self.streak[name] >= self.max_rollouts:
-                raise RewardError(
-                    f"reward '{name}' failed on {int(np.sum(mask))}/{len(mask)} samples (> reward_host.max_failed_frac="
-                    f"{self.max_frac}) in {self.streak[name]} consecutive rollouts (reward_host.max_failed_rollouts); "
-                    f"first error: {errors.get(name) or '?'}; fix the reward, or raise reward_host.max_failed_frac"
-                )
+                raise RewardError(self._message(name, mask, errors.get(name), frac > self.max_frac))
+
+    def _message(self, name: str, mask: np.ndarray, error: Optional[str], over: bool) -> str:
+        rollouts = f"in {self.streak[name]} consecutive rollouts (reward_host.max_failed_rollouts)"
+        if over:
+            return (f"reward '{name}' failed on {int(np.sum(mask))}/{len(mask)} samples (> reward_host.max_failed_frac="
+                    f"{self.max_frac}) {rollouts}; first error: {error or '?'}; fix the reward, or raise "
+                    "reward_host.max_failed_frac")
+        return (f"reward '{name}' scored none of the {len(mask)} samples (every score None or NaN) {rollouts}: it gives no "
+                "training signal; check the reward, its args and the prompts' metadata")
 
 
 def warn_unscored(scores: Dict[str, np.ndarray], what: str = "rollout") -> List[str]:

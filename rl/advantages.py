@@ -1,6 +1,6 @@
 """Group-relative advantages (GRPO) from several rewards, NaN-safe.
 
-Notation: B samples, rewards k = 1..K with scores r_ik (NaN = no score) and weights w_k, group g(i) = the
+Notation: B samples, rewards k = 1..K with scores r_ik (NaN or +-inf = no score) and weights w_k, group g(i) = the
 prompt group of sample i (``group_ids``). Statistics over a set ignore NaN; ``std`` is Bessel-corrected
 (ddof = 1) like TRL's ``nanstd``, and is 0 for fewer than two values.
 
@@ -152,6 +152,7 @@ def compute_advantages(
     matrix = np.stack([np.asarray(scores[n], dtype=np.float64).reshape(-1) for n in names], axis=1) if names else np.zeros((len(group_ids), 0))
     if matrix.shape[0] != len(group_ids):
         raise ValueError(f"scores have {matrix.shape[0]} samples but group_ids has {len(group_ids)}")
+    matrix[np.isinf(matrix)] = np.nan  # not a score (the reward client already counts it as a failure)
     w = np.array([float(weights[n]) for n in names])
     _, inverse = np.unique(group_ids, return_inverse=True)
 

@@ -19,7 +19,9 @@ pipeline component it trains (the family's ``components``, e.g. ``transformer/``
   torch RNG state, the components, and a fingerprint of the config that must match on resume.
 
 Resume reads the same folders back: there is one copy of the weights. A folder appears complete or not at all
-(written under a temporary name, then renamed); ``logging.save_total_limit`` keeps only the newest N.
+(written under a temporary name, then renamed); ``logging.save_total_limit`` keeps only the newest N. A write
+that fails (disk full, quota, I/O error) removes the partial folder and raises CheckpointError naming the file
+and the cause, so the previous checkpoint stays the one ``resume=auto`` takes.
 
 The files are the same for ``distributed.strategy`` ddp and fsdp: with FSDP every process takes part in
 ``save_checkpoint`` (sharded weights, optimizer and EMA state are gathered whole) and the main process writes;
@@ -39,8 +41,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from tandem.core.errors import RunError
 from tandem.policies.families import get_family
 from tandem.rl.buffer import load_records, save_records
 from tandem.rl.config import ConfigError, JobConfig
@@ -69,17 +73,19 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
     if not write:
         return out
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _written(out, tmp, ".", lambda path: path.mkdir(parents=True))
     for stage, part in parts.items():
         module, component = trainers[stage].policy.trained_module, components[stage]
-        write_weights(tmp / component, module, component, part["weights"], lora)
-        torch.save(part["optimizer"], tmp / f"{stage}.optimizer.pt")
+        _written(out, tmp, component, lambda path: write_weights(path, module, component, part["weights"], lora))
+        _written(out, tmp, f"{stage}.optimizer.pt", lambda path: torch.save(part["optimizer"], path))
         if part["handoff"]:
-            save_records(tmp / f"{stage}.handoff.safetensors", part["handoff"])
+            _written(out, tmp, f"{stage}.handoff.safetensors", lambda path: save_records(path, part["handoff"]))
         if part["ema"] is not None:
-            write_weights(tmp / "ema" / component, module, component, part["ema"], lora)
+            _written(out, tmp, f"ema/{component}",
+                     lambda path: write_weights(path, module, component, part["ema"], lora))
         if part["extra_state"]:
-            save_file(part["extra_state"], str(tmp / f"{stage}.extra_state.safetensors"))
+            _written(out, tmp, f"{stage}.extra_state.safetensors",
+                     lambda path: save_file(part["extra_state"], str(path)))
     state = {
         "step": step, "stages": sorted(trainers), "fingerprint": config_fingerprint(cfg), "lora": lora,
         "components": {stage: components[stage] for stage in trainers},
@@ -89,11 +95,38 @@ def save_checkpoint(folder: Path, step: int, trainers: Dict[str, object], cfg: J
         "ema_steps": {stage: p["ema_steps"] for stage, p in parts.items() if p["ema_steps"] is not None},
         "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(), **extra,
     }
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _written(out, tmp, "state.json", lambda path: path.write_text(json.dumps(state, indent=1)))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     _prune(folder, cfg.logging.save_total_limit)
     return out
+
+
+class CheckpointError(RunError):
+    """A checkpoint could not be written (its partial folder is removed); the CLI prints it as one line."""
+
+
+# What a write that fails for a cause outside tandem raises: the OS, torch.save's zip writer, safetensors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def _written(out: Path, tmp: Path, name: str, write) -> None:
+    """``write(tmp / name)``; a failed write removes ``tmp`` and raises CheckpointError naming ``out / name``, the
+    cause and the space left on that filesystem (torch.save's own message names neither the file nor the cause)."""
+    try:
+        write(tmp / name)
+    except WRITE_ERRORS as e:
+        cause = (e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0])
+        if "inline_container" in cause:  # torch.save's zip writer: "[enforce fail at inline_container.cc:672] ..."
+            cause = "torch.save's zip writer could not write all of it"
+        try:
+            free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {out}: writing {out / name if name != '.' else out} failed "
+                              f"({type(e).__name__}: {cause}; {free}); the partial checkpoint was removed: free "
+                              "space (or move output_dir to a larger disk) and continue with resume=auto") from None
 
 
 STEP_FOLDER = re.compile(r"step_(\d+)")

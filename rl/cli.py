@@ -12,7 +12,8 @@ Every command takes ``--log-level`` (default info): tandem's messages (loggers `
 
 A user mistake (unknown key, wrong type, missing file or weights, unknown reward) prints one line on stderr
 naming what is wrong and how to fix it, and exits 2 — no traceback, nothing half-written. A reward that
-breaks at run time (RewardError) prints one line naming it and exits 1; SIGINT/SIGTERM stop a training job at
+breaks at run time (RewardError), or a job that cannot go on for a cause outside its config (RunError: the disk
+filled while a checkpoint was written), prints one line naming it and exits 1; SIGINT/SIGTERM stop a training job at
 a checkpoint and exit 130.
 """
 
@@ -24,6 +25,7 @@ import os
 import sys
 from typing import List, Optional
 
+from tandem.core.errors import RunError
 from tandem.rewards.base import RewardError
 from tandem.rl.config import ConfigError, load_config, to_yaml
 from tandem.rl.runtime import LOG_LEVELS, configure_environment, configure_logging, configure_torch
@@ -192,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except RewardError as e:  # a reward that broke at run time: one line naming it (a checkpoint was taken)
         print(f"tandem: reward error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        return 1
+    except RunError as e:  # a cause outside the config (a full disk): one line naming it
+        print(f"tandem: error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: a training job stops at a checkpoint (rl/signals.py)
         print(f"tandem: {str(e) or 'interrupted'}", file=sys.stderr)

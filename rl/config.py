@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -345,7 +346,8 @@ class LoggingConfig:
     save_total_limit: Optional[int] = None
     # Experiment trackers through accelerate (`Accelerator(log_with=...)`): tensorboard | wandb | comet_ml |
     # mlflow | aim | clearml | dvclive | trackio; they get the config, every step's metrics and the sample grids,
-    # under output_dir (tensorboard: output_dir/tensorboard/<project_name>). Empty = metrics.jsonl only.
+    # under output_dir (tensorboard: output_dir/tensorboard/<project_name>). Empty = metrics.jsonl only; one
+    # name alone is a one-item list. A tracker whose package is not installed is refused when the job starts.
     report_to: List[str] = field(default_factory=list)
     # Project (run) name given to the trackers.
     project_name: str = "tandem"
@@ -387,6 +389,8 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
               "inverse_sqrt")
 # `logging.report_to` values: the trackers accelerate integrates (`accelerate.utils.LoggerType`, less "all").
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
+# List keys that also take a single string, as a one-item list (`report_to: wandb`, as in transformers).
+ONE_ITEM_LISTS = ("logging.report_to",)
 STAGE_DEFAULTS = {
     "ar": {"epsilon": 0.2, "adv_clip_max": None},
     "decoder": {"epsilon": 1e-4, "adv_clip_max": 5.0},
@@ -409,13 +413,33 @@ def load_config(path: str, overrides: List[str] = (), stage: str = "decoder") ->
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-    cfg = _merge(schema, resolve_config_paths(file_cfg, path), source=path)
+    cfg = _merge(schema, _one_item_lists(resolve_config_paths(file_cfg, path)), source=path)
     for item in overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), source="command line", key=item.split("=", 1)[0])
+        cfg = _merge(cfg, _one_item_lists(_parse_override(item)), source="command line", key=item.split("=", 1)[0])
     job: JobConfig = OmegaConf.to_object(absolute_paths(_check_missing(cfg, path)))
     apply_stage_defaults(job, stage)
     validate(job, stage)
     return job
+
+
+def _parse_override(item: str) -> DictConfig:
+    """``key.sub=value`` -> a config holding it; the value is YAML (ConfigError naming the override if not)."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or [""])[0]
+        raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}); close its brackets and quotes, "
+                          "and quote it for the shell, e.g. 'logging.report_to=[tensorboard]'") from None
+
+
+def _one_item_lists(cfg: DictConfig) -> DictConfig:
+    """A string given for a key of ``ONE_ITEM_LISTS`` becomes a one-item list (``report_to: wandb``)."""
+    if isinstance(cfg, DictConfig):
+        for key in ONE_ITEM_LISTS:
+            value = OmegaConf.select(cfg, key, default=None)
+            if isinstance(value, str):
+                OmegaConf.update(cfg, key, [value], merge=False)
+    return cfg
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str, key: Optional[str] = None) -> DictConfig:
@@ -467,7 +491,7 @@ def validate(job: JobConfig, stage: str) -> None:
     _validate_grpo(job, stage)
     _validate_optim(job)
     _validate_rewards(job, stage)
-    _validate_logging(job)
+    _validate_logging(job, stage)
     _validate_distributed(job)
     get_family(job.model.family).validate(job, stage)
     objective = OBJECTIVES.get(job.grpo.objective)
@@ -628,12 +652,16 @@ def _validate_rewards(job: JobConfig, stage: str) -> None:
     _rule(h.max_failed_rollouts >= 1, "reward_host.max_failed_rollouts", f"must be >= 1, got {h.max_failed_rollouts}")
 
 
-def _validate_logging(job: JobConfig) -> None:
-    """Logging and eval: checkpoints kept, trackers, an eval that has prompts."""
+def _validate_logging(job: JobConfig, stage: str) -> None:
+    """Logging and eval: checkpoints kept, trackers (installed, where a stage trains), an eval that has prompts."""
     _rule(job.logging.save_total_limit is None or job.logging.save_total_limit >= 1, "logging.save_total_limit",
           f"must be >= 1 or null (keep all), got {job.logging.save_total_limit}")
     for tracker in job.logging.report_to:
         _choice("logging.report_to", tracker, TRACKERS)
+    if trained_stages(stage) and job.logging.report_to:
+        from tandem.rl.trackers import check_installed  # imports accelerate (and rl.trackers imports this module)
+
+        check_installed(job.logging.report_to)
     _rule(job.eval.num_prompts >= 0, "eval.num_prompts", f"must be >= 0 (0 = all), got {job.eval.num_prompts}")
     _rule(job.logging.eval_every == 0 or job.data.eval_prompts is not None, "logging.eval_every",
           "eval needs data.eval_prompts (a held-out prompt file)")

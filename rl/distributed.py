@@ -88,20 +88,22 @@ class Layout:
 
     def gather_failures(self, local: "RewardScores") -> "RewardScores":
         """The failure record of the whole rollout, identical on every process: each reward's ``failed`` mask
-        (B,) of every process concatenated in rank order, and its first error (lowest rank). ``scores`` stay this
-        process's. ``RewardClient.check_failures`` of it counts ``reward_host.max_failed_frac`` over all samples,
-        so a reward failing on one process's share stops every process at the same rollout (not that one alone,
-        leaving the others waiting in a collective)."""
+        and ``scores`` (B,) of every process concatenated in rank order, and its first error (lowest rank).
+        ``RewardClient.check_failures`` of it counts ``reward_host.max_failed_frac`` (and whether a reward scored
+        anything) over all samples, so a reward failing on one process's share stops every process at the same
+        rollout (not that one alone, leaving the others waiting in a collective)."""
         if self.world == 1:
             return local
         n = len(next(iter(local.scores.values()), ()))
         parts: List = [None] * self.world
-        torch.distributed.all_gather_object(parts, (n, local.failed, local.errors))
-        names = list(dict.fromkeys(name for _, failed, _ in parts for name in failed))
-        failed = {name: np.concatenate([f.get(name, np.zeros(k, dtype=bool)) for k, f, _ in parts]) for name in names}
-        errors = {name: next((e[name] for _, _, e in parts if e.get(name)), None)
-                  for name in dict.fromkeys(name for _, _, e in parts for name in e)}
-        return dataclasses.replace(local, failed=failed, errors=errors)
+        torch.distributed.all_gather_object(parts, (n, local.failed, local.errors, local.scores))
+        names = list(dict.fromkeys(name for _, failed, _, _ in parts for name in failed))
+        failed = {name: np.concatenate([f.get(name, np.zeros(k, dtype=bool)) for k, f, _, _ in parts]) for name in names}
+        errors = {name: next((e[name] for _, _, e, _ in parts if e.get(name)), None)
+                  for name in dict.fromkeys(name for _, _, e, _ in parts for name in e)}
+        scores = {name: np.concatenate([s.get(name, np.full(k, np.nan)) for k, _, _, s in parts])
+                  for name in dict.fromkeys(name for _, _, _, s in parts for name in s)}
+        return dataclasses.replace(local, scores=scores, failed=failed, errors=errors)
 
     def broadcast(self, obj):
         """The main process's ``obj`` (any picklable value) on every process."""

@@ -37,7 +37,7 @@ from tandem.policies.compile_cache import use_compile_cache
 from tandem.policies.families import get_family
 from tandem.rl.buffer import load_buffer_records
 from tandem.rl.checkpoint import (config_fingerprint, find_resume_point, read_state, restore, save_checkpoint,
-                                  saved_config_fingerprint)
+                                  saved_config_fingerprint, CheckpointError)
 from tandem.rl.config import JobConfig, phase_config
 from tandem.rl.distributed import finish, launch_rank
 from tandem.rl.run_dir import RunDir, scalars
@@ -287,6 +287,8 @@ class Hooks:
         process holds all of it (a sharded policy's gather would need every process)."""
         if (trainer.half_updated or trainer.layout.sharded or not trainer.layout.is_main
                 or self.last_checkpoint_step == trainer.state.step):
+            return
+        if isinstance(error, CheckpointError):  # writing one just failed (a full disk): another would too
             return
         try:
             out = self.checkpoint(trainer)

@@ -8,12 +8,38 @@ dotted keys: ``init_trackers(project_name, config)``), every optimizer step's nu
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Sequence
 
 import numpy as np
 from omegaconf import OmegaConf
 
+from tandem.core.errors import ConfigError
 from tandem.rl.config import JobConfig
+
+# tracker -> (accelerate's availability check in accelerate.utils, what to install)
+REQUIREMENTS = {
+    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "wandb": ("is_wandb_available", "wandb"),
+    "comet_ml": ("is_comet_ml_available", "comet-ml"),
+    "mlflow": ("is_mlflow_available", "mlflow"),
+    "aim": ("is_aim_available", "'aim<4'"),
+    "clearml": ("is_clearml_available", "clearml"),
+    "dvclive": ("is_dvclive_available", "dvclive"),
+    "swanlab": ("is_swanlab_available", "swanlab"),
+    "trackio": ("is_trackio_available", "trackio"),
+}
+
+
+def check_installed(report_to: Sequence[str]) -> None:
+    """ConfigError naming the install command for the first tracker accelerate cannot use (accelerate drops an
+    unavailable tracker without a word: the job would run with no tracker)."""
+    import accelerate.utils
+
+    for name in report_to:
+        check, package = REQUIREMENTS[name]
+        if not getattr(accelerate.utils, check)():
+            raise ConfigError(f"config key 'logging.report_to' asks for {name}, which is not installed: "
+                              f"pip install {package} (or remove {name} from logging.report_to)")
 
 
 def flat_config(cfg: JobConfig) -> Dict[str, object]:

@@ -139,3 +139,41 @@ class CtrlCAt:
         if str(self.calls) in os.environ.get("TANDEM_TEST_CTRL_C", "").split(","):
             os.kill(os.getpid(), signal.SIGINT)
         return mean_red(images, prompts, metadata)
+
+
+def infinite(images, prompts, metadata):
+    """+inf for every image (not a number)."""
+    return [float("inf")] * len(images)
+
+
+def as_text(images, prompts, metadata):
+    """Its scores as text: "0.5" for every image (not a number)."""
+    return ["0.5"] * len(images)
+
+
+def scores_only_boom(images, prompts, metadata):
+    """1.0 for a prompt with 'boom' in it, None (no score) for any other."""
+    return [1.0 if "boom" in p else None for p in prompts]
+
+
+class DiesWhenBuilt:
+    """Kills its own process in its constructor, after args.build_s seconds: a reward actor that can never
+    start (a crash loop)."""
+
+    def __init__(self, build_s=0.0):
+        time.sleep(build_s)
+        os._exit(3)
+
+    def __call__(self, images, prompts, metadata):
+        return [0.0] * len(images)
+
+
+class SlowThenDies:
+    """Takes args.build_s seconds to build, then kills its own process on every call: a reward actor in a crash
+    loop whose restarts take longer than a call may."""
+
+    def __init__(self, build_s):
+        time.sleep(build_s)
+
+    def __call__(self, images, prompts, metadata):
+        os._exit(3)

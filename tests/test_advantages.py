@@ -103,6 +103,16 @@ def test_missing_scores_are_nan_safe_in_both_modes():
     assert compute_advantages({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, np.zeros(4, int)).metrics["reward/b/missing_frac"] == 0.5
 
 
+
+def test_infinite_scores_are_no_score():
+    inf = np.inf
+    with_inf = compute_advantages({"r": np.array([inf, 1.0, 2.0, 3.0, -inf, 0.0])}, {"r": 1.0}, np.array([0, 0, 0, 0, 1, 1]))
+    with_nan = compute_advantages({"r": np.array([np.nan, 1.0, 2.0, 3.0, np.nan, 0.0])}, {"r": 1.0}, np.array([0, 0, 0, 0, 1, 1]))
+    np.testing.assert_array_equal(with_inf.advantages, with_nan.advantages)
+    assert with_inf.advantages[1] < 0 < with_inf.advantages[3]  # the finite scores of the group still train
+    assert with_inf.metrics == with_nan.metrics and with_inf.metrics["reward/r/missing_frac"] == 2 / 6
+    assert np.isfinite(with_inf.metrics["reward/mean"])
+
 def test_clip_and_scale_none():
     r = np.array([0.0, 0.0, 0.0, 100.0])
     res = compute_advantages({"r": r}, {"r": 1.0}, np.zeros(4, int), scale_rewards="none", clip=5.0)

@@ -4,6 +4,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,26 @@ def test_reference_outside_the_prompt_folder_is_refused_unless_allowed(tmp_path,
     records = load_prompts(str(folder / "p.jsonl"), allowed_roots=[str(tmp_path)])
     assert records[0].metadata["reference"][0, 0].tolist() == [1, 2, 3]
 
+
+
+@pytest.mark.parametrize("suffix, text", [(".txt", "a red apple\nsecond\n"), (".jsonl", '{"prompt": "a red apple"}\n')])
+def test_a_byte_order_mark_is_dropped(tmp_path, suffix, text):
+    path = tmp_path / f"p{suffix}"
+    path.write_bytes("\ufeff".encode() + text.encode())  # what Notepad's "UTF-8 with BOM" writes
+    assert load_prompts(str(path))[0].prompt == "a red apple"
+
+
+@pytest.mark.parametrize("region", [[100, 100, 400, 400], [0.8, 0.2, 0.2, 0.8], [0, 0, 1], "0 0 1 1"])
+def test_edit_region_outside_fractions_is_one_line(tmp_path, region):
+    Image.new("RGB", (16, 16)).save(tmp_path / "src.png")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "reference": "src.png", "edit_region": region}) + "\n")
+    line = one_line(tandem_cli("score", "--reward", "source_structure", "--images", tmp_path / "images",
+                               "--prompts", tmp_path / "p.jsonl"))
+    assert "p.jsonl:1: edit_region" in line and "fractions" in line
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "reference": "src.png", "edit_region": [0, 0.5, 1, 1.0]}) + "\n")
+    assert load_prompts(str(tmp_path / "p.jsonl"))[0].metadata["edit_region"] == [0, 0.5, 1, 1.0]
 
 # ------------------------------------------------------------------ images
 def png_bytes(array, mode=None):
@@ -100,6 +121,18 @@ def test_decompression_bomb_in_score_is_one_line(tmp_path):
     assert "bomb.png" in line and "decompression bomb" in line
 
 
+@pytest.mark.parametrize("content, reason", [
+    (png_bytes(np.zeros((64, 64, 3), np.uint8))[:-40], "image file is truncated"),  # PIL: OSError, said as "OSError"
+    (b"not an image", "PIL cannot identify it as an image"),
+], ids=["truncated", "not an image"])
+def test_an_unreadable_image_names_the_file_and_the_reason(tmp_path, content, reason):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(content)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    line = one_line(tandem_cli("score", "--reward", "color", "--images", images, "--prompts", tmp_path / "p.txt"))
+    assert f"cannot read image {images / 'broken.png'}: {reason}" in line
+
 # ------------------------------------------------------------------ output_dir, report
 def test_output_dir_that_is_a_file_is_one_line_before_models_load(tmp_path):
     target = tmp_path / "taken"
@@ -126,6 +159,18 @@ def write_run(folder, metrics_lines, eval_meta=None):
             {"meta": eval_meta, "per_language": {"<i>en</i>": stats}, "overall": stats}))
     return folder
 
+
+@pytest.mark.parametrize("given, what", [("run", "is a run folder, not a checkpoint"),
+                                         ("run/checkpoints/step_9", "does not exist"),
+                                         ("run/checkpoints", "is not a checkpoint folder")])
+def test_export_of_what_is_not_a_checkpoint_names_the_runs_checkpoints(tmp_path, given, what):
+    run = write_run(tmp_path / "run", ['{"step": 1}'])
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step}" / "state.json").write_text("{}")
+    line = one_line(tandem_cli("export", tmp_path / given, tmp_path / "out"))
+    assert f"export: {tmp_path / given} {what}" in line and "--config" not in line
+    assert f"the run's checkpoints: {run / 'checkpoints' / 'step_2'}, {run / 'checkpoints' / 'step_4'}" in line
 
 def test_report_on_a_metrics_line_without_step_is_one_line(tmp_path):
     run = write_run(tmp_path / "run", ['{"step": 1, "reward/mean": 0.1}', '{"reward/mean": 0.2}'])
@@ -183,3 +228,89 @@ def test_buffer_reference_path_is_confined_to_the_run(tmp_path):
     with pytest.raises(ConfigError, match="data.allowed_roots"):
         load_buffer_records(str(folder.parent), 64, 64)
     assert load_buffer_records(str(folder.parent), 64, 64, allowed_roots=[str(tmp_path)])[0].metadata["reference"].shape == (64, 64, 3)
+
+
+# ------------------------------------------------------------------ rewards that are never numbers
+@pytest.mark.parametrize("fn, message", [
+    ("infinite", "reward 'infinite' failed on 8/8 samples"),  # +inf: not a number, counted as a failure
+    ("nothing", "reward 'nothing' scored none of the 8 samples"),  # all None: no training signal
+])
+def test_a_reward_that_never_gives_a_number_stops_the_job_naming_it(tiny_path, tmp_path, plugin_path, fn, message):
+    proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
+                      f"model.path={tiny_path}", "max_steps=50", "logging.progress=false", "logging.sample_every=0",
+                      "reward_host.backend=local", "reward_host.max_failed_rollouts=2", "decoder.num_steps=4",
+                      "decoder.sde_window_range=[0,3]", f"rewards=[{{fn: 'tests.reward_plugins:{fn}'}}]")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in errors[0] and "consecutive rollouts" in errors[0]
+
+
+
+# ------------------------------------------------------------------ settings that were silent
+def dry_run(tmp_path, *overrides, config="configs/demo/decoder.yaml"):
+    return tandem_cli("train", "decoder", "--config", config, f"output_dir={tmp_path / 'run'}",
+                      f"model.path={tmp_path / 'no-model-needed'}", "--dry-run", *overrides)
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_with_its_install_command(tmp_path):
+    import accelerate.utils
+
+    from tandem.rl.config import TRACKERS
+    from tandem.rl.trackers import REQUIREMENTS
+
+    assert set(REQUIREMENTS) == set(TRACKERS)
+    missing = [name for name in ("wandb", "comet_ml", "mlflow", "dvclive") if not getattr(accelerate.utils, REQUIREMENTS[name][0])()]
+    if not missing:
+        pytest.skip("every tracker this test could ask for is installed here")
+    name = missing[0]
+    line = one_line(dry_run(tmp_path, f"logging.report_to=[tensorboard, {name}]"))
+    assert f"logging.report_to' asks for {name}, which is not installed: pip install {REQUIREMENTS[name][1]}" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_to_as_one_string_is_a_one_item_list(tmp_path):
+    proc = dry_run(tmp_path, "logging.report_to=tensorboard")
+    assert proc.returncode == 0, proc.stderr
+    assert "report_to:\n  - tensorboard\n" in proc.stdout
+    config = tmp_path / "c.yaml"
+    config.write_text(open("configs/demo/decoder.yaml").read().replace("logging:\n", "logging:\n  report_to: tensorboard\n", 1))
+    proc = dry_run(tmp_path, f"data.prompts={Path('data/demo_prompts.jsonl').resolve()}", config=config)
+    assert proc.returncode == 0 and "report_to:\n  - tensorboard\n" in proc.stdout, proc.stderr
+    assert "is 'bogus'; allowed: tensorboard" in one_line(dry_run(tmp_path, "logging.report_to=bogus"))
+
+
+@pytest.mark.parametrize("override", ["logging.report_to=[wandb", "rewards=[{name: color", "grpo.beta='0.1"])
+def test_an_override_that_is_not_yaml_is_one_line_naming_it(tmp_path, override):
+    line = one_line(dry_run(tmp_path, override))
+    assert f"override '{override}': its value is not valid YAML" in line
+
+
+# ------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(request, tmp_path):
+    """A real tmpfs of ``request.param`` bytes mounted at tmp_path/run/checkpoints (needs root to mount), so a
+    checkpoint write fails with the kernel's own ENOSPC; unmounted after the test."""
+    import subprocess
+
+    mount = tmp_path / "run" / "checkpoints"
+    mount.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount
+    if subprocess.run(["umount", str(mount)]).returncode != 0:  # a file left open there: detach it lazily
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+# 200 KiB: the tiny decoder's weights (120 KiB) fit, its optimizer state (280 KiB, torch.save) does not;
+# 64 KiB: the weights themselves (safetensors) do not fit.
+@pytest.mark.parametrize("small_disk, file", [("200k", "decoder.optimizer.pt"), ("64k", "transformer")], indirect=["small_disk"])
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial(tiny_path, tmp_path, small_disk, file):
+    args = ["train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
+            f"model.path={tiny_path}", "max_steps=2", "logging.progress=false",
+            "logging.sample_every=0", "reward_host.backend=local"]
+    proc = tandem_cli(*args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"writing {small_disk / 'step_2' / file} failed" in errors[0] and "MiB free there" in errors[0]
+    assert list(small_disk.iterdir()) == []  # the partial checkpoint was removed

@@ -112,10 +112,18 @@ def test_unique_labels():
 
 
 def test_to_scores_contract():
-    np.testing.assert_array_equal(to_scores([1, None, float("nan")], 3, "r"), [1.0, np.nan, np.nan])
-    np.testing.assert_array_equal(to_scores(torch.tensor([0.5, 2.0]), 2, "r"), [0.5, 2.0])
-    assert to_scores(np.array([1, 2]), 2, "r").dtype == np.float64
+    np.testing.assert_array_equal(to_scores([1, None, float("nan")], 3, "r")[0], [1.0, np.nan, np.nan])
+    np.testing.assert_array_equal(to_scores(torch.tensor([0.5, 2.0]), 2, "r")[0], [0.5, 2.0])
+    assert to_scores(np.array([1, 2]), 2, "r")[0].dtype == np.float64
     with pytest.raises(RewardError, match="reward 'r' returned 1 scores for a batch of 2"):
         to_scores([1.0], 2, "r")
-    with pytest.raises(RewardError, match="reward 'r' must return a sequence of floats or None"):
-        to_scores(["high", "low"], 2, "r")
+    with pytest.raises(RewardError, match="reward 'r' must return a sequence of numbers or None"):
+        to_scores("0.5", 1, "r")
+
+
+def test_values_that_are_not_numbers_are_listed_never_converted():
+    raw = [1, None, float("nan"), float("inf"), -np.inf, "0.5", "high", True, np.float32(2), torch.tensor(3.0), [4]]
+    values, not_numbers = to_scores(raw, len(raw), "r")
+    np.testing.assert_array_equal(values, [1, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, 1, 2, 3, np.nan])
+    assert not_numbers == {3: "inf", 4: "-inf", 5: "'0.5'", 6: "'high'", 10: "[4]"}
+    assert to_scores(torch.tensor([1.0, float("inf")]), 2, "r")[1] == {1: "inf"}

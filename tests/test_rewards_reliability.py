@@ -65,6 +65,65 @@ def test_unreachable_reward_host_address_is_one_line_before_models_load(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.fixture
+def http_port(request):
+    """A plain HTTP/1 server (not Ray) bound to ``request.param``; its port."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # its request log would go to the captured stderr
+            pass
+
+    server = http.server.HTTPServer((request.param, 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+# On every local address, Ray dials the address itself; on 127.0.0.1 only, Ray dials this machine's own IP for
+# 127.0.0.1 (where nothing answers), unless that IP is loopback too: one line either way, with no Ray output.
+@pytest.mark.own_ray  # Ray's own choice of the address it dials, without the shared loopback-only cluster
+@pytest.mark.timeout(120)  # ray.init on such an address retries for many minutes
+@pytest.mark.parametrize("http_port", ["0.0.0.0", "127.0.0.1"], indirect=True)
+def test_a_reward_host_address_that_is_not_ray_is_one_line_without_ray_output(tmp_path, http_port, capfd):
+    proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
+                      f"model.path={tmp_path / 'no-model-needed'}", f"reward_host.address=127.0.0.1:{http_port}")
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"reward_host.address 127.0.0.1:{http_port}: " in lines[0]
+    assert "not a Ray cluster (" in lines[0] or "no Ray cluster answers there (Ray dials" in lines[0]
+    assert "GCS" not in capfd.readouterr().err  # nothing from Ray's own logging on the process's stderr
+
+
+def test_the_address_of_a_live_ray_cluster_passes_the_check(ray_cluster):
+    import ray
+
+    from tandem.rewards.host import check_reachable
+
+    check_reachable(ray.get_runtime_context().gcs_address, "reward_host.address")
+
+
+def test_an_actor_in_a_crash_loop_is_reported_as_dying_not_as_a_timeout(ray_cluster, plugin_path):
+    import numpy as np
+
+    from tandem.rewards.base import RewardError
+
+    entry = RewardEntry(fn="tests.reward_plugins:SlowThenDies", args={"build_s": 2}, timeout_s=3, max_restarts=3)
+    with RewardClient([entry], RewardHostConfig(backend="ray")) as client:
+        with pytest.raises(RewardError, match=r"reward 'SlowThenDies': its actor died/restarting \(\d time\(s\), "
+                                              r"max_restarts=3\): process \d+ exited \(SYSTEM_ERROR"):
+            client.score(np.zeros((2, 8, 8, 3), np.uint8), ["a", "b"]).result()
+
+
+def test_an_actor_that_dies_while_it_is_built_is_reported_as_dying(ray_cluster, plugin_path):
+    from tandem.rewards.base import RewardError
+
+    entry = RewardEntry(fn="tests.reward_plugins:DiesWhenBuilt", args={"build_s": 1}, max_restarts=5)
+    with pytest.raises(RewardError, match="reward 'DiesWhenBuilt': its actor died/restarting .* while it was being built"):
+        RewardClient([entry], RewardHostConfig(backend="ray", start_timeout_s=5)).start()
+
 def test_unschedulable_reward_actor_is_refused_at_once(ray_cluster):
     entry = RewardEntry(name="color", num_gpus=1)  # no node of this cluster has a GPU
     with pytest.raises(RewardConfigError, match="reward 'color' asks num_cpus=0.25, num_gpus=1 per actor, but no Ray node"):
