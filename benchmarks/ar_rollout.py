@@ -32,7 +32,7 @@ batch 32, ~30-40 prompt tokens each, left padded), target 1024² (16x16 preview 
 
 Timing: only the first ``--tokens`` N of the 1280 tokens are generated (default 512: the 256 preview tokens
 and the first 256 full-grid tokens). Before the first row of each batch size, one untimed N-token ``generate``
-(``--batch-warmup-tokens``: the first long generation of each batch size runs ~2x slower per step whichever row
+(``--batch-warmup-tokens``: the first long generation of each batch size runs slower per step whichever row
 runs it). Per row: a warm-up call (8 tokens; the static row warms up with N
 tokens, which compiles), the median of 3 calls generating 1 token (T1 = prefill + one sample; taken before the
 warm-up in the static row, so that the timed call reuses the warmed-up cache), then one call generating N
@@ -298,7 +298,7 @@ def run(bench: C.Bench) -> None:
 
     def inputs_for_row(batch: int):
         """The prompts of ``batch``; the first time, one untimed long generation at that batch size (the first
-        long generation of a batch size in a process was seen to run ~2x slower per step, whatever the path)."""
+        long generation of a batch size in a process runs slower per step, whatever the path)."""
         inputs = prompt_batch(adapter, batch)
         if warm_tokens and batch not in warmed:
             _, seconds = C.timed(lambda: hf_generate_fn(model, inputs, static=False)(warm_tokens, 999), device)

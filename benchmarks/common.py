@@ -33,9 +33,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 PEAK_BF16_FLOPS = 790e12
-"""Dense bf16 matmul rate measured on this workplace's H200s (8192^3 random bf16 GEMM: 769-798 TFLOP/s)."""
+"""Dense bf16 matmul rate of an H200, the MFU denominator (a random 8192^3 bf16 GEMM runs at 769-798 TFLOP/s)."""
 HBM_BYTES_PER_S = 4.3e12
-"""Device-to-device copy bandwidth measured on this workplace's H200s (bytes read + written)."""
+"""Device-to-device copy bandwidth of an H200 (bytes read + written), the roofline denominator."""
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """End-to-end RL steps of the glm_image configs: s per RL step, GPU-s per sample, time split, peak memory.
 
-Why: every part of tandem was measured alone; this runs whole jobs (``tandem train ar|decoder|joint``) the way a
+Why: the other benchmarks measure parts of tandem alone; this one runs whole jobs (``tandem train ar|decoder|joint``) the way a
 user does — the config files, the CLI, reward actors on Ray beside the policy — and reads the split back from
 the run's own ``metrics.jsonl``. One row per stage and launch setting.
 

@@ -23,8 +23,7 @@ tokens" at 1024²).
 
 Measured, with the real ``FlowPolicy`` and ``rl.trainer.update_on_minibatch``:
 
-1. ``forward``: one plain transformer forward (no grad, no CFG) at 1024² batch 1 — the facts' reference
-   (108 ms, ~28 % MFU).
+1. ``forward``: one plain transformer forward (no grad, no CFG) at 1024² batch 1.
 2. ``rollout``: ``FlowPolicy.rollout`` (CFG on, ``--num-steps`` steps, 2 SDE steps, the transformer run in
    chunks of ``grpo.mini_batch_size`` as the policy does), images/s; with the plain model (full fine-tuning
    setup) and with the LoRA-wrapped model. Warm-up: one 3-step rollout of the same shapes.
@@ -300,7 +299,7 @@ def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: 
     """One optimizer step of ``update_on_minibatch`` on the first ``mb`` samples of ``rollout``.
 
     FLOPs are counted on a separate 1-sample step without checkpointing (``FlopCounterMode`` tracks modules with
-    hooks; under gradient checkpointing it was seen to break the memory savings), times ``mb``: every FLOP of
+    hooks, which break gradient checkpointing's memory savings), times ``mb``: every FLOP of
     this model is per sample, so that is the model FLOPs of the minibatch (no recompute: MFU, not HFU). Then one
     untimed warm-up step and ``reps`` timed steps; the peak memory is that of the warm-up and timed steps.
     """

@@ -208,7 +208,7 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0) -> Path:
                                  decoder_start_token_id=0, pad_token_id=t5_tok.pad_token_id)).eval()
     # A random VAE decoder must still turn latent shifts into colour changes the demo rewards can see: one norm
     # group, a 3x output layer (as policies/tiny.py) and scaling_factor 0.25 (SD3: 1.5305), so that a unit step
-    # of the normalised latent is 4 VAE units. With 1.5305 the demo's colour reward did not move in 100 steps.
+    # of the normalised latent is 1 / 0.25 = 4 VAE units (1 / 1.5305 = 0.65 with SD3's factor).
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,

@@ -11,8 +11,8 @@ Engines (``args.engine``):
 * ``rapidocr`` (default): PP-OCR det/cls/rec ONNX models that ship inside the ``rapidocr`` wheel (PP-OCRv6
   small, language ``ch``: Chinese and English). Their paths are given explicitly so nothing is downloaded.
   The detector sees the image at its own size, shrunk so its longer side is at most
-  ``args.det_limit_side_len`` (960; RapidOCR's own default instead enlarges the shorter side to 736 px,
-  about 3x slower on 512 px images).
+  ``args.det_limit_side_len`` (960; RapidOCR's own default instead enlarges the shorter side to 736 px, so a
+  512 px image is detected at a larger size than its own).
 * ``paddle``: PaddleOCR with local model folders ``args.det_model_dir`` and ``args.rec_model_dir``
   (``pip install 'tandem-rl[paddle]'``); PaddleOCR cannot download models here.
 """

@@ -160,9 +160,7 @@ def layout_of(accelerator, cfg: JobConfig) -> Layout:
 
 def finish(accelerator) -> None:
     """End of a data-parallel job: wait for every process, then destroy the process group, so that no process
-    leaves the group while another's last collective is still running. (An intermittent gloo abort in
-    tests/test_distributed.py, "terminate called without an active exception", was seen with and without this;
-    its cause is not known.)"""
+    leaves the group while another's last collective is still running."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         accelerator.state.destroy_process_group()

@@ -6,7 +6,7 @@
   variant per input layout (grad and no-grad, glyph lengths, view inputs), and a token sampler's compiled decode step one per
   batch size and cache length; a job meets about 9, and past dynamo's default limit of 8 a variant silently runs
   eager, so the limit is raised to ``COMPILED_VARIANTS``. Inductor's coalesce
-  tiling analysis is turned off: torch 2.11's asserted on the blocks' backward on CUDA.
+  tiling analysis is turned off: in torch 2.11 it asserts on the blocks' backward on CUDA.
 """
 
 from __future__ import annotations

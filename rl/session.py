@@ -422,8 +422,8 @@ def _accelerator(cfg: JobConfig, policy):
 
     # accelerate owns precision (rollout and training forwards run under the same autocast) and the trackers. The
     # shared autocast does not make the first on-policy ratio exactly 1 in bf16: the rollout's cached decode and the
-    # training's teacher-forced forward round differently (max |r - 1| measured 1e-2 for the AR stage at release
-    # size; grpo.old_log_probs recomputes the denominator for that); fp32 gives |r - 1| < 1e-5.
+    # training's teacher-forced forward round differently (grpo.old_log_probs recomputes the denominator for
+    # that); fp32 gives |r - 1| < 1e-5.
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard"))
     return Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=policy.device.type == "cpu",
                        log_with=list(cfg.logging.report_to) or None, project_config=project)

@@ -117,8 +117,8 @@ def build_processor(codebook: int, vision_vocab: int, tiny: bool = False):
 
     The image processor's pixel bounds are 512^2..2048^2 (``smart_resize``'s own defaults). The class default
     (``longest_edge`` 28*28*1280 = 1003520 px) shrinks a 1024^2 reference to 992^2, whose VQ grid is 31x31
-    instead of the 32x32 the decoder needs (seen on the H200: "shape '[1, 1, 32, 32]' is invalid for input
-    of size 961")."""
+    instead of the 32x32 the decoder needs (the decoder then fails with "shape '[1, 1, 32, 32]' is invalid for
+    input of size 961")."""
     from transformers import GlmImageProcessor
 
     return GlmImageProcessor(image_processor=build_image_processor(tiny),

@@ -1,6 +1,6 @@
 """`tandem ARGS...` in this process: ``tandem.rl.cli.main`` with its stdout and stderr captured.
 
-A subprocess spends about 2 s importing torch before it reads its arguments; the user-mistake tests call the same
+A subprocess spends seconds importing torch before it reads its arguments; the user-mistake tests call the same
 ``main`` as the ``tandem`` entry point, here. tests/test_cli_config.py keeps real subprocess runs of the entry point.
 """
 

@@ -3,8 +3,8 @@
 import json
 import os
 
-# Inductor's CPU kernels without SIMD code: gcc builds them in about 2/3 of the time (the compile tests from a cold
-# cache: 101 s instead of 147 s here). The tests compare compiled against eager; GPUs run Triton kernels anyway.
+# Inductor's CPU kernels without SIMD code: gcc builds them faster. The tests compare compiled against eager;
+# GPUs run Triton kernels anyway.
 # Set before torch (diffusers imports inductor's config, which reads it once); the jobs the tests launch inherit it.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
@@ -74,7 +74,7 @@ def ray_cluster(plugin_path):
 @pytest.fixture(autouse=True)
 def shared_ray_for_slow_tests(request):
     """Slow tests run whole jobs in this process; they share ``ray_cluster`` instead of starting and stopping an
-    embedded cluster per job (about 6 s each here): a job reuses a running Ray and leaves it running. A test
+    embedded cluster per job: a job reuses a running Ray and leaves it running. A test
     marked ``own_ray`` (joining another address, the embedded start itself) gets this process without Ray; the
     next slow test starts the shared cluster again."""
     if request.node.get_closest_marker("slow") is None:

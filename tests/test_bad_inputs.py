@@ -1,4 +1,4 @@
-"""Bad input files are one line (ConfigError), images are converted faithfully and say so (issue 13)."""
+"""Bad input files are one line (ConfigError), images are converted faithfully and say so."""
 
 import io
 import json

@@ -75,7 +75,7 @@ def test_ray_train_places_two_cpu_workers(tiny_model_path, tmp_path):
 
 def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
     """``model.device: auto`` (or ``cuda``) under torchrun: ``LOCAL_RANK`` picks the GPU, modulo those visible.
-    This machine has no GPU, so CUDA's presence is patched in: no run on several GPUs has been made."""
+    CUDA's presence is patched in, so the test runs without GPUs."""
     from tandem.policies.base import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

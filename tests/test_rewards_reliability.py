@@ -1,4 +1,4 @@
-"""Rewards that break are loud and one line; the embedded Ray cluster is private; nothing hangs (issue 13)."""
+"""Rewards that break are loud and one line; the embedded Ray cluster is private; nothing hangs."""
 
 import json
 import os
