@@ -30,7 +30,7 @@ test-fast: test
 install: $(STAMP)
 
 # Debian packages: a CJK font for the rendered-text OCR tests, GL/glib for OpenCV, chromium for the
-# headless screenshot of `tandem report` in tests/test_report.py. Installed only when missing.
+# headless screenshot of `tandem report` in tests/rl/test_report.py. Installed only when missing.
 system-deps:
 	@if ! fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk" || ! command -v chromium >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei fonts-dejavu-core libgl1 libglib2.0-0 fontconfig chromium >/dev/null; \

@@ -1,4 +1,4 @@
-"""The 1-vs-2-process cases of tests/test_distributed_equivalence.py, several per launch, so the processes start
+"""The 1-vs-2-process cases of tests/rl/test_distributed_equivalence.py, several per launch, so the processes start
 (and import) once.
 
 * ``step:STAGE-full|lora-ddp|fsdp`` — one GRPO optimizer step (SGD, lr 1) on a fixed batch. Every process builds

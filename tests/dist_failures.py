@@ -1,4 +1,4 @@
-"""Reward failures counted over every process (tests/test_distributed_failures.py), launched by torchrun with 2
+"""Reward failures counted over every process (tests/rl/test_distributed_failures.py), launched by torchrun with 2
 processes (gloo): each process scores a rollout share of 4 samples with ``fails_on_boom``, which raises on rank 1's
 prompts only (the whole rollout: 4 of 8 samples failed), and counts them as the trainer does,
 ``check_failures(layout.gather_failures(scores))``, for up to 3 rollouts at ``max_failed_frac`` 0.5 and 0.25

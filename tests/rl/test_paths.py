@@ -14,7 +14,7 @@ from tandem.rl.paths import shipped
 
 pytestmark = pytest.mark.slow  # builds a wheel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_config(folder: Path, prompts: str) -> Path:

@@ -14,7 +14,7 @@ from tandem.rewards.clip_similarity import ClipScoreReward, HpsV2Reward
 from tandem.rewards.geneval import geneval_questions
 from tandem.rewards.pickscore import PickScoreReward
 from tandem.rewards.vlm import VlmReward
-from tandem.rl.cli import main
+from tests.cli_run import assert_user_mistake, tandem_cli
 
 pytestmark = pytest.mark.slow  # tiny CLIP models
 
@@ -54,13 +54,12 @@ def test_open_clip_rewards_load_local_weights_and_match_the_model(tiny_open_clip
 
 
 @pytest.mark.parametrize("reward, arg", [("pickscore", "model_path"), ("hpsv2", "weights"), ("clipscore", "weights")])
-def test_missing_weights_are_one_config_line_exit_2(reward, arg, tmp_path, capsys):
+def test_missing_weights_are_one_config_line_exit_2(reward, arg, tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "p.txt").write_text("x\n")
-    code = main(["score", "--reward", reward, "--args", json.dumps({arg: str(tmp_path / "nowhere")}),
-                 "--images", str(tmp_path), "--prompts", str(tmp_path / "p.txt")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and f"reward '{reward}' needs args.{arg}" in err[0], err
+    proc = tandem_cli("score", "--reward", reward, "--args", json.dumps({arg: str(tmp_path / "nowhere")}),
+                      "--images", tmp_path, "--prompts", tmp_path / "p.txt")
+    assert_user_mistake(proc, f"reward '{reward}' needs args.{arg}")
     with pytest.raises(RewardConfigError, match=f"needs args.{arg}"):
         {"pickscore": PickScoreReward, "hpsv2": HpsV2Reward, "clipscore": ClipScoreReward}[reward]()
 

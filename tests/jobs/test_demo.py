@@ -66,7 +66,7 @@ def test_nft_demo_config_trains(tiny_model_path, tmp_path):
     rollout is trained at the rollout's weights (v = v_old), the second after one update (v != v_old). Its 60-step
     learning run is the DiffusionNFT row of benchmarks/algorithms.py (docs/performance.md, "Objectives"); the
     decoder stage's learning test is the flow-GRPO demo above, and the NFT loss and its gradient's direction are
-    checked against their closed forms (tests/test_objective_formulas.py, tests/test_algorithms_tiny.py)."""
+    checked against their closed forms (tests/rl/test_objective_formulas.py, tests/rl/test_objectives_tiny.py)."""
     cfg = load_config("configs/demo/decoder_nft.yaml", [f"output_dir={tmp_path / 'nft'}", f"model.path={tiny_model_path}",
                                                         "logging.progress=false", "max_steps=4"], stage="decoder")
     run = train(cfg, "decoder")

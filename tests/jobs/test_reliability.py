@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 from tandem.core.errors import ConfigError
 from tandem.rewards.host import temp_root
 from tandem.rl.config import load_config
@@ -234,9 +234,7 @@ def test_a_second_job_on_a_live_run_is_refused_and_the_killed_runs_lock_is_taken
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    errors = [line for line in second.stderr.splitlines() if line.startswith("tandem: ")]
-    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr
-    assert f"in use by another tandem job (pid {proc.pid} on host" in errors[0]
+    assert_user_mistake(second, f"in use by another tandem job (pid {proc.pid} on host", only="tandem: ")
 
     done = RunDir(str(run)).read_metrics()[-1]["step"]  # its last line may be cut short by the kill
     resumed = tandem_cli(*common, f"max_steps={done + 2}", "resume=auto")

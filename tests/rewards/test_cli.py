@@ -15,7 +15,7 @@ from tandem.rl.config import ConfigError
 
 pytestmark = pytest.mark.slow  # CLI subprocesses
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_images(folder: Path, specs) -> None:

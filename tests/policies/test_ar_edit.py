@@ -102,7 +102,7 @@ def test_rewards_see_edits_rendered_with_the_source(policy, batch, tiny_path):
 
 def test_a_source_past_the_processor_bound_is_on_policy_and_renders(tiny_path, edit_records):
     """The tiny processor's side bound lowered to 40 px (its class default is ~1002 px; a 1024x1024 source at that
-    bound is tests/test_edit.py's): the 64x64 sources are past it. The AR model reads each as the 1x1 VQ grid of
+    bound is tests/policies/test_glm_image_edit.py's): the 64x64 sources are past it. The AR model reads each as the 1x1 VQ grid of
     its 32x32 resized copy, the frozen decoder renders with that same copy (latents and prior ids agree: 4x4 latents,
     2x2 prior patches), and the first step is on-policy."""
     cfg = JobConfig(output_dir="unused")

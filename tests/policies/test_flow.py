@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 from tandem.policies.flow import trained_step_indices
 from tandem.rl.session import build_policy
 from tandem.policies.glm_image import load_pipeline
@@ -145,9 +145,7 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, override, key):
     out = tmp_path / "run"
     proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={out}",
                       "reward_host.backend=local", override)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert_user_mistake(proc, key)
     assert not out.exists()
 
 

@@ -12,9 +12,9 @@ from tandem.policies.base import edits
 from tandem.policies.families import BUILTIN, FAMILIES, ModelFamily, register_family
 from tandem.policies.token_samplers import TOKEN_SAMPLERS, TokenSamplerKind, register_token_sampler
 from tandem.rl.objectives import OBJECTIVES
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DECODER = ["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run"]
 AR = ["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run"]
 
@@ -53,13 +53,6 @@ def fakes():
     TOKEN_SAMPLERS._entries.pop("test_fake_sampler")
 
 
-def one_line_exit_2(*args) -> str:
-    proc = tandem_cli(*args)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("args, needles", [
     (DECODER + ["model.family=test_fake_family", "decoder.guidance_scale=7"],
      ["decoder.guidance_scale", "test_fake_family cannot guide at 7"]),  # the family's own rule
@@ -72,7 +65,7 @@ def one_line_exit_2(*args) -> str:
     (AR + ["ar.sampler=nope"], ["ar.sampler", "engine, generate, test_fake_sampler"]),  # the registry's names
 ])
 def test_dry_run_reports_each_owners_rule_as_one_line(args, needles):
-    line = one_line_exit_2(*args)
+    line = assert_user_mistake(tandem_cli(*args))
     assert all(n in line for n in needles), line
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 from tandem.rewards.ocr import OcrReward
 from tandem.rl.eval import language, score_text_rendering, target_words, words_found
 
@@ -131,7 +131,5 @@ def test_eval_user_mistakes_exit_2(case, needle, tiny_model_path, tmp_path):
              "bad_checkpoint": ["--checkpoint", str(tmp_path)], "bad_batch": ["--batch-size", "0"]}[case]
     out = tmp_path / "run"
     proc = tandem_cli("eval", "--config", "configs/demo/sample.yaml", f"model.path={tiny_model_path}", f"output_dir={out}", *extra)
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Loading" not in line]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert_user_mistake(proc, needle, ignore=("Loading",))
     assert not out.exists()

@@ -4,7 +4,7 @@ failing on one process's samples stops every process at the same rollout, or non
 import json
 
 import pytest
-from dist_launch import run, torchrun  # tests/ is on sys.path (pytest's rootdir-less test folder)
+from tests.dist_launch import run, torchrun
 
 pytestmark = pytest.mark.slow  # a 2-process launch
 

@@ -12,17 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 from tandem.core.data import load_image, load_prompts
 from tandem.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # CLI subprocesses and jobs
-
-
-def one_line(proc, code=2):
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 # ------------------------------------------------------------------ prompt files and references
@@ -61,7 +55,7 @@ def test_edit_region_outside_fractions_is_one_line(tmp_path, region):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "reference": "src.png", "edit_region": region}) + "\n")
-    line = one_line(tandem_cli("score", "--reward", "source_structure", "--images", tmp_path / "images",
+    line = assert_user_mistake(tandem_cli("score", "--reward", "source_structure", "--images", tmp_path / "images",
                                "--prompts", tmp_path / "p.jsonl"))
     assert "p.jsonl:1: edit_region" in line and "fractions" in line
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "reference": "src.png", "edit_region": [0, 0.5, 1, 1.0]}) + "\n")
@@ -117,7 +111,7 @@ def test_decompression_bomb_in_score_is_one_line(tmp_path):
     images.mkdir()
     (images / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
     (tmp_path / "p.txt").write_text("a prompt\n")
-    line = one_line(tandem_cli("score", "--reward", "color", "--images", str(images), "--prompts", str(tmp_path / "p.txt")))
+    line = assert_user_mistake(tandem_cli("score", "--reward", "color", "--images", str(images), "--prompts", str(tmp_path / "p.txt")))
     assert "bomb.png" in line and "decompression bomb" in line
 
 
@@ -130,20 +124,20 @@ def test_an_unreadable_image_names_the_file_and_the_reason(tmp_path, content, re
     images.mkdir()
     (images / "broken.png").write_bytes(content)
     (tmp_path / "p.txt").write_text("a prompt\n")
-    line = one_line(tandem_cli("score", "--reward", "color", "--images", images, "--prompts", tmp_path / "p.txt"))
+    line = assert_user_mistake(tandem_cli("score", "--reward", "color", "--images", images, "--prompts", tmp_path / "p.txt"))
     assert f"cannot read image {images / 'broken.png'}: {reason}" in line
 
 # ------------------------------------------------------------------ output_dir, report
 def test_output_dir_that_is_a_file_is_one_line_before_models_load(tmp_path):
     target = tmp_path / "taken"
     target.write_text("not a folder")
-    line = one_line(tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={target}",
+    line = assert_user_mistake(tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={target}",
                         f"model.path={tmp_path / 'no-model-needed'}"))
     assert "output_dir" in line and "is a file" in line
 
 
 def test_unwritable_output_dir_is_one_line(tmp_path):
-    line = one_line(tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", "output_dir=/proc/tandem-run",
+    line = assert_user_mistake(tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", "output_dir=/proc/tandem-run",
                         f"model.path={tmp_path / 'no-model-needed'}"))
     assert "output_dir /proc/tandem-run is not writable" in line
 
@@ -168,13 +162,13 @@ def test_export_of_what_is_not_a_checkpoint_names_the_runs_checkpoints(tmp_path,
     for step in (2, 4):
         (run / "checkpoints" / f"step_{step}").mkdir(parents=True)
         (run / "checkpoints" / f"step_{step}" / "state.json").write_text("{}")
-    line = one_line(tandem_cli("export", tmp_path / given, tmp_path / "out"))
+    line = assert_user_mistake(tandem_cli("export", tmp_path / given, tmp_path / "out"))
     assert f"export: {tmp_path / given} {what}" in line and "--config" not in line
     assert f"the run's checkpoints: {run / 'checkpoints' / 'step_2'}, {run / 'checkpoints' / 'step_4'}" in line
 
 def test_report_on_a_metrics_line_without_step_is_one_line(tmp_path):
     run = write_run(tmp_path / "run", ['{"step": 1, "reward/mean": 0.1}', '{"reward/mean": 0.2}'])
-    line = one_line(tandem_cli("report", str(run)))
+    line = assert_user_mistake(tandem_cli("report", str(run)))
     assert "metrics.jsonl:2" in line and "'step'" in line
     assert not (run / "report.html").exists()
 
@@ -240,9 +234,7 @@ def test_a_reward_that_never_gives_a_number_stops_the_job_naming_it(tiny_path, t
                       f"model.path={tiny_path}", "max_steps=50", "logging.progress=false", "logging.sample_every=0",
                       "reward_host.backend=local", "reward_host.max_failed_rollouts=2", "decoder.num_steps=4",
                       "decoder.sde_window_range=[0,3]", f"rewards=[{{fn: 'tests.reward_plugins:{fn}'}}]")
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert message in errors[0] and "consecutive rollouts" in errors[0]
+    assert_user_mistake(proc, message, "consecutive rollouts", code=1, only="tandem:")
 
 
 
@@ -263,7 +255,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_with_its_install_command(tm
     if not missing:
         pytest.skip("every tracker this test could ask for is installed here")
     name = missing[0]
-    line = one_line(dry_run(tmp_path, f"logging.report_to=[tensorboard, {name}]"))
+    line = assert_user_mistake(dry_run(tmp_path, f"logging.report_to=[tensorboard, {name}]"))
     assert f"logging.report_to' asks for {name}, which is not installed: pip install {REQUIREMENTS[name][1]}" in line
     assert not (tmp_path / "run").exists()
 
@@ -276,12 +268,12 @@ def test_report_to_as_one_string_is_a_one_item_list(tmp_path):
     config.write_text(open("configs/demo/decoder.yaml").read().replace("logging:\n", "logging:\n  report_to: tensorboard\n", 1))
     proc = dry_run(tmp_path, f"data.prompts={Path('data/demo_prompts.jsonl').resolve()}", config=config)
     assert proc.returncode == 0 and "report_to:\n  - tensorboard\n" in proc.stdout, proc.stderr
-    assert "is 'bogus'; allowed: tensorboard" in one_line(dry_run(tmp_path, "logging.report_to=bogus"))
+    assert "is 'bogus'; allowed: tensorboard" in assert_user_mistake(dry_run(tmp_path, "logging.report_to=bogus"))
 
 
 @pytest.mark.parametrize("override", ["logging.report_to=[wandb", "rewards=[{name: color", "grpo.beta='0.1"])
 def test_an_override_that_is_not_yaml_is_one_line_naming_it(tmp_path, override):
-    line = one_line(dry_run(tmp_path, override))
+    line = assert_user_mistake(dry_run(tmp_path, override))
     assert f"override '{override}': its value is not valid YAML" in line
 
 
@@ -310,7 +302,5 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial(tiny_
             f"model.path={tiny_path}", "max_steps=2", "logging.progress=false",
             "logging.sample_every=0", "reward_host.backend=local"]
     proc = tandem_cli(*args)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"writing {small_disk / 'step_2' / file} failed" in errors[0] and "MiB free there" in errors[0]
+    assert_user_mistake(proc, f"writing {small_disk / 'step_2' / file} failed", "MiB free there", code=1, only="tandem:")
     assert list(small_disk.iterdir()) == []  # the partial checkpoint was removed

@@ -1,6 +1,6 @@
 """One job per run folder (the lock), Ctrl-C handling, the joint schedule and the hand-off kept by checkpoints:
-the parts that need no training job. The jobs themselves: tests/test_reliability.py and
-tests/test_resume_buffer_joint.py."""
+the parts that need no training job. The jobs themselves: tests/jobs/test_reliability.py and
+tests/jobs/test_resume_buffer_joint.py."""
 
 import errno
 import json
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import tandem_cli
 from tandem.core.errors import ConfigError
 from tandem.core.types import PromptRecord
 from tandem.rl.run_lock import LOCK_NAME, RunLock

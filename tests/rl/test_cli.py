@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 from tandem.rl.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow  # CLI runs
@@ -48,11 +48,7 @@ def test_a_mistake_is_one_stderr_line_from_the_real_process():
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, needle):
-    proc = tandem_cli(*args)
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert needle in lines[0] and "Traceback" not in proc.stderr
+    assert_user_mistake(tandem_cli(*args), needle)
 
 
 def test_yaml_errors_name_the_file_and_key(tmp_path):

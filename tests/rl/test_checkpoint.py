@@ -20,7 +20,7 @@ from tandem.rl.trainer import StageTrainer
 pytestmark = pytest.mark.slow  # jobs and tiny pipelines
 
 COMPONENTS = get_family("glm_image").components
-PROMPTS = Path(__file__).resolve().parents[1] / "data" / "demo_prompts.jsonl"
+PROMPTS = Path(__file__).resolve().parents[2] / "data" / "demo_prompts.jsonl"
 
 
 def checkpoint(stage, lora, tiny, out, ema=False):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from dist_launch import run, torchrun  # tests/ is on sys.path (pytest's rootdir-less test folder)
+from tests.dist_launch import run, torchrun
 from safetensors import safe_open
 from safetensors.torch import load_file
 

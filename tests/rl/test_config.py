@@ -3,6 +3,7 @@
 import pytest
 
 from tandem.rl.cli import main
+from tests.cli_run import assert_user_mistake, tandem_cli
 
 DECODER = ["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run"]
 AR = ["train", "ar", "--config", "configs/demo/ar.yaml", "--dry-run"]
@@ -44,10 +45,8 @@ NFT = ["train", "decoder", "--config", "configs/demo/decoder_nft.yaml", "--dry-r
     (["sample", "--config", "configs/demo/sample.yaml", "--num-prompts", "0"], "--num-prompts"),
     (["eval", "--config", "configs/demo/sample.yaml", "--batch-size", "0"], "--batch-size"),
 ])
-def test_bad_setting_is_one_line_exit_2(args, key, capsys):
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and key in err and "Traceback" not in err, err
+def test_bad_setting_is_one_line_exit_2(args, key):
+    assert_user_mistake(tandem_cli(*args), key)
 
 
 @pytest.mark.parametrize("args", [

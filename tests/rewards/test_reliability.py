@@ -9,17 +9,13 @@ import textwrap
 import pytest
 from PIL import Image
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 from tandem.core.errors import ConfigError
 from tandem.rewards.base import RewardConfigError, build_reward, check_entries
 from tandem.rewards.client import RewardClient
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 
 pytestmark = pytest.mark.slow  # Ray clusters
-
-
-def error_lines(proc):
-    return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("args", [{"rgb": [1, 2]}, {"rgb": ["a", "b", "c"]}, {"rgb": [0, 0, 999]}])
@@ -38,9 +34,7 @@ def test_reward_error_in_the_cli_is_one_line_naming_the_reward(tmp_path, plugin_
         Image.new("RGB", (8, 8)).save(images / f"{i}.png")
     (tmp_path / "p.txt").write_text("a\nb\n")
     proc = tandem_cli("score", "--reward", "tests.reward_plugins:one_short", "--images", str(images), "--prompts", str(tmp_path / "p.txt"))
-    lines = error_lines(proc)
-    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "reward 'one_short' returned 1 scores for a batch of 2" in lines[0]
+    assert_user_mistake(proc, "reward 'one_short' returned 1 scores for a batch of 2", code=1)
 
 
 def test_a_prompt_longer_than_the_ar_context_is_one_line(tiny_model_path):
@@ -59,9 +53,7 @@ def test_a_prompt_longer_than_the_ar_context_is_one_line(tiny_model_path):
 def test_unreachable_reward_host_address_is_one_line_before_models_load(tmp_path):
     proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
                f"model.path={tmp_path / 'no-model-needed'}", "reward_host.address=127.0.0.1:9")
-    lines = error_lines(proc)
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "reward_host.address 127.0.0.1:9: no Ray cluster answers there" in lines[0]
+    assert_user_mistake(proc, "reward_host.address 127.0.0.1:9: no Ray cluster answers there")
     assert not (tmp_path / "run").exists()
 
 
@@ -90,10 +82,8 @@ def http_port(request):
 def test_a_reward_host_address_that_is_not_ray_is_one_line_without_ray_output(tmp_path, http_port, capfd):
     proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
                       f"model.path={tmp_path / 'no-model-needed'}", f"reward_host.address=127.0.0.1:{http_port}")
-    lines = error_lines(proc)
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"reward_host.address 127.0.0.1:{http_port}: " in lines[0]
-    assert "not a Ray cluster (" in lines[0] or "no Ray cluster answers there (Ray dials" in lines[0]
+    line = assert_user_mistake(proc, f"reward_host.address 127.0.0.1:{http_port}: ")
+    assert "not a Ray cluster (" in line or "no Ray cluster answers there (Ray dials" in line
     assert "GCS" not in capfd.readouterr().err  # nothing from Ray's own logging on the process's stderr
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import assert_user_mistake, tandem_cli
 from tandem.rl.config import load_config
 from tandem.rl.rollout_batch import RolloutBatching
 from tandem.rl.session import train
@@ -85,4 +85,4 @@ def test_rollout_batch_size_must_be_whole_groups_and_minibatches(value, tmp_path
     r = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", f"output_dir={tmp_path}",
                    "grpo.num_generations=4", "grpo.prompts_per_step=4", "grpo.mini_batch_size=8",
                    f"grpo.rollout_batch_size={value}")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "grpo.rollout_batch_size" in r.stderr
+    assert_user_mistake(r, "grpo.rollout_batch_size")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from cli_run import tandem_cli  # tests/ is on sys.path
+from tests.cli_run import tandem_cli
 from tandem.rl.config import DataConfig, JobConfig, ModelConfig
 from tandem.rl.eval import save_results, score_text_rendering
 from tandem.rl.run_dir import RunDir

@@ -15,6 +15,7 @@ from tandem.rewards.client import RewardClient
 from tandem.rewards.config import RewardEntry, RewardHostConfig
 from tandem.rewards.scoring import FailureGuard
 from tandem.rl.cli import main
+from tests.cli_run import assert_user_mistake, tandem_cli
 
 pytestmark = pytest.mark.slow  # Ray clusters and jobs
 
@@ -116,14 +117,12 @@ def test_failure_guard_counts_consecutive_rollouts_over_the_share():
 
 
 @pytest.mark.slow  # an end-to-end job
-def test_buggy_reward_stops_a_training_job_with_one_line(tiny_path, tmp_path, capsys):
-    code = main(["train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
-                 f"model.path={tiny_path}", "max_steps=50", "logging.progress=false", "logging.sample_every=0",
-                 "reward_host.backend=local", "reward_host.max_failed_rollouts=2", "decoder.num_steps=4",
-                 "decoder.sde_window_range=[0,3]", "rewards=[{fn: 'tests.reward_plugins:buggy'}]"])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tandem:")]
-    assert code == 1
-    assert len(err) == 1 and "reward 'buggy' failed on 8/8 samples" in err[0] and "ZeroDivisionError" in err[0]
+def test_buggy_reward_stops_a_training_job_with_one_line(tiny_path, tmp_path):
+    proc = tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", f"output_dir={tmp_path / 'run'}",
+                      f"model.path={tiny_path}", "max_steps=50", "logging.progress=false", "logging.sample_every=0",
+                      "reward_host.backend=local", "reward_host.max_failed_rollouts=2", "decoder.num_steps=4",
+                      "decoder.sde_window_range=[0,3]", "rewards=[{fn: 'tests.reward_plugins:buggy'}]")
+    assert_user_mistake(proc, "reward 'buggy' failed on 8/8 samples", "ZeroDivisionError", code=1, only="tandem:")
 
 
 def test_dry_run_imports_reward_modules_from_the_working_directory(tmp_path, monkeypatch, capsys):
@@ -149,10 +148,8 @@ def test_dry_run_imports_reward_modules_from_the_working_directory(tmp_path, mon
         ("reward_modules=[no_such_module_here]", "reward_modules: cannot import 'no_such_module_here'"),
     ],
 )
-def test_dry_run_checks_reward_names_and_weight_paths(override, needle, capsys):
-    assert main(["train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", override]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
+def test_dry_run_checks_reward_names_and_weight_paths(override, needle):
+    assert_user_mistake(tandem_cli("train", "decoder", "--config", "configs/demo/decoder.yaml", "--dry-run", override), needle)
 
 
 def test_score_args_and_ocr_read_text(tmp_path, capsys):
@@ -180,9 +177,8 @@ def test_score_args_and_ocr_read_text(tmp_path, capsys):
         (["--args", '{"bogus": 1}'], "args do not fit"),
     ],
 )
-def test_score_args_mistakes_are_one_line(tmp_path, capsys, extra, needle):
+def test_score_args_mistakes_are_one_line(tmp_path, extra, needle):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "p.txt").write_text("x\n")
-    code = main(["score", "--reward", "brightness", *extra, "--images", str(tmp_path), "--prompts", str(tmp_path / "p.txt")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert_user_mistake(tandem_cli("score", "--reward", "brightness", *extra, "--images", tmp_path, "--prompts", tmp_path / "p.txt"),
+                        needle)

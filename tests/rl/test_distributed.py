@@ -1,14 +1,14 @@
 """Data-parallel jobs on CPU: torchrun (fsdp, with checkpoints and resume) and Ray Train (ddp) launch `tandem train`.
 
-That two processes compute what one does (ddp and fsdp steps, rollouts) is tests/test_distributed_equivalence.py."""
+That two processes compute what one does (ddp and fsdp steps, rollouts) is tests/rl/test_distributed_equivalence.py."""
 
 import json
 import sys
 
 import pytest
 import torch
-from cli_run import tandem_cli  # tests/ is on sys.path (pytest's rootdir-less test folder)
-from dist_launch import run, torchrun
+from tests.cli_run import tandem_cli
+from tests.dist_launch import run, torchrun
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # multi-process jobs

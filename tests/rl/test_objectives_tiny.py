@@ -250,8 +250,8 @@ def test_nft_prepare_and_loss_match_the_closed_form(tiny_model_path):
 
 def test_nft_objective_with_the_reference_options_is_the_reference_loss(tiny_model_path):
     """nft_adaptive_weight + nft_scale_policy_loss + grpo.beta: the objective's loss of one unit is NVlabs
-    DiffusionNFT's (transcribed in tests/test_objective_formulas.py) on the same x₀, noise, σ and velocities."""
-    from test_objective_formulas import diffusionnft_reference_loss  # tests/ is on sys.path
+    DiffusionNFT's (transcribed in tests/rl/test_objective_formulas.py) on the same x₀, noise, σ and velocities."""
+    from tests.rl.test_objective_formulas import diffusionnft_reference_loss
 
     grpo = {"nft_adaptive_weight": True, "nft_scale_policy_loss": True, "beta": 0.3, "nft_beta": 0.5,
             "adv_clip_max": 1.0, "nft_num_timesteps": 2}
