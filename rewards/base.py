@@ -57,6 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tandem.core.errors import ConfigError
+from tandem.core.registry import Registry
 from tandem.rewards.config import RewardEntry
 
 logger = logging.getLogger("tandem.rewards")
@@ -86,7 +87,7 @@ class RewardSpec:
     doc: str
 
 
-_REGISTRY: Dict[str, RewardSpec] = {}
+REWARDS: Registry[RewardSpec] = Registry("reward")
 
 
 def _first_line(obj: Any) -> str:
@@ -98,12 +99,13 @@ def register(name: str, groupwise: bool = False) -> Callable[[Callable], Callabl
     """Decorator: register a reward function or class under ``name``; duplicate names are refused."""
 
     def wrap(target: Callable) -> Callable:
-        old = _REGISTRY.get(name)
-        same = old is not None and (old.target.__module__, old.target.__qualname__) == (target.__module__, target.__qualname__)
-        if old is not None and not same:
-            raise ValueError(f"reward name '{name}' is already registered by {old.target.__module__}.{old.target.__qualname__}")
+        if name in REWARDS:  # the same function again (its module imported twice) replaces itself; another is refused
+            old = REWARDS.get(name).target
+            if (old.__module__, old.__qualname__) != (target.__module__, target.__qualname__):
+                raise ValueError(f"reward name '{name}' is already registered by {old.__module__}.{old.__qualname__}")
+            REWARDS.unregister(name)
         target.groupwise = groupwise or bool(getattr(target, "groupwise", False))
-        _REGISTRY[name] = RewardSpec(name, target, target.groupwise, _first_line(target))
+        REWARDS.register(name)(RewardSpec(name, target, target.groupwise, _first_line(target)))
         return target
 
     return wrap
@@ -143,7 +145,7 @@ def _import_path(path: str) -> RewardSpec:
 def available_names() -> List[str]:
     """Registered names plus installed plugin names, sorted."""
     _load_builtins()
-    return sorted(set(_REGISTRY) | set(_plugins()))
+    return sorted(set(REWARDS.names()) | set(_plugins()))
 
 
 def resolve(name_or_path: str) -> RewardSpec:
@@ -151,15 +153,15 @@ def resolve(name_or_path: str) -> RewardSpec:
     if ":" in name_or_path:
         return _import_path(name_or_path)
     _load_builtins()
-    if name_or_path in _REGISTRY:
-        return _REGISTRY[name_or_path]
+    if name_or_path in REWARDS:
+        return REWARDS.get(name_or_path)
     plugin = _plugins().get(name_or_path)
     if plugin is not None:
         try:
             target = plugin.load()
         except Exception as e:
             raise RewardConfigError(f"reward plugin '{name_or_path}' ({plugin.value}) failed to load: {type(e).__name__}: {e}") from None
-        return _REGISTRY.get(name_or_path) or _spec_of(name_or_path, target)
+        return REWARDS.get(name_or_path) if name_or_path in REWARDS else _spec_of(name_or_path, target)
     raise RewardConfigError(
         f"unknown reward '{name_or_path}'; registered: {', '.join(available_names())} "
         "(or give fn: 'package.module:attr')"

@@ -179,18 +179,24 @@ def mixgrpo_flash_dpm_update(x, sigmas, i, model_outputs, lower_order_nums):
             - 0.5 * (alpha(sigma_t) * (torch.exp(-h) - 1.0)) * d1)
 
 
+def noise_free_dpm2m_rollout(tiny_model_path, window_start: int):
+    """A dpm2m rollout at noise 0 with a one-step window at ``window_start``, and what replaying it needs: the policy,
+    the rollout, its timesteps and sigmas, its conditions and its starting noise."""
+    policy, _ = decoder_policy(tiny_model_path, guidance_scale=1.0, noise_level=0.0, sde_window_size=1,
+                               sde_window_range=[window_start, window_start + 1], ode_solver="dpm2m")
+    batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=5)
+    timesteps, sigmas = policy.schedule()
+    x = policy.adapter.initial_noise(batch.extras["noise_seeds"].tolist())
+    return policy, batch, timesteps, sigmas, batch.extras["cond"], x
+
+
 def test_mixgrpo_flash_rollout_keeps_the_solver_history_through_the_window(tiny_model_path):
     """noise 0 everywhere, the window at step 1: tandem's rollout is MixGRPO-Flash's "post" sampling (run_sample_step
     with dpm_apply_strategy "post", on the same sigmas; Flash also re-spaces the steps after the window,
     dpm_post_compress_ratio, not done here): steps up to the window's are flow_grpo_steps (Euler; tandem's dpm2m
     step 0 has no history, so it is Euler too) whose x̂₀ go into the DPMState, every later step a
     DPM-Solver++(2M) step on that history — the first one second order with the window step's x̂₀."""
-    policy, _ = decoder_policy(tiny_model_path, guidance_scale=1.0, noise_level=0.0, sde_window_size=1,
-                               sde_window_range=[1, 2], ode_solver="dpm2m")
-    batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=5)
-    timesteps, sigmas = policy.schedule()
-    cond = batch.extras["cond"]
-    x = policy.adapter.initial_noise(batch.extras["noise_seeds"].tolist())
+    policy, batch, timesteps, sigmas, cond, x = noise_free_dpm2m_rollout(tiny_model_path, window_start=1)
     model_outputs, lower_order_nums = [None, None], 0  # DPMState(order=2)
     with torch.no_grad():
         for i, t in enumerate(timesteps):
@@ -208,12 +214,7 @@ def test_mixed_rollout_ode_steps_are_dpm_solver_steps(tiny_model_path):
     """noise 0 everywhere: the rollout's last image is the DPM-Solver++(2M) integration, its window step Euler,
     the solver's history going on through it (tandem also runs dpm2m before the window, where MixGRPO-Flash
     takes Euler steps)."""
-    policy, _ = decoder_policy(tiny_model_path, guidance_scale=1.0, noise_level=0.0, sde_window_size=1,
-                               sde_window_range=[2, 3], ode_solver="dpm2m")
-    batch = policy.rollout(PROMPTS[:1], META[:1], group_size=2, seed=5)
-    timesteps, sigmas = policy.schedule()
-    cond = batch.extras["cond"]
-    x = policy.adapter.initial_noise(batch.extras["noise_seeds"].tolist())
+    policy, batch, timesteps, sigmas, cond, x = noise_free_dpm2m_rollout(tiny_model_path, window_start=2)
     history = None
     with torch.no_grad():
         for i, t in enumerate(timesteps):
