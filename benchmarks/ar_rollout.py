@@ -56,6 +56,7 @@ from tandem.core.seeds import derive_seed
 from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs
 from tandem.policies.glm_image import GlmImageAdapter
+from tandem.policies.settings import PolicySettings
 from tandem.policies.tiny import CHAT_TEMPLATE, build_glm_tokenizer
 from tandem.rl.config import JobConfig, LoraSettings
 
@@ -125,7 +126,7 @@ def build_policy(model, processor, device, lora: bool) -> GlmImageARPolicy:
     cfg = JobConfig()
     cfg.data.height = cfg.data.width = 1024
     cfg.optim.lora = LoraSettings(enabled=lora, r=32, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=GenerateSampler())
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"), sampler=GenerateSampler())
 
 
 def decode_weight_bytes(model) -> Dict[str, int]:

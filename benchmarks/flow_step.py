@@ -169,7 +169,7 @@ def make_policy(pipe, cfg: JobConfig) -> FlowPolicy:
 def release_policy(policy: FlowPolicy) -> None:
     """Give the base transformer back as it was: LoRA layers removed, frozen, no checkpointing."""
     pipe = policy.adapter.pipe
-    if policy.cfg.optim.lora.enabled:
+    if policy.settings.lora.enabled:
         pipe.transformer = policy.model.unload()
     pipe.transformer.requires_grad_(False).eval()
     pipe.transformer.disable_gradient_checkpointing()
@@ -262,8 +262,9 @@ def rollout_flops(policy: FlowPolicy, device, batch: int) -> int:
     return total
 
 
-def bench_rollout(policy: FlowPolicy, device, prompts: int, group: int, reps: int, label: str):
-    """(row, rollout); with ``reps == 0`` no row, and the rollout is the warm-up's (same shapes, 3 steps)."""
+def bench_rollout(policy: FlowPolicy, cfg: JobConfig, device, prompts: int, group: int, reps: int, label: str):
+    """(row, rollout) of ``policy`` built from the job config ``cfg``; with ``reps == 0`` no row, and the rollout
+    is the warm-up's (same shapes, 3 steps)."""
     d = policy.d
     batch = prompts * group
     decode_s: List[float] = []
@@ -286,7 +287,7 @@ def bench_rollout(policy: FlowPolicy, device, prompts: int, group: int, reps: in
         times.append(s)
     t = C.median(times)
     dec = C.median(decode_s)
-    row = dict(mode=label, size=policy.adapter.height, batch=batch, chunk=policy.cfg.grpo.mini_batch_size,
+    row = dict(mode=label, size=policy.adapter.height, batch=batch, chunk=cfg.grpo.mini_batch_size,
                num_steps=d.num_steps, cfg=d.guidance_scale, seconds=t, seconds_min=min(times), reps=reps,
                images_per_s=batch / t, vae_decode_s=dec, images_per_s_no_vae=batch / (t - dec),
                flops=flops, mfu=C.mfu(flops, t, device), mfu_transformer=C.mfu(flops, t - dec, device),
@@ -294,9 +295,10 @@ def bench_rollout(policy: FlowPolicy, device, prompts: int, group: int, reps: in
     return row, out
 
 
-def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: str, gc: bool,
+def bench_train(policy: FlowPolicy, job: JobConfig, device, rollout, mb: int, reps: int, label: str, gc: bool,
                 warmups: int = 1) -> Dict[str, object]:
-    """One optimizer step of ``update_on_minibatch`` on the first ``mb`` samples of ``rollout``.
+    """One optimizer step of ``update_on_minibatch`` on the first ``mb`` samples of ``rollout`` (``policy`` built from
+    the job config ``job``).
 
     FLOPs are counted on a separate 1-sample step without checkpointing (``FlopCounterMode`` tracks modules with
     hooks, which break gradient checkpointing's memory savings), times ``mb``: every FLOP of
@@ -305,7 +307,7 @@ def bench_train(policy: FlowPolicy, device, rollout, mb: int, reps: int, label: 
     """
     from accelerate import Accelerator
 
-    cfg = copy.deepcopy(policy.cfg)
+    cfg = copy.deepcopy(job)
     cfg.grpo.mini_batch_size = mb
     transformer = policy.adapter.pipe.transformer
     params = policy.trainable_parameters()
@@ -419,9 +421,10 @@ def measure(bench: C.Bench) -> None:
                 continue
             lora = mode == "lora"
             suffix = "+compile" * compiled + "+cfg_batch" * cfg_batch
-            policy = make_policy(pipe, job_config(size, p["chunk"], args.num_steps, lora=lora, gc=False,
-                                                  compile_blocks=compiled, cfg_batch=cfg_batch))
-            row, rollout = bench_rollout(policy, device, p["prompts"], p["group"], args.rollout_reps,
+            job = job_config(size, p["chunk"], args.num_steps, lora=lora, gc=False, compile_blocks=compiled,
+                             cfg_batch=cfg_batch)
+            policy = make_policy(pipe, job)
+            row, rollout = bench_rollout(policy, job, device, p["prompts"], p["group"], args.rollout_reps,
                                          ("lora" if lora else "plain") + suffix)
             if row is not None:
                 res.add("rollout", row)
@@ -429,7 +432,7 @@ def measure(bench: C.Bench) -> None:
                       f"{row['images_per_s']:.2f} img/s, MFU {C.fmt(row['mfu'])}, peak {C.fmt(row['peak_gib'])} GiB",
                       flush=True)
             for mb, gc in train_rows[(size, mode)]:
-                row = bench_train(policy, device, rollout, mb, args.train_reps, mode + suffix, gc,
+                row = bench_train(policy, job, device, rollout, mb, args.train_reps, mode + suffix, gc,
                                   warmups=2 if compiled else 1)
                 res.add("train", row)
                 print(f"train {size}² {mode} mb{mb} gc={gc}: {row['status']} {C.fmt(row.get('seconds'))}s, "

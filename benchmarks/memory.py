@@ -40,6 +40,7 @@ from benchmarks import flow_step as F  # 2.9B default-DiT decoder pipeline, rand
 from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_engine import StaticCacheSampler
 from tandem.policies.glm_image import GlmImageAdapter
+from tandem.policies.settings import PolicySettings
 from tandem.rl.config import JobConfig, LoraSettings, apply_stage_defaults
 from tandem.rl.trainer import update_on_minibatch
 
@@ -65,7 +66,6 @@ def probe(policy, cfg: JobConfig, group: int, device) -> Dict[str, object]:
     """One rollout of one prompt x ``group`` copies and one optimizer step on all of them; peaks of each."""
     cfg = copy.deepcopy(cfg)
     cfg.grpo.num_generations = cfg.grpo.mini_batch_size = group
-    policy.cfg.grpo.mini_batch_size = group  # the flow policy's rollout chunk
     row: Dict[str, object] = dict(group=group)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
     try:
@@ -123,7 +123,9 @@ def build_ar_policy(pipe, device, dtype, tiny: bool) -> Tuple[GlmImageARPolicy, 
     pipe.processor = R.build_processor(tokenizer)
     pipe.vision_language_encoder = R.build_model(tokenizer, ids, tiny, device, dtype)
     cfg = stage_config("ar", 64 if tiny else 1024)
-    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=StaticCacheSampler(use_cuda_graph=True)), cfg
+    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"),
+                              sampler=StaticCacheSampler(use_cuda_graph=True))
+    return policy, cfg
 
 
 def arguments(ap) -> None:

@@ -53,7 +53,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from tandem.policies.base import TrainedComponent, edits
+from tandem.policies.base import TrainedComponent
+from tandem.policies.settings import PolicySettings
 from tandem.policies.ar_sampler import LogitsProcessing, SampledTokens, TokenSampler, prompt_inputs
 from tandem.policies.token_samplers import token_sampler
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
@@ -123,35 +124,36 @@ class GlmImageARPolicy(TrainedComponent):
         pipe: a loaded ``diffusers.GlmImagePipeline`` (``policies.glm_image.load_pipeline``); its
             ``vision_language_encoder`` is trained, the decoder parts stay frozen and render the images.
         adapter: ``GlmImageAdapter`` over ``pipe``.
-        cfg: the job config (``ar``, ``data.height/width``, ``optim.lora``, ``optim.gradient_checkpointing``).
+        settings: the AR stage's ``PolicySettings`` (``policies.settings``; ``section`` is the ``ar`` config).
         sampler: the decode loop (``TokenSampler``); default: the one ``ar.sampler`` names
             (``policies.token_samplers``).
     """
 
     stage = "ar"
 
-    def __init__(self, pipe, adapter: GlmImageAdapter, cfg, sampler: Optional[TokenSampler] = None):
-        self.pipe, self.adapter, self.cfg = pipe, adapter, cfg
+    def __init__(self, pipe, adapter: GlmImageAdapter, settings: PolicySettings,
+                 sampler: Optional[TokenSampler] = None):
+        self.pipe, self.adapter, self.settings, self.ar = pipe, adapter, settings, settings.section
         self.model = self.trained_module = pipe.vision_language_encoder
-        self.sampler_kind = token_sampler(cfg.ar.sampler)
-        self.sampler: TokenSampler = sampler or self.sampler_kind.build(cfg)
-        self.height, self.width = cfg.data.height, cfg.data.width
+        self.sampler_kind = token_sampler(self.ar.sampler)
+        self.sampler: TokenSampler = sampler or self.sampler_kind.build(settings)
+        self.height, self.width = settings.height, settings.width
         self.grids = adapter.grids(self.height, self.width)
-        self.edit = edits(cfg, "ar")
+        self.edit = settings.edit
         # the frozen decoder that renders the tokens (for an edit, conditioned on the source as the decoder stage is)
         self.decoder = GlmFlowAdapter(pipe, self.height, self.width, edit=self.edit, edit_key="ar.edit")
         self.num_preview = 0 if self.edit else self.grids.num_preview  # an edit writes the target's full grid only
         self.num_full = self.grids.num_full
-        if cfg.decoder.compile:  # the frozen decoder that renders the tokens (diffusers' regional compilation)
+        if settings.compile_decoder:  # the frozen decoder that renders the tokens (diffusers' regional compilation)
             pipe.transformer.compile_repeated_blocks()
-        self.processing = self._processing(cfg)
+        self.processing = self._processing(self.ar)
         self._peft = None
         self._ref_model = None
         self.model.requires_grad_(False).eval()
-        if cfg.optim.lora.enabled:
+        if settings.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
-            lora = cfg.optim.lora
+            lora = settings.lora
             target = lora_target_regex(self.model, lora.target_modules)
             # LoRA layers are injected in place: ``self.model`` (and the pipeline) now run the adapter.
             with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
@@ -163,28 +165,27 @@ class GlmImageARPolicy(TrainedComponent):
             self._ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
             self.model.model.language_model.requires_grad_(True)
             self.model.lm_head.requires_grad_(True)
-        if cfg.optim.gradient_checkpointing:
+        if settings.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
     def from_config(cls, cfg, sampler: Optional[TokenSampler] = None) -> "GlmImageARPolicy":
         m = cfg.model
         pipe = load_pipeline(m.path, dtype=m.dtype, device=m.device, create_tiny_if_missing=m.create_tiny_if_missing)
-        return cls(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
+        return cls(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"), sampler=sampler)
 
     @property
     def rollout_matches_training(self) -> bool:
         """Whether the sampler's stored log-probs are the training forward's (``ar.sampler``'s capability:
         ``TokenSamplerKind.matches_training``); if not, ``grpo.old_log_probs: auto`` recomputes them."""
-        return self.sampler_kind.rollout_matches_training(self.cfg)
+        return self.sampler_kind.rollout_matches_training(self.settings)
 
-    def _processing(self, cfg) -> LogitsProcessing:
+    def _processing(self, ar) -> LogitsProcessing:
         """The sampler's processing: ``ar.temperature``, ``ar.top_k``, ``ar.top_p`` after suppressing (−inf)
-        ``suppressed_ids(model, ar.suppress_non_codebook)``."""
-        suppress = suppressed_ids(self.model, cfg.ar.suppress_non_codebook)
+        ``suppressed_ids(model, ar.suppress_non_codebook)`` (``ar``: the AR config section)."""
+        suppress = suppressed_ids(self.model, ar.suppress_non_codebook)
         try:
-            return LogitsProcessing(suppress_ids=suppress, temperature=cfg.ar.temperature, top_k=cfg.ar.top_k,
-                                    top_p=cfg.ar.top_p)
+            return LogitsProcessing(suppress_ids=suppress, temperature=ar.temperature, top_k=ar.top_k, top_p=ar.top_p)
         except ValueError as e:
             raise ConfigError(f"config section 'ar': {e}") from None
 
@@ -226,7 +227,7 @@ class GlmImageARPolicy(TrainedComponent):
     def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict],
                 seeds: Sequence[int]) -> np.ndarray:
         self._check_codebook(full_tokens)
-        ar = self.cfg.ar
+        ar = self.ar
         return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds,
                              metadata=metadata)
 
@@ -264,8 +265,8 @@ class GlmImageARPolicy(TrainedComponent):
         images = self._render(full_tokens, prompts_rep, meta_rep, decode_seeds)
         # 4. per-segment loss weights
         b, u = out.tokens.shape
-        mask = torch.full((b, u), float(self.cfg.ar.full_loss_weight), device=out.tokens.device)
-        mask[:, : self.num_preview] = float(self.cfg.ar.preview_loss_weight)
+        mask = torch.full((b, u), float(self.ar.full_loss_weight), device=out.tokens.device)
+        mask[:, : self.num_preview] = float(self.ar.preview_loss_weight)
         extras = dict(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
             image_grid_thw=inputs["image_grid_thw"].view(b, -1, 3), tokens=out.tokens, position_ids=out.position_ids,
@@ -319,7 +320,7 @@ class GlmImageARPolicy(TrainedComponent):
         per-token k3 KL to the reference when ``with_kl`` (module docstring: which distribution, and why)."""
         extras = batch.extras
         tokens = extras["tokens"].to(self.model.device)
-        train_mode = self.cfg.optim.gradient_checkpointing  # HF checkpoints only in train mode (no dropout here)
+        train_mode = self.settings.gradient_checkpointing  # HF checkpoints only in train mode (no dropout here)
         self.model.train(train_mode)
         try:
             logp = self.processing.token_log_probs(self._logits(self.model, extras), tokens)[:, chunk]

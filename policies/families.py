@@ -33,7 +33,9 @@ class ModelFamily:
     Attributes:
         name: the ``model.family`` value.
         load: ``load(model_cfg)`` -> the pipeline, on ``model_cfg.device`` in ``model_cfg.dtype``, frozen.
-        policies: stage name -> ``policy(pipe, job_cfg)``; the stages this family can train.
+        policies: stage name -> ``policy(pipe, settings)``, ``settings`` the stage's ``PolicySettings``
+            (``policies.settings``: its own config section and the few shared values it reads, never the job
+            config); the stages this family can train.
         components: stage name -> the pipeline attribute that stage trains (checkpoints are keyed by it).
         generate: ``generate(pipe, prompts, job_cfg, seed)`` -> (N, H, W, 3) uint8 with the family's own
             pipeline at the eval settings.

@@ -45,6 +45,7 @@ from tandem.policies.base import TrainedComponent
 from tandem.policies.lora import apply_lora
 from tandem.policies.ode_solvers import ODE_SOLVERS
 from tandem.policies.render import ode_sample
+from tandem.policies.settings import PolicySettings
 from tandem.policies.sde import sde_step, step_kl
 from tandem.core.dtensor import full_tensor, shard_like
 from tandem.policies.ema import EMA, old_policy_decay
@@ -101,27 +102,28 @@ def trained_step_indices(cfg, num_steps: int, rng: np.random.Generator, rollout:
 
 
 class FlowPolicy(TrainedComponent):
-    """Flow-GRPO over ``adapter.denoiser``; ``cfg`` is the job config (reads ``decoder``, ``grpo``, ``optim``)."""
+    """Flow-GRPO over ``adapter.denoiser``; ``settings`` is the decoder stage's ``PolicySettings``
+    (``policies.settings``; ``section`` is the ``decoder`` config)."""
 
     stage = "decoder"
 
-    def __init__(self, adapter, cfg):
-        self.adapter, self.cfg, self.d = adapter, cfg, cfg.decoder
+    def __init__(self, adapter, settings: PolicySettings):
+        self.adapter, self.settings, self.d = adapter, settings, settings.section
         base = self.trained_module = adapter.denoiser
-        if cfg.optim.gradient_checkpointing:
+        if settings.gradient_checkpointing:
             base.enable_gradient_checkpointing()
-        if cfg.optim.lora.enabled:
-            self.model = apply_lora(base, cfg.optim.lora)
+        if settings.lora.enabled:
+            self.model = apply_lora(base, settings.lora)
             self.reference = None  # the adapter-disabled model
         else:
             self.model = base.requires_grad_(True)
-            self.reference = copy.deepcopy(base).requires_grad_(False).eval() if cfg.grpo.beta > 0 else None
+            self.reference = copy.deepcopy(base).requires_grad_(False).eval() if settings.keeps_reference else None
         if self.d.compile:  # after LoRA injection, so the compiled blocks include the adapters
             base.compile_repeated_blocks()  # the dynamo/inductor settings it needs are made at CLI start-up
         self.model.eval()  # no dropout: the training forward must reproduce the rollout forward
         self.ema = (EMA(self.trainable_named_parameters(), self.d.ema_decay, self.d.ema_warmup,
                         self.d.ema_update_interval) if self.d.ema_decay > 0 else None)
-        self.old_decay_type = cfg.grpo.nft_old_decay_type
+        self.old_decay_type = settings.old_decay_type
         self.old = None  # the old policy's weights (module docstring), made at the first rollout or restore
 
     @property

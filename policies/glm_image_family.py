@@ -153,18 +153,18 @@ def pipeline_images(pipe, prompts: List[str], cfg, seed: int) -> np.ndarray:
     return (np.asarray(out.images) * 255).round().astype(np.uint8)
 
 
-def _flow_policy(pipe, cfg):
+def _flow_policy(pipe, settings):
     from tandem.policies.flow import FlowPolicy
 
-    adapter = GlmFlowAdapter(pipe, cfg.data.height, cfg.data.width, cfg.decoder.condition_source, cfg.decoder.cfg_batch,
-                             edits(cfg, "decoder"))
-    return FlowPolicy(adapter, cfg)
+    d = settings.section
+    return FlowPolicy(GlmFlowAdapter(pipe, settings.height, settings.width, d.condition_source, d.cfg_batch,
+                                     settings.edit), settings)
 
 
-def _ar_policy(pipe, cfg):
+def _ar_policy(pipe, settings):
     from tandem.policies.ar import GlmImageARPolicy
 
-    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), settings)
 
 
 def check_reference_grid(adapter: GlmImageAdapter, height: int, width: int) -> None:

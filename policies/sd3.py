@@ -146,13 +146,13 @@ def pipeline_images(pipe, prompts: List[str], cfg, seed: int) -> np.ndarray:
     return (np.asarray(out.images) * 255).round().astype(np.uint8)
 
 
-def _flow_policy(pipe, cfg):
+def _flow_policy(pipe, settings):
     from tandem.policies.flow import FlowPolicy
 
-    if cfg.decoder.compile and not getattr(pipe.transformer, "_repeated_blocks", None):
+    if settings.compile_decoder and not getattr(pipe.transformer, "_repeated_blocks", None):
         raise ConfigError(f"decoder.compile: {type(pipe.transformer).__name__} declares no repeated blocks for "
                           f"diffusers' regional compilation; set decoder.compile=false")
-    return FlowPolicy(Sd3FlowAdapter(pipe, cfg.data.height, cfg.data.width), cfg)
+    return FlowPolicy(Sd3FlowAdapter(pipe, settings.height, settings.width), settings)
 
 
 def _load(model_cfg):

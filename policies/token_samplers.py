@@ -38,9 +38,10 @@ class TokenSamplerKind:
 
     Attributes:
         name: the ``ar.sampler`` value.
-        build: ``build(cfg)`` -> the ``TokenSampler`` of a job config.
-        matches_training: ``matches_training(cfg)`` -> whether a rollout's stored log-probs equal the training
-            forward's (same numerics: then the first on-policy ratio is 1 without recomputing them).
+        build: ``build(settings)`` -> the ``TokenSampler`` of the AR policy's ``PolicySettings``
+            (``policies.settings``; ``settings.section`` is the ``ar`` config).
+        matches_training: ``matches_training(settings)`` -> whether a rollout's stored log-probs equal the
+            training forward's (same numerics: then the first on-policy ratio is 1 without recomputing them).
         rules: ``rules(cfg, stage)`` raises ConfigError (one line) for settings the sampler cannot run; called for
             a job that trains the AR stage.
     """
@@ -53,8 +54,8 @@ class TokenSamplerKind:
     def validate(self, cfg: Any, stage: str) -> None:
         self.rules(cfg, stage)
 
-    def rollout_matches_training(self, cfg: Any) -> bool:
-        return bool(self.matches_training(cfg))
+    def rollout_matches_training(self, settings: Any) -> bool:
+        return bool(self.matches_training(settings))
 
 
 TOKEN_SAMPLERS: Registry[TokenSamplerKind] = Registry("token sampler")
@@ -71,21 +72,21 @@ def register_token_sampler(kind: TokenSamplerKind) -> TokenSamplerKind:
     return kind
 
 
-def full_precision(cfg: Any) -> bool:
+def full_precision(settings: Any) -> bool:
     """float32 weights and no autocast: rollout and training forwards round alike."""
-    return cfg.model.dtype == "float32" and cfg.optim.mixed_precision == "no"
+    return settings.dtype == "float32" and settings.mixed_precision == "no"
 
 
-def _build_generate(cfg: Any):
+def _build_generate(settings: Any):
     from tandem.policies.ar_sampler import GenerateSampler
 
     return GenerateSampler()
 
 
-def _build_engine(cfg: Any):
+def _build_engine(settings: Any):
     from tandem.policies.ar_engine import StaticCacheSampler  # imports transformers' attention registry
 
-    return StaticCacheSampler(use_cuda_graph=True, compile=cfg.ar.compile)
+    return StaticCacheSampler(use_cuda_graph=True, compile=settings.section.compile)
 
 
 def _engine_rules(cfg: Any, stage: str) -> None:
@@ -96,6 +97,6 @@ def _engine_rules(cfg: Any, stage: str) -> None:
 
 
 GENERATE = register_token_sampler(TokenSamplerKind(
-    name="generate", build=_build_generate, matches_training=lambda cfg: full_precision(cfg) and not cfg.ar.compile))
+    name="generate", build=_build_generate, matches_training=lambda s: full_precision(s) and not s.section.compile))
 ENGINE = register_token_sampler(TokenSamplerKind(
-    name="engine", build=_build_engine, matches_training=lambda cfg: False, rules=_engine_rules))
+    name="engine", build=_build_engine, matches_training=lambda s: False, rules=_engine_rules))

@@ -35,6 +35,7 @@ from tandem.core.types import PromptRecord
 from tandem.policies.base import edit_key, edits
 from tandem.policies.compile_cache import use_compile_cache
 from tandem.policies.families import get_family
+from tandem.policies.settings import PolicySettings
 from tandem.rl.buffer import load_buffer_records
 from tandem.rl.checkpoint import (config_fingerprint, find_resume_point, read_state, restore, save_checkpoint,
                                   saved_config_fingerprint, CheckpointError)
@@ -51,11 +52,12 @@ log = logging.getLogger("tandem.session")
 
 
 def build_policy(stage: str, cfg: JobConfig, pipe=None):
-    """The policy of ``stage`` of the family ``model.family``, over its pipeline at ``model.path`` (or ``pipe``)."""
+    """The policy of ``stage`` of the family ``model.family``, over its pipeline at ``model.path`` (or ``pipe``),
+    built from the stage's ``PolicySettings`` (never the whole job config)."""
     family = get_family(cfg.model.family)
     if stage not in family.policies:
         raise ConfigError(f"model.family {family.name!r} has no {stage} stage (it trains: {', '.join(family.policies)})")
-    return family.policies[stage](family.load(cfg.model) if pipe is None else pipe, cfg)
+    return family.policies[stage](family.load(cfg.model) if pipe is None else pipe, PolicySettings.from_job(cfg, stage))
 
 
 @dataclass

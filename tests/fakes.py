@@ -105,6 +105,7 @@ def register_fake_family() -> ModelFamily:
         return FAMILIES.get(FAMILY, "model.family")
     return register_family(ModelFamily(
         name=FAMILY, load=lambda model_cfg: None,
-        policies={"ar": lambda pipe, cfg: FakePolicy("ar"), "decoder": lambda pipe, cfg: FakePolicy("decoder")},
+        policies={"ar": lambda pipe, settings: FakePolicy("ar"),
+                  "decoder": lambda pipe, settings: FakePolicy("decoder")},
         components={"ar": "fake_ar", "decoder": "fake_decoder"},
         generate=lambda pipe, prompts, cfg, seed: images_of(torch.zeros(len(prompts), UNITS))))

@@ -10,6 +10,7 @@ import torch
 from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_sampler import GenerateSampler, capture_rope_positions
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.settings import PolicySettings
 from tandem.policies.tiny import CODEBOOK
 from tandem.rl.config import ConfigError, JobConfig
 
@@ -26,7 +27,7 @@ def make_policy(path, lora=True, sampler=None, **ar):
     for key, value in ar.items():
         setattr(cfg.ar, key, value)
     pipe = load_pipeline(path, device="cpu")
-    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg, sampler=sampler)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"), sampler=sampler)
 
 
 class Recorder:

@@ -16,6 +16,7 @@ from tandem.core.errors import ConfigError
 from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
+from tandem.policies.settings import PolicySettings
 from tandem.rl.config import JobConfig, apply_stage_defaults, load_config
 from tandem.rl.session import job_prompts, train, training_records
 
@@ -30,7 +31,7 @@ def policy(tiny_path):
     cfg.ar.edit, cfg.grpo.beta = True, 0.04
     apply_stage_defaults(cfg, "ar")
     pipe = load_pipeline(tiny_path, device="cpu")
-    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_rewards_see_edits_rendered_with_the_source(policy, batch, tiny_path):
     """The AR rollout's images are the frozen decoder's edit rendering (source latents and prior through the KV
     cache), not the text-to-image rendering of the same tokens."""
     pipe = policy.pipe
-    ar = policy.cfg.ar
+    ar = policy.settings.section
     seeds = batch.extras["decode_seeds"].tolist()
     tokens = batch.extras["full_tokens"]
     edit = GlmFlowAdapter(pipe, 64, 64, edit=True)
@@ -110,7 +111,7 @@ def test_a_source_past_the_processor_bound_is_on_policy_and_renders(tiny_path, e
     apply_stage_defaults(cfg, "ar")
     pipe = load_pipeline(tiny_path, device="cpu")
     pipe.processor.image_processor.size = {"shortest_edge": 16 * 16, "longest_edge": 40 * 40}
-    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"))
     meta = [r.metadata for r in edit_records[:2]]
     batch = policy.rollout([r.prompt for r in edit_records[:2]], meta, group_size=2, seed=1)
     assert batch.extras["image_grid_thw"][0].tolist() == [[1, 1, 1], [1, 2, 2]]  # source (bounded), target

@@ -11,6 +11,7 @@ from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_engine import StaticCacheSampler, decode_positions, prompt_positions
 from tandem.policies.ar_sampler import GenerateSampler, LogitsProcessing, prompt_inputs
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.settings import PolicySettings
 from tandem.policies.tiny import CODEBOOK, IMAGE_END, IMAGE_START, VISION_VOCAB
 from tandem.rl.config import JobConfig
 
@@ -167,7 +168,7 @@ def test_policy_rollout_with_engine_ratio_one(tiny_path, lora):
     cfg.ar.top_k = 40
     cfg.ar.sampler = "engine"  # the config route: GlmImageARPolicy builds the StaticCacheSampler itself
     pipe = load_pipeline(tiny_path, device="cpu")
-    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"))
     assert isinstance(policy.sampler, StaticCacheSampler)
     r = policy.rollout(PROMPTS[1:3], [{}, {}], group_size=2, seed=3)
     assert (r.extras["attention_mask"] == 0).any()

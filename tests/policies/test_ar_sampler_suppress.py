@@ -16,6 +16,7 @@ from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.ar_engine import StaticCacheSampler
 from tandem.policies.ar_sampler import GenerateSampler, prompt_inputs
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
+from tandem.policies.settings import PolicySettings
 from tandem.policies.tiny import CODEBOOK, IMAGE_END, VISION_VOCAB
 from tandem.rl.config import JobConfig
 
@@ -35,7 +36,7 @@ def release_policy(path, suppress_non_codebook: bool, gen_suppress=None, **ar) -
         setattr(cfg.ar, key, value)
     pipe = load_pipeline(path, device="cpu")
     pipe.vision_language_encoder.generation_config.suppress_tokens = gen_suppress
-    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), cfg)
+    return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"))
 
 
 @pytest.mark.parametrize("on", [False, True], ids=["off", "on"])

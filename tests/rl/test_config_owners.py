@@ -42,11 +42,12 @@ class FakeObjective:
 def fakes():
     """A decoder-only family that cannot edit, an objective and a token sampler, each with its own rule."""
     register_family(ModelFamily(name="test_fake_family", load=lambda model_cfg: None,
-                                policies={"decoder": lambda pipe, cfg: None}, components={"decoder": "transformer"},
+                                policies={"decoder": lambda pipe, settings: None},
+                                components={"decoder": "transformer"},
                                 generate=lambda pipe, prompts, cfg, seed: None, rules=_fake_family_rules))
     OBJECTIVES.register("test_fake_objective")(FakeObjective)
-    register_token_sampler(TokenSamplerKind(name="test_fake_sampler", build=lambda cfg: None,
-                                            matches_training=lambda cfg: True, rules=_fake_sampler_rules))
+    register_token_sampler(TokenSamplerKind(name="test_fake_sampler", build=lambda settings: None,
+                                            matches_training=lambda settings: True, rules=_fake_sampler_rules))
     yield
     FAMILIES._entries.pop("test_fake_family")
     OBJECTIVES._entries.pop("test_fake_objective")

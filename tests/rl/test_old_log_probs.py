@@ -10,6 +10,7 @@ from tandem.policies.ar import GlmImageARPolicy
 from tandem.policies.flow import FlowPolicy
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter
+from tandem.policies.settings import PolicySettings
 from tandem.policies.token_samplers import token_sampler
 
 from tandem.rl.config import JobConfig, load_config
@@ -50,20 +51,22 @@ def _config(overrides):
 ])
 def test_the_token_sampler_says_whether_the_ar_rollout_matches_training(overrides, expected):
     cfg = _config(overrides)
-    assert token_sampler(cfg.ar.sampler).rollout_matches_training(cfg) is expected
+    assert token_sampler(cfg.ar.sampler).rollout_matches_training(PolicySettings.from_job(cfg, "ar")) is expected
 
 
 @pytest.mark.parametrize("compile_, expected", [(False, True), (True, False)])
 def test_the_flow_policy_matches_training_unless_compiled(tiny_path, compile_, expected):
     cfg = _config({"decoder.compile": compile_, "model.dtype": "bfloat16"})  # the decoder's layouts agree in bf16
-    policy = FlowPolicy(GlmFlowAdapter(load_pipeline(tiny_path, device="cpu"), 64, 64), cfg)
+    adapter = GlmFlowAdapter(load_pipeline(tiny_path, device="cpu"), 64, 64)
+    policy = FlowPolicy(adapter, PolicySettings.from_job(cfg, "decoder"))
     assert policy.rollout_matches_training is expected
 
 
 @pytest.mark.parametrize("compile_, expected", [(False, True), (True, False)])
 def test_the_ar_policy_answers_through_its_token_sampler(tiny_path, compile_, expected):
     pipe = load_pipeline(tiny_path, device="cpu")
-    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), _config({"ar.compile": compile_}))
+    settings = PolicySettings.from_job(_config({"ar.compile": compile_}), "ar")
+    policy = GlmImageARPolicy(pipe, GlmImageAdapter(pipe), settings)
     assert policy.rollout_matches_training is expected
 
 
