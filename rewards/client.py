@@ -193,6 +193,6 @@ class RewardClient:
     def check_failures(self, rollout: RewardScores) -> None:
         """Count one rollout's failures; RewardError naming the reward once one has raised on more than
         ``reward_host.max_failed_frac`` of the samples in ``reward_host.max_failed_rollouts`` rollouts in a row.
-        With several processes, pass the whole rollout's failures (``rl.distributed.Layout.gather_failures``):
+        With several processes, pass the whole rollout's failures (``rl.distributed.Layout.gather_rollout``):
         every process then counts the same samples and stops at the same rollout."""
         self._guard.observe(rollout.failed, rollout.errors, rollout.scores)

@@ -77,33 +77,27 @@ class Layout:
                 raise ConfigError(f"config key '{key}' is {value}; with {self.world} processes it must be a multiple of {self.world}")
         return g.num_generations // self.world, g.mini_batch_size // self.world
 
-    def gather_groups(self, local: Dict[str, np.ndarray], group_ids: np.ndarray):
-        """All processes' scores and group ids, concatenated in rank order (identical on every process)."""
-        if self.world == 1:
-            return local, group_ids
-        parts: List = [None] * self.world
-        torch.distributed.all_gather_object(parts, (local, group_ids))
-        scores = {name: np.concatenate([p[0][name] for p in parts]) for name in local}
-        return scores, np.concatenate([p[1] for p in parts])
-
-    def gather_failures(self, local: "RewardScores") -> "RewardScores":
-        """The failure record of the whole rollout, identical on every process: each reward's ``failed`` mask
-        and ``scores`` (B,) of every process concatenated in rank order, and its first error (lowest rank).
-        ``RewardClient.check_failures`` of it counts ``reward_host.max_failed_frac`` (and whether a reward scored
+    def gather_rollout(self, local: "RewardScores", group_ids: np.ndarray):
+        """The whole rollout's rewards and group ids, identical on every process, in one all-gather: each reward's
+        ``scores`` and ``failed`` (B,) of every process concatenated in rank order, its first error (lowest rank),
+        and the group ids (B,) likewise. The advantages are computed from these scores, and
+        ``RewardClient.check_failures`` of them counts ``reward_host.max_failed_frac`` (and whether a reward scored
         anything) over all samples, so a reward failing on one process's share stops every process at the same
         rollout (not that one alone, leaving the others waiting in a collective)."""
         if self.world == 1:
-            return local
-        n = len(next(iter(local.scores.values()), ()))
+            return local, group_ids
+        n = len(group_ids)
         parts: List = [None] * self.world
-        torch.distributed.all_gather_object(parts, (n, local.failed, local.errors, local.scores))
-        names = list(dict.fromkeys(name for _, failed, _, _ in parts for name in failed))
-        failed = {name: np.concatenate([f.get(name, np.zeros(k, dtype=bool)) for k, f, _, _ in parts]) for name in names}
-        errors = {name: next((e[name] for _, _, e, _ in parts if e.get(name)), None)
-                  for name in dict.fromkeys(name for _, _, e, _ in parts for name in e)}
-        scores = {name: np.concatenate([s.get(name, np.full(k, np.nan)) for k, _, _, s in parts])
-                  for name in dict.fromkeys(name for _, _, _, s in parts for name in s)}
-        return dataclasses.replace(local, scores=scores, failed=failed, errors=errors)
+        torch.distributed.all_gather_object(parts, (n, local.failed, local.errors, local.scores, group_ids))
+        names = list(dict.fromkeys(name for _, failed, _, _, _ in parts for name in failed))
+        failed = {name: np.concatenate([f.get(name, np.zeros(k, dtype=bool)) for k, f, _, _, _ in parts])
+                  for name in names}
+        errors = {name: next((e[name] for _, _, e, _, _ in parts if e.get(name)), None)
+                  for name in dict.fromkeys(name for _, _, e, _, _ in parts for name in e)}
+        scores = {name: np.concatenate([s.get(name, np.full(k, np.nan)) for k, _, _, s, _ in parts])
+                  for name in dict.fromkeys(name for _, _, _, s, _ in parts for name in s)}
+        whole = dataclasses.replace(local, scores=scores, failed=failed, errors=errors)
+        return whole, np.concatenate([p[4] for p in parts])
 
     def broadcast(self, obj):
         """The main process's ``obj`` (any picklable value) on every process."""

@@ -204,8 +204,9 @@ class StageTrainer:
         parts = [f.result() for f in futures]
         reward_s += time.perf_counter() - t1
         local = RewardScores.concat(parts)
-        self.rewards.check_failures(layout.gather_failures(local))  # reward_host.max_failed_*, over all processes
-        scores, group_ids = layout.gather_groups(local.scores, np.concatenate([s.group_ids for s in subs]))
+        whole, group_ids = layout.gather_rollout(local, np.concatenate([s.group_ids for s in subs]))
+        self.rewards.check_failures(whole)  # reward_host.max_failed_*, over all processes
+        scores = whole.scores
         if layout.is_main:
             warn_unscored(scores)
         adv = compute_advantages(scores, local.weights, group_ids,  # 3. advantages

@@ -1,7 +1,7 @@
 """Reward failures counted over every process (tests/rl/test_distributed_failures.py), launched by torchrun with 2
 processes (gloo): each process scores a rollout share of 4 samples with ``fails_on_boom``, which raises on rank 1's
 prompts only (the whole rollout: 4 of 8 samples failed), and counts them as the trainer does,
-``check_failures(layout.gather_failures(scores))``, for up to 3 rollouts at ``max_failed_frac`` 0.5 and 0.25
+``check_failures(layout.gather_rollout(scores, group_ids)[0])``, for up to 3 rollouts at ``max_failed_frac`` 0.5 and 0.25
 (``max_failed_rollouts`` 2); and rewards that score only rank 1's prompts, or nothing (a reward that scores none of
 the whole rollout counts). Each rank writes OUT_DIR/rank{R}.json: {case: [[rollout, error]] or []}.
 
@@ -31,7 +31,7 @@ def counted(layout, fn: str, frac: float) -> list:
         for rollout in range(3):
             scores = client.score(images, [prompt] * 4).result()
             try:
-                client.check_failures(layout.gather_failures(scores))
+                client.check_failures(layout.gather_rollout(scores, np.arange(4))[0])
             except RewardError as e:
                 return [[rollout, str(e)]]
     return []
