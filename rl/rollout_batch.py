@@ -44,16 +44,13 @@ class RolloutBatching:
     def __init__(self, requested: int, copies: int, minibatch: int, device: torch.device):
         self.copies, self.minibatch, self.device = copies, minibatch, device
         self.unit = math.lcm(copies, minibatch)
-        self.measured = device.type == "cuda" and requested == 0
-        self.size: Optional[int] = requested or (None if self.measured else self._cpu_default())
-
-    def _cpu_default(self) -> int:
-        return self.minibatch if self.minibatch % self.copies == 0 else 0  # 0: the whole batch in one call
-
-    @property
-    def forward_chunk(self) -> Optional[int]:
+        cpu_auto = requested == 0 and device.type != "cuda"
+        # None: auto on a GPU, set by the first call (``measuring``); 0: the whole batch in one call
+        self.size: Optional[int] = requested or None
+        if cpu_auto:
+            self.size = minibatch if minibatch % copies == 0 else 0
+        self.forward_chunk: Optional[int] = minibatch if cpu_auto else None
         """Samples per forward inside a call: the minibatch under CPU auto (the training layout), else the call."""
-        return self.minibatch if not self.measured and self.size == self._cpu_default() else None
 
     @property
     def forwards_minibatches(self) -> bool:

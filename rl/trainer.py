@@ -157,6 +157,7 @@ class StageTrainer:
         self.use_records(records, cfg.seed)
         self.batching = RolloutBatching(cfg.grpo.rollout_batch_size // self.layout.world, self.copies,
                                         self.mini_batch, policy.device)
+        policy.rollout_chunk_size = self.batching.forward_chunk
         self.recompute = (recomputes_old_log_probs(cfg, policy, not self.batching.forwards_minibatches)
                           and OBJECTIVES.get(cfg.grpo.objective).uses_old_log_probs)
         self.handoff: List[PromptRecord] = []  # the latest rollouts with their hand-off (joint schedule)
@@ -184,7 +185,6 @@ class StageTrainer:
         while first_group < len(chosen):  # 2. rollout + score, overlapped
             samples = self.batching.next_call(total - first_group * self.copies)
             part = chosen[first_group:first_group + samples // self.copies]
-            self.policy.rollout_chunk_size = self.batching.forward_chunk
             t0 = time.perf_counter()
             with self.accelerator.autocast(), self.batching.measuring(samples, total):
                 sub = self.policy.rollout([r.prompt for r in part], [r.metadata for r in part], self.copies, seed=seed,
