@@ -42,6 +42,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from tandem.core.process import pid_alive
 from tandem.rewards.base import RewardConfigError, RewardError, build_reward, code_locations, import_code, logger
 from tandem.rewards.scoring import ShardScores, log_warnings, score_shard, split_shards
 from tandem.rewards.config import RewardEntry, RewardHostConfig
@@ -193,7 +194,7 @@ def sweep_temp_dirs(root: str) -> List[str]:
         path = os.path.join(root, name)
         pid = name[len(Cluster.PREFIX):].split("-")[0]
         try:
-            if os.stat(path).st_uid != os.getuid() or not pid.isdigit() or _alive(int(pid)):
+            if os.stat(path).st_uid != os.getuid() or not pid.isdigit() or pid_alive(int(pid)):
                 continue
         except OSError:
             continue
@@ -202,13 +203,6 @@ def sweep_temp_dirs(root: str) -> List[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 from tandem.core.errors import ConfigError
+from tandem.core.process import pid_alive
 from tandem.rl.run_dir import RunDir
 
 log = logging.getLogger("tandem.session")
@@ -49,12 +50,8 @@ def _running_here(holder: dict) -> bool:
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:  # another user's process
-        pass
     start = holder.get("pid_start")
     return start is None or _process_start(pid) in (None, start)
 
