@@ -16,8 +16,10 @@ Rows (batch 32 unless ``--batches``):
   captures the graph that the timed call replays (a new prompt/cache shape captures once);
 * ``engine_graph_compiled`` (``--compile``): ``StaticCacheSampler(use_cuda_graph=True, compile=True)``, the graph
   of the torch.compile'd decode step (``ar.sampler: engine`` + ``ar.compile: true``); its warm-up call compiles;
-* ``engine_graph_lora`` (``--lora-row``): the graph path on a ``GlmImageARPolicy`` with LoRA r32 on q/k/v/o_proj (and
-  ``engine_graph_compiled_lora`` with ``--compile``);
+* ``engine_graph_lora`` (``--lora-row``): the graph path on a ``GlmImageARPolicy`` with LoRA on q/k/v/o_proj at
+  configs/glm_image/ar.yaml's r64, alpha 128, B random (as after training), adapters merged per call (the sampler's
+  default), and ``engine_graph_lora_unmerged`` (``merge_lora=False``: the adapter matmuls in every step); with
+  ``--compile`` also ``engine_graph_compiled_lora`` and ``engine_graph_compiled_lora_unmerged``;
 * ``engine_graph_autotune`` (``--autotune``): the compiled row with ``compile_mode="max-autotune-no-cudagraphs"``
   (inductor picks Triton GEMM templates or cuBLAS per matmul shape by timing them).
 
@@ -39,6 +41,7 @@ from benchmarks import ar_rollout as R  # model, tokenizer, policy and timing he
 from benchmarks import common as C
 from tandem.policies.ar_engine import StaticCacheSampler
 from tandem.policies.ar_sampler import GenerateSampler
+from tandem.policies.lora import MergedLoRA
 
 
 @torch.no_grad()
@@ -94,8 +97,10 @@ def run(bench: C.Bench) -> None:
                           attn_implementation=model.config.text_config._attn_implementation, roofline_ms=roofline_s * 1e3,
                           sampler=dict(temperature=0.9, top_p=0.75, top_k=0), **wb))
 
+    adapter = policy.adapter
+
     def inputs_for(batch: int):
-        return R.prompt_batch(policy.adapter, batch)
+        return R.prompt_batch(adapter, batch)
 
     rows: List[Dict[str, object]] = []
     outs: Dict[tuple, object] = {}
@@ -183,11 +188,16 @@ def run(bench: C.Bench) -> None:
         compiled_sampler.reset()
         policy = None
         C.free_memory(device)
-        lora_policy = R.build_policy(model, processor, device, lora=True)
-        timed_row("engine_graph_lora", lora_policy, StaticCacheSampler(use_cuda_graph=True), big, graph=True)
-        if args.compile:
-            timed_row("engine_graph_compiled_lora", lora_policy, StaticCacheSampler(use_cuda_graph=True, compile=True),
-                      big, graph=True)
+        lora_policy = R.build_policy(model, processor, device, lora=True, rank=64)
+        for layer in MergedLoRA.layers(lora_policy.model):  # as after training: peft starts B at zero
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=1e-3)
+        for suffix, merge in (("", True), ("_unmerged", False)):
+            timed_row(f"engine_graph_lora{suffix}", lora_policy,
+                      StaticCacheSampler(use_cuda_graph=True, merge_lora=merge), big, graph=True)
+            if args.compile:
+                timed_row(f"engine_graph_compiled_lora{suffix}", lora_policy,
+                          StaticCacheSampler(use_cuda_graph=True, compile=True, merge_lora=merge), big, graph=True)
+                torch._dynamo.reset()  # the merged and unmerged steps are different graphs
 
     R.vs_baseline(rows, "generate_sampler")
     res.set("rows", rows)

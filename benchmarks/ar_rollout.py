@@ -118,14 +118,15 @@ def build_model(tokenizer, ids: Dict[str, int], tiny: bool, device: torch.device
     return model
 
 
-def build_policy(model, processor, device, lora: bool) -> GlmImageARPolicy:
+def build_policy(model, processor, device, lora: bool, rank: int = 32) -> GlmImageARPolicy:
     """An ``GlmImageARPolicy`` over ``model``; the pipeline is a stand-in with only what the AR side reads (no decoder:
     the benchmark times the sampler, not the rendering)."""
     pipe = SimpleNamespace(processor=processor, vision_language_encoder=model, vae_scale_factor=8,
                            transformer=SimpleNamespace(device=device, config=SimpleNamespace(patch_size=2)))
     cfg = JobConfig()
     cfg.data.height = cfg.data.width = 1024
-    cfg.optim.lora = LoraSettings(enabled=lora, r=32, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    cfg.optim.lora = LoraSettings(enabled=lora, r=rank, alpha=rank if rank == 32 else 2 * rank,
+                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return GlmImageARPolicy(pipe, GlmImageAdapter(pipe), PolicySettings.from_job(cfg, "ar"), sampler=GenerateSampler())
 
 

@@ -76,6 +76,8 @@ def arguments(ap) -> None:
     ap.add_argument("--render-calls", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--unmerged-lora", action="store_true",
+                    help="run the LoRA adapters beside the weights in every decode step (the engine merges them by default)")
 
 
 def run(bench: C.Bench) -> None:
@@ -93,6 +95,8 @@ def run(bench: C.Bench) -> None:
     t0 = time.perf_counter()
     policy = build_policy("ar", cfg)
     load_s = time.perf_counter() - t0
+    if args.unmerged_lora:
+        policy.sampler.merged = None
     records = [json.loads(line) for line in Path(args.extras, "prompts.jsonl").read_text().splitlines() if line]
 
     timer = PhaseTimer(device)
@@ -105,7 +109,8 @@ def run(bench: C.Bench) -> None:
     timer.wrap(policy, "_render", "render")
 
     results = bench.results
-    results.set("setup", {"load_s": load_s, "sampler": cfg.ar.sampler, "compile": cfg.ar.compile})
+    results.set("setup", {"load_s": load_s, "sampler": cfg.ar.sampler, "compile": cfg.ar.compile,
+                          "lora_merged": getattr(policy.sampler, "merged", None) is not None})
     rows, cursor, seed = [], 0, 0
     batches = [int(b) for b in args.batches.split(",")]
     for i, b in enumerate(batches):

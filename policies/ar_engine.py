@@ -8,7 +8,9 @@ training recompute is unchanged when it is swapped in (``ar.sampler: engine``). 
    docs/glm_image_facts.md ("Exact AR log-probs"), all before the first forward (``decode_positions``);
 2. a static KV cache (B, kv_heads, S, head_dim) per layer, S = L + U − 1 rounded up, and a (B, S) mask of the
    slots that hold a real token;
-3. prefill over the prompt with the model's own modules (peft's LoRA layers run as in training);
+3. prefill over the prompt with the model's own modules; a LoRA model runs with its adapters merged into the base
+   weights for the call and restored exactly after (``merge_lora``, ``policies.lora.MergedLoRA``): the decode
+   step then reads each weight once, with no adapter matmuls beside it;
 4. decode: per step, suppress → temperature → top-k → top-p on the float32 raw logits and one draw per row
    from the row's own seed (``SeededDraws``, the same step as ``GenerateSampler``'s: equal scores give equal
    tokens; the global RNG is not used), the stored log-prob is ``log_softmax(scores)`` at the token; the next
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from tandem.policies.ar_sampler import LogitsProcessing, SampledTokens, SeededDraws
+from tandem.policies.lora import MergedLoRA
 
 logger = logging.getLogger(__name__)
 
@@ -273,13 +276,17 @@ class StaticCacheSampler:
             the 40 layers; compiles once per (batch, cache length) on the first call.
         compile_mode: ``torch.compile`` mode of that step: ``"default"`` or ``"max-autotune-no-cudagraphs"``
             (inductor benchmarks Triton GEMM templates against cuBLAS for each matmul shape; a slower first call).
+        merge_lora: run a peft LoRA model with its active adapters merged into the base weights during the call
+            (exactly restored after; the saved weights stay allocated between calls). Same distribution up to
+            the rounding of W + ΔW; the training forward recomputes the old log-probs either way.
         cache_bucket: with the CUDA graph, the KV cache length is rounded up to a multiple of this, so prompts of
             different lengths share one captured (and compiled) step per batch size: a new shape costs a capture
             and, with ``compile``, a compilation, while masked slots cost only their K/V reads.
     """
 
     def __init__(self, use_cuda_graph: bool = False, pad_prompt_to: Optional[int] = None, keep_raw_logits: bool = False,
-                 graph_warmup: int = 2, compile: bool = False, compile_mode: str = "default", cache_bucket: int = 256):
+                 graph_warmup: int = 2, compile: bool = False, compile_mode: str = "default", cache_bucket: int = 256,
+                 merge_lora: bool = True):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.use_cuda_graph = use_cuda_graph
@@ -288,6 +295,7 @@ class StaticCacheSampler:
         self.keep_raw_logits = keep_raw_logits
         self.graph_warmup = graph_warmup
         self.cache_bucket = cache_bucket
+        self.merged = MergedLoRA() if merge_lora else None
         self._state: Optional[Tuple[tuple, _Graph]] = None
 
     def reset(self) -> None:
@@ -340,6 +348,11 @@ class StaticCacheSampler:
     def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
                  seeds: Sequence[int]) -> SampledTokens:
         self._check_inputs(model, inputs, num_tokens, processing)
+        with self.merged(model) if self.merged is not None else nullcontext():
+            return self._sample(model, inputs, num_tokens, processing, seeds)
+
+    def _sample(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
+                seeds: Sequence[int]) -> SampledTokens:
         parts = _Parts.of(model)
         device = inputs["input_ids"].device
         draws = SeededDraws(processing, seeds, num_tokens, inputs["input_ids"].shape[0], device)
