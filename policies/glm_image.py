@@ -69,6 +69,9 @@ def load_pipeline(path: str, dtype: str = "float32", device: str = "auto", creat
     pipe.to(resolve_device(device))
     for module in (pipe.vision_language_encoder, pipe.transformer, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
+    # The VAE decodes and encodes one image at a time (diffusers' slicing): one 1024² image already fills a GPU,
+    # and the peak stays one image's, so the transformer, not the VAE, bounds a rollout call's size.
+    pipe.vae.enable_slicing()
     return pipe
 
 

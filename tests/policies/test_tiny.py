@@ -68,6 +68,15 @@ def test_hand_written_denoising_loop_equals_the_pipeline(pipe):
     assert np.array_equal(ours, (out * 255).round().astype(np.uint8))
 
 
+def test_vae_decodes_one_image_at_a_time(pipe):
+    """Slicing on (the peak is one image's), and a batch decodes to the images of its rows decoded alone."""
+    assert pipe.vae.use_slicing
+    adapter = GlmImageAdapter(pipe)
+    latents = torch.randn(3, pipe.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = adapter.decode(latents)
+    assert np.array_equal(whole, np.concatenate([adapter.decode(latents[i: i + 1]) for i in range(3)]))
+
+
 def test_missing_model_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model.path"):
         load_pipeline(str(tmp_path / "nothing"))
