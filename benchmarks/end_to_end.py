@@ -9,7 +9,8 @@ optimizer steps trained on it), from ``metrics.jsonl``:
 * wall = ``cost/elapsed_s`` at the batch's last optimizer step minus that of the previous batch (the first
   batch: since the job's clock started, i.e. after loading);
 * rollout = ``time/rollout_s``; reward wait = ``time/reward_s`` (scoring not hidden behind rollouts);
-  train = sum of ``time/train_s``; other = wall - the three (logging, sample grids, checkpoints, ...).
+  recompute = ``time/recompute_s`` (the old log-probs' no-grad forward, ``grpo.old_log_probs``); train = sum of
+  ``time/train_s``; other = wall - the four (logging, sample grids, checkpoints, ...).
 * GPU-s per trained sample = wall x GPUs / samples. The first batch pays compilation and warm-up, so the
   table shows the mean over the later batches ("steady") and the first apart.
 * AR stage: the frozen decoder's image rendering inside the rollout is timed apart (``decode_s``) by wrapping
@@ -227,17 +228,16 @@ def summarise(metrics: List[Dict], samples: int, gpus: int, per_rollout: List[Di
     for m in metrics:
         if not batches or m.get("rollout") != batches[-1]["rollout"]:
             batches.append({"rollout": m.get("rollout"), "phase": m.get("phase"), "rollout_s": 0.0, "reward_s": 0.0,
-                            "train_s": 0.0, "steps": 0})
+                            "recompute_s": 0.0, "train_s": 0.0, "steps": 0})
         b = batches[-1]
-        b["rollout_s"] += m.get("time/rollout_s", 0.0)
-        b["reward_s"] += m.get("time/reward_s", 0.0)
-        b["train_s"] += m.get("time/train_s", 0.0)
+        for key in ("rollout_s", "reward_s", "recompute_s", "train_s"):
+            b[key] += m.get(f"time/{key}", 0.0)
         b["steps"] += 1
         b["end"] = m.get("cost/elapsed_s", 0.0)
     for b in batches:
         b["wall_s"] = b["end"] - previous_end
         previous_end = b["end"]
-        b["other_s"] = b["wall_s"] - b["rollout_s"] - b["reward_s"] - b["train_s"]
+        b["other_s"] = b["wall_s"] - b["rollout_s"] - b["reward_s"] - b["recompute_s"] - b["train_s"]
     for b, timed in zip(batches, per_rollout):
         if b["phase"] in (None, "ar") and timed["decode_s"]:
             b.update(timed)
@@ -252,7 +252,7 @@ def summarise(metrics: List[Dict], samples: int, gpus: int, per_rollout: List[Di
            "s_per_rl_step": wall, "first_rl_step_s": batches[0]["wall_s"] if batches else None,
            "gpu_s_per_sample": wall * gpus / samples if wall else None,
            "samples_per_s": samples / wall if wall else None}
-    for key in ("rollout_s", "reward_s", "train_s", "other_s", "decode_s", "token_s"):
+    for key in ("rollout_s", "reward_s", "recompute_s", "train_s", "other_s", "decode_s", "token_s"):
         row[key] = mean(key)
         row[key.replace("_s", "_frac")] = row[key] / wall if wall and row[key] is not None else None
     for name, seconds in (("rollout", "rollout_s"), ("train", "train_s"), ("render", "decode_s")):
@@ -337,7 +337,8 @@ def run(bench: C.Bench) -> None:
         ("GPUs", "gpus", ""), ("rc", "rc", ""), ("steps", "optimizer_steps", ""), ("s/RL step", "s_per_rl_step", ".1f"),
         ("first s", "first_rl_step_s", ".1f"), ("GPU-s/sample", "gpu_s_per_sample", ".2f"),
         ("rollout", "rollout_frac", ".0%"), ("render", "decode_frac", ".0%"), ("token", "token_frac", ".0%"),
-        ("reward wait", "reward_frac", ".0%"), ("train", "train_frac", ".0%"), ("other", "other_frac", ".1%"),
+        ("reward wait", "reward_frac", ".0%"), ("recompute", "recompute_frac", ".0%"), ("train", "train_frac", ".0%"),
+        ("other", "other_frac", ".1%"),
         ("MFU rollout", "mfu_rollout", ".0%"), ("MFU train", "mfu_train", ".0%"), ("MFU render", "mfu_render", ".0%"),
         ("torch peak GiB", "torch_peak_gib", ".1f"),
     ])

@@ -19,9 +19,10 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
    ``unit_chunks`` a loss, backpropagated one chunk at a time, weighted by its share of the units;
 6. log / sample grid / eval / checkpoint — the run session's hooks (``tandem.rl.session``).
 
-Each optimizer step logs the reward statistics of the rollout it trains on. ``time/rollout_s`` and
-``time/reward_s`` (the scoring time not hidden behind rollouts) are charged to the first optimizer step of
-their rollout (0 on the others), so they sum to the run's totals.
+Each optimizer step logs the reward statistics of the rollout it trains on. ``time/rollout_s``,
+``time/reward_s`` (the scoring time not hidden behind rollouts) and ``time/recompute_s`` (the old log-probs'
+recompute, phase 4) are charged to the first optimizer step of their rollout (0 on the others), so they sum to
+the run's totals.
 """
 
 from __future__ import annotations
@@ -277,8 +278,9 @@ class StageTrainer:
         self.last_active = time.monotonic()
         scored = self.rollout_and_score()
         self.record_handoff(scored)
-        mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}
-        timings = scored.timings
+        t0 = time.perf_counter()
+        mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}  # its .item() waits for the GPU
+        timings = {**scored.timings, "time/recompute_s": time.perf_counter() - t0}
         accumulate = self.cfg.optim.gradient_accumulation_steps
         minibatches = [(sub, index) for sub in scored.subs for index in _minibatches(len(sub), self.mini_batch)]
         for epoch in range(self.cfg.grpo.num_iterations):  # 5. update
@@ -297,7 +299,7 @@ class StageTrainer:
                            **reward_metrics, **mismatch, **loss_metrics, **timings,
                            "time/train_s": time.perf_counter() - t0}
                 metrics.update(self.state.cost_metrics(reward_metrics["reward/mean"]))
-                timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+                timings = dict.fromkeys(timings, 0.0)
                 hooks.after_step(self, metrics)  # 6. log / grid / eval
         self.state.count_rollout(self.stage)
         hooks.after_rollout(self)

@@ -39,7 +39,8 @@ def test_summarise_splits_each_rollout_batch():
     metrics = [
         {"rollout": 0, "phase": "ar", "time/rollout_s": 60.0, "time/reward_s": 1.0, "time/train_s": 3.0, "cost/elapsed_s": 80.0},
         {"rollout": 0, "phase": "ar", "time/rollout_s": 0.0, "time/reward_s": 0.0, "time/train_s": 2.0, "cost/elapsed_s": 82.0},
-        {"rollout": 1, "phase": "ar", "time/rollout_s": 40.0, "time/reward_s": 0.5, "time/train_s": 3.0, "cost/elapsed_s": 127.0},
+        {"rollout": 1, "phase": "ar", "time/rollout_s": 40.0, "time/reward_s": 0.5, "time/recompute_s": 2.0,
+         "time/train_s": 3.0, "cost/elapsed_s": 127.0},
         {"rollout": 1, "phase": "ar", "time/rollout_s": 0.0, "time/reward_s": 0.0, "time/train_s": 1.5, "cost/elapsed_s": 128.5},
     ]
     per_rollout = [{"decode_s": 20.0, "token_s": 35.0}, {"decode_s": 10.0, "token_s": 25.0}]
@@ -50,7 +51,8 @@ def test_summarise_splits_each_rollout_batch():
     assert row["s_per_rl_step"] == pytest.approx(46.5)  # steady: the batches after the first
     assert row["gpu_s_per_sample"] == pytest.approx(46.5 / 8)
     assert row["train_frac"] == pytest.approx(4.5 / 46.5) and row["decode_frac"] == pytest.approx(10 / 46.5)
-    assert row["token_frac"] == pytest.approx(25 / 46.5)
+    assert row["token_frac"] == pytest.approx(25 / 46.5) and row["recompute_frac"] == pytest.approx(2 / 46.5)
+    assert second["other_s"] == pytest.approx(46.5 - 40 - 0.5 - 2 - 4.5)
     assert row["mfu_render"] == pytest.approx(4.65e15 / 10.0 / e2e.C.PEAK_BF16_FLOPS)
     assert row["mfu_train"] == pytest.approx(1e15 / 4.5 / e2e.C.PEAK_BF16_FLOPS) and row["mfu_rollout"] is None
     assert row["optimizer_steps"] == 4 and row["step1"]["phase"] == "ar"

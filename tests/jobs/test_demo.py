@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow  # end-to-end demo runs
 
 REQUIRED_METRICS = {
     "step", "reward/mean", "reward/std", "reward/color/mean", "advantage/zero_std_frac", "ratio/mean",
-    "clipfrac", "kl", "loss", "time/rollout_s", "time/reward_s", "time/train_s",
+    "clipfrac", "kl", "loss", "time/rollout_s", "time/reward_s", "time/recompute_s",
+    "time/train_s",
 }
 
 
