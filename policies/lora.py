@@ -40,7 +40,7 @@ class MergedLoRA:
     made exact on the way back). On exit every merged weight gets its saved bits back — subtracting ΔW again in
     bf16 would not restore them — so the training forward and the adapter-disabled reference are untouched, also
     after an exception. The saved copies are kept for the next call: memory of the size of the targeted weights.
-    A model without active, unmerged LoRA layers runs as it is.
+    A model without active, unmerged LoRA layers runs as it is, and so do sharded (FSDP) weights.
     """
 
     def __init__(self):
@@ -51,8 +51,11 @@ class MergedLoRA:
         """The LoRA linears of ``model`` whose adapters take part in its forward now."""
         from peft.tuners.lora import LoraLayer
 
+        from torch.distributed.tensor import DTensor
+
         return [m for m in model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged
-                and any(a in m.lora_A for a in m.active_adapters)]
+                and any(a in m.lora_A for a in m.active_adapters)
+                and not isinstance(m.get_base_layer().weight, DTensor)]
 
     @contextmanager
     def __call__(self, model: torch.nn.Module):

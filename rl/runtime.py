@@ -3,7 +3,7 @@
 * ``TOKENIZERS_PARALLELISM``, transformers/diffusers verbosity, Ray usage stats off: quiet, fork-safe workers.
 * A stderr handler for tandem's own loggers (``tandem.*``) at ``--log-level`` (default info).
 * With ``decoder.compile`` or ``ar.compile``: the 30 DiT blocks share one code object and dynamo keeps one compiled
-  variant per input layout (grad and no-grad, glyph lengths, view inputs), and a token sampler's compiled decode step one per
+  variant per input layout (grad and no-grad, LoRA adapters merged or not, glyph lengths, view inputs), and a token sampler's compiled decode step one per
   batch size and cache length; a job meets about 9, and past dynamo's default limit of 8 a variant silently runs
   eager, so the limit is raised to ``COMPILED_VARIANTS``. Inductor's coalesce
   tiling analysis is turned off: in torch 2.11 it asserts on the blocks' backward on CUDA.

@@ -196,6 +196,36 @@ def test_compiled_blocks_match_eager_policy(tiny_model_path, lora):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
+def test_merged_lora_rollout_is_the_adapter_rollout(tiny_model_path):
+    """A LoRA rollout with the adapters merged (``merged_rollout``: on where ``decoder.compile`` already makes the
+    trainer recompute the old log-probs) samples what the adapter forward samples, up to the rounding of W + ΔW,
+    and leaves the base weights bit for bit as they were."""
+    from tandem.policies.lora import MergedLoRA
+
+    cfg = make_cfg(tiny_model_path, guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 4])
+    cfg.optim.lora.enabled = True
+    policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
+    assert policy.merged_rollout is None  # rollout numerics are the training forward's: nothing to merge for
+    torch.manual_seed(0)
+    layers = MergedLoRA.layers(policy.model)
+    for layer in layers:  # as after training (peft starts B at zero)
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    weights = [layer.get_base_layer().weight.clone() for layer in layers]
+    prompts, meta = ["a red apple", 'a sign "OPEN"'], [{}, {}]
+    adapters = policy.rollout(prompts, meta, group_size=2, seed=4)
+    policy.merged_rollout = MergedLoRA()
+    merged = policy.rollout(prompts, meta, group_size=2, seed=4)
+    with torch.no_grad(), policy.model.disable_adapter():
+        base = policy.rollout(prompts, meta, group_size=2, seed=4)
+    assert (base.extras["x0"] - adapters.extras["x0"]).abs().max() > 1e-3  # the adapters matter here
+    torch.testing.assert_close(merged.extras["next_latents"], adapters.extras["next_latents"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(merged.old_log_probs, adapters.old_log_probs, atol=1e-2, rtol=1e-5)
+    assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(layers, weights))
+    compiled = make_cfg(tiny_model_path, guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 4], compile=True)
+    compiled.optim.lora.enabled = True
+    assert build_policy("decoder", compiled, load_pipeline(str(tiny_model_path))).merged_rollout is not None
+
+
 def test_compiled_blocks_stay_compiled_across_glyph_lengths_and_grad_modes(tiny_model_path):
     """Rollouts (no grad) and training forwards (grad) over prompts of other glyph lengths: every input layout
     the blocks meet gets its compiled variant, none is refused by dynamo's recompile limit (and run eager)."""
