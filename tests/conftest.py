@@ -60,8 +60,8 @@ def plugin_path():
 
 @pytest.fixture(scope="session")
 def ray_cluster(plugin_path):
-    """One local Ray cluster for the reward-hosting tests, started the way RewardClient embeds one
-    (RewardClients created while it runs reuse it and leave it running)."""
+    """One local Ray cluster for the reward-hosting tests and the benchmarks' smoke runs that score on Ray, started
+    the way RewardClient embeds one (RewardClients created while it runs reuse it and leave it running)."""
     from tandem.rewards.host import Cluster
     from tandem.rl.config import RewardHostConfig
 
