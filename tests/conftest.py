@@ -76,8 +76,8 @@ def shared_ray_for_slow_tests(request):
     """Slow tests run whole jobs in this process; they share ``ray_cluster`` instead of starting and stopping an
     embedded cluster per job: a job reuses a running Ray and leaves it running. A test
     marked ``own_ray`` (joining another address, the embedded start itself) gets this process without Ray; the
-    next slow test starts the shared cluster again."""
-    if request.node.get_closest_marker("slow") is None:
+    next slow test, or fast test that asks for ``ray_cluster``, starts the shared cluster again."""
+    if request.node.get_closest_marker("slow") is None and "ray_cluster" not in request.fixturenames:
         yield
         return
     import ray
