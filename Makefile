@@ -1,8 +1,9 @@
 # tandem — two commands do all set-up on a fresh machine:
 #   make demo   install (first time only) and run the tiny CPU demo
 #   make test   install (first time only) and run the whole test suite (what CI runs)
-# make test-fast runs the tests not marked slow (the edit loop: no end-to-end runs, Ray clusters, subprocess
-# jobs or browsers).
+# make test-fast runs the tests not marked slow: the edit loop, under a minute on 2 cores. Among them the trainer,
+# session and resume logic through fakes (tests/fakes.py) and each benchmark's --tiny smoke run (the only fast tests
+# that start Ray or a job in a subprocess); the other end-to-end jobs, Ray clusters and browsers are slow.
 # A second run reuses .venv and starts in seconds.
 
 PYTHON ?= python3.11
@@ -24,7 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
-test-fast: PYTEST_ARGS := -m "not slow"
+# Modules go to the workers in file order (tests/benchmarks/ first: one smoke run each, the longest fast tests), not
+# the modules with the most tests first, which would leave the smoke runs as one worker's tail.
+test-fast: PYTEST_ARGS := -m "not slow" --no-loadscope-reorder
 test-fast: test
 
 install: $(STAMP)

@@ -5,8 +5,8 @@ Runs the same fixed-seed tiny job twice in one process (async on, then off) and 
 metrics of both runs must match (same sub-batches, same seeds), which the script checks.
 
     .venv/bin/python -m benchmarks.async_scoring [--stage decoder] [--steps 16] [--backend ray|local]
-        [--device cpu|cuda] [--size 256] [--out runs/bench/async_scoring.json]
-    .venv/bin/python -m benchmarks.async_scoring --tiny     # smoke test: 1 step at 64², in-process rewards
+        [--device cpu|cuda] [--size 256] [--prompts 4] [--out runs/bench/async_scoring.json]
+    .venv/bin/python -m benchmarks.async_scoring --tiny     # smoke test: 1 step at 64², 2 prompts, in-process rewards
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run_once(args, async_scoring: bool, out: Path) -> dict:
     overrides = [f"output_dir={out}", f"max_steps={args.steps}", "logging.progress=false", "logging.sample_every=0",
                  f"reward_host.backend={args.backend}", f"reward_host.async_scoring={str(async_scoring).lower()}",
                  REWARDS, f"data.height={args.size}", f"data.width={args.size}", "grpo.num_generations=4",
-                 "grpo.prompts_per_step=4", "grpo.mini_batch_size=4", f"model.device={args.device}"]
+                 f"grpo.prompts_per_step={args.prompts}", "grpo.mini_batch_size=4", f"model.device={args.device}"]
     stage = args.stage
     cfg = load_config(str(C.REPO / "configs" / "demo" / f"{stage}.yaml"), overrides, stage=stage)
     cfg.model.path = args.model_path or cfg.model.path
@@ -52,6 +52,8 @@ def arguments(ap) -> None:
     ap.add_argument("--backend", choices=["ray", "local"], default=None,
                     help="local: rewards on a background thread (default ray; tiny local)")
     ap.add_argument("--size", type=int, default=None, help="image height = width (default 256; tiny 64)")
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="prompts per rollout batch, 4 copies each (default 4; tiny 2)")
     ap.add_argument("--model-path", default=None, help="tiny pipeline folder (default: the demo's)")
 
 
@@ -60,6 +62,7 @@ def run(bench: C.Bench) -> None:
     bench.default("steps", 16, 1)
     bench.default("backend", "ray", "local")
     bench.default("size", 256, 64)
+    bench.default("prompts", 4, 2)
     with tempfile.TemporaryDirectory() as tmp:
         results = {mode: run_once(args, mode == "async", Path(tmp) / mode) for mode in ("async", "sync")}
     same = results["async"].pop("rewards") == results["sync"].pop("rewards")

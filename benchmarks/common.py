@@ -209,11 +209,15 @@ def release_tool():
 
 def tiny_release_pipeline(work: Path) -> tuple:
     """(pipeline folder, extras folder) of the tiny pipeline and reward models that ``make_release_pipeline --tiny``
-    writes under ``work``, built in a subprocess the first time."""
+    writes under ``work``, built here the first time (on the CPU, this process's random state left as it was).
+
+    The extras are written first: the pipeline's ``model_index.json`` (moved into place last) marks a whole build."""
     model, extras = Path(work) / "tiny-pipe", Path(work) / "tiny-extras"
     if not (model / "model_index.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_release_pipeline.py"), str(model), "--tiny",
-                        "--device", "cpu", "--extras", str(extras)], check=True)
+        tool = release_tool()
+        with torch.random.fork_rng(devices=[]):
+            tool.build_extras(extras, "cpu", tiny=True)
+            tool.build_pipeline(model, "cpu", tiny=True, seed=0)
     return str(model), str(extras)
 
 

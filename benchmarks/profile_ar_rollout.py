@@ -87,9 +87,10 @@ def run(bench: C.Bench) -> None:
     torch._logging.set_logs(recompiles=True)
     overrides = [f"output_dir=/tmp/profile-ar", *args.set]
     if args.tiny:
-        args.model, args.extras = C.tiny_release_pipeline(Path("/tmp/profile-ar-tiny"))
+        if args.model is None:  # else the --model and --extras given (make_release_pipeline.py --tiny's)
+            args.model, args.extras = C.tiny_release_pipeline(Path("/tmp/profile-ar-tiny"))
         overrides += ["model.dtype=float32", "model.device=cpu", "optim.mixed_precision='no'", "ar.compile=false",
-                      "data.height=64", "data.width=64", "ar.decode_steps=2"]
+                      "decoder.compile=false", "data.height=64", "data.width=64", "ar.decode_steps=2"]
     overrides += [f"model.path={args.model}", f"data.prompts={args.extras}/prompts.jsonl"]
     cfg = load_config(args.config, overrides, stage="ar")
     t0 = time.perf_counter()

@@ -60,8 +60,8 @@ def plugin_path():
 
 @pytest.fixture(scope="session")
 def ray_cluster(plugin_path):
-    """One local Ray cluster for the reward-hosting tests, started the way RewardClient embeds one
-    (RewardClients created while it runs reuse it and leave it running)."""
+    """One local Ray cluster for the reward-hosting tests and the benchmarks' smoke runs that score on Ray, started
+    the way RewardClient embeds one (RewardClients created while it runs reuse it and leave it running)."""
     from tandem.rewards.host import Cluster
     from tandem.rl.config import RewardHostConfig
 
@@ -76,8 +76,8 @@ def shared_ray_for_slow_tests(request):
     """Slow tests run whole jobs in this process; they share ``ray_cluster`` instead of starting and stopping an
     embedded cluster per job: a job reuses a running Ray and leaves it running. A test
     marked ``own_ray`` (joining another address, the embedded start itself) gets this process without Ray; the
-    next slow test starts the shared cluster again."""
-    if request.node.get_closest_marker("slow") is None:
+    next slow test, or fast test that asks for ``ray_cluster``, starts the shared cluster again."""
+    if request.node.get_closest_marker("slow") is None and "ray_cluster" not in request.fixturenames:
         yield
         return
     import ray

@@ -125,19 +125,35 @@ class SlowToBuild:
         return [0.0] * len(images)
 
 
+def ctrl_c_to_the_main_thread(timeout: float = 60.0) -> None:
+    """A SIGINT to the main thread (where a job's ``StopSignals`` handles it), returning once that handler has taken
+    it: two signals that arrive before the handler runs reach it as one."""
+    import signal
+    import threading
+
+    stops = getattr(signal.getsignal(signal.SIGINT), "__self__", None)  # the running job's StopSignals, if any
+
+    def state():
+        return None if stops is None else (stops.requested, stops.message)
+
+    before = state()
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while stops is not None and state() == before and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 class CtrlCAt:
-    """mean_red, and a SIGINT to this process (a Ctrl-C; local backend) on the calls $TANDEM_TEST_CTRL_C lists
+    """mean_red, and a Ctrl-C (``ctrl_c_to_the_main_thread``; local backend) on the calls $TANDEM_TEST_CTRL_C lists
     (1-based, comma-separated)."""
 
     def __init__(self):
         self.calls = 0
 
     def __call__(self, images, prompts, metadata):
-        import signal
-
         self.calls += 1
         if str(self.calls) in os.environ.get("TANDEM_TEST_CTRL_C", "").split(","):
-            os.kill(os.getpid(), signal.SIGINT)
+            ctrl_c_to_the_main_thread()
         return mean_red(images, prompts, metadata)
 
 

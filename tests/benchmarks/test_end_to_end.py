@@ -1,38 +1,21 @@
-"""The release-size tooling: make_release_pipeline's processor bounds, benchmarks.end_to_end's split and overrides.
+"""``benchmarks.end_to_end``: its ``--tiny`` smoke run (tests/benchmarks/smoke.py) — a whole ``tandem train
+decoder`` job of the glm_image config in a subprocess, reward actors on the Ray cluster that job starts, over the
+tiny release-layout pipeline (``tiny_release_work``) — and the parts that read a run without a GPU: the split of
+each rollout batch, the DiT FLOPs, the reward overrides."""
 
-These are the parts of ``scripts/make_release_pipeline.py`` and ``benchmarks/end_to_end.py`` that run without
-a GPU; the release-size runs themselves are in docs/performance.md.
-"""
-
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks import end_to_end as e2e  # noqa: E402
-
-mrp = e2e.C.release_tool()
+from benchmarks import end_to_end as e2e
+from tests.benchmarks.smoke import run_tiny
 
 
-def grid_of(image_processor, size: int):
-    from PIL import Image
-
-    image = Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8))
-    return image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
-
-
-def test_reference_image_keeps_its_size():
-    """A 1024^2 reference must give the 32x32 grid of the decoder's prior tokens; the class default gives 31x31."""
-    from transformers import GlmImageImageProcessor
-
-    default = GlmImageImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1)
-    assert grid_of(default, 1024) == [1, 31, 31]  # 961 tokens, not the 1024 of a 32x32 grid
-    assert grid_of(mrp.build_image_processor(), 1024) == [1, 32, 32]
-    assert grid_of(mrp.build_image_processor(tiny=True), 64) == [1, 2, 2]
+def test_tiny_run_writes_its_results(tmp_path, tiny_release_work, one_thread):
+    """The job runs in ``--work`` (where the tiny pipeline already is) and ends with exit 0 after its one step."""
+    flags = ["--device", "cpu", "--stages", "decoder", "--steps", "1", "--prompts", "1", "--generations", "2",
+             "--minibatch", "2", "--work", str(tiny_release_work)]
+    (row,) = run_tiny("end_to_end", tmp_path, flags, fills=["rows"])["rows"]
+    assert row["stage"] == "decoder" and row["rc"] == 0 and row["optimizer_steps"] == 1
 
 
 def test_summarise_splits_each_rollout_batch():
