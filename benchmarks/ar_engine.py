@@ -197,7 +197,6 @@ def run(bench: C.Bench) -> None:
             if args.compile:
                 timed_row(f"engine_graph_compiled_lora{suffix}", lora_policy,
                           StaticCacheSampler(use_cuda_graph=True, compile=True, merge_lora=merge), big, graph=True)
-                torch._dynamo.reset()  # the merged and unmerged steps are different graphs
 
     R.vs_baseline(rows, "generate_sampler")
     res.set("rows", rows)

@@ -97,7 +97,7 @@ def run(bench: C.Bench) -> None:
     policy = build_policy("ar", cfg)
     load_s = time.perf_counter() - t0
     if args.unmerged_lora:
-        policy.sampler.merged = None
+        policy.sampler.merged.enabled = False
     records = [json.loads(line) for line in Path(args.extras, "prompts.jsonl").read_text().splitlines() if line]
 
     timer = PhaseTimer(device)
@@ -111,7 +111,7 @@ def run(bench: C.Bench) -> None:
 
     results = bench.results
     results.set("setup", {"load_s": load_s, "sampler": cfg.ar.sampler, "compile": cfg.ar.compile,
-                          "lora_merged": getattr(policy.sampler, "merged", None) is not None})
+                          "lora_merged": getattr(getattr(policy.sampler, "merged", None), "enabled", False)})
     rows, cursor, seed = [], 0, 0
     batches = [int(b) for b in args.batches.split(",")]
     for i, b in enumerate(batches):

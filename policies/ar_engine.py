@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence, Tuple
 
@@ -295,7 +295,7 @@ class StaticCacheSampler:
         self.keep_raw_logits = keep_raw_logits
         self.graph_warmup = graph_warmup
         self.cache_bucket = cache_bucket
-        self.merged = MergedLoRA() if merge_lora else None
+        self.merged = MergedLoRA(enabled=merge_lora)
         self._state: Optional[Tuple[tuple, _Graph]] = None
 
     def reset(self) -> None:
@@ -348,7 +348,7 @@ class StaticCacheSampler:
     def __call__(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,
                  seeds: Sequence[int]) -> SampledTokens:
         self._check_inputs(model, inputs, num_tokens, processing)
-        with self.merged(model) if self.merged is not None else nullcontext():
+        with self.merged(model):
             return self._sample(model, inputs, num_tokens, processing, seeds)
 
     def _sample(self, model, inputs: Mapping[str, torch.Tensor], num_tokens: int, processing: LogitsProcessing,

@@ -125,7 +125,7 @@ class FlowPolicy(TrainedComponent):
                         self.d.ema_update_interval) if self.d.ema_decay > 0 else None)
         # Where rollout and training forwards already round apart (``decoder.compile``: the old log-probs are
         # recomputed), a LoRA rollout runs with its adapters merged into the weights: fewer matmuls per block.
-        self.merged_rollout = MergedLoRA() if settings.lora.enabled and not self.rollout_matches_training else None
+        self.merged_rollout = MergedLoRA(enabled=settings.lora.enabled and not self.rollout_matches_training)
         self.old_decay_type = settings.old_decay_type
         self.old = None  # the old policy's weights (module docstring), made at the first rollout or restore
 
@@ -191,9 +191,8 @@ class FlowPolicy(TrainedComponent):
         ``seed`` is the rollout batch's seed, ``first_group`` the global index of the first prompt's group and
         ``first_copy`` the index of this call's first copy within each group (``tandem.core.seeds``). Sampled by
         the old policy's weights where one is kept (``old_weights``), with LoRA adapters merged where
-        ``merged_rollout`` (``policies.lora.MergedLoRA``)."""
-        merged = self.merged_rollout(self.model) if self.merged_rollout is not None else contextlib.nullcontext()
-        with self.old_weights(), merged:
+        ``merged_rollout`` is enabled (``policies.lora.MergedLoRA``)."""
+        with self.old_weights(), self.merged_rollout(self.model):
             return self._sample(prompts, metadata, group_size, seed, first_group, first_copy)
 
     def _sample(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int, first_group: int,

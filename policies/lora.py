@@ -40,10 +40,12 @@ class MergedLoRA:
     made exact on the way back). On exit every merged weight gets its saved bits back — subtracting ΔW again in
     bf16 would not restore them — so the training forward and the adapter-disabled reference are untouched, also
     after an exception. The saved copies are kept for the next call: memory of the size of the targeted weights.
-    A model without active, unmerged LoRA layers runs as it is, and so do sharded (FSDP) weights.
+    A model without active, unmerged LoRA layers runs as it is, and so do sharded (FSDP) weights; so does every
+    model while ``enabled`` is false.
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self._saved = WeakIdKeyDictionary()  # base weight -> its saved copy
 
     @staticmethod
@@ -59,7 +61,7 @@ class MergedLoRA:
 
     @contextmanager
     def __call__(self, model: torch.nn.Module):
-        layers = self.layers(model)
+        layers = self.layers(model) if self.enabled else []
         done = []
         try:
             with torch.no_grad():

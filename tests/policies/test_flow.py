@@ -205,7 +205,7 @@ def test_merged_lora_rollout_is_the_adapter_rollout(tiny_model_path):
     cfg = make_cfg(tiny_model_path, guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 4])
     cfg.optim.lora.enabled = True
     policy = build_policy("decoder", cfg, load_pipeline(str(tiny_model_path)))
-    assert policy.merged_rollout is None  # rollout numerics are the training forward's: nothing to merge for
+    assert not policy.merged_rollout.enabled  # rollout numerics are the training forward's: nothing to merge for
     torch.manual_seed(0)
     layers = MergedLoRA.layers(policy.model)
     for layer in layers:  # as after training (peft starts B at zero)
@@ -213,7 +213,7 @@ def test_merged_lora_rollout_is_the_adapter_rollout(tiny_model_path):
     weights = [layer.get_base_layer().weight.clone() for layer in layers]
     prompts, meta = ["a red apple", 'a sign "OPEN"'], [{}, {}]
     adapters = policy.rollout(prompts, meta, group_size=2, seed=4)
-    policy.merged_rollout = MergedLoRA()
+    policy.merged_rollout.enabled = True
     merged = policy.rollout(prompts, meta, group_size=2, seed=4)
     with torch.no_grad(), policy.model.disable_adapter():
         base = policy.rollout(prompts, meta, group_size=2, seed=4)
@@ -223,7 +223,7 @@ def test_merged_lora_rollout_is_the_adapter_rollout(tiny_model_path):
     assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(layers, weights))
     compiled = make_cfg(tiny_model_path, guidance_scale=1.5, sde_window_size=2, sde_window_range=[0, 4], compile=True)
     compiled.optim.lora.enabled = True
-    assert build_policy("decoder", compiled, load_pipeline(str(tiny_model_path))).merged_rollout is not None
+    assert build_policy("decoder", compiled, load_pipeline(str(tiny_model_path))).merged_rollout.enabled
 
 
 def test_compiled_blocks_stay_compiled_across_glyph_lengths_and_grad_modes(tiny_model_path):

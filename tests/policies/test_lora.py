@@ -76,6 +76,10 @@ def test_disabled_adapters_and_plain_models_run_as_they_are():
         want = model(x)
         with MergedLoRA()(model):
             assert torch.equal(model(x), want)
+    before = base_weights(model)
+    with MergedLoRA(enabled=False)(model):  # switched off: the adapters run beside the untouched weights
+        assert len(MergedLoRA.layers(model)) == 2
+        assert all(torch.equal(a, b) for a, b in zip(base_weights(model), before))
     plain = torch.nn.Linear(4, 4)
     w = plain.weight.detach().clone()
     with MergedLoRA()(plain):
