@@ -48,8 +48,7 @@ from tandem.core.errors import RunError
 from tandem.policies.families import get_family
 from tandem.rl.buffer import load_records, save_records
 from tandem.rl.config import ConfigError, JobConfig
-from tandem.rl.weights import checked_load, load_merged, read_weights, trained_folder, write_weights
-from tandem.rl.weights import load_file
+from tandem.rl.weights import checked_load, load_file, load_merged, read_weights, trained_folder, write_weights
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_KEYS = ("output_dir", "max_steps", "resume", "logging", "reward_host")
