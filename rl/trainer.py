@@ -22,7 +22,8 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
 Each optimizer step logs the reward statistics of the rollout it trains on. ``time/rollout_s``,
 ``time/reward_s`` (the scoring time not hidden behind rollouts) and ``time/recompute_s`` (the old log-probs'
 recompute, phase 4) are charged to the first optimizer step of their rollout (0 on the others), so they sum to
-the run's totals.
+the run's totals. ``rollout/call_samples`` is the largest rollout call of the batch on this process
+(``grpo.rollout_batch_size``; under auto the first batch measures with smaller calls).
 """
 
 from __future__ import annotations
@@ -281,6 +282,7 @@ class StageTrainer:
         t0 = time.perf_counter()
         mismatch = self.recompute_old_log_probs(scored) if self.recompute else {}  # its .item() waits for the GPU
         timings = {**scored.timings, "time/recompute_s": time.perf_counter() - t0}
+        call_samples = max(len(sub) for sub in scored.subs)
         accumulate = self.cfg.optim.gradient_accumulation_steps
         minibatches = [(sub, index) for sub in scored.subs for index in _minibatches(len(sub), self.mini_batch)]
         for epoch in range(self.cfg.grpo.num_iterations):  # 5. update
@@ -296,7 +298,7 @@ class StageTrainer:
                 self.half_updated = False
                 reward_metrics = scored.advantages.metrics
                 metrics = {"step": self.state.step, "phase": self.stage, "rollout": self.state.rollouts,
-                           **reward_metrics, **mismatch, **loss_metrics, **timings,
+                           "rollout/call_samples": call_samples, **reward_metrics, **mismatch, **loss_metrics, **timings,
                            "time/train_s": time.perf_counter() - t0}
                 metrics.update(self.state.cost_metrics(reward_metrics["reward/mean"]))
                 timings = dict.fromkeys(timings, 0.0)

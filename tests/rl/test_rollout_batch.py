@@ -17,7 +17,7 @@ from tandem.rl.config import load_config
 from tandem.rl.rollout_batch import RolloutBatching
 from tandem.rl.session import train
 
-VOLATILE = ("time/", "cost/")
+VOLATILE = ("time/", "cost/", "rollout/call_samples")  # timings, and the call size itself
 
 
 def rows(run):
