@@ -38,6 +38,12 @@ class Policy(Protocol):
         schedules by them, e.g. a sliding SDE window). ``TrainedComponent`` stores them; the trainer also sets
         ``inner_epoch``, the update epoch (0 … ``grpo.num_iterations`` − 1) over the current batch."""
 
+    def prefetch(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
+                 first_copy: int = 0) -> None:
+        """Before a rollout batch's ``rollout`` calls, where the trainer recomputes their log-probs: all their prompts
+        in call order, for a policy that draws the whole batch in one pass (the AR policy's token sampling, whose
+        cost hardly grows with the batch); the calls then return the same samples. Most policies do nothing."""
+
     def unit_chunks(self, batch: Rollout) -> List[slice]:
         """Slices over the U axis, one forward pass each."""
 

@@ -149,6 +149,7 @@ class GlmImageARPolicy(TrainedComponent):
         self.processing = self._processing(self.ar)
         self._peft = None
         self._ref_model = None
+        self._prefetched = None  # (seed, first_copy, group_size, prompts, drawn) of ``prefetch``
         self.model.requires_grad_(False).eval()
         if settings.lora.enabled:
             from peft import LoraConfig, get_peft_model
@@ -224,6 +225,56 @@ class GlmImageARPolicy(TrainedComponent):
         out: SampledTokens = self.sampler(self.model, prompt_inputs(inputs), self.num_units, self.processing, seeds)
         return inputs, out
 
+    def _draw(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int,
+              seeds: RolloutSeeds) -> dict:
+        """Token sequences for ``group_size`` copies of each prompt (copies adjacent), each from its own seed
+        (seeds.copy(TOKENS, group, copy)), as batch-first tensors: what the training forward replays (the
+        left-padded prompt, its grids and, for an edit, the source's patches), the tokens with their MRoPE
+        positions, and the sampler's log-probs."""
+        prompts_rep = repeat_for_groups(list(prompts), group_size)
+        meta_rep = repeat_for_groups(list(metadata), group_size)
+        group_ids = group_ids_for(len(prompts), group_size)
+        token_seeds = [seeds.copy(TOKENS, g, i % group_size) for i, g in enumerate(group_ids)]
+        inputs, out = self._sample_tokens(prompts_rep, meta_rep, token_seeds)
+        b = out.tokens.shape[0]
+        drawn = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     image_grid_thw=inputs["image_grid_thw"].view(b, -1, 3), tokens=out.tokens,
+                     position_ids=out.position_ids, log_probs=out.log_probs.float())
+        if self.edit:  # batch first, like every extra (one source per sample, all of the job's size)
+            drawn.update(pixel_values=inputs["pixel_values"].view(b, -1, inputs["pixel_values"].shape[-1]),
+                         images_per_sample=inputs["images_per_sample"])
+        return drawn
+
+    def prefetch(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
+                 first_copy: int = 0) -> None:
+        """Draw the tokens of a whole rollout batch (this process's prompts, in the order of the ``rollout`` calls
+        that follow) in one sampler call; each call then takes its rows and only renders. A decode step costs
+        about the same for 4 rows as for 64 (it reads the weights once: docs/ar_engine.md), so one call replaces
+        one per rollout call. The rows are those the calls would draw (one seed per copy); the prompts are padded to
+        the batch's longest instead of the call's (the common padding of a call's rows is removed again), so the
+        sampler's log-probs may differ from a call's in the last bits: the trainer prefetches only where it
+        recomputes them (``grpo.old_log_probs``)."""
+        self._prefetched = (seed, first_copy, group_size, repeat_for_groups(list(prompts), group_size),
+                            self._draw(prompts, metadata, group_size, RolloutSeeds(seed, 0, first_copy)))
+
+    def _take_prefetched(self, prompts_rep: List[str], group_size: int, seed: int, first_group: int,
+                         first_copy: int) -> Optional[dict]:
+        """This call's rows of the prefetched batch (``prefetch``), or None when none was drawn for it."""
+        if self._prefetched is None or self._prefetched[:3] != (seed, first_copy, group_size):
+            return None
+        all_prompts, drawn = self._prefetched[3:]
+        rows = slice(first_group * group_size, first_group * group_size + len(prompts_rep))
+        if all_prompts[rows] != prompts_rep:
+            raise RuntimeError(f"rollout call (groups from {first_group}) does not match the prefetched batch")
+        if rows.stop >= len(all_prompts):
+            self._prefetched = None  # the batch is used up
+        part = {k: v[rows] for k, v in drawn.items()}
+        pad = int((part["attention_mask"].sum(0) == 0).cumprod(0).sum())  # leading columns padded in every row
+        for k in ("input_ids", "attention_mask"):
+            part[k] = part[k][:, pad:]
+        part["position_ids"] = part["position_ids"][:, :, pad:]
+        return part
+
     def _render(self, full_tokens: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict],
                 seeds: Sequence[int]) -> np.ndarray:
         self._check_codebook(full_tokens)
@@ -234,7 +285,8 @@ class GlmImageARPolicy(TrainedComponent):
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
                 first_group: int = 0, first_copy: int = 0) -> Rollout:
-        """Sample ``group_size`` token sequences per prompt (copies adjacent) and render them. No grad.
+        """Sample ``group_size`` token sequences per prompt (copies adjacent) and render them. No grad. The tokens
+        come from ``prefetch`` when it drew this call's batch, else from a sampler call of their own.
 
         Returns a ``Rollout`` with U = num_preview + num_full units; ``extras`` (batch first):
             input_ids, attention_mask (B, L): the left-padded prompts; image_grid_thw (B, 2, 3) (full, preview;
@@ -257,27 +309,24 @@ class GlmImageARPolicy(TrainedComponent):
         meta_rep = repeat_for_groups(list(metadata), group_size)
         group_ids = group_ids_for(n, group_size)
         # 2. tokens with the sampler's log-probs and positions, one seed per copy
-        token_seeds = [seeds.copy(TOKENS, g, i % group_size) for i, g in enumerate(group_ids)]
-        inputs, out = self._sample_tokens(prompts_rep, meta_rep, token_seeds)
-        full_tokens = out.tokens[:, self.num_preview:]
+        drawn = self._take_prefetched(prompts_rep, group_size, seed, first_group, first_copy)
+        if drawn is None:
+            drawn = self._draw(prompts, metadata, group_size, seeds)
+        tokens = drawn.pop("tokens")
+        full_tokens = tokens[:, self.num_preview:]
         # 3. images: one decoder seed per group, so reward differences within a group come from the tokens only
         decode_seeds = [seeds.group(DECODE, g) for g in group_ids]
         images = self._render(full_tokens, prompts_rep, meta_rep, decode_seeds)
         # 4. per-segment loss weights
-        b, u = out.tokens.shape
-        mask = torch.full((b, u), float(self.ar.full_loss_weight), device=out.tokens.device)
+        b, u = tokens.shape
+        mask = torch.full((b, u), float(self.ar.full_loss_weight), device=tokens.device)
         mask[:, : self.num_preview] = float(self.ar.preview_loss_weight)
-        extras = dict(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            image_grid_thw=inputs["image_grid_thw"].view(b, -1, 3), tokens=out.tokens, position_ids=out.position_ids,
-            full_tokens=full_tokens, decode_seeds=torch.tensor(decode_seeds, dtype=torch.int64),
-            num_preview=self.num_preview, full_grid=(self.grids.th, self.grids.tw),
-        )
-        if self.edit:  # batch first, like every extra (one source per sample, all of the job's size)
-            extras.update(pixel_values=inputs["pixel_values"].view(b, -1, inputs["pixel_values"].shape[-1]),
-                          images_per_sample=inputs["images_per_sample"])
+        old_log_probs = drawn.pop("log_probs")
+        extras = dict(drawn, tokens=tokens, full_tokens=full_tokens,
+                      decode_seeds=torch.tensor(decode_seeds, dtype=torch.int64),
+                      num_preview=self.num_preview, full_grid=(self.grids.th, self.grids.tw))
         return Rollout(images=images, prompts=prompts_rep, metadata=meta_rep, group_ids=group_ids,
-                       old_log_probs=out.log_probs.float(), mask=mask, extras=extras)
+                       old_log_probs=old_log_probs, mask=mask, extras=extras)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], metadata: Sequence[dict], seed: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,6 +45,12 @@ class TrainedComponent:
         """Called by the trainer before each rollout batch (before its first ``rollout`` call) with this stage's
         rollout batches and optimizer steps so far (a joint job counts each stage apart; resume continues them)."""
         self.rollout_index, self.stage_step = rollouts, steps
+
+    def prefetch(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,
+                 first_copy: int = 0) -> None:
+        """Called by the trainer before a rollout batch's ``rollout`` calls, with all their prompts, where the
+        rollout's log-probs are recomputed: a policy may draw the whole batch in one pass here. None does by
+        default."""
 
     def trainable_named_parameters(self) -> List[Tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.trained_module.named_parameters() if p.requires_grad]

@@ -4,8 +4,9 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
 
 1. sample prompts — ``grpo.prompts_per_step`` prompts from the seeded prompt sampler;
 2. rollout + score — the policy samples ``grpo.num_generations`` copies of each prompt (copies adjacent),
-   in calls of whole groups and whole minibatches (``grpo.rollout_batch_size``, ``tandem.rl.rollout_batch``), and
-   the objective ``prepare``s each call's sub-batch with the same weights (``tandem.rl.objectives``); each
+   in calls of whole groups and whole minibatches (``grpo.rollout_batch_size``, ``tandem.rl.rollout_batch``) —
+   where the old log-probs are recomputed, after one ``Policy.prefetch`` of the whole batch (the AR policy draws
+   every token sequence there, in one sampler call, and its calls only render) — and the objective ``prepare``s each call's sub-batch with the same weights (``tandem.rl.objectives``); each
    sub-batch's images go once into the Ray object store and are scored while the next sub-batch rolls out
    (``reward_host.async_scoring``). Every sub-batch is sampled by the current weights, so what is trained stays
    on-policy;
@@ -184,6 +185,12 @@ class StageTrainer:
         self.policy.begin_rollout(*self.state.stage_counts(self.stage))  # what it schedules per rollout or step
         subs, futures, rollout_s, reward_s = [], [], 0.0, 0.0
         total, first_group = len(chosen) * self.copies, 0
+        if self.recompute:  # the calls' log-probs are replaced: the policy may draw the whole batch at once
+            t0 = time.perf_counter()
+            with self.accelerator.autocast():
+                self.policy.prefetch([r.prompt for r in chosen], [r.metadata for r in chosen], self.copies, seed=seed,
+                                     first_copy=layout.rank * self.copies)
+            rollout_s += time.perf_counter() - t0
         while first_group < len(chosen):  # 2. rollout + score, overlapped
             samples = self.batching.next_call(total - first_group * self.copies)
             part = chosen[first_group:first_group + samples // self.copies]

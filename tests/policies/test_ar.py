@@ -174,6 +174,41 @@ def test_copies_split_over_calls_sample_what_one_call_samples(tiny_path):
     torch.testing.assert_close(torch.cat([h.old_log_probs for h in halves])[order], whole.old_log_probs, atol=1e-5, rtol=0)
 
 
+
+def assert_same_rollout(got, want):
+    """Same samples, images and training inputs; the sampler's log-probs up to the rounding of another batch."""
+    assert got.prompts == want.prompts and np.array_equal(got.images, want.images)
+    assert set(got.extras) == set(want.extras)
+    for key, value in want.extras.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got.extras[key], value), key
+        else:
+            assert got.extras[key] == value, key
+    torch.testing.assert_close(got.old_log_probs, want.old_log_probs, atol=1e-5, rtol=0)
+
+
+def test_prefetched_batch_gives_each_call_what_it_would_sample(tiny_path):
+    """prefetch draws a whole batch (prompts of different lengths, this process's copies 2-3) in one sampler call;
+    each rollout call then returns exactly its own call's samples, prompt padding included."""
+    policy = make_policy(tiny_path)
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[0] + " on a mat"]
+    calls = [(0, 1), (1, 3)]  # (first group, end): the long prompt alone, then the two short ones
+    want = [policy.rollout(prompts[a:b], [{}] * (b - a), group_size=2, seed=9, first_group=a, first_copy=2)
+            for a, b in calls]
+    policy.prefetch(prompts, [{}] * 3, group_size=2, seed=9, first_copy=2)
+    for (a, b), expected in zip(calls, want):
+        got = policy.rollout(prompts[a:b], [{}] * (b - a), group_size=2, seed=9, first_group=a, first_copy=2)
+        assert_same_rollout(got, expected)
+    assert got.extras["input_ids"].shape[1] < want[0].extras["input_ids"].shape[1]  # the batch's padding is removed
+    _, r = ratios(policy, got)
+    torch.testing.assert_close(r, torch.ones_like(r), atol=1e-4, rtol=0)
+    # used up: a later call of the same seed samples on its own; a call out of the batch's order is refused
+    assert_same_rollout(policy.rollout(prompts[1:3], [{}] * 2, group_size=2, seed=9, first_group=1, first_copy=2),
+                        want[1])
+    policy.prefetch(prompts, [{}] * 3, group_size=2, seed=9, first_copy=2)
+    with pytest.raises(RuntimeError, match="prefetched"):
+        policy.rollout(prompts[1:3], [{}] * 2, group_size=2, seed=9, first_group=0, first_copy=2)
+
 def test_update_moves_log_probs_and_kl(tiny_path):
     policy = make_policy(tiny_path)
     r = policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=6)

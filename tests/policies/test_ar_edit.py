@@ -57,6 +57,17 @@ def test_first_step_is_on_policy_with_the_source_images(policy, batch):
     assert (out.log_probs - batch.old_log_probs).abs().max().item() > 1e-3
 
 
+
+def test_prefetched_edit_batch_gives_each_call_its_sources(policy, batch, edit_records):
+    """A prefetched edit batch hands each call its rows of the source patches, grids and images per sample."""
+    records = edit_records[:2]
+    policy.prefetch([r.prompt for r in records], [r.metadata for r in records], group_size=4, seed=1)
+    parts = [policy.rollout([r.prompt], [r.metadata], group_size=4, seed=1, first_group=i)
+             for i, r in enumerate(records)]
+    for key in ("pixel_values", "images_per_sample", "image_grid_thw", "tokens", "decode_seeds"):
+        assert torch.equal(torch.cat([p.extras[key] for p in parts]), batch.extras[key]), key
+    assert np.array_equal(np.concatenate([p.images for p in parts]), batch.images)
+
 def test_positions_are_those_of_the_image_conditioned_prompt(policy, batch):
     """The prompt's stored MRoPE positions are get_rope_index's for the image prompt: the source's 2x2 tokens sit at
     2-D positions (b, b+row, b+col) after its start marker."""

@@ -67,6 +67,35 @@ def test_samples_do_not_depend_on_the_rollout_batch(stage, tiny_model_path, tmp_
     assert_same_metrics(rows(runs[0]), rows(runs[1]))
 
 
+
+@pytest.mark.slow
+def test_ar_job_draws_a_batch_in_one_sampler_call_where_it_recomputes(tiny_model_path, tmp_path, reference_prompts,
+                                                                     monkeypatch):
+    """With the old log-probs recomputed, the AR policy draws each rollout batch's tokens in one sampler call
+    (``Policy.prefetch``) and its calls of 4 only render; keeping the sampler's log-probs, each call draws its own.
+    The samples, and so every reward and advantage, are the same either way."""
+    from tandem.policies.ar import GlmImageARPolicy
+
+    rows_per_call = []
+    real = GlmImageARPolicy._draw  # the sampler call of a rollout or a prefetch
+
+    def counted(self, prompts, metadata, group_size, seeds):
+        rows_per_call.append(len(prompts) * group_size)
+        return real(self, prompts, metadata, group_size, seeds)
+
+    monkeypatch.setattr(GlmImageARPolicy, "_draw", counted)
+    runs = {}
+    for mode in ("recompute", "sampler"):
+        rows_per_call.clear()
+        runs[mode] = rows(train(job("ar", tiny_model_path, tmp_path / mode, reference_prompts,
+                                    "grpo.rollout_batch_size=4", f"grpo.old_log_probs={mode}"), "ar"))
+        assert rows_per_call == ([8, 8] if mode == "recompute" else [4, 4, 4, 4]), mode
+    sample_keys = [k for k in runs["sampler"][0] if k.startswith(("reward/", "advantage/"))]
+    assert sample_keys
+    for a, b in zip(runs["recompute"], runs["sampler"]):
+        for k in sample_keys:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k)
+
 def test_cpu_auto_keeps_minibatch_calls_and_the_training_layout():
     cpu = torch.device("cpu")
     whole_groups = RolloutBatching(0, copies=4, minibatch=8, device=cpu)
