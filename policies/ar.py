@@ -60,7 +60,7 @@ from tandem.policies.token_samplers import token_sampler
 from tandem.policies.glm_image import GlmImageAdapter, load_pipeline
 from tandem.policies.glm_image_family import GlmFlowAdapter, render_tokens
 from tandem.core.errors import ConfigError
-from tandem.policies.lora import LoraSettings
+from tandem.policies.lora import LoraSettings, MergedLoRA
 from tandem.core.seeds import DECODE, TOKENS, RolloutSeeds
 from tandem.core.types import LogProbs, Rollout, group_ids_for, repeat_for_groups
 
@@ -146,6 +146,8 @@ class GlmImageARPolicy(TrainedComponent):
         self.num_full = self.grids.num_full
         if settings.compile_decoder:  # the frozen decoder that renders the tokens (diffusers' regional compilation)
             pipe.transformer.compile_repeated_blocks()
+        # a joint job's decoder LoRA, merged while rendering (the images only feed the rewards); else nothing to merge
+        self.render_merged = MergedLoRA()
         self.processing = self._processing(self.ar)
         self._peft = None
         self._ref_model = None
@@ -279,8 +281,9 @@ class GlmImageARPolicy(TrainedComponent):
                 seeds: Sequence[int]) -> np.ndarray:
         self._check_codebook(full_tokens)
         ar = self.ar
-        return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds,
-                             metadata=metadata)
+        with self.render_merged(self.decoder.denoiser):
+            return render_tokens(self.decoder, full_tokens, prompts, ar.decode_steps, ar.decode_guidance_scale, seeds,
+                                 metadata=metadata)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int, seed: int,

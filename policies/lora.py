@@ -39,14 +39,16 @@ class MergedLoRA:
     per projection instead of three, which is what a memory-bound decode step pays for (peft's ``merge_adapter``,
     made exact on the way back). On exit every merged weight gets its saved bits back — subtracting ΔW again in
     bf16 would not restore them — so the training forward and the adapter-disabled reference are untouched, also
-    after an exception. The saved copies are kept for the next call: memory of the size of the targeted weights.
-    A model without active, unmerged LoRA layers runs as it is, and so do sharded (FSDP) weights; so does every
+    after an exception. The saved copies are kept for the next call: memory of the size of the targeted weights,
+    shared by every ``MergedLoRA`` (a joint job's decoder rollout and its AR stage's render, which never run at
+    once, merge the same DiT with one copy). A model without active, unmerged LoRA layers runs as it is, and so do sharded (FSDP) weights; so does every
     model while ``enabled`` is false.
     """
 
+    _saved = WeakIdKeyDictionary()  # base weight -> its saved copy, for every instance
+
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._saved = WeakIdKeyDictionary()  # base weight -> its saved copy
 
     @staticmethod
     def layers(model: torch.nn.Module) -> list:

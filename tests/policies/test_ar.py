@@ -209,6 +209,33 @@ def test_prefetched_batch_gives_each_call_what_it_would_sample(tiny_path):
     with pytest.raises(RuntimeError, match="prefetched"):
         policy.rollout(prompts[1:3], [{}] * 2, group_size=2, seed=9, first_group=0, first_copy=2)
 
+
+def test_render_merges_a_joint_jobs_decoder_lora(tiny_path):
+    """In a joint job the AR stage renders with the DiT that carries the decoder stage's LoRA: merged while it
+    renders (no adapter matmuls), it paints the adapter forward's images and gives the base weights back bit for bit."""
+    from tandem.policies.lora import LoraSettings, MergedLoRA, apply_lora
+
+    policy = make_policy(tiny_path)
+    dit = apply_lora(policy.decoder.denoiser, LoraSettings(enabled=True, r=4, alpha=8))  # as the decoder stage does
+    torch.manual_seed(0)
+    layers = MergedLoRA.layers(dit)
+    for layer in layers:  # as after training (peft starts B at zero)
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.2)
+    weights = [layer.get_base_layer().weight.clone() for layer in layers]
+    adapter_calls = []
+    hook = layers[0].lora_A["default"].register_forward_hook(lambda *args: adapter_calls.append(1))
+    merged = policy.rollout(PROMPTS, [{}, {}], group_size=1, seed=3)
+    assert not adapter_calls
+    policy.render_merged.enabled = False
+    adapters = policy.rollout(PROMPTS, [{}, {}], group_size=1, seed=3)
+    assert adapter_calls
+    hook.remove()
+    with dit.disable_adapter():
+        base = policy.rollout(PROMPTS, [{}, {}], group_size=1, seed=3)
+    assert not np.array_equal(base.images, adapters.images)  # the adapters matter here
+    assert np.abs(merged.images.astype(int) - adapters.images.astype(int)).max() <= 1
+    assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(layers, weights))
+
 def test_update_moves_log_probs_and_kl(tiny_path):
     policy = make_policy(tiny_path)
     r = policy.rollout(PROMPTS, [{}, {}], group_size=2, seed=6)
