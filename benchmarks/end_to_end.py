@@ -5,14 +5,27 @@ user does — the config files, the CLI, reward actors on Ray beside the policy 
 the run's own ``metrics.jsonl``. One row per stage and launch setting.
 
 Per rollout batch k (one "RL step": rollout of prompts_per_step x num_generations samples, scoring, and the
-optimizer steps trained on it), from ``metrics.jsonl``:
+optimizer steps trained on it), from ``metrics.jsonl`` (``rollout_batches``):
 * wall = ``cost/elapsed_s`` at the batch's last optimizer step minus that of the previous batch (the first
   batch: since the job's clock started, i.e. after loading);
 * rollout = ``time/rollout_s``; reward wait = ``time/reward_s`` (scoring not hidden behind rollouts);
   recompute = ``time/recompute_s`` (the old log-probs' no-grad forward, ``grpo.old_log_probs``); train = sum of
   ``time/train_s``; other = wall - the four (logging, sample grids, checkpoints, ...).
-* GPU-s per trained sample = wall x GPUs / samples. The first batch pays compilation and warm-up, so the
-  table shows the mean over the later batches ("steady") and the first apart.
+* complete: the batch took all the optimizer steps its config gives it (``BatchPlan``): grpo.num_iterations x
+  prompts_per_step x num_generations / (mini_batch_size x optim.gradient_accumulation_steps); in a joint job no
+  more than its phase had left. A job stopped at ``--timeout`` or at ``--steps`` inside a batch leaves it
+  incomplete: kept in the JSON's ``batches`` (``complete: false``), never in a mean.
+* warm-up: the first batch of each stage, and every batch whose ``rollout/call_samples`` (the largest rollout
+  call of the batch) differs from the previous batch of its stage: under ``grpo.rollout_batch_size: 0`` on a GPU
+  the first batch measures memory with one-unit calls and the second runs the chosen size, compiling (and
+  capturing CUDA graphs for) that shape once. "first s" is the first batch's wall, "warm-up s" that of all
+  warm-up batches.
+* steady: the complete batches that are not warm-up. The table shows their mean ("s/RL step", the shares, MFU)
+  and their number ("steady n"); a row without any says so and shows no figures (run more ``--steps``: three
+  complete batches per stage are enough). GPU-s per trained sample = steady wall x GPUs / samples.
+* A launch whose child exits other than 0 (and was not stopped at ``--timeout``) shows its exit code and no
+  figures. The benchmark owns ``--work``: each launch's run folder is removed before it starts (the compile
+  caches are under ``model.compile_cache_dir``, not in the run folder, so a second launch still starts warm).
 * AR stage: the frozen decoder's image rendering inside the rollout is timed apart (``decode_s``) by wrapping
   ``tandem.policies.ar.render_tokens``, and the token sampling (``token_s``) by wrapping the policy's sampler
   call, in the job's process (``child`` mode below; one-process launches).
@@ -40,12 +53,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import common as C
 from benchmarks.common import REPO
@@ -200,14 +215,18 @@ def dit_forward_flops(model: Path, height: int, width: int) -> Optional[float]:
     return 2 * params * tokens + 4 * config["num_layers"] * tokens**2 * hidden
 
 
-def job_flops(args, stage: str, overrides: List[str]) -> Dict[str, float]:
+def job_config(args, stage: str, overrides: List[str]):
+    """The job's config as its child loads it: the glm_image YAML of ``stage`` with the launch's overrides."""
+    from tandem.rl.config import load_config
+
+    return load_config(str(REPO / "configs" / "glm_image" / f"{stage}.yaml"),
+                       [f"model.path={args.model}", f"data.prompts={args.extras}/prompts.jsonl", *overrides], stage=stage)
+
+
+def job_flops(args, stage: str, cfg) -> Dict[str, float]:
     """Model FLOPs of one RL step's rollout, train and AR render (module docstring); {} for joint jobs."""
     if stage == "joint" or not args.model:
         return {}
-    from tandem.rl.config import load_config
-
-    cfg = load_config(str(REPO / "configs" / "glm_image" / f"{stage}.yaml"),
-                      [f"model.path={args.model}", f"data.prompts={args.extras}/prompts.jsonl", *overrides], stage=stage)
     fwd = dit_forward_flops(Path(args.model), cfg.data.height, cfg.data.width)
     if fwd is None:
         return {}
@@ -220,49 +239,118 @@ def job_flops(args, stage: str, overrides: List[str]) -> Dict[str, float]:
     return {"rollout": samples * d.num_steps * branches * fwd, "train": samples * trained * branches * passes * fwd}
 
 
-def summarise(metrics: List[Dict], samples: int, gpus: int, per_rollout: List[Dict[str, float]],
-              flops: Optional[Dict[str, float]] = None) -> Dict[str, object]:
-    """Per-rollout split (see the module docstring); steady = mean over the rollouts after the first."""
+# ------------------------------------------------------------------------------------------------ reading a run
+@dataclass(frozen=True)
+class BatchPlan:
+    """How many optimizer steps a complete rollout batch takes, from the job's config.
+
+    ``per_batch`` = grpo.num_iterations x prompts_per_step·num_generations / (mini_batch_size ·
+    optim.gradient_accumulation_steps): one optimizer step per ``gradient_accumulation_steps`` consecutive
+    minibatches, in each of the ``num_iterations`` epochs (``tandem.rl.trainer``, phase 5; the config's rules make
+    every division exact). A joint job (``phases`` = (joint.ar_steps_per_phase, joint.decoder_steps_per_phase))
+    alternates phases of that many steps, AR first (``tandem.rl.session.joint_phase``), and a phase's end cuts its
+    batch: such a batch is complete at the steps its phase had left."""
+
+    stage: str
+    per_batch: int
+    phases: Optional[Tuple[int, int]] = None
+
+    @classmethod
+    def of(cls, cfg, stage: str) -> "BatchPlan":
+        g = cfg.grpo
+        samples = g.prompts_per_step * g.num_generations
+        per_batch = g.num_iterations * samples // (g.mini_batch_size * cfg.optim.gradient_accumulation_steps)
+        phases = (cfg.joint.ar_steps_per_phase, cfg.joint.decoder_steps_per_phase) if stage == "joint" else None
+        return cls(stage, per_batch, phases)
+
+    def batch_at(self, done: int) -> Tuple[str, int]:
+        """(stage, optimizer steps of a complete batch) of the batch that starts after ``done`` optimizer steps."""
+        if self.phases is None:
+            return self.stage, self.per_batch
+        ar, decoder = self.phases
+        at = done % (ar + decoder)
+        stage, left = ("ar", ar - at) if at < ar else ("decoder", ar + decoder - at)
+        return stage, min(self.per_batch, left)
+
+    def steps_for(self, batches: int) -> int:
+        """The fewest optimizer steps (``--steps``) in which every stage takes ``batches`` complete batches."""
+        done, seen = 0, {}
+        stages = ("ar", "decoder") if self.phases else (self.stage,)
+        while any(seen.get(s, 0) < batches for s in stages):
+            stage, steps = self.batch_at(done)
+            seen[stage], done = seen.get(stage, 0) + 1, done + steps
+        return done
+
+
+def rollout_batches(metrics_file: Path, plan: BatchPlan,
+                    per_rollout: Sequence[Dict[str, float]] = ()) -> List[Dict[str, object]]:
+    """The rollout batches of a fresh run's ``metrics.jsonl`` (none without the file), in order: each one's time
+    split, ``steps`` of ``full_steps`` (``complete``), ``call_samples``, ``warmup`` and ``steady`` (module
+    docstring). ``per_rollout``: the child's render and token seconds of each rollout (AR batches take them)."""
+    path = Path(metrics_file)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     batches: List[Dict] = []
-    previous_end = 0.0
-    for m in metrics:
+    for m in rows:
         if not batches or m.get("rollout") != batches[-1]["rollout"]:
             batches.append({"rollout": m.get("rollout"), "phase": m.get("phase"), "rollout_s": 0.0, "reward_s": 0.0,
-                            "recompute_s": 0.0, "train_s": 0.0, "steps": 0})
+                            "recompute_s": 0.0, "train_s": 0.0, "steps": 0,
+                            "call_samples": m.get("rollout/call_samples")})
         b = batches[-1]
         for key in ("rollout_s", "reward_s", "recompute_s", "train_s"):
             b[key] += m.get(f"time/{key}", 0.0)
         b["steps"] += 1
         b["end"] = m.get("cost/elapsed_s", 0.0)
+    previous_end, done, last_call = 0.0, 0, {}
     for b in batches:
         b["wall_s"] = b["end"] - previous_end
         previous_end = b["end"]
         b["other_s"] = b["wall_s"] - b["rollout_s"] - b["reward_s"] - b["recompute_s"] - b["train_s"]
+        _, b["full_steps"] = plan.batch_at(done)
+        done += b["steps"]
+        b["complete"] = b["steps"] == b["full_steps"]
+        b["warmup"] = b["phase"] not in last_call or b["call_samples"] != last_call[b["phase"]]
+        last_call[b["phase"]] = b["call_samples"]
+        b["steady"] = b["complete"] and not b["warmup"]
     for b, timed in zip(batches, per_rollout):
         if b["phase"] in (None, "ar") and timed["decode_s"]:
             b.update(timed)
-    steady = batches[1:] or batches
+    return batches
+
+
+def summarise(batches: List[Dict], samples: int, gpus: int, flops: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+    """A launch's figures from its ``rollout_batches``: means over the steady batches (none: no figures, and a
+    note), their number, and the wall of the first and of the warm-up batches."""
+    steady = [b for b in batches if b["steady"]]
 
     def mean(key):
         vals = [b[key] for b in steady if key in b]
         return sum(vals) / len(vals) if vals else None
 
     wall = mean("wall_s")
-    row = {"batches": batches, "rollouts": len(batches), "optimizer_steps": len(metrics),
-           "s_per_rl_step": wall, "first_rl_step_s": batches[0]["wall_s"] if batches else None,
+    row = {"batches": batches, "rollouts": len(batches), "optimizer_steps": sum(b["steps"] for b in batches),
+           "steady_n": len(steady), "s_per_rl_step": wall, "first_rl_step_s": batches[0]["wall_s"] if batches else None,
+           "warmup_s": sum(b["wall_s"] for b in batches if b["warmup"]) if batches else None,
            "gpu_s_per_sample": wall * gpus / samples if wall else None,
-           "samples_per_s": samples / wall if wall else None}
+           "samples_per_s": samples / wall if wall else None,
+           "note": None if steady else "no steady batch"}
     for key in ("rollout_s", "reward_s", "recompute_s", "train_s", "other_s", "decode_s", "token_s"):
         row[key] = mean(key)
         row[key.replace("_s", "_frac")] = row[key] / wall if wall and row[key] is not None else None
     for name, seconds in (("rollout", "rollout_s"), ("train", "train_s"), ("render", "decode_s")):
         f = (flops or {}).get(name)
         row[f"mfu_{name}"] = f / row[seconds] / C.PEAK_BF16_FLOPS if f and row.get(seconds) else None
-    if metrics:
-        first = metrics[0]
-        row["step1"] = {k: first.get(k) for k in ("ratio/mean", "ratio/min", "ratio/max", "clipfrac", "approx_kl",
-                                                    "kl", "loss", "reward/mean", "phase")}
     return row
+
+
+def first_step(metrics_file: Path) -> Optional[Dict[str, object]]:
+    """The first optimizer step's ratio, clipping, KL, loss and reward (None without a step)."""
+    path = Path(metrics_file)
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not lines:
+        return None
+    first = json.loads(lines[0])
+    return {k: first.get(k) for k in ("ratio/mean", "ratio/min", "ratio/max", "clipfrac", "approx_kl", "kl", "loss",
+                                      "reward/mean", "phase")}
 
 
 def stop_group(proc) -> None:
@@ -278,10 +366,29 @@ def stop_group(proc) -> None:
             continue
 
 
+def launch_figures(args, stage: str, rc, run_dir: Path, child_log: Path, overrides: List[str]) -> Dict[str, object]:
+    """What a launch measured, read from the files its child wrote: none unless the child exited 0 or was stopped
+    at ``--timeout`` (then its run folder holds only its own, possibly partial, metrics)."""
+    if rc not in (0, "timeout"):
+        return {"note": f"child exited {rc}: no figures", "batches": [], "steady_n": 0}
+    cfg = job_config(args, stage, overrides)
+    plan = BatchPlan.of(cfg, stage)
+    child = json.loads(child_log.read_text()) if child_log.is_file() else {}
+    metrics = run_dir / "metrics.jsonl"
+    batches = rollout_batches(metrics, plan, child.get("per_rollout", []))
+    return {"torch_peak_gib": child.get("torch_peak_gib"), "steps_for_steady": plan.steps_for(3),
+            **summarise(batches, args.prompts * args.generations, args.gpus, job_flops(args, stage, cfg)),
+            "step1": first_step(metrics)}
+
+
 def run_stage(args, stage: str, results: C.Results, launch: int = 1) -> Dict:
+    """Launch one job in a fresh run folder under ``--work`` (an old one of the same name is removed first) and
+    record its row."""
     work = Path(args.work)
     run_dir = work / f"{stage}-{args.gpus}gpu-{args.launcher}-{args.strategy}-{args.prompts * args.generations}-{launch}"
-    child_log = run_dir.with_suffix(".child.json")
+    child_log = run_dir.with_name(run_dir.name + ".child.json")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    child_log.unlink(missing_ok=True)
     overrides = stage_overrides(args, stage)
     cmd = job_command(args, stage, run_dir, child_log, overrides)
     env = dict(os.environ, BENCH_CHILD_LOG=str(child_log), PYTHONUNBUFFERED="1",
@@ -296,13 +403,10 @@ def run_stage(args, stage: str, results: C.Results, launch: int = 1) -> Dict:
             rc = "timeout"
             stop_group(proc)
     total = time.perf_counter() - t0
-    child = json.loads(child_log.read_text()) if child_log.is_file() else {}
     samples = args.prompts * args.generations
     row = {"stage": stage, "launch": launch, "gpus": args.gpus, "launcher": args.launcher, "strategy": args.strategy,
            "rc": rc, "job_wall_s": total, "samples_per_rl_step": samples, "overrides": overrides,
-           "peak_gpu_mib": mem.peak, "torch_peak_gib": child.get("torch_peak_gib"),
-           **summarise(C.read_metrics(run_dir), samples, args.gpus, child.get("per_rollout", []),
-                       job_flops(args, stage, overrides))}
+           "peak_gpu_mib": mem.peak, **launch_figures(args, stage, rc, run_dir, child_log, overrides)}
     results.add("rows", row)
     return row
 
@@ -322,7 +426,8 @@ def arguments(ap) -> None:
     ap.add_argument("--with-hands", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="extra key=value override for every job")
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--work", default="/tmp/tandem-e2e")
+    ap.add_argument("--work", default="/tmp/tandem-e2e",
+                    help="the benchmark's folder: each launch's run folder in it is removed before the launch")
     ap.add_argument("--launches", type=int, default=1, help="launches of each job (2: the second starts warm)")
 
 
@@ -332,18 +437,25 @@ def run(bench: C.Bench) -> None:
         args.model, args.extras = C.tiny_release_pipeline(Path(args.work))
     rows = [run_stage(args, stage, bench.results, launch) for stage in args.stages.split(",")
             for launch in range(1, args.launches + 1)]
-    C.print_table("End-to-end RL steps (steady = mean of rollout batches after the first)", rows, [
+    C.print_table("End-to-end RL steps (steady = complete rollout batches after the first whose rollout call size "
+                  "is the previous batch's)", rows, [
         ("stage", "stage", ""), ("samples", "samples_per_rl_step", ""), ("launch", "launch", ""),
-        ("GPUs", "gpus", ""), ("rc", "rc", ""), ("steps", "optimizer_steps", ""), ("s/RL step", "s_per_rl_step", ".1f"),
-        ("first s", "first_rl_step_s", ".1f"), ("GPU-s/sample", "gpu_s_per_sample", ".2f"),
+        ("GPUs", "gpus", ""), ("rc", "rc", ""), ("steps", "optimizer_steps", ""), ("steady n", "steady_n", ""),
+        ("s/RL step", "s_per_rl_step", ".1f"), ("first s", "first_rl_step_s", ".1f"), ("warm-up s", "warmup_s", ".1f"),
+        ("GPU-s/sample", "gpu_s_per_sample", ".2f"),
         ("rollout", "rollout_frac", ".0%"), ("render", "decode_frac", ".0%"), ("token", "token_frac", ".0%"),
         ("reward wait", "reward_frac", ".0%"), ("recompute", "recompute_frac", ".0%"), ("train", "train_frac", ".0%"),
         ("other", "other_frac", ".1%"),
         ("MFU rollout", "mfu_rollout", ".0%"), ("MFU train", "mfu_train", ".0%"), ("MFU render", "mfu_render", ".0%"),
-        ("torch peak GiB", "torch_peak_gib", ".1f"),
+        ("torch peak GiB", "torch_peak_gib", ".1f"), ("note", "note", ""),
     ])
     for r in rows:
         print(f"{r['stage']}: peak nvidia-smi MiB per GPU {r['peak_gpu_mib']}; step 1 {r.get('step1')}")
+    for r in rows:
+        if r["rc"] in (0, "timeout") and not r["steady_n"]:
+            print(f"hint: {r['stage']} launch {r['launch']} has no steady rollout batch in {r['optimizer_steps']} "
+                  f"optimizer step(s): run more --steps (--steps {r['steps_for_steady']} gives each stage 3 complete "
+                  f"batches)")
 
 
 def main(argv=None) -> int:
