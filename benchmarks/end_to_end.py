@@ -32,8 +32,8 @@ optimizer steps trained on it), from ``metrics.jsonl`` (``rollout_batches``):
 * MFU (``mfu_rollout``, ``mfu_train``, ``mfu_render``): DiT forward FLOPs F(T) = 2·P·T + 4·L·T²·d for T patch
   tokens (P parameters from the saved transformer's safetensors index, L layers, d hidden; glyph tokens not
   counted), times the forwards a step makes — rollout: samples × decoder.num_steps × (2 with CFG); train:
-  samples × trained steps × (2 with CFG) × 3 (forward + backward; checkpointing's recompute not counted), plus
-  one reference forward per branch when grpo.beta > 0; AR render: samples × ar.decode_steps × (2 with CFG) —
+  grpo.num_iterations × samples × trained steps × (2 with CFG) × 3 (forward + backward; checkpointing's
+  recompute not counted), plus one reference forward per branch when grpo.beta > 0; AR render: samples × ar.decode_steps × (2 with CFG) —
   over the measured seconds and ``PEAK_BF16_FLOPS``.
 * ``--launches 2`` runs each job twice on the same machine: the second launch's first step is the warm first
   step (compile caches under ``model.compile_cache_dir``).
@@ -236,7 +236,9 @@ def job_flops(args, stage: str, cfg) -> Dict[str, float]:
     d, branches = cfg.decoder, (2 if cfg.decoder.guidance_scale > 1 else 1)
     trained = d.sde_window_size if d.sde_window_size > 0 else max(1, round(d.timestep_fraction * (d.num_steps - 1)))
     passes = 3 + (1 if cfg.grpo.beta > 0 else 0)
-    return {"rollout": samples * d.num_steps * branches * fwd, "train": samples * trained * branches * passes * fwd}
+    epochs = cfg.grpo.num_iterations  # each epoch trains every sample once more
+    return {"rollout": samples * d.num_steps * branches * fwd,
+            "train": epochs * samples * trained * branches * passes * fwd}
 
 
 # ------------------------------------------------------------------------------------------------ reading a run
