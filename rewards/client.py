@@ -90,6 +90,9 @@ class LocalBackend:
     def start(self) -> None:
         self.rewards = [build_reward(e, label) for e, label in zip(self.entries, self.labels)]
 
+    def wait_ready(self) -> None:
+        """Built in ``start`` already."""
+
     def _score(self, images, prompts, metadata, group_ids) -> Dict[str, ShardScores]:
         everything = np.arange(len(prompts))
         out = {}
@@ -138,6 +141,11 @@ class RewardClient:
     Use as a context manager (or ``start()`` / ``close()``). An unknown reward name or a bad import path
     raises ``rewards.base.RewardConfigError`` at once (nothing is started); a reward that cannot be built
     raises it from ``start()``, before any batch is scored.
+
+    Start-up in two halves: ``start(wait=False)`` starts the rewards and returns while the Ray backend's actors
+    build them in their own processes (the job loads its pipeline meanwhile); ``wait_ready()`` (or the first
+    ``score``) waits until every reward is built and raises the error of one that cannot be. Whatever fails,
+    what was started is closed (no actor is left behind).
     """
 
     def __init__(self, entries: Sequence[RewardEntry], host: Optional[RewardHostConfig] = None):
@@ -150,22 +158,38 @@ class RewardClient:
         self.weights = {name: float(e.weight) for name, e in zip(self.names, self.entries)}
         self._backend = BACKENDS[host.backend](self.entries, self.names, host)
         self._guard = FailureGuard(host.max_failed_frac, host.max_failed_rollouts)
-        self._started = False
+        self._started = self._ready = False
 
-    def start(self) -> "RewardClient":
+    def start(self, wait: bool = True) -> "RewardClient":
+        """Start the rewards (the Ray backend: join or start the cluster, spawn each entry's actors); with ``wait``,
+        also wait until every reward is built (``wait_ready``)."""
         if not self._started:
-            try:
-                self._backend.start()
-            except BaseException:
-                self._backend.close()
-                raise
+            self._closing_on_error(self._backend.start)
             self._started = True
+        return self.wait_ready() if wait else self
+
+    def wait_ready(self) -> "RewardClient":
+        """Wait until every reward is built; RewardConfigError (or RewardError: its actor died) naming one that
+        cannot be, after closing the client."""
+        if not self._started:
+            raise RuntimeError("RewardClient.wait_ready() before start(): use `with RewardClient(...) as client:`")
+        if not self._ready:
+            self._closing_on_error(self._backend.wait_ready)
+            self._ready = True
         return self
+
+    def _closing_on_error(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException:
+            self._backend.close()
+            self._started = False
+            raise
 
     def close(self) -> None:
         if self._started:
             self._backend.close()
-            self._started = False
+            self._started = self._ready = False
 
     def __enter__(self) -> "RewardClient":
         return self.start()
@@ -180,13 +204,14 @@ class RewardClient:
         metadata: Optional[Sequence[dict]] = None,
         group_ids: Optional[Sequence[int]] = None,
     ) -> ScoreFuture:
-        """Start scoring a batch; returns at once (ray backend).
+        """Start scoring a batch; returns at once (ray backend), once the rewards are built (``wait_ready``).
 
         images: uint8 (B, H, W, 3) RGB; prompts: B strings; metadata: B dicts (default: empty);
         group_ids: (B,) ints naming each sample's prompt group (default: every sample its own group).
         """
         if not self._started:
             raise RuntimeError("RewardClient.score() before start(): use `with RewardClient(...) as client:`")
+        self.wait_ready()
         prompts, metadata, group_ids = _check_batch(images, prompts, metadata, group_ids)
         return ScoreFuture(self._backend.submit(images, prompts, metadata, group_ids), self.weights)
 

@@ -12,8 +12,11 @@ fresh random token per job in a 0700 folder of its own (``$TMPDIR/tandem-ray-<pi
 is inside it: Ray makes that one 0777), bound to 127.0.0.1; the folder is removed when the job ends, and folders left by a killed job are
 swept on the next start. Only this job's processes can read the token, so no other local user can join.
 
-Start-up: an entry whose ``num_cpus`` / ``num_gpus`` fit no node of the cluster is refused at once, and an
-actor that has not built its reward within ``reward_host.start_timeout_s`` stops the job with one line.
+Start-up comes in two halves, so that a job loads its pipeline while the actors build their rewards (reward
+models load in the actors' own processes): ``start`` spawns the actors and returns, ``wait_ready`` waits until
+every reward is built. An entry whose ``num_cpus`` / ``num_gpus`` fit no node of the cluster is refused at once
+by ``start``; a reward that cannot be built, or an actor that has not built its reward within
+``reward_host.start_timeout_s`` of being spawned, stops the job with one line from ``wait_ready``.
 
 Faults:
 * an actor process that dies is restarted by Ray (``max_restarts``) and its calls re-run
@@ -305,21 +308,24 @@ class _Replica:
         self.pending: Deque[_Call] = deque()
         self.broken: Optional[RewardError] = None
         self.seen: Tuple[int, int] = (0, 0)  # (restarts, pid) of the actor when it was last seen alive
-        self.actor = self._spawn()
+        self._spawn()
 
-    def _spawn(self):
-        return RewardActor.options(
+    def _spawn(self) -> None:
+        """Start a fresh actor, which builds its reward in its own process; returns at once (``ready`` waits)."""
+        self.actor = RewardActor.options(
             num_cpus=self.entry.num_cpus,
             num_gpus=self.entry.num_gpus,
             max_restarts=self.entry.max_restarts,
             max_task_retries=self.entry.max_restarts,
         ).remote(self.entry, self.label, self.code)
+        self.spawned = time.monotonic()
+        self.described = self.actor.describe.remote()  # runs as soon as the reward is built
 
     def ready(self) -> bool:
-        """Wait until the reward is built (at most ``start_timeout_s``); RewardConfigError if it cannot be;
-        returns groupwise."""
-        ref, timeout_s = self.actor.describe.remote(), self.start_timeout_s
-        if not ray.wait([ref], timeout=timeout_s)[0]:
+        """Wait until the reward is built, at most ``start_timeout_s`` after the actor was spawned;
+        RewardConfigError if it cannot be; returns groupwise."""
+        ref, timeout_s = self.described, self.start_timeout_s
+        if not ray.wait([ref], timeout=max(0.0, self.spawned + timeout_s - time.monotonic()))[0]:
             crash = self._crashed()
             ray.kill(self.actor, no_restart=True)
             if crash:
@@ -400,7 +406,7 @@ class _Replica:
     def _respawn(self) -> None:
         """Replace a hung (or crash-looping) actor by a fresh one and re-submit every call that was in flight on it."""
         ray.kill(self.actor, no_restart=True)
-        self.actor = self._spawn()
+        self._spawn()
         self.ready()
         for call in self.pending:
             call.ref = self.actor.score.remote(*call.args)
@@ -441,9 +447,14 @@ class RayBackend:
         self.hosts: List[_EntryHost] = []
 
     def start(self) -> None:
+        """Start (or join) the cluster and spawn every entry's actors; returns while they build their rewards."""
         self.cluster.start()
         check_resources(self.entries, self.labels)
-        self.hosts = [_EntryHost(e, label, self.host.start_timeout_s) for e, label in zip(self.entries, self.labels)]
+        for e, label in zip(self.entries, self.labels):
+            self.hosts.append(_EntryHost(e, label, self.host.start_timeout_s))  # close() kills the ones spawned
+
+    def wait_ready(self) -> None:
+        """Wait until every actor has built its reward (module docstring: start-up)."""
         for h in self.hosts:
             h.ready()
 

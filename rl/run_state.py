@@ -6,6 +6,10 @@ DiffusionNFT's old-policy decay) counts that stage's own: ``stage_steps`` and ``
 taken at the job's last step counts that step's rollout batch as done (``rl/session.py`` saves ``rollouts`` + 1);
 ``load`` gives the difference to the stage that took the step (``active_stage``), so the per-stage rollout counts
 add up to ``rollouts`` again.
+
+The cost meter's clock (``cost/elapsed_s``) counts the seconds since the job's training started: it starts
+(``start_clock``) once the pipeline is loaded and the rewards are built (``rl/session.py`` logs those start-up
+seconds apart), and a resumed job adds the elapsed seconds its checkpoint kept.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ class RunState:
         """(rollout batches done, optimizer steps taken) of ``stage``."""
         return self.stage_rollouts.get(stage, 0), self.stage_steps.get(stage, 0)
 
+    def start_clock(self) -> None:
+        """Training starts now: ``elapsed`` counts from here (module docstring)."""
+        self.started = time.perf_counter()
+
     def elapsed(self) -> float:
+        """Seconds of training: those a resumed checkpoint kept, plus those since ``start_clock`` (or ``load``)."""
         return self.elapsed_before + time.perf_counter() - self.started
 
     def cost_metrics(self, reward_mean: float) -> Dict[str, float]:

@@ -1,12 +1,17 @@
 """A training job from start to end: the run session around the one loop (``tandem.rl.trainer``).
 
 ``train(cfg, stage)`` and ``train_joint(cfg)`` hold the run folder's lock (``tandem.rl.run_lock``: one job
-per ``output_dir``), load the family's pipeline and policies, then run inside one ``RunSession``, which opens,
-in this order and closes in reverse: the stop-signal handlers (``tandem.rl.signals``); the reward clients
-(training, and eval when configured); the run directory (resume from ``cfg.resume``, or refuse to write over
-an existing run); the progress bar; and the experiment trackers (``logging.report_to``). Its ``Hooks`` are
-phase 6 of every optimizer step: metrics line (and trackers), sample grid, eval, and the checkpoints taken
-between rollouts.
+per ``output_dir``), check their inputs, then run inside one ``RunSession``, which opens, in this order and
+closes in reverse: the stop-signal handlers (``tandem.rl.signals``); the reward clients (training, and eval
+when configured); the run directory (resume from ``cfg.resume``, or refuse to write over an existing run); the
+progress bar; and the experiment trackers (``logging.report_to``). Its ``Hooks`` are phase 6 of every optimizer
+step: metrics line (and trackers), sample grid, eval, and the checkpoints taken between rollouts.
+
+Start-up overlaps: entering the session spawns the reward actors, which build their rewards in their own
+processes while the job loads the family's pipeline and policies; ``RunSession.start`` then waits for the
+rewards, logs one INFO line with the seconds spent loading and waiting, and starts the run clock
+(``cost/elapsed_s`` counts training only). A reward that cannot be built stops the job there with its one line;
+an error or a signal while loading closes the reward actors and Ray like any other.
 
 Crash safety: a checkpoint is only ever taken where the trained state is whole — at a rollout boundary or
 after a finished optimizer step, never while an optimizer step is being applied. SIGINT / SIGTERM stop the
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -305,9 +311,10 @@ class RunSession:
 
     Usage::
 
-        with RunSession(cfg) as session:
-            trainers = {stage: session.trainer(stage, policy, accelerator, records)}
-            hooks = session.start(trainers)
+        with RunSession(cfg) as session:          # the reward actors start building
+            policy = ...                           # load the pipeline and policies meanwhile
+            session.trainer(stage, cfg, policy, accelerator, records)
+            hooks = session.start()                # waits for the rewards; the run clock starts
             ... trainer.train_rollout(stop, hooks) ...
     """
 
@@ -318,22 +325,32 @@ class RunSession:
         self._stack = contextlib.ExitStack()
         self.rewards = self.evaluator = self.progress = self.hooks = self.trackers = self.signals = None
         self.trainers: Dict[str, StageTrainer] = {}
+        self._clients: List = []  # the reward clients this session started (start() waits for them)
+        self._entered = 0.0  # perf_counter() when the session was entered (the start-up's start)
         self._unlogged: Optional[Dict] = None  # the resumed checkpoint's metrics line, when metrics.jsonl lacks it
 
     def __enter__(self) -> "RunSession":
-        from tandem.rewards.client import RewardClient
-
+        self._entered = time.perf_counter()
         with self._stack as stack:
             self.signals = stack.enter_context(StopSignals())  # first in, last out: it covers the clean-up
-            self.rewards = stack.enter_context(RewardClient(self.cfg.rewards, self.cfg.reward_host))
+            self.rewards = self._start_rewards(stack, self.cfg.rewards)
             if self.cfg.logging.eval_every:
                 from tandem.rl.periodic_eval import Evaluator
 
-                eval_client = (stack.enter_context(RewardClient(self.cfg.eval.rewards, self.cfg.reward_host))
-                               if self.cfg.eval.rewards else self.rewards)
+                eval_rewards = self.cfg.eval.rewards
+                eval_client = self._start_rewards(stack, eval_rewards) if eval_rewards else self.rewards
                 self.evaluator = Evaluator(self.cfg, eval_client, self.eval_records)
             self._stack = stack.pop_all()
         return self
+
+    def _start_rewards(self, stack: contextlib.ExitStack, entries):
+        """A reward client whose rewards start building now (``start`` waits for them), closed with the session."""
+        from tandem.rewards.client import RewardClient
+
+        client = RewardClient(entries, self.cfg.reward_host)
+        stack.callback(client.close)
+        self._clients.append(client.start(wait=False))
+        return client
 
     def trainer(self, stage: str, cfg: JobConfig, policy, accelerator, records: List[PromptRecord],
                 num_steps: Optional[int] = None) -> StageTrainer:
@@ -343,9 +360,11 @@ class RunSession:
         return self.trainers[stage]
 
     def start(self) -> Hooks:
-        """Resume (or refuse to overwrite), write the run directory, start the trackers; returns the phase-6 hooks.
+        """Wait for the rewards (``_wait_for_rewards``: the run clock starts after them), resume (or refuse to
+        overwrite), write the run directory, start the trackers; returns the phase-6 hooks.
         A resumed checkpoint's metrics line that metrics.jsonl lacks (the job died between the final checkpoint
         and that line) is written now, with its eval and sample grid when due, as the job would have."""
+        self._wait_for_rewards()
         point = self._resume()
         if self._layout.is_main:
             self.run.create(self.cfg)
@@ -361,6 +380,20 @@ class RunSession:
             self.hooks.record(self.trainers[self._unlogged.get("phase", self._first.stage)], self._unlogged)
         self.signals.arm(self.hooks.where)
         return self.hooks
+
+    def _wait_for_rewards(self) -> None:
+        """Wait until every reward is built (one that cannot be raises its one-line error), log the start-up's
+        seconds (since the session was entered: starting the reward actors and loading; then waiting for the
+        rewards), and start the run clock."""
+        loaded = time.perf_counter()
+        for client in self._clients:
+            client.wait_ready()
+        ready = time.perf_counter()
+        if self._layout.is_main:
+            log.info("start-up: %.1f s starting the reward actors and loading the model and policies, then %.1f s "
+                     "waiting for the rewards to be built (they build beside the load); training starts now "
+                     "(cost/elapsed_s counts from here)", loaded - self._entered, ready - loaded)
+        self.state.start_clock()
 
     def _active(self) -> StageTrainer:
         """The trainer that ran last (the one an exception came from)."""
@@ -447,11 +480,10 @@ def train(cfg: JobConfig, stage: str) -> Path:
     prompts = check_inputs(cfg, stage)
     use_compile_cache(cfg.model.compile_cache_dir)
     torch.manual_seed(cfg.seed)
-    pipe = load_checked(cfg, stage, prompts)
-    policy = build_policy(stage, cfg, pipe)
-    with RunSession(cfg, prompts.eval) as session:
+    with RunSession(cfg, prompts.eval) as session:  # the reward actors build while the pipeline loads
+        policy = build_policy(stage, cfg, load_checked(cfg, stage, prompts))
         trainer = session.trainer(stage, cfg, policy, _accelerator(cfg, policy), prompts.train)
-        hooks = session.start()
+        hooks = session.start()  # waits for the rewards; the run clock starts
         if session.state.step == 0 and cfg.logging.sample_every:
             hooks.sample_grid(trainer)  # step 0: what training starts from
         while session.state.step < cfg.max_steps:
@@ -498,9 +530,9 @@ def train_joint(cfg: JobConfig) -> Path:
     prompts = job.train
     use_compile_cache(cfg.model.compile_cache_dir)
     torch.manual_seed(cfg.seed)
-    pipe = load_checked(cfg, "joint", job)
     phases = {"ar": phase_config(cfg, "ar"), "decoder": phase_config(cfg, "decoder")}
-    with RunSession(cfg, job.eval) as session:
+    with RunSession(cfg, job.eval) as session:  # the reward actors build while the pipeline loads
+        pipe = load_checked(cfg, "joint", job)
         policies = {stage: build_policy(stage, phases[stage], pipe) for stage in ("ar", "decoder")}
         accelerator = _accelerator(cfg, policies["ar"])
         steps = joint_stage_steps(cfg)

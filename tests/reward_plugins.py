@@ -193,3 +193,24 @@ class SlowThenDies:
 
     def __call__(self, images, prompts, metadata):
         os._exit(3)
+
+
+class BuildTrace:
+    """mean_red, whose build appends "build-start <time>" to args.trace, then "build-end <time>" after args.build_s
+    seconds (with args.fail: raises FileNotFoundError instead, a reward that cannot be built)."""
+
+    def __init__(self, trace, build_s=0.0, fail=False):
+        append_trace(trace, "build-start")
+        time.sleep(build_s)
+        if fail:
+            raise FileNotFoundError(f"no weights at {trace}")
+        append_trace(trace, "build-end")
+
+    def __call__(self, images, prompts, metadata):
+        return mean_red(images, prompts, metadata)
+
+
+def append_trace(trace, event: str) -> None:
+    """One line "<event> <wall-clock time>" appended to the file ``trace`` (by any process)."""
+    with open(trace, "a") as f:
+        f.write(f"{event} {time.time()!r}\n")

@@ -124,6 +124,23 @@ def test_reward_that_cannot_be_built_is_a_config_error(ray_cluster, host):
             pass
 
 
+def test_a_start_without_waiting_returns_while_the_reward_builds_and_the_first_score_waits_for_it(ray_cluster,
+                                                                                                 tmp_path):
+    import contextlib
+
+    from tests.reward_plugins import append_trace
+
+    trace = tmp_path / "trace"
+    entry = RewardEntry(fn=P + "BuildTrace", args={"trace": str(trace), "build_s": 1.0})
+    images, prompts, metadata, groups = batch(4)
+    with contextlib.closing(RewardClient([entry], RAY).start(wait=False)) as client:
+        append_trace(trace, "started")
+        scores = client.score(images, prompts, metadata, groups).result()["BuildTrace"]
+    seen = dict(line.split() for line in trace.read_text().splitlines())
+    assert float(seen["started"]) < float(seen["build-end"])  # start() came back before the reward was built
+    np.testing.assert_allclose(scores, images[..., 0].reshape(4, -1).mean(1) / 255)
+
+
 @pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
 def test_none_scores_flow_into_nan_safe_advantages(ray_cluster, aggregation):
     images, prompts, metadata, groups = batch(6)
