@@ -7,7 +7,8 @@ the run's own ``metrics.jsonl``. One row per stage and launch setting.
 Per rollout batch k (one "RL step": rollout of prompts_per_step x num_generations samples, scoring, and the
 optimizer steps trained on it), from ``metrics.jsonl`` (``rollout_batches``):
 * wall = ``cost/elapsed_s`` at the batch's last optimizer step minus that of the previous batch (the first
-  batch: since the job's clock started, i.e. after loading);
+  batch: since the job's clock started, i.e. after loading and the reward actors' start-up, which overlap);
+  "start-up s" is the time before it, from the job's process start to the run clock's start;
 * rollout = ``time/rollout_s``; reward wait = ``time/reward_s`` (scoring not hidden behind rollouts);
   recompute = ``time/recompute_s`` (the old log-probs' no-grad forward, ``grpo.old_log_probs``); train = sum of
   ``time/train_s``; other = wall - the four (logging, sample grids, checkpoints, ...).
@@ -33,8 +34,8 @@ optimizer steps trained on it), from ``metrics.jsonl`` (``rollout_batches``):
   tokens (P parameters from the saved transformer's safetensors index, L layers, d hidden; glyph tokens not
   counted), times the forwards a step makes — rollout: samples × decoder.num_steps × (2 with CFG); train:
   grpo.num_iterations × samples × trained steps × (2 with CFG) × 3 (forward + backward; checkpointing's
-  recompute not counted), plus one reference forward per branch when grpo.beta > 0; AR render: samples × ar.decode_steps × (2 with CFG) —
-  over the measured seconds and ``PEAK_BF16_FLOPS``.
+  recompute not counted), plus one reference forward per branch when grpo.beta > 0; AR render: samples ×
+  ar.decode_steps × (2 with CFG) — over the measured seconds and ``PEAK_BF16_FLOPS``.
 * ``--launches 2`` runs each job twice on the same machine: the second launch's first step is the warm first
   step (compile caches under ``model.compile_cache_dir``).
 * Peak memory per GPU: the maximum of ``nvidia-smi`` memory.used polled every 0.5 s (all processes on the
@@ -68,12 +69,14 @@ from benchmarks.common import REPO
 
 # ------------------------------------------------------------------------------------------------ child mode
 def child(argv: List[str]) -> int:
-    """Run the tandem CLI in this process, timing the AR stage's image rendering and the CUDA peak."""
+    """Run the tandem CLI in this process, timing the AR stage's image rendering, the start-up and the CUDA peak."""
+    launched = time.perf_counter()
     import atexit
 
     import torch
 
     import tandem.policies.ar as ar_module
+    import tandem.rl.session as session_module
     from tandem.rl.cli import main as cli_main
 
     log = os.environ.get("BENCH_CHILD_LOG")
@@ -82,6 +85,7 @@ def child(argv: List[str]) -> int:
     decode_s: List[float] = []
     token_s: List[float] = []
     per_rollout: List[Dict[str, float]] = []  # render and token seconds of each rollout batch, in order
+    startup: Dict[str, float] = {}  # seconds from this process's start to the run clock's (loading, reward actors)
     original = ar_module.render_tokens
     sample_tokens = ar_module.GlmImageARPolicy._sample_tokens
     rollout_and_score = trainer_module.StageTrainer.rollout_and_score
@@ -91,7 +95,7 @@ def child(argv: List[str]) -> int:
         if not log or int(os.environ.get("RANK", 0)) != 0:
             return
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        Path(log).write_text(json.dumps({"per_rollout": per_rollout, "torch_peak_gib": peak}))
+        Path(log).write_text(json.dumps({"per_rollout": per_rollout, "torch_peak_gib": peak, **startup}))
 
     def timed(fn, into: List[float]):
         def run(*args, **kwargs):
@@ -115,6 +119,14 @@ def child(argv: List[str]) -> int:
         report()
         return out
 
+    session_start = session_module.RunSession.start
+
+    def started(session):
+        hooks = session_start(session)
+        startup["startup_s"] = time.perf_counter() - launched
+        return hooks
+
+    session_module.RunSession.start = started
     ar_module.render_tokens = timed(original, decode_s)
     ar_module.GlmImageARPolicy._sample_tokens = timed(sample_tokens, token_s)
     trainer_module.StageTrainer.rollout_and_score = rollout_marked
@@ -378,7 +390,8 @@ def launch_figures(args, stage: str, rc, run_dir: Path, child_log: Path, overrid
     child = json.loads(child_log.read_text()) if child_log.is_file() else {}
     metrics = run_dir / "metrics.jsonl"
     batches = rollout_batches(metrics, plan, child.get("per_rollout", []))
-    return {"torch_peak_gib": child.get("torch_peak_gib"), "steps_for_steady": plan.steps_for(3),
+    return {"torch_peak_gib": child.get("torch_peak_gib"), "startup_s": child.get("startup_s"),
+            "steps_for_steady": plan.steps_for(3),
             **summarise(batches, args.prompts * args.generations, args.gpus, job_flops(args, stage, cfg)),
             "step1": first_step(metrics)}
 
@@ -443,7 +456,7 @@ def run(bench: C.Bench) -> None:
                   "is the previous batch's)", rows, [
         ("stage", "stage", ""), ("samples", "samples_per_rl_step", ""), ("launch", "launch", ""),
         ("GPUs", "gpus", ""), ("rc", "rc", ""), ("steps", "optimizer_steps", ""), ("steady n", "steady_n", ""),
-        ("s/RL step", "s_per_rl_step", ".1f"), ("first s", "first_rl_step_s", ".1f"), ("warm-up s", "warmup_s", ".1f"),
+        ("s/RL step", "s_per_rl_step", ".1f"), ("start-up s", "startup_s", ".1f"), ("first s", "first_rl_step_s", ".1f"), ("warm-up s", "warmup_s", ".1f"),
         ("GPU-s/sample", "gpu_s_per_sample", ".2f"),
         ("rollout", "rollout_frac", ".0%"), ("render", "decode_frac", ".0%"), ("token", "token_frac", ".0%"),
         ("reward wait", "reward_frac", ".0%"), ("recompute", "recompute_frac", ".0%"), ("train", "train_frac", ".0%"),

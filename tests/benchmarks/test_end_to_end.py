@@ -25,6 +25,7 @@ def test_tiny_run_writes_its_results(tmp_path, tiny_release_work, one_thread, ca
     assert row["steady_n"] == 0 and row["s_per_rl_step"] is None and row["note"] == "no steady batch"
     assert "hint: decoder launch 1 has no steady rollout batch" in capsys.readouterr().out
     assert row["steps_for_steady"] == 3  # 1 optimizer step per rollout batch of 2 samples, minibatch 2
+    assert row["startup_s"] > 0  # loading and the reward actors, before the run clock
 
 
 @pytest.mark.slow
