@@ -41,8 +41,8 @@ class MergedLoRA:
     bf16 would not restore them — so the training forward and the adapter-disabled reference are untouched, also
     after an exception. The saved copies are kept for the next call: memory of the size of the targeted weights,
     shared by every ``MergedLoRA`` (a joint job's decoder rollout and its AR stage's render, which never run at
-    once, merge the same DiT with one copy). A model without active, unmerged LoRA layers runs as it is, and so do sharded (FSDP) weights; so does every
-    model while ``enabled`` is false.
+    once, merge the same DiT with one copy). A model without active, unmerged LoRA layers runs as it is, and so do
+    sharded (FSDP) weights; so does every model while ``enabled`` is false.
     """
 
     _saved = WeakIdKeyDictionary()  # base weight -> its saved copy, for every instance

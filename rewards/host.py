@@ -206,9 +206,6 @@ def sweep_temp_dirs(root: str) -> List[str]:
     return removed
 
 
-    return True
-
-
 # HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS is one) answers with SETTINGS.
 _H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 

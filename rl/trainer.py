@@ -6,7 +6,8 @@ Each rollout batch goes through numbered phases (``StageTrainer.train_rollout``)
 2. rollout + score — the policy samples ``grpo.num_generations`` copies of each prompt (copies adjacent),
    in calls of whole groups and whole minibatches (``grpo.rollout_batch_size``, ``tandem.rl.rollout_batch``) —
    where the old log-probs are recomputed, after one ``Policy.prefetch`` of the whole batch (the AR policy draws
-   every token sequence there, in one sampler call, and its calls only render) — and the objective ``prepare``s each call's sub-batch with the same weights (``tandem.rl.objectives``); each
+   every token sequence there, in one sampler call, and its calls only render) — and the objective ``prepare``s
+   each call's sub-batch with the same weights (``tandem.rl.objectives``); each
    sub-batch's images go once into the Ray object store and are scored while the next sub-batch rolls out
    (``reward_host.async_scoring``). Every sub-batch is sampled by the current weights, so what is trained stays
    on-policy;
