@@ -227,15 +227,17 @@ class GlmImageARPolicy(TrainedComponent):
         out: SampledTokens = self.sampler(self.model, prompt_inputs(inputs), self.num_units, self.processing, seeds)
         return inputs, out
 
-    def _draw(self, prompts: Sequence[str], metadata: Sequence[dict], group_size: int,
+    @staticmethod
+    def _groups(prompts: Sequence[str], metadata: Sequence[dict], group_size: int):
+        """Prompts and metadata repeated ``group_size`` times (copies adjacent), and each row's group index."""
+        return (repeat_for_groups(list(prompts), group_size), repeat_for_groups(list(metadata), group_size),
+                group_ids_for(len(prompts), group_size))
+
+    def _draw(self, prompts_rep: List[str], meta_rep: List[dict], group_ids, group_size: int,
               seeds: RolloutSeeds) -> dict:
-        """Token sequences for ``group_size`` copies of each prompt (copies adjacent), each from its own seed
-        (seeds.copy(TOKENS, group, copy)), as batch-first tensors: what the training forward replays (the
-        left-padded prompt, its grids and, for an edit, the source's patches), the tokens with their MRoPE
-        positions, and the sampler's log-probs."""
-        prompts_rep = repeat_for_groups(list(prompts), group_size)
-        meta_rep = repeat_for_groups(list(metadata), group_size)
-        group_ids = group_ids_for(len(prompts), group_size)
+        """Token sequences for the rows of ``_groups``, each from its own seed (seeds.copy(TOKENS, group, copy)), as
+        batch-first tensors: what the training forward replays (the left-padded prompt, its grids and, for an edit,
+        the source's patches), the tokens with their MRoPE positions, and the sampler's log-probs."""
         token_seeds = [seeds.copy(TOKENS, g, i % group_size) for i, g in enumerate(group_ids)]
         inputs, out = self._sample_tokens(prompts_rep, meta_rep, token_seeds)
         b = out.tokens.shape[0]
@@ -256,8 +258,9 @@ class GlmImageARPolicy(TrainedComponent):
         the batch's longest instead of the call's (the common padding of a call's rows is removed again), so the
         sampler's log-probs may differ from a call's in the last bits: the trainer prefetches only where it
         recomputes them (``grpo.old_log_probs``)."""
-        self._prefetched = (seed, first_copy, group_size, repeat_for_groups(list(prompts), group_size),
-                            self._draw(prompts, metadata, group_size, RolloutSeeds(seed, 0, first_copy)))
+        prompts_rep, meta_rep, group_ids = self._groups(prompts, metadata, group_size)
+        drawn = self._draw(prompts_rep, meta_rep, group_ids, group_size, RolloutSeeds(seed, 0, first_copy))
+        self._prefetched = (seed, first_copy, group_size, prompts_rep, drawn)
 
     def _take_prefetched(self, prompts_rep: List[str], group_size: int, seed: int, first_group: int,
                          first_copy: int) -> Optional[dict]:
@@ -307,14 +310,11 @@ class GlmImageARPolicy(TrainedComponent):
         """
         seeds = RolloutSeeds(seed, first_group, first_copy)
         # 1. groups: copies of a prompt are adjacent
-        n = len(prompts)
-        prompts_rep = repeat_for_groups(list(prompts), group_size)
-        meta_rep = repeat_for_groups(list(metadata), group_size)
-        group_ids = group_ids_for(n, group_size)
+        prompts_rep, meta_rep, group_ids = self._groups(prompts, metadata, group_size)
         # 2. tokens with the sampler's log-probs and positions, one seed per copy
         drawn = self._take_prefetched(prompts_rep, group_size, seed, first_group, first_copy)
         if drawn is None:
-            drawn = self._draw(prompts, metadata, group_size, seeds)
+            drawn = self._draw(prompts_rep, meta_rep, group_ids, group_size, seeds)
         tokens = drawn.pop("tokens")
         full_tokens = tokens[:, self.num_preview:]
         # 3. images: one decoder seed per group, so reward differences within a group come from the tokens only

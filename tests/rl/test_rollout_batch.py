@@ -79,9 +79,9 @@ def test_ar_job_draws_a_batch_in_one_sampler_call_where_it_recomputes(tiny_model
     rows_per_call = []
     real = GlmImageARPolicy._draw  # the sampler call of a rollout or a prefetch
 
-    def counted(self, prompts, metadata, group_size, seeds):
-        rows_per_call.append(len(prompts) * group_size)
-        return real(self, prompts, metadata, group_size, seeds)
+    def counted(self, prompts_rep, meta_rep, group_ids, group_size, seeds):
+        rows_per_call.append(len(prompts_rep))
+        return real(self, prompts_rep, meta_rep, group_ids, group_size, seeds)
 
     monkeypatch.setattr(GlmImageARPolicy, "_draw", counted)
     runs = {}
