@@ -262,7 +262,7 @@ class BatchPlan:
     optim.gradient_accumulation_steps): one optimizer step per ``gradient_accumulation_steps`` consecutive
     minibatches, in each of the ``num_iterations`` epochs (``tandem.rl.trainer``, phase 5; the config's rules make
     every division exact). A joint job (``phases`` = (joint.ar_steps_per_phase, joint.decoder_steps_per_phase))
-    alternates phases of that many steps, AR first (``tandem.rl.session.joint_phase``), and a phase's end cuts its
+    alternates phases of that many steps, AR first (``tandem.rl.session.phase_at``), and a phase's end cuts its
     batch: such a batch is complete at the steps its phase had left."""
 
     stage: str
@@ -281,10 +281,10 @@ class BatchPlan:
         """(stage, optimizer steps of a complete batch) of the batch that starts after ``done`` optimizer steps."""
         if self.phases is None:
             return self.stage, self.per_batch
-        ar, decoder = self.phases
-        at = done % (ar + decoder)
-        stage, left = ("ar", ar - at) if at < ar else ("decoder", ar + decoder - at)
-        return stage, min(self.per_batch, left)
+        from tandem.rl.session import phase_at
+
+        stage, _, end = phase_at(done, *self.phases)
+        return stage, min(self.per_batch, end - done)
 
     def steps_for(self, batches: int) -> int:
         """The fewest optimizer steps (``--steps``) in which every stage takes ``batches`` complete batches."""

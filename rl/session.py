@@ -502,16 +502,22 @@ def joint_stage_steps(cfg: JobConfig) -> Dict[str, int]:
     return steps
 
 
+def phase_at(step: int, ar_steps: int, decoder_steps: int) -> Tuple[str, int, int]:
+    """(stage, first step, end step) of the phase that takes optimizer step ``step + 1`` when phases of
+    ``ar_steps`` AR and ``decoder_steps`` decoder optimizer steps alternate, AR first, without end."""
+    cycle_start = step - step % (ar_steps + decoder_steps)
+    if step - cycle_start < ar_steps:
+        return "ar", cycle_start, cycle_start + ar_steps
+    start = cycle_start + ar_steps
+    return "decoder", start, start + decoder_steps
+
+
 def joint_phase(cfg: JobConfig, step: int) -> Tuple[str, int, int]:
-    """(stage, first step, last step) of the joint phase that takes optimizer step ``step + 1``: phases repeat
-    every ``ar_steps_per_phase + decoder_steps_per_phase`` steps, AR first; the last phase ends at max_steps.
-    A function of the global step only, so a resumed job continues the phase it stopped in."""
-    j = cfg.joint
-    cycle_start = step - step % (j.ar_steps_per_phase + j.decoder_steps_per_phase)
-    if step - cycle_start < j.ar_steps_per_phase:
-        return "ar", cycle_start, min(cfg.max_steps, cycle_start + j.ar_steps_per_phase)
-    start = cycle_start + j.ar_steps_per_phase
-    return "decoder", start, min(cfg.max_steps, start + j.decoder_steps_per_phase)
+    """(stage, first step, last step) of the joint phase that takes optimizer step ``step + 1`` (``phase_at`` of
+    joint.ar_steps_per_phase and joint.decoder_steps_per_phase); the last phase ends at max_steps. A function of
+    the global step only, so a resumed job continues the phase it stopped in."""
+    stage, start, end = phase_at(step, cfg.joint.ar_steps_per_phase, cfg.joint.decoder_steps_per_phase)
+    return stage, start, min(cfg.max_steps, end)
 
 
 @holds_run_folder
